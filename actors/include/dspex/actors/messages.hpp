@@ -1,0 +1,82 @@
+// The message vocabulary between callers, the pool actor and worker actors.
+// Included only by translation units that use CAF.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include <caf/allowed_unsafe_message_type.hpp>
+#include <caf/atom.hpp>
+#include <caf/error.hpp>
+#include <nlohmann/json.hpp>
+
+#include "dspex/error.hpp"
+#include "dspex/status.hpp"
+
+namespace dspex {
+
+/// One command for one worker: what the caller asked and until when it waits.
+/// The deadline bounds queueing and execution together.
+struct call {
+  std::string command;
+  nlohmann::json args = nlohmann::json::object();
+  std::chrono::steady_clock::time_point deadline;
+};
+
+// -- caller → pool / pool → worker ------------------------------------------
+using execute_atom = caf::atom_constant<caf::atom("execute")>;      // (call) → outcome
+using status_atom = caf::atom_constant<caf::atom("status")>;        // () → pool_status
+using await_ready_atom = caf::atom_constant<caf::atom("awaitready")>;  // () → outcome (ok once all initial workers are ready)
+using stop_atom = caf::atom_constant<caf::atom("stop")>;            // () → bool (graceful, bounded)
+
+// -- worker → owner (the pool, or a test) -------------------------------------
+using worker_ready_atom = caf::atom_constant<caf::atom("wready")>;  // (worker_id, pid)
+using checkin_atom = caf::atom_constant<caf::atom("checkin")>;      // (worker_id, checkin_status)
+
+// -- child I/O thread → worker, and worker timers (internal) -------------------
+using child_frame_atom = caf::atom_constant<caf::atom("cframe")>;   // (payload)
+using child_broken_atom = caf::atom_constant<caf::atom("cbroken")>; // (protocol errc name, message)
+using child_stderr_atom = caf::atom_constant<caf::atom("cstderr")>; // (line)
+using child_exit_atom = caf::atom_constant<caf::atom("cexit")>;     // (signaled, code)
+using init_timeout_atom = caf::atom_constant<caf::atom("inittmo")>;
+using request_timeout_atom = caf::atom_constant<caf::atom("reqtmo")>;  // (request id)
+
+// -- pool timers (internal) ------------------------------------------------------
+using queue_timeout_atom = caf::atom_constant<caf::atom("queuetmo")>;  // (ticket)
+using restart_atom = caf::atom_constant<caf::atom("restart")>;
+
+/// How a checkout ended, as NimblePool's checkin statuses: the command ran and
+/// succeeded, or ran and returned a Python-side error (the worker stays).
+enum class checkin_status : std::uint8_t { ok = 0, error = 1 };
+
+// -- exit reasons of a worker actor ------------------------------------------------
+
+/// Category atom of the caf::error a worker actor quits with. Its code is a
+/// worker_exit, its context one string: the structured error's JSON text.
+constexpr caf::atom_value worker_exit_category = caf::atom("dspexwrk");
+
+enum class worker_exit : std::uint8_t {
+  spawn_failed = 1,     ///< the interpreter could not be started
+  init_failed,          ///< the child exited or refused the init ping / LM configuration
+  init_timeout,         ///< no init reply within init_timeout
+  process_exited,       ///< the child exited while serving
+  protocol_violation,   ///< the child broke the wire contract
+  request_timeout,      ///< a request passed its deadline: the child was killed
+};
+
+caf::error make_exit_reason(worker_exit code, const error& detail);
+
+/// The structured error a worker actor quit with; nullopt for any other reason
+/// (normal, kill, another category).
+std::optional<error> decode_exit_reason(const caf::error& reason);
+
+/// True for the exit reasons that mean the worker never became ready.
+bool is_start_failure(const caf::error& reason);
+
+} // namespace dspex
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::call)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::outcome)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::pool_status)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkin_status)

@@ -1,0 +1,36 @@
+// pool_actor: keeps pool.size worker actors, mediates every checkout and
+// checkin, queues callers with their deadlines, removes and replaces broken
+// workers.
+//
+// Messages it answers:
+//  - (execute_atom, call) → outcome. Served by the next idle worker (workers
+//    are used round-robin); beyond the idle workers, callers wait in FIFO
+//    order until their deadline, and an expired caller is answered with
+//    timeout_error/checkout_timeout and never handed a worker. The pool hands
+//    the caller's response promise to the worker (delegation), so the reply
+//    travels worker → caller directly and no reply can be dropped with a
+//    worker inside it: the pool never gives a worker to a caller, it gives
+//    the caller's request to a worker.
+//  - (status_atom) → pool_status, computed from the live state.
+//  - (await_ready_atom) → outcome: ok once every initial worker is ready, or
+//    the first start failure (initialization_error) if one fails first.
+//  - (stop_atom) → bool: fails queued callers (resource_error/pool_stopping),
+//    stops every worker (shutdown → EOF → TERM → KILL) and answers once all
+//    are reaped; then quits normally.
+// Workers are linked children: a worker's exit reaches the pool as an
+// exit_msg whose reason (make_exit_reason) says why; the pool then starts a
+// replacement, with backoff while starts keep failing.
+#pragma once
+
+#include <memory>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+#include "dspex/settings.hpp"
+
+namespace dspex {
+
+caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config);
+
+} // namespace dspex

@@ -1,0 +1,41 @@
+// worker_actor: one per Python process. It owns the child (spawn, framed
+// pipes, stop sequence), runs the initialisation handshake, serves one request
+// at a time and quits with a reason that says what happened to the process.
+//
+// Contract with its owner (the pool actor, or a test):
+//  - sends (worker_ready_atom, id, pid) once the init ping (and the LM
+//    configuration, when one is set) succeeded within init_timeout;
+//  - answers (execute_atom, call) with an outcome, then sends
+//    (checkin_atom, id, checkin_status) to the owner;
+//  - on (stop_atom): fails a request in flight with resource_error/worker_stopping,
+//    sends `shutdown`, runs the stop sequence and quits normally when reaped;
+//  - otherwise quits with make_exit_reason(...): spawn_failed, init_failed,
+//    init_timeout, process_exited, protocol_violation or request_timeout. A
+//    request in flight always gets its error before the actor quits, and a
+//    timed-out request kills the child, so a late reply reaches nobody.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <caf/actor.hpp>
+#include <caf/fwd.hpp>
+
+#include "dspex/settings.hpp"
+
+namespace dspex {
+
+struct worker_config {
+  std::string id;                               ///< e.g. "w3"
+  std::shared_ptr<const settings> config;
+  caf::actor owner;                             ///< receives wready / checkin
+};
+
+/// Spawns a worker actor linked to nothing; the caller decides (the pool
+/// spawns it linked).
+caf::actor spawn_worker(caf::actor_system& sys, worker_config cfg);
+
+/// Same, linked to `parent` (exits travel both ways, as in OTP).
+caf::actor spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg);
+
+} // namespace dspex

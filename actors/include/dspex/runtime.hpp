@@ -1,0 +1,87 @@
+// The embedding API: start a pool of Python workers, call them, stop it.
+//
+//   auto rt = dspex::runtime::start(dspex::load_settings_or_exit(argc, argv));
+//   dspex::outcome r = rt->execute_anonymous("ping", {});
+//   if (r) use(r.value()); else log(r.error().describe());
+//   rt->stop();   // also done by the destructor
+//
+// This header pulls in neither CAF nor Boost.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <future>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "dspex/error.hpp"
+#include "dspex/settings.hpp"
+#include "dspex/status.hpp"
+
+namespace dspex {
+
+/// Per-call options.
+struct call_options {
+  /// Deadline for this call, queueing included; default pool.request_timeout.
+  std::optional<std::chrono::milliseconds> timeout;
+};
+
+/// Thrown by runtime::start: the configuration was rejected or the pool could
+/// not start. `details()` is the structured error.
+class start_error : public std::runtime_error {
+public:
+  explicit start_error(error e) : std::runtime_error(e.describe()), err_(std::move(e)) {
+  }
+  const error& details() const noexcept { return err_; }
+
+private:
+  error err_;
+};
+
+class runtime {
+public:
+  /// Validates `config`, starts the actor system and the pool, and returns
+  /// once every initial worker answered its init ping. Throws start_error.
+  static std::unique_ptr<runtime> start(settings config);
+
+  ~runtime();  ///< stop()
+  runtime(const runtime&) = delete;
+  runtime& operator=(const runtime&) = delete;
+
+  /// Runs `command` on the next free worker and blocks for its outcome. `args`
+  /// must be a JSON object (or null); `args.session_id` defaults to "anonymous".
+  /// Never throws: every failure is a structured error in the outcome.
+  outcome execute_anonymous(const std::string& command, nlohmann::json args = nullptr,
+                            call_options options = {});
+
+  /// Asynchronous form: `done` runs once, on a runtime thread, with the outcome.
+  void execute_anonymous_async(const std::string& command, nlohmann::json args,
+                               call_options options, std::function<void(outcome)> done);
+
+  /// Asynchronous form with a future.
+  std::future<outcome> execute_anonymous_async(const std::string& command,
+                                               nlohmann::json args = nullptr,
+                                               call_options options = {});
+
+  /// The pool's live status.
+  pool_status status();
+
+  /// Graceful, bounded stop: queued callers fail with resource_error, every
+  /// worker gets `shutdown`, EOF, then SIGTERM and SIGKILL after the graces;
+  /// all children are reaped and the actor system is shut down. Idempotent.
+  void stop();
+
+  const settings& config() const noexcept;
+
+  struct impl;
+
+private:
+  explicit runtime(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace dspex

@@ -1,0 +1,44 @@
+// A pool's real status, as the pool actor sees it at the moment of the query.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace dspex {
+
+/// Worker statistics, updated by one helper at every checkin (seed Fix 6).
+struct worker_stats {
+  std::uint64_t checkouts = 0;
+  std::uint64_t successful_checkins = 0;
+  std::uint64_t error_checkins = 0;
+  double last_activity_s = 0;  ///< seconds since the last checkout or checkin
+};
+
+struct worker_info {
+  std::string id;
+  int pid = 0;                 ///< 0 while the process is not yet started
+  std::string state;           ///< starting, idle, busy, stopping
+  double uptime_s = 0;         ///< since the worker actor started
+  worker_stats stats;
+};
+
+struct pool_status {
+  std::size_t size = 0;        ///< configured pool.size
+  std::size_t idle = 0;
+  std::size_t busy = 0;
+  std::size_t starting = 0;
+  std::size_t queued = 0;      ///< callers waiting for a worker
+  std::uint64_t replaced = 0;  ///< workers removed and replaced so far
+  std::uint64_t start_failures = 0;  ///< worker starts that failed so far
+  bool stopping = false;
+  std::vector<worker_info> workers;
+  std::vector<worker_info> retired;  ///< the last removed workers (bounded), for summaries
+
+  nlohmann::json to_json() const;
+};
+
+} // namespace dspex

@@ -1,0 +1,184 @@
+#include "dspex/runtime.hpp"
+
+#include <atomic>
+#include <variant>
+
+#include <caf/all.hpp>
+
+#include "dspex/actors/messages.hpp"
+#include "dspex/actors/pool_actor.hpp"
+#include "dspex/actors/system_config.hpp"
+#include "dspex/logging.hpp"
+
+namespace dspex {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+// Margin on top of a call's deadline for the caller's own CAF request: the
+// pool and the worker always answer by the deadline, so this only catches a
+// lost reply instead of waiting forever.
+constexpr auto reply_margin = std::chrono::seconds{5};
+
+outcome from_caf_error(caf::actor_system& sys, const caf::error& err, const std::string& command) {
+  if (err == caf::sec::request_timeout)
+    return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
+                                       "no reply from the pool in time", {{"command", command}}));
+  return outcome::failure(make_error(error_category::system_error, "actor_error",
+                                     sys.render(err), {{"command", command}}));
+}
+
+} // namespace
+
+struct runtime::impl {
+  settings config;
+  std::shared_ptr<const settings> shared_config;
+  std::unique_ptr<caf::actor_system> system;
+  caf::actor pool;
+  std::atomic<bool> stopped{false};
+
+  // Validates the arguments of one call and fixes its deadline.
+  std::variant<call, outcome> make_call(const std::string& command, nlohmann::json args,
+                                        const call_options& options) const {
+    if (args.is_null())
+      args = nlohmann::json::object();
+    if (!args.is_object() || command.empty())
+      return outcome::failure(make_error(
+        error_category::system_error, "invalid_request",
+        command.empty() ? "command must not be empty" : "args must be a JSON object",
+        {{"command", command}}));
+    if (stopped)
+      return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
+                                         "the runtime is stopped", {{"command", command}}));
+    auto timeout = options.timeout.value_or(config.pool.request_timeout);
+    return call{command, std::move(args), clock_type::now() + timeout};
+  }
+
+  caf::duration caller_timeout(const call& c) const {
+    auto left = std::max(c.deadline - clock_type::now(), clock_type::duration::zero());
+    return caf::duration{std::chrono::duration_cast<std::chrono::milliseconds>(left)
+                         + reply_margin};
+  }
+};
+
+runtime::runtime(std::unique_ptr<impl> p) : impl_(std::move(p)) {
+}
+
+runtime::~runtime() {
+  stop();
+}
+
+std::unique_ptr<runtime> runtime::start(settings config) {
+  if (auto err = config.validate())
+    throw start_error(*err);
+  set_log_level(config.log_level);
+  auto p = std::make_unique<impl>();
+  p->config = config;
+  p->shared_config = std::make_shared<const settings>(config);
+  system_config sys_cfg{config};
+  p->system = std::make_unique<caf::actor_system>(sys_cfg);
+  p->pool = spawn_pool(*p->system, p->shared_config);
+  std::unique_ptr<runtime> rt{new runtime(std::move(p))};
+  outcome ready;
+  {
+    caf::scoped_actor self{*rt->impl_->system};
+    auto bound = caf::duration{config.pool.init_timeout + reply_margin};
+    self->request(rt->impl_->pool, bound, await_ready_atom::value)
+      .receive([&](outcome& o) { ready = std::move(o); },
+               [&](caf::error& e) { ready = from_caf_error(*rt->impl_->system, e, "start"); });
+  }
+  if (!ready) {
+    rt->stop();
+    throw start_error(ready.error());
+  }
+  return rt;
+}
+
+outcome runtime::execute_anonymous(const std::string& command, nlohmann::json args,
+                                   call_options options) {
+  auto made = impl_->make_call(command, std::move(args), options);
+  if (auto* early = std::get_if<outcome>(&made))
+    return std::move(*early);
+  auto& c = std::get<call>(made);
+  auto timeout = impl_->caller_timeout(c);
+  outcome result;
+  caf::scoped_actor self{*impl_->system};
+  self->request(impl_->pool, timeout, execute_atom::value, std::move(c))
+    .receive([&](outcome& o) { result = std::move(o); },
+             [&](caf::error& e) { result = from_caf_error(*impl_->system, e, command); });
+  return result;
+}
+
+void runtime::execute_anonymous_async(const std::string& command, nlohmann::json args,
+                                      call_options options, std::function<void(outcome)> done) {
+  auto made = impl_->make_call(command, std::move(args), options);
+  if (auto* early = std::get_if<outcome>(&made)) {
+    done(std::move(*early));
+    return;
+  }
+  auto& c = std::get<call>(made);
+  auto timeout = impl_->caller_timeout(c);
+  auto* sys = impl_->system.get();
+  // A short-lived actor per call: it ends as soon as its one reply arrived.
+  sys->spawn([pool = impl_->pool, c = std::move(c), timeout, done = std::move(done), sys,
+              command](caf::event_based_actor* self) mutable {
+    self->request(pool, timeout, execute_atom::value, std::move(c))
+      .then([done](outcome& o) { done(std::move(o)); },
+            [done, sys, command](caf::error& e) { done(from_caf_error(*sys, e, command)); });
+  });
+}
+
+std::future<outcome> runtime::execute_anonymous_async(const std::string& command,
+                                                      nlohmann::json args, call_options options) {
+  auto promise = std::make_shared<std::promise<outcome>>();
+  auto future = promise->get_future();
+  execute_anonymous_async(command, std::move(args), options,
+                          [promise](outcome o) { promise->set_value(std::move(o)); });
+  return future;
+}
+
+pool_status runtime::status() {
+  pool_status result;
+  if (impl_->stopped)
+    return result;
+  caf::scoped_actor self{*impl_->system};
+  self->request(impl_->pool, caf::duration{std::chrono::seconds{10}}, status_atom::value)
+    .receive([&](pool_status& s) { result = std::move(s); },
+             [&](caf::error& e) { log().warn("status: {}", impl_->system->render(e)); });
+  return result;
+}
+
+void runtime::stop() {
+  if (impl_->stopped.exchange(true))
+    return;
+  auto& sys = *impl_->system;
+  const auto& w = impl_->config.worker;
+  // Workers stop concurrently, each bounded by its graces; the margin covers
+  // reaping and message hops.
+  auto bound = caf::duration{w.shutdown_grace + w.kill_grace + std::chrono::seconds{5}};
+  {
+    caf::scoped_actor self{sys};
+    self->monitor(impl_->pool);
+    bool stopped_cleanly = false;
+    self->request(impl_->pool, bound, stop_atom::value)
+      .receive([&](bool) { stopped_cleanly = true; },
+               [&](caf::error& e) {
+                 log().error("pool did not stop in time ({}); killing it", sys.render(e));
+               });
+    if (!stopped_cleanly)
+      self->send_exit(impl_->pool, caf::exit_reason::kill);
+    self->receive([](caf::down_msg&) {},
+                  caf::after(bound) >> [&] { log().error("pool did not terminate"); });
+  }
+  impl_->pool = nullptr;
+  // ~actor_system() blocks while any actor lives; every actor of ours is gone
+  // or going now (workers die with the pool, async callers with their reply).
+  impl_->system.reset();
+}
+
+const settings& runtime::config() const noexcept {
+  return impl_->config;
+}
+
+} // namespace dspex

@@ -1,0 +1,34 @@
+#include "dspex/status.hpp"
+
+namespace dspex {
+
+namespace {
+
+nlohmann::json to_json(const worker_info& w) {
+  return {{"id", w.id},
+          {"pid", w.pid},
+          {"state", w.state},
+          {"uptime_s", w.uptime_s},
+          {"checkouts", w.stats.checkouts},
+          {"successful_checkins", w.stats.successful_checkins},
+          {"error_checkins", w.stats.error_checkins},
+          {"last_activity_s", w.stats.last_activity_s}};
+}
+
+} // namespace
+
+nlohmann::json pool_status::to_json() const {
+  auto workers_json = nlohmann::json::array();
+  for (auto& w : workers)
+    workers_json.push_back(dspex::to_json(w));
+  auto retired_json = nlohmann::json::array();
+  for (auto& w : retired)
+    retired_json.push_back(dspex::to_json(w));
+  return {{"size", size},         {"idle", idle},
+          {"busy", busy},         {"starting", starting},
+          {"queued", queued},     {"replaced", replaced},
+          {"start_failures", start_failures}, {"stopping", stopping},
+          {"workers", workers_json}, {"retired", retired_json}};
+}
+
+} // namespace dspex

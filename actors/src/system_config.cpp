@@ -1,0 +1,79 @@
+#include "dspex/actors/system_config.hpp"
+
+#include <caf/atom.hpp>
+#include <caf/config_option_adder.hpp>
+#include <caf/settings.hpp>
+
+namespace dspex {
+
+namespace {
+
+template <class Duration>
+caf::timespan to_timespan(Duration d) {
+  return std::chrono::duration_cast<caf::timespan>(d);
+}
+
+settings::ms to_ms(caf::timespan t) {
+  return std::chrono::duration_cast<settings::ms>(t);
+}
+
+} // namespace
+
+system_config::system_config() {
+  bind_options();
+  // Our default differs from CAF's: work stealing costs ~70-90 us per round
+  // trip on two cores (ARCHITECTURE.md). INI and CLI can still override it.
+  set("scheduler.policy", caf::atom("sharing"));
+}
+
+system_config::system_config(const settings& s) : values_(s) {
+  bind_options();
+  set("scheduler.policy", caf::atom_from_string(s.scheduler_policy));
+  if (s.scheduler_max_threads > 0)
+    set("scheduler.max-threads", s.scheduler_max_threads);
+}
+
+void system_config::bind_options() {
+  init_timeout_ = to_timespan(values_.pool.init_timeout);
+  request_timeout_ = to_timespan(values_.pool.request_timeout);
+  shutdown_grace_ = to_timespan(values_.worker.shutdown_grace);
+  kill_grace_ = to_timespan(values_.worker.kill_grace);
+  opt_group{custom_options_, "pool"}
+    .add(values_.pool.size, "size", "worker processes kept running (default 4)")
+    .add(init_timeout_, "init_timeout",
+         "spawn to init-ping reply and LM configuration (default 10s)")
+    .add(request_timeout_, "request_timeout",
+         "default deadline of one call, queueing included (default 30s)")
+    .add(values_.pool.max_frame_bytes, "max_frame_bytes",
+         "largest frame accepted from a worker (default 16777216)");
+  opt_group{custom_options_, "worker"}
+    .add(values_.worker.python, "python", "Python interpreter, looked up in PATH (default python3)")
+    .add(values_.worker.script, "script", "worker script (default: the bundled dspex_worker.py)")
+    .add(values_.worker.extra_args, "extra_args", "extra worker arguments (default [])")
+    .add(values_.worker.test_commands, "test_commands",
+         "start workers with --test-commands, for tests only (default false)")
+    .add(shutdown_grace_, "shutdown_grace",
+         "after shutdown and EOF, wait this long before SIGTERM (default 1s)")
+    .add(kill_grace_, "kill_grace", "after SIGTERM, wait this long before SIGKILL (default 1s)");
+  opt_group{custom_options_, "lm"}
+    .add(values_.lm.provider, "provider",
+         "LM applied to every worker before it serves; empty for none (default mock)")
+    .add(values_.lm.model, "model", "LM model (default mock)")
+    .add(values_.lm.temperature, "temperature", "LM temperature (default 0.7)");
+  opt_group{custom_options_, "log"}
+    .add(values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)");
+}
+
+settings system_config::to_settings() const {
+  settings s = values_;
+  s.pool.init_timeout = to_ms(init_timeout_);
+  s.pool.request_timeout = to_ms(request_timeout_);
+  s.worker.shutdown_grace = to_ms(shutdown_grace_);
+  s.worker.kill_grace = to_ms(kill_grace_);
+  s.scheduler_policy = caf::to_string(
+    caf::get_or(content, "scheduler.policy", caf::atom("sharing")));
+  s.scheduler_max_threads = caf::get_or(content, "scheduler.max-threads", std::size_t{0});
+  return s;
+}
+
+} // namespace dspex

@@ -1,0 +1,386 @@
+#include "dspex/actors/worker_actor.hpp"
+
+#include <chrono>
+#include <optional>
+
+#include <caf/all.hpp>
+
+#include "dspex/actors/messages.hpp"
+#include "dspex/child_process.hpp"
+#include "dspex/envelope.hpp"
+#include "dspex/logging.hpp"
+
+namespace dspex {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+enum class worker_phase { starting, configuring, ready, busy, stopping };
+
+// Bridges the child's I/O thread into the actor's mailbox. Holds only a weak
+// reference: a message to a worker that is already gone is simply dropped.
+class mailbox_observer final : public child_observer {
+public:
+  explicit mailbox_observer(caf::actor_addr addr) : addr_(std::move(addr)) {
+  }
+
+  void on_frame(std::string payload) override {
+    send(child_frame_atom::value, std::move(payload));
+  }
+
+  void on_protocol_error(protocol_error err) override {
+    send(child_broken_atom::value, std::string{to_string(err.code)}, std::move(err.message));
+  }
+
+  void on_stderr_line(std::string_view line) override {
+    send(child_stderr_atom::value, std::string{line});
+  }
+
+  void on_exit(exit_status status) override {
+    send(child_exit_atom::value, status.signaled, status.code);
+  }
+
+private:
+  template <class... Ts>
+  void send(Ts&&... xs) {
+    if (auto dest = caf::actor_cast<caf::actor>(addr_))
+      caf::anon_send(dest, std::forward<Ts>(xs)...);
+  }
+
+  caf::actor_addr addr_;
+};
+
+struct in_flight_request {
+  std::uint64_t id = 0;
+  std::string command;
+  clock_type::time_point deadline;
+  caf::response_promise promise;
+};
+
+struct worker_state {
+  worker_config cfg;
+  std::unique_ptr<child_process> child;
+  worker_phase phase = worker_phase::starting;
+  std::uint64_t next_request_id = 1;
+  std::uint64_t configure_request_id = 0;
+  std::optional<in_flight_request> in_flight;
+  // One timer per worker, re-armed lazily: arming CAF's clock per request
+  // would wake its timer thread on every round trip.
+  std::optional<clock_type::time_point> timer_due;
+  std::string last_stderr_line;
+
+  static inline const char* name = "dspex.worker";
+};
+
+using worker_actor_t = caf::stateful_actor<worker_state>;
+
+nlohmann::json worker_context(worker_actor_t* self) {
+  auto& st = self->state;
+  nlohmann::json ctx{{"worker_id", st.cfg.id}};
+  if (st.child)
+    ctx["pid"] = st.child->pid();
+  return ctx;
+}
+
+// Quits with a reason the owner sees; the request in flight, if any, gets
+// `err` first, so no caller is ever left waiting on a dead worker.
+void fail_worker(worker_actor_t* self, worker_exit code, error err) {
+  auto& st = self->state;
+  if (st.in_flight) {
+    auto req = std::move(*st.in_flight);
+    st.in_flight.reset();
+    auto ctx = err.context;
+    ctx["command"] = req.command;
+    req.promise.deliver(outcome::failure(make_error(err.category, err.type, err.message, ctx)));
+  }
+  log().warn("[{}] removed: {}", st.cfg.id, err.describe());
+  if (st.child)
+    st.child->kill();
+  self->quit(make_exit_reason(code, err));
+}
+
+void arm_timer(worker_actor_t* self, clock_type::time_point due) {
+  auto& st = self->state;
+  if (st.timer_due && *st.timer_due <= due)
+    return; // a timer at or before `due` is pending; it re-arms itself if needed
+  st.timer_due = due;
+  auto delay = std::max(due - clock_type::now(), clock_type::duration::zero());
+  self->delayed_send(self, delay, request_timeout_atom::value);
+}
+
+void become_ready(worker_actor_t* self) {
+  auto& st = self->state;
+  st.phase = worker_phase::ready;
+  log().info("[{}] ready (pid {})", st.cfg.id, st.child->pid());
+  self->send(st.cfg.owner, worker_ready_atom::value, st.cfg.id,
+             static_cast<int>(st.child->pid()));
+}
+
+std::string start_failure_detail(worker_actor_t* self, const std::string& what) {
+  auto& line = self->state.last_stderr_line;
+  return line.empty() ? what : what + ": " + line;
+}
+
+void handle_start_frame(worker_actor_t* self, const std::string& payload) {
+  auto& st = self->state;
+  auto expected = st.phase == worker_phase::starting ? init_request_id : st.configure_request_id;
+  auto parsed = parse_reply(payload, expected);
+  if (auto* perr = std::get_if<protocol_error>(&parsed)) {
+    fail_worker(self, worker_exit::init_failed,
+                make_error(error_category::initialization_error, "init_failed",
+                           "worker " + st.cfg.id + " broke the protocol during start: "
+                             + perr->message,
+                           worker_context(self)));
+    return;
+  }
+  auto& rep = std::get<reply>(parsed);
+  if (!rep.success) {
+    auto what = st.phase == worker_phase::starting ? "init ping refused: "
+                                                    : "LM configuration failed: ";
+    fail_worker(self, worker_exit::init_failed,
+                make_error(error_category::initialization_error, "init_failed",
+                           "worker " + st.cfg.id + " " + what + rep.error,
+                           worker_context(self)));
+    return;
+  }
+  const auto& lm = st.cfg.config->lm;
+  if (st.phase == worker_phase::starting && !lm.provider.empty()) {
+    // The pool's one LM configuration reaches every worker before it serves.
+    st.phase = worker_phase::configuring;
+    st.configure_request_id = st.next_request_id++;
+    auto req = encode_request(st.configure_request_id, "configure_lm",
+                              {{"provider", lm.provider},
+                               {"model", lm.model},
+                               {"temperature", lm.temperature}});
+    if (!st.child->send(req, st.cfg.config->pool.init_timeout))
+      fail_worker(self, worker_exit::init_failed,
+                  make_error(error_category::initialization_error, "init_failed",
+                             "cannot write to worker " + st.cfg.id, worker_context(self)));
+    return;
+  }
+  become_ready(self);
+}
+
+void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
+  auto& st = self->state;
+  if (!st.in_flight) {
+    fail_worker(self, worker_exit::protocol_violation,
+                make_error(error_category::communication_error, "protocol_violation",
+                           "worker " + st.cfg.id + " sent a frame with no request in flight",
+                           worker_context(self)));
+    return;
+  }
+  auto parsed = parse_reply(payload, st.in_flight->id);
+  if (auto* perr = std::get_if<protocol_error>(&parsed)) {
+    auto ctx = worker_context(self);
+    ctx["protocol_error"] = to_string(perr->code);
+    fail_worker(self, worker_exit::protocol_violation,
+                make_error(error_category::communication_error, "protocol_violation",
+                           "worker " + st.cfg.id + ": " + perr->message, ctx));
+    return;
+  }
+  auto& rep = std::get<reply>(parsed);
+  auto req = std::move(*st.in_flight);
+  st.in_flight.reset();
+  st.phase = worker_phase::ready;
+  auto status = rep.success ? checkin_status::ok : checkin_status::error;
+  if (rep.success) {
+    req.promise.deliver(outcome::success(std::move(rep.result)));
+  } else {
+    auto ctx = worker_context(self);
+    ctx["command"] = req.command;
+    req.promise.deliver(outcome::failure(
+      make_error(error_category::python_error, "command_failed", std::move(rep.error), ctx)));
+  }
+  self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, status);
+}
+
+caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
+  auto& st = self->state;
+  st.cfg = std::move(cfg);
+  const auto& conf = *st.cfg.config;
+  child_spec spec{conf.worker.python, conf.worker_args(st.cfg.id), st.cfg.id,
+                  conf.pool.max_frame_bytes};
+  try {
+    st.child = child_process::spawn(std::move(spec),
+                                    std::make_shared<mailbox_observer>(self->address()));
+  } catch (const spawn_error& e) {
+    fail_worker(self, worker_exit::spawn_failed,
+                make_error(error_category::initialization_error, "spawn_failed", e.what(),
+                           {{"worker_id", st.cfg.id}, {"python", conf.worker.python}}));
+    return {};
+  }
+  auto ping = encode_request(init_request_id, "ping",
+                             {{"initialization", true}, {"worker_id", st.cfg.id}});
+  if (!st.child->send(ping, conf.pool.init_timeout)) {
+    fail_worker(self, worker_exit::init_failed,
+                make_error(error_category::initialization_error, "init_failed",
+                           "cannot write the init ping to worker " + st.cfg.id,
+                           worker_context(self)));
+    return {};
+  }
+  self->delayed_send(self, conf.pool.init_timeout, init_timeout_atom::value);
+
+  return {
+    [=](execute_atom, call& c) -> caf::result<outcome> {
+      auto& st = self->state;
+      if (st.phase != worker_phase::ready) {
+        return outcome::failure(make_error(error_category::resource_error, "worker_not_ready",
+                                           "worker " + st.cfg.id + " is not ready",
+                                           worker_context(self)));
+      }
+      auto now = clock_type::now();
+      if (c.deadline <= now) {
+        auto ctx = worker_context(self);
+        ctx["command"] = c.command;
+        self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok);
+        return outcome::failure(make_error(error_category::timeout_error, "request_timeout",
+                                           "deadline passed before the request was sent", ctx));
+      }
+      auto id = st.next_request_id++;
+      std::string payload;
+      try {
+        payload = encode_request(id, c.command, std::move(c.args));
+      } catch (const std::exception& e) {
+        self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok);
+        return outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                           e.what(), worker_context(self)));
+      }
+      auto rp = self->make_response_promise();
+      st.in_flight = in_flight_request{id, c.command, c.deadline, rp};
+      st.phase = worker_phase::busy;
+      auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
+      if (!st.child->send(payload, write_budget)) {
+        fail_worker(self, worker_exit::process_exited,
+                    make_error(error_category::communication_error, "send_failed",
+                               "cannot write to worker " + st.cfg.id + " (stdin closed or full)",
+                               worker_context(self)));
+        return rp;
+      }
+      arm_timer(self, c.deadline);
+      return rp;
+    },
+    [=](child_frame_atom, const std::string& payload) {
+      auto& st = self->state;
+      switch (st.phase) {
+        case worker_phase::starting:
+        case worker_phase::configuring:
+          handle_start_frame(self, payload);
+          break;
+        case worker_phase::ready:
+        case worker_phase::busy:
+          handle_reply_frame(self, payload);
+          break;
+        case worker_phase::stopping:
+          break; // the reply to `shutdown`, or a late reply nobody waits for
+      }
+    },
+    [=](child_broken_atom, const std::string& code, const std::string& message) {
+      auto& st = self->state;
+      if (st.phase == worker_phase::stopping) {
+        st.child->kill();
+        return;
+      }
+      auto ctx = worker_context(self);
+      ctx["protocol_error"] = code;
+      if (st.phase == worker_phase::starting || st.phase == worker_phase::configuring)
+        fail_worker(self, worker_exit::init_failed,
+                    make_error(error_category::initialization_error, "init_failed",
+                               "worker " + st.cfg.id + " broke the protocol during start: "
+                                 + message,
+                               ctx));
+      else
+        fail_worker(self, worker_exit::protocol_violation,
+                    make_error(error_category::communication_error, "protocol_violation",
+                               "worker " + st.cfg.id + ": " + message, ctx));
+    },
+    [=](child_stderr_atom, std::string& line) {
+      self->state.last_stderr_line = std::move(line);
+    },
+    [=](child_exit_atom, bool signaled, int code) {
+      auto& st = self->state;
+      exit_status status{signaled, code};
+      if (st.phase == worker_phase::stopping) {
+        log().info("[{}] stopped ({})", st.cfg.id, status.describe());
+        self->quit();
+        return;
+      }
+      auto ctx = worker_context(self);
+      ctx["exit"] = status.describe();
+      if (st.phase == worker_phase::starting || st.phase == worker_phase::configuring) {
+        fail_worker(self, worker_exit::init_failed,
+                    make_error(error_category::initialization_error, "init_failed",
+                               start_failure_detail(self, "worker " + st.cfg.id
+                                                            + " exited during start ("
+                                                            + status.describe() + ")"),
+                               ctx));
+        return;
+      }
+      fail_worker(self, worker_exit::process_exited,
+                  make_error(error_category::communication_error, "worker_exited",
+                             "worker " + st.cfg.id + " exited (" + status.describe() + ")",
+                             ctx));
+    },
+    [=](init_timeout_atom) {
+      auto& st = self->state;
+      if (st.phase != worker_phase::starting && st.phase != worker_phase::configuring)
+        return;
+      fail_worker(self, worker_exit::init_timeout,
+                  make_error(error_category::initialization_error, "init_timeout",
+                             "worker " + st.cfg.id + " did not answer the init ping within "
+                               + std::to_string(st.cfg.config->pool.init_timeout.count())
+                               + " ms",
+                             worker_context(self)));
+    },
+    [=](request_timeout_atom) {
+      auto& st = self->state;
+      st.timer_due.reset();
+      if (!st.in_flight || st.phase != worker_phase::busy)
+        return;
+      if (st.in_flight->deadline > clock_type::now()) {
+        arm_timer(self, st.in_flight->deadline);
+        return;
+      }
+      // Killed, never reused: its late reply must not reach the next caller.
+      fail_worker(self, worker_exit::request_timeout,
+                  make_error(error_category::timeout_error, "request_timeout",
+                             "worker " + st.cfg.id + " did not reply before the deadline; "
+                               "it was killed and will be replaced",
+                             worker_context(self)));
+    },
+    [=](stop_atom) {
+      auto& st = self->state;
+      if (st.phase == worker_phase::stopping)
+        return;
+      auto was_ready = st.phase == worker_phase::ready;
+      st.phase = worker_phase::stopping;
+      if (st.in_flight) {
+        auto req = std::move(*st.in_flight);
+        st.in_flight.reset();
+        auto ctx = worker_context(self);
+        ctx["command"] = req.command;
+        req.promise.deliver(outcome::failure(make_error(
+          error_category::resource_error, "worker_stopping",
+          "worker " + st.cfg.id + " is stopping", ctx)));
+      }
+      const auto& w = st.cfg.config->worker;
+      if (was_ready)
+        st.child->send(encode_request(st.next_request_id++, "shutdown", nullptr),
+                       std::chrono::milliseconds{100});
+      st.child->stop(w.shutdown_grace, w.kill_grace);
+    },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_worker(caf::actor_system& sys, worker_config cfg) {
+  return sys.spawn(worker_actor, std::move(cfg));
+}
+
+caf::actor spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg) {
+  return parent->spawn<caf::linked>(worker_actor, std::move(cfg));
+}
+
+} // namespace dspex

@@ -1,0 +1,72 @@
+// The one error taxonomy of the runtime: every failure a caller can see is a
+// structured error {category, type, message, context}.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+namespace dspex {
+
+/// Categories of the original DSPex bridge, used everywhere.
+enum class error_category {
+  initialization_error,  ///< a worker or the runtime could not start
+  connection_error,      ///< a worker could not be reached or handed over
+  communication_error,   ///< the wire broke: protocol violation, worker died mid-request
+  timeout_error,         ///< a deadline passed (queued or in flight)
+  resource_error,        ///< no capacity: pool saturated, stopping, unavailable
+  health_check_error,    ///< a health check failed
+  session_error,         ///< session missing, expired or inconsistent
+  python_error,          ///< the worker answered success:false (worker stays healthy)
+  system_error,          ///< an OS-level failure or a runtime defect
+  configuration_error,   ///< a bad setting, rejected at start
+};
+
+/// snake_case name, e.g. "timeout_error".
+const char* to_string(error_category c) noexcept;
+std::optional<error_category> category_from_string(std::string_view name) noexcept;
+
+/// A structured error. `type` is a stable snake_case word within the category
+/// (e.g. "request_timeout", "worker_exited", "protocol_violation"); `context`
+/// is a JSON object naming what is known: worker_id, command, attempt, pid, ...
+struct error {
+  error_category category = error_category::system_error;
+  std::string type;
+  std::string message;
+  nlohmann::json context = nlohmann::json::object();
+
+  nlohmann::json to_json() const;
+  /// "timeout_error/request_timeout: <message>"
+  std::string describe() const;
+};
+
+error make_error(error_category category, std::string type, std::string message,
+                 nlohmann::json context = nlohmann::json::object());
+
+/// The outcome of one call: the result JSON of a successful command, or a
+/// structured error. What every execute_* returns.
+class outcome {
+public:
+  outcome() = default;
+  static outcome success(nlohmann::json result);
+  static outcome failure(error err);
+
+  bool ok() const noexcept { return ok_; }
+  explicit operator bool() const noexcept { return ok_; }
+  /// Precondition: ok().
+  const nlohmann::json& value() const { return value_; }
+  /// Precondition: !ok().
+  const dspex::error& error() const { return error_; }
+
+  /// {"ok":true,"result":...} or {"ok":false,"error":{...}}
+  nlohmann::json to_json() const;
+
+private:
+  bool ok_ = false;
+  nlohmann::json value_;
+  dspex::error error_;
+};
+
+} // namespace dspex

@@ -1,0 +1,27 @@
+// Latency samples and their percentiles, for the CLI summary and benchmarks.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <vector>
+
+namespace dspex {
+
+class latency_recorder {
+public:
+  void record(std::chrono::nanoseconds d) {
+    samples_.push_back(d.count());
+    sorted_ = false;
+  }
+  void merge(const latency_recorder& other);
+  std::size_t count() const noexcept { return samples_.size(); }
+  /// Nearest-rank percentile in microseconds, p in [0, 100]; 0 when empty.
+  double percentile_us(double p) const;
+  double mean_us() const;
+
+private:
+  mutable std::vector<long long> samples_;
+  mutable bool sorted_ = false;
+};
+
+} // namespace dspex

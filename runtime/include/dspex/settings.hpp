@@ -1,0 +1,59 @@
+// Every setting of the runtime, with its default. The INI file in config/ and
+// the command line (--pool.size=8) fill this through CAF's config machinery
+// (actors/include/dspex/config.hpp); the runtime itself only sees this struct.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dspex/error.hpp"
+#include "dspex/framing.hpp"
+
+namespace dspex {
+
+struct settings {
+  using ms = std::chrono::milliseconds;
+
+  struct pool_settings {
+    std::size_t size = 4;              ///< pool.size: workers kept running
+    ms init_timeout{10'000};           ///< pool.init_timeout: spawn → init ping reply (and LM configuration)
+    ms request_timeout{30'000};        ///< pool.request_timeout: default per-call deadline, queue wait included
+    std::size_t max_frame_bytes = default_max_frame_bytes;  ///< pool.max_frame_bytes
+  } pool;
+
+  struct worker_settings {
+    std::string python = "python3";    ///< worker.python: interpreter, looked up in PATH
+    std::string script = DSPEX_DEFAULT_WORKER_SCRIPT;  ///< worker.script
+    std::vector<std::string> extra_args;  ///< worker.extra_args: appended to the command line
+    bool test_commands = false;        ///< worker.test_commands: pass --test-commands (tests only)
+    ms shutdown_grace{1'000};          ///< worker.shutdown_grace: after `shutdown` + EOF, before SIGTERM
+    ms kill_grace{1'000};              ///< worker.kill_grace: after SIGTERM, before SIGKILL
+  } worker;
+
+  struct lm_settings {
+    std::string provider = "mock";     ///< lm.provider: applied to every worker before it serves; "" = none
+    std::string model = "mock";        ///< lm.model
+    double temperature = 0.7;          ///< lm.temperature
+  } lm;
+
+  std::string log_level = "info";      ///< log.level: trace, debug, info, warn, error, critical, off
+  std::string scheduler_policy = "sharing";  ///< scheduler.policy: sharing or stealing (CAF's own key)
+  std::size_t scheduler_max_threads = 0;     ///< scheduler.max-threads: 0 = one per core (CAF's own key)
+
+  /// Checks every value; the error (configuration_error) names the key, the
+  /// value and what is allowed, e.g. "pool.size must be between 1 and 1024 (got 0)".
+  std::optional<error> validate() const;
+
+  /// The worker's command line after the interpreter:
+  /// <script> --mode pool-worker --worker-id <id> [--test-commands] <extra_args...>
+  std::vector<std::string> worker_args(const std::string& worker_id) const;
+};
+
+/// Finds `program` in PATH (or checks it when it contains '/'); empty when not
+/// found or not executable.
+std::string find_executable(const std::string& program);
+
+} // namespace dspex

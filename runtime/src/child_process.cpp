@@ -1,0 +1,801 @@
+// One supervised child process: spawn, framed stdin/stdout, logged stderr,
+// pidfd exit detection, stop sequence and reaping, all on one I/O thread.
+//
+// Measured facts this file relies on (ARCHITECTURE.md, "Child processes"):
+// - PR_SET_PDEATHSIG is tied to the spawning *thread*: the I/O thread spawns
+//   the child and lives until the child is reaped.
+// - Boost.Process 1.74 pipes are inheritable, so every fd is created here with
+//   O_CLOEXEC and the child is spawned with bp::limit_handles.
+// - EOF on stdout can precede the exit: the exit is detected with a pidfd.
+// - Reaping order: waitid(WNOWAIT) -> killpg -> waitpid, so the group is
+//   signalled while its leader is still an unreaped zombie (pid not reusable).
+
+#include "dspex/child_process.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include <boost/process/args.hpp>
+#include <boost/process/child.hpp>
+#include <boost/process/exe.hpp>
+#include <boost/process/extend.hpp>
+#include <boost/process/handles.hpp>
+
+#include "dspex/logging.hpp"
+
+namespace bp = boost::process;
+
+namespace dspex {
+
+// -- child_observer ----------------------------------------------------------
+
+child_observer::~child_observer() = default;
+
+void child_observer::on_stderr_line(std::string_view) {
+  // Default: the line has already been logged; nothing else to do.
+}
+
+// -- exit_status --------------------------------------------------------------
+
+std::string exit_status::describe() const {
+  if (!signaled)
+    return "exit code " + std::to_string(code);
+  std::string out = "signal " + std::to_string(code);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 32))
+  if (const char* abbrev = ::sigabbrev_np(code)) {
+    out += " (SIG";
+    out += abbrev;
+    out += ')';
+  }
+#else
+  if (const char* text = ::strsignal(code)) {
+    out += " (";
+    out += text;
+    out += ')';
+  }
+#endif
+  return out;
+}
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+/// Read chunk of the I/O thread (on its stack; a pipe holds 64 KiB by default).
+constexpr std::size_t read_chunk = 16 * 1024;
+/// Reads per readiness event before going back to poll (fairness between fds).
+constexpr int reads_per_wakeup = 4;
+/// A stderr line longer than this is logged in pieces of this size.
+constexpr std::size_t max_stderr_line = 64 * 1024;
+
+std::string errno_text(int err) {
+  return std::error_code(err, std::generic_category()).message();
+}
+
+void close_fd(int& fd) noexcept {
+  if (fd >= 0) {
+    ::close(fd);
+    fd = -1;
+  }
+}
+
+void set_nonblocking(int fd) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+    throw std::system_error(errno, std::generic_category(), "fcntl(O_NONBLOCK)");
+}
+
+/// Moves `fd` to a number >= 3 (keeping O_CLOEXEC), so that the dup2() onto
+/// 0/1/2 in the child can never overwrite a child end not yet duplicated.
+int above_stdio(int fd) {
+  if (fd > 2)
+    return fd;
+  int moved = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  int err = errno;
+  ::close(fd);
+  if (moved < 0)
+    throw std::system_error(err, std::generic_category(), "fcntl(F_DUPFD_CLOEXEC)");
+  return moved;
+}
+
+/// A pipe with both ends close-on-exec: {read end, write end}.
+std::pair<int, int> cloexec_pipe() {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0)
+    throw std::system_error(errno, std::generic_category(), "pipe2");
+  return {p[0], p[1]};
+}
+
+/// Finds `name` in PATH the way execvp does (first regular, executable file).
+/// Deliberately not boost::process::search_path: that one needs the compiled
+/// Boost.Filesystem library, which dspex_runtime does not link.
+std::optional<std::string> find_in_path(const std::string& name) {
+  const char* env = std::getenv("PATH");
+  std::string path = env ? env : "/usr/local/bin:/usr/bin:/bin";
+  std::size_t start = 0;
+  for (;;) {
+    std::size_t end = path.find(':', start);
+    std::string dir = path.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + name;
+    struct stat st {};
+    if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode)
+        && ::access(candidate.c_str(), X_OK) == 0)
+      return candidate;
+    if (end == std::string::npos)
+      return std::nullopt;
+    start = end + 1;
+  }
+}
+
+/// What the child reports through the report pipe when it cannot exec.
+enum class failed_step : int { exec, setpgid, prctl, dup2 };
+
+const char* to_string(failed_step s) {
+  switch (s) {
+    case failed_step::exec: return "exec";
+    case failed_step::setpgid: return "setpgid";
+    case failed_step::prctl: return "prctl(PR_SET_PDEATHSIG)";
+    case failed_step::dup2: return "dup2";
+  }
+  return "?";
+}
+
+/// Boost.Process initializer for everything the child does between fork and
+/// exec. It also reports exec failures itself: bp::limit_handles closes
+/// Boost's internal error pipe in the child (Boost 1.74 does not list it as a
+/// used handle), so with limit_handles Boost would report a failed exec as a
+/// success. Our report pipe is close-on-exec: EOF means exec succeeded.
+struct child_setup : bp::extend::handler, bp::extend::uses_handles {
+  int stdin_src;   ///< child end of the stdin pipe (read end)
+  int stdout_sink; ///< child end of the stdout pipe (write end)
+  int stderr_sink; ///< child end of the stderr pipe (write end)
+  int report_sink; ///< write end of the report pipe
+  pid_t parent;    ///< getpid() of the runtime, to detect an already dead parent
+
+  /// Kept open by bp::limit_handles (everything else is closed in the child).
+  std::array<int, 7> get_used_handles() const {
+    return {{STDIN_FILENO, STDOUT_FILENO, STDERR_FILENO, stdin_src, stdout_sink, stderr_sink,
+             report_sink}};
+  }
+
+  // Runs in the forked child: async-signal-safe calls only.
+  [[noreturn]] void fail(failed_step step, int err) const {
+    int msg[2] = {static_cast<int>(step), err};
+    (void)!::write(report_sink, msg, sizeof msg);
+    ::_exit(127);
+  }
+
+  template <class Executor>
+  void on_exec_setup(Executor&) const {
+    // The runtime ignores SIGPIPE (see spawn()); an ignored disposition would
+    // survive exec, so give the child the default back. Also start the child
+    // with no blocked signal, whatever the mask of the I/O thread.
+    ::signal(SIGPIPE, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    // Own process group: killpg(pid, ...) then reaches grandchildren too.
+    if (::setpgid(0, 0) != 0)
+      fail(failed_step::setpgid, errno);
+    // Die with the runtime (with the spawning thread, precisely).
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0)
+      fail(failed_step::prctl, errno);
+    if (::getppid() != parent)
+      ::_exit(127); // the parent died before prctl took effect
+    // dup2 clears FD_CLOEXEC on the copies; the originals (all >= 3 and
+    // close-on-exec) disappear at exec.
+    if (::dup2(stdin_src, STDIN_FILENO) < 0 || ::dup2(stdout_sink, STDOUT_FILENO) < 0
+        || ::dup2(stderr_sink, STDERR_FILENO) < 0)
+      fail(failed_step::dup2, errno);
+  }
+
+  template <class Executor>
+  void on_exec_error(Executor&, const std::error_code& ec) const {
+    int msg[2] = {static_cast<int>(failed_step::exec), ec.value()};
+    (void)!::write(report_sink, msg, sizeof msg);
+  }
+};
+
+/// Calls into the observer; an exception escaping it must not kill the I/O
+/// thread (that would std::terminate the runtime), so it is logged.
+template <class F>
+void notify(const std::string& label, const char* what, F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    log().error("[{}] observer {} threw: {}", label, what, e.what());
+  } catch (...) {
+    log().error("[{}] observer {} threw", label, what);
+  }
+}
+
+} // namespace
+
+// -- the shared state ---------------------------------------------------------
+
+namespace {
+
+struct io_state {
+  io_state(child_spec s, std::shared_ptr<child_observer> o)
+    : spec(std::move(s)), observer(std::move(o)), decoder(spec.max_frame_bytes) {
+    wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wake_fd < 0)
+      throw spawn_error(spec.program + ": eventfd: " + errno_text(errno));
+  }
+
+  ~io_state() {
+    close_fd(stdin_fd);
+    close_fd(stdout_fd);
+    close_fd(stderr_fd);
+    close_fd(pid_fd);
+    close_fd(wake_fd);
+  }
+
+  io_state(const io_state&) = delete;
+  io_state& operator=(const io_state&) = delete;
+
+  const child_spec spec;
+  const std::shared_ptr<child_observer> observer;
+  pid_t pid = -1; // set before spawn() returns, constant afterwards
+
+  // Owned by the senders, guarded by send_mtx.
+  std::mutex send_mtx;
+  int stdin_fd = -1;
+
+  // Guards signalling against reaping: a reaped pid is never signalled.
+  std::mutex signal_mtx;
+  bool reaped = false;
+
+  // Commands for the I/O thread, guarded by cmd_mtx.
+  std::mutex cmd_mtx;
+  bool stop_requested = false;
+  std::chrono::milliseconds shutdown_grace{0};
+  std::chrono::milliseconds kill_grace{0};
+
+  std::atomic<bool> exited{false};
+  int wake_fd = -1;
+
+  // Touched by the I/O thread only (and by spawn_child before spawn() returns).
+  int stdout_fd = -1;
+  int stderr_fd = -1;
+  int pid_fd = -1;
+  frame_decoder decoder;
+  std::vector<std::string> frames;
+  bool protocol_failed = false;
+  bool stdout_eof = false;
+  std::string stderr_line;
+  enum class stop_phase { none, grace, term, killed } phase = stop_phase::none;
+  std::optional<clock::time_point> deadline; // of the current stop phase
+
+  const std::string& label() const { return spec.label; }
+
+  /// Signals the whole group, unless the leader has been reaped already.
+  void signal_group(int sig) {
+    std::lock_guard<std::mutex> lk(signal_mtx);
+    if (reaped || pid <= 0)
+      return;
+    if (::killpg(pid, sig) != 0 && errno != ESRCH)
+      log().warn("[{}] killpg({}, {}) failed: {}", label(), pid, sig, errno_text(errno));
+  }
+
+  void wake() {
+    std::uint64_t one = 1;
+    (void)!::write(wake_fd, &one, sizeof one);
+  }
+
+  void close_stdin() {
+    std::lock_guard<std::mutex> lk(send_mtx);
+    close_fd(stdin_fd);
+  }
+
+  // -- spawning (on the I/O thread) --
+
+  void spawn_child() {
+    const std::string& program = spec.program;
+    if (program.empty())
+      throw spawn_error("empty program name");
+    std::string exe = program;
+    if (program.find('/') == std::string::npos) {
+      auto found = find_in_path(program);
+      if (!found)
+        throw spawn_error(program + ": not found in PATH");
+      exe = *found;
+    }
+
+    int child_in = -1, child_out = -1, child_err = -1, report_src = -1, report_sink = -1;
+    auto cleanup = [&] {
+      close_fd(child_in);
+      close_fd(child_out);
+      close_fd(child_err);
+      close_fd(report_src);
+      close_fd(report_sink);
+      close_fd(stdin_fd);
+      close_fd(stdout_fd);
+      close_fd(stderr_fd);
+    };
+    try {
+      {
+        std::lock_guard<std::mutex> lk(send_mtx);
+        std::tie(child_in, stdin_fd) = cloexec_pipe();
+      }
+      std::tie(stdout_fd, child_out) = cloexec_pipe();
+      std::tie(stderr_fd, child_err) = cloexec_pipe();
+      std::tie(report_src, report_sink) = cloexec_pipe();
+      child_in = above_stdio(child_in);
+      child_out = above_stdio(child_out);
+      child_err = above_stdio(child_err);
+      report_sink = above_stdio(report_sink);
+      set_nonblocking(stdin_fd);
+      set_nonblocking(stdout_fd);
+      set_nonblocking(stderr_fd);
+    } catch (const std::system_error& e) {
+      cleanup();
+      throw spawn_error(program + ": " + e.what());
+    }
+
+    child_setup setup{{}, {}, child_in, child_out, child_err, report_sink, ::getpid()};
+    try {
+      bp::child c(bp::exe = exe, bp::args = spec.args, setup, bp::limit_handles);
+      pid = c.id();
+      c.detach(); // we own the pid and reap it ourselves
+    } catch (const std::exception& e) {
+      cleanup();
+      throw spawn_error(program + ": " + e.what());
+    }
+
+    // The parent's copies of the child ends must go now, or EOF never comes.
+    close_fd(child_in);
+    close_fd(child_out);
+    close_fd(child_err);
+    close_fd(report_sink);
+
+    // Blocks until exec (close-on-exec closes the report pipe: EOF) or a report.
+    int msg[2] = {0, 0};
+    std::size_t got = 0;
+    while (got < sizeof msg) {
+      ssize_t n = ::read(report_src, reinterpret_cast<char*>(msg) + got, sizeof msg - got);
+      if (n > 0)
+        got += static_cast<std::size_t>(n);
+      else if (n == 0 || errno != EINTR)
+        break;
+    }
+    close_fd(report_src);
+    if (got > 0) {
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      {
+        std::lock_guard<std::mutex> lk(signal_mtx);
+        reaped = true;
+      }
+      cleanup();
+      auto step = static_cast<failed_step>(msg[0]);
+      std::string reason = errno_text(msg[1]);
+      if (step == failed_step::exec)
+        throw spawn_error(program + ": " + reason);
+      throw spawn_error(program + ": " + to_string(step) + ": " + reason);
+    }
+
+    pid_fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pid_fd < 0) {
+      int err = errno;
+      ::killpg(pid, SIGKILL);
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      {
+        std::lock_guard<std::mutex> lk(signal_mtx);
+        reaped = true;
+      }
+      cleanup();
+      throw spawn_error(program + ": pidfd_open: " + errno_text(err));
+    }
+    log().info("[{}] spawned pid {} ({})", label(), pid, exe);
+  }
+
+  // -- stdout --
+
+  void report(protocol_error err) {
+    protocol_failed = true;
+    log().warn("[{}] protocol error: {}: {}", label(), to_string(err.code), err.message);
+    notify(label(), "on_protocol_error", [&] { observer->on_protocol_error(std::move(err)); });
+  }
+
+  void on_stdout_bytes(const char* data, std::size_t n) {
+    if (protocol_failed)
+      return; // the stream cannot be trusted any more: read and discard
+    frames.clear();
+    auto err = decoder.feed(std::string_view(data, n), frames);
+    for (auto& f : frames)
+      notify(label(), "on_frame", [&] { observer->on_frame(std::move(f)); });
+    frames.clear();
+    if (err)
+      report(std::move(*err));
+  }
+
+  void on_stdout_end() {
+    stdout_eof = true;
+    close_fd(stdout_fd);
+    if (!protocol_failed)
+      if (auto err = decoder.finish())
+        report(std::move(*err));
+  }
+
+  // -- stderr --
+
+  void emit_stderr_line() {
+    log().info("[{}] {}", label(), stderr_line);
+    notify(label(), "on_stderr_line", [&] { observer->on_stderr_line(stderr_line); });
+    stderr_line.clear();
+    if (stderr_line.capacity() > 4096)
+      std::string().swap(stderr_line); // give a long line's memory back
+  }
+
+  void on_stderr_bytes(const char* data, std::size_t n) {
+    std::string_view rest(data, n);
+    while (!rest.empty()) {
+      std::size_t nl = rest.find('\n');
+      std::size_t len = nl == std::string_view::npos ? rest.size() : nl;
+      std::size_t room = max_stderr_line - stderr_line.size();
+      if (len > room) {
+        stderr_line.append(rest.data(), room);
+        rest.remove_prefix(room);
+        emit_stderr_line(); // over the cap: flush the piece, go on with the rest
+        continue;
+      }
+      stderr_line.append(rest.data(), len);
+      if (nl == std::string_view::npos)
+        break;
+      rest.remove_prefix(len + 1);
+      emit_stderr_line();
+    }
+  }
+
+  void on_stderr_end() {
+    close_fd(stderr_fd);
+    if (!stderr_line.empty())
+      emit_stderr_line();
+  }
+
+  /// Reads `fd` up to `max_reads` times, until it would block or ends.
+  template <class OnBytes, class OnEnd>
+  void read_some(int& fd, int max_reads, OnBytes on_bytes, OnEnd on_end) {
+    char buf[read_chunk];
+    for (int i = 0; i < max_reads && fd >= 0; ++i) {
+      ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n > 0) {
+        on_bytes(buf, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (n < 0 && errno == EINTR) {
+        --i;
+        continue;
+      }
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+      if (n < 0)
+        log().warn("[{}] read failed: {}", label(), errno_text(errno));
+      on_end();
+      return;
+    }
+  }
+
+  void read_stdout(int max_reads) {
+    read_some(stdout_fd, max_reads, [this](const char* d, std::size_t n) { on_stdout_bytes(d, n); },
+              [this] { on_stdout_end(); });
+  }
+
+  void read_stderr(int max_reads) {
+    read_some(stderr_fd, max_reads, [this](const char* d, std::size_t n) { on_stderr_bytes(d, n); },
+              [this] { on_stderr_end(); });
+  }
+
+  /// Bound of the final drain: what a pipe can hold, twice (a grandchild that
+  /// keeps writing must not keep the I/O thread from reaping).
+  int drain_reads(int fd) const {
+    int size = fd >= 0 ? ::fcntl(fd, F_GETPIPE_SZ) : 0;
+    if (size <= 0)
+      size = 64 * 1024;
+    return static_cast<int>(2 * static_cast<std::size_t>(size) / read_chunk + 1);
+  }
+
+  // -- stop sequence --
+
+  void on_wake() {
+    std::uint64_t count = 0;
+    (void)!::read(wake_fd, &count, sizeof count);
+    std::lock_guard<std::mutex> lk(cmd_mtx);
+    if (stop_requested && phase == stop_phase::none) {
+      phase = stop_phase::grace;
+      deadline = clock::now() + shutdown_grace;
+      log().debug("[{}] stop: stdin closed, waiting up to {} ms for the exit", label(),
+                  shutdown_grace.count());
+    }
+  }
+
+  void advance_stop_sequence() {
+    if (!deadline || clock::now() < *deadline)
+      return;
+    if (phase == stop_phase::grace) {
+      log().debug("[{}] stop: no exit within shutdown_grace, SIGTERM to the group", label());
+      signal_group(SIGTERM);
+      phase = stop_phase::term;
+      deadline = clock::now() + kill_grace;
+    } else if (phase == stop_phase::term) {
+      log().debug("[{}] stop: no exit within kill_grace, SIGKILL to the group", label());
+      signal_group(SIGKILL);
+      phase = stop_phase::killed;
+      deadline.reset();
+    } else {
+      deadline.reset();
+    }
+  }
+
+  // -- the loop --
+
+  void run() {
+    for (;;) {
+      pollfd fds[4] = {{stdout_fd, POLLIN, 0},
+                       {stderr_fd, POLLIN, 0},
+                       {pid_fd, POLLIN, 0},
+                       {wake_fd, POLLIN, 0}};
+      timespec ts{};
+      timespec* timeout = nullptr; // idle: no timer at all
+      if (deadline) {
+        auto left = std::max(clock::duration::zero(), *deadline - clock::now());
+        auto secs = std::chrono::duration_cast<std::chrono::seconds>(left);
+        ts.tv_sec = static_cast<time_t>(secs.count());
+        ts.tv_nsec = static_cast<long>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(left - secs).count());
+        timeout = &ts;
+      }
+      int r = ::ppoll(fds, 4, timeout, nullptr);
+      if (r < 0) {
+        if (errno == EINTR)
+          continue;
+        // Cannot happen with valid arguments; do not spin: end the child.
+        log().error("[{}] poll failed: {}; killing the child", label(), errno_text(errno));
+        signal_group(SIGKILL);
+        finish();
+        return;
+      }
+      if (fds[3].revents)
+        on_wake();
+      if (fds[0].revents)
+        read_stdout(reads_per_wakeup);
+      if (fds[1].revents)
+        read_stderr(reads_per_wakeup);
+      if (fds[2].revents) {
+        finish();
+        return;
+      }
+      advance_stop_sequence();
+    }
+  }
+
+  /// The child has exited (or is about to, after SIGKILL): drain, reap, report.
+  void finish() {
+    // What is in the pipes now; no waiting for EOF (grandchildren may hold them).
+    read_stdout(drain_reads(stdout_fd));
+    read_stderr(drain_reads(stderr_fd));
+
+    exit_status status{};
+    siginfo_t info{};
+    int rc;
+    while ((rc = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT)) < 0
+           && errno == EINTR) {
+    }
+    if (rc == 0) {
+      // The leader is a zombie: its pid (= the group id) cannot be reused yet.
+      signal_group(SIGKILL); // grandchildren left in the group
+      int ws = 0;
+      std::lock_guard<std::mutex> lk(signal_mtx);
+      while ((rc = ::waitpid(pid, &ws, 0)) < 0 && errno == EINTR) {
+      }
+      reaped = true;
+      if (rc == pid && WIFSIGNALED(ws))
+        status = exit_status{true, WTERMSIG(ws)};
+      else if (rc == pid && WIFEXITED(ws))
+        status = exit_status{false, WEXITSTATUS(ws)};
+      else
+        status = exit_status{false, -1};
+    } else {
+      // ECHILD: somebody else reaped it (SIGCHLD set to SIG_IGN, or a
+      // waitpid(-1) elsewhere). The pid may be reused: never signal it again.
+      log().error("[{}] cannot reap pid {}: {} (was it reaped elsewhere?)", label(), pid,
+                  errno_text(errno));
+      std::lock_guard<std::mutex> lk(signal_mtx);
+      reaped = true;
+      status = exit_status{false, -1};
+    }
+
+    if (!stderr_line.empty())
+      emit_stderr_line(); // a last line without its newline
+    // A frame the child had begun can no longer be completed.
+    if (!stdout_eof && !protocol_failed)
+      if (auto err = decoder.finish())
+        report(std::move(*err));
+
+    close_stdin();
+    close_fd(stdout_fd);
+    close_fd(stderr_fd);
+    close_fd(pid_fd);
+
+    if (status.clean())
+      log().info("[{}] exited: {}", label(), status.describe());
+    else
+      log().warn("[{}] exited: {}", label(), status.describe());
+    exited.store(true);
+    notify(label(), "on_exit", [&] { observer->on_exit(status); });
+  }
+};
+
+} // namespace
+
+struct child_process::impl {
+  std::shared_ptr<io_state> state;
+  std::thread thread;
+};
+
+child_process::child_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+
+std::unique_ptr<child_process> child_process::spawn(child_spec spec,
+                                                    std::shared_ptr<child_observer> observer) {
+  if (!observer)
+    throw std::invalid_argument("child_process::spawn: no observer");
+
+  // A write to a pipe whose reader has gone must give EPIPE, not kill the
+  // runtime. Pipes have no MSG_NOSIGNAL, so SIGPIPE is ignored process-wide
+  // (once; children get the default back before exec, see child_setup).
+  static std::once_flag sigpipe_once;
+  std::call_once(sigpipe_once, [] { ::signal(SIGPIPE, SIG_IGN); });
+
+  auto state = std::make_shared<io_state>(std::move(spec), std::move(observer));
+  std::promise<void> started;
+  auto started_future = started.get_future();
+
+  auto p = std::make_unique<impl>();
+  p->state = state;
+  try {
+    // The I/O thread spawns the child itself (PDEATHSIG follows the spawning
+    // thread) and lives until the child is reaped.
+    p->thread = std::thread([state, started = std::move(started)]() mutable {
+      try {
+        state->spawn_child();
+      } catch (...) {
+        started.set_exception(std::current_exception());
+        return;
+      }
+      started.set_value();
+      state->run();
+    });
+  } catch (const std::system_error& e) {
+    throw spawn_error(state->spec.program + ": cannot start the I/O thread: " + e.what());
+  }
+  {
+    std::string name = "io:" + state->spec.label;
+    name.resize(std::min<std::size_t>(name.size(), 15));
+    ::pthread_setname_np(p->thread.native_handle(), name.c_str());
+  }
+
+  try {
+    started_future.get();
+  } catch (...) {
+    p->thread.join();
+    throw;
+  }
+  return std::unique_ptr<child_process>(new child_process(std::move(p)));
+}
+
+child_process::~child_process() {
+  if (!impl_)
+    return;
+  if (!impl_->state->exited.load())
+    kill();
+  if (impl_->thread.joinable()) {
+    // Destroyed from an observer callback on its own I/O thread: that thread
+    // holds the state and finishes (reaps, reports on_exit) on its own.
+    if (impl_->thread.get_id() == std::this_thread::get_id())
+      impl_->thread.detach();
+    else
+      impl_->thread.join();
+  }
+}
+
+pid_t child_process::pid() const noexcept { return impl_->state->pid; }
+
+const std::string& child_process::label() const noexcept { return impl_->state->spec.label; }
+
+bool child_process::exited() const noexcept { return impl_->state->exited.load(); }
+
+bool child_process::send(std::string_view payload, std::chrono::milliseconds timeout) {
+  std::string frame = encode_frame(payload);
+  io_state& st = *impl_->state;
+  std::lock_guard<std::mutex> lk(st.send_mtx);
+  if (st.stdin_fd < 0)
+    return false;
+  const auto deadline = clock::now() + timeout;
+  std::size_t off = 0;
+  while (off < frame.size()) {
+    ssize_t n = ::write(st.stdin_fd, frame.data() + off, frame.size() - off);
+    if (n > 0) {
+      off += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      auto left = deadline - clock::now();
+      if (left > clock::duration::zero()) {
+        auto secs = std::chrono::duration_cast<std::chrono::seconds>(left);
+        timespec ts{static_cast<time_t>(secs.count()),
+                    static_cast<long>(
+                      std::chrono::duration_cast<std::chrono::nanoseconds>(left - secs).count())};
+        pollfd pfd{st.stdin_fd, POLLOUT, 0};
+        int r = ::ppoll(&pfd, 1, &ts, nullptr);
+        if (r > 0 || (r < 0 && errno == EINTR))
+          continue; // writable, or broken (the next write says EPIPE)
+      }
+      if (off > 0) {
+        // Half a frame is in the pipe: stdin can never carry a frame again.
+        log().warn("[{}] send: timed out after {} of {} bytes; closing stdin", st.label(), off,
+                   frame.size());
+        close_fd(st.stdin_fd);
+      } else {
+        log().debug("[{}] send: timed out, stdin stayed full", st.label());
+      }
+      return false;
+    }
+    // EPIPE (the child closed its stdin or exited) or another error.
+    log().debug("[{}] send: {}; closing stdin", st.label(), errno_text(errno));
+    close_fd(st.stdin_fd);
+    return false;
+  }
+  return true;
+}
+
+void child_process::stop(std::chrono::milliseconds shutdown_grace,
+                         std::chrono::milliseconds kill_grace) {
+  io_state& st = *impl_->state;
+  st.close_stdin();
+  {
+    std::lock_guard<std::mutex> lk(st.cmd_mtx);
+    if (st.stop_requested)
+      return;
+    st.stop_requested = true;
+    st.shutdown_grace = std::max(shutdown_grace, std::chrono::milliseconds::zero());
+    st.kill_grace = std::max(kill_grace, std::chrono::milliseconds::zero());
+  }
+  log().debug("[{}] stop requested (shutdown_grace {} ms, kill_grace {} ms)", st.label(),
+              shutdown_grace.count(), kill_grace.count());
+  st.wake();
+}
+
+void child_process::kill() {
+  io_state& st = *impl_->state;
+  log().debug("[{}] kill: SIGKILL to the group", st.label());
+  st.signal_group(SIGKILL);
+}
+
+} // namespace dspex

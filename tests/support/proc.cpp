@@ -1,0 +1,113 @@
+#include "support/proc.hpp"
+
+#include <dirent.h>
+#include <limits.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+namespace dspex::testing {
+
+namespace {
+
+/// The fields of /proc/<pid>/stat after the command name: "S 1234 ..."
+/// (state, ppid, ...). The name (field 2) is in parentheses and may itself
+/// contain spaces and ')', so everything is parsed after the LAST ')'.
+std::optional<std::string> stat_tail(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  if (!in)
+    return std::nullopt;
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto close = text.rfind(')');
+  if (close == std::string::npos || close + 2 >= text.size())
+    return std::nullopt;
+  return text.substr(close + 2);
+}
+
+/// Numeric entries of a /proc directory.
+template <class F>
+void for_each_number(const std::string& dir, F&& f) {
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), &::closedir);
+  if (!d)
+    return;
+  while (auto* ent = ::readdir(d.get())) {
+    char* end = nullptr;
+    long n = std::strtol(ent->d_name, &end, 10);
+    if (ent->d_name[0] != '\0' && *end == '\0' && n >= 0)
+      f(static_cast<long>(n), std::string(ent->d_name));
+  }
+}
+
+template <class Pred>
+bool poll_until(std::chrono::milliseconds timeout, Pred&& done) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (done())
+      return true;
+    if (std::chrono::steady_clock::now() >= deadline)
+      return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+} // namespace
+
+std::optional<char> process_state(pid_t pid) {
+  auto tail = stat_tail(pid);
+  if (!tail || tail->empty())
+    return std::nullopt;
+  return (*tail)[0];
+}
+
+bool process_gone(pid_t pid) {
+  auto state = process_state(pid);
+  // 'X' (dead) is the instant between zombie and gone.
+  return !state || *state == 'X';
+}
+
+std::vector<pid_t> child_pids(pid_t parent) {
+  std::vector<pid_t> out;
+  for_each_number("/proc", [&](long pid, const std::string&) {
+    auto tail = stat_tail(static_cast<pid_t>(pid));
+    if (!tail)
+      return; // gone meanwhile
+    std::istringstream fields(*tail);
+    char state = 0;
+    long ppid = -1;
+    if (fields >> state >> ppid && ppid == parent)
+      out.push_back(static_cast<pid_t>(pid));
+  });
+  return out;
+}
+
+bool wait_gone(pid_t pid, std::chrono::milliseconds timeout) {
+  return poll_until(timeout, [&] { return process_gone(pid); });
+}
+
+std::vector<pid_t> wait_no_children(pid_t parent, std::chrono::milliseconds timeout) {
+  std::vector<pid_t> left;
+  poll_until(timeout, [&] {
+    left = child_pids(parent);
+    return left.empty();
+  });
+  return left;
+}
+
+std::vector<std::string> open_fd_targets(pid_t pid) {
+  std::vector<std::string> out;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+  for_each_number(dir, [&](long, const std::string& name) {
+    char buf[PATH_MAX];
+    ssize_t n = ::readlink((dir + "/" + name).c_str(), buf, sizeof buf);
+    if (n >= 0)
+      out.emplace_back(buf, static_cast<std::size_t>(n));
+  });
+  return out;
+}
+
+} // namespace dspex::testing
