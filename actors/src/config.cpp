@@ -1,9 +1,11 @@
 #include "dspex/config.hpp"
 
+#include <algorithm>
 #include <fstream>
 
 #include <caf/actor_system.hpp>
 #include <caf/config_option_set.hpp>
+#include <caf/settings.hpp>
 
 #include "dspex/actors/system_config.hpp"
 
@@ -16,6 +18,44 @@ namespace {
 error config_error(std::string type, std::string message, nlohmann::json ctx = {}) {
   return make_error(error_category::configuration_error, std::move(type), std::move(message),
                     ctx.is_object() ? std::move(ctx) : nlohmann::json::object());
+}
+
+// CAF renders parser errors as e.g.
+//   parser_error(not_an_option, ({"argument" = "--pool.sise=3"}))
+// Turn that into one line that names the key.
+error parse_failure(const caf::error& err, const std::string& path) {
+  auto rendered = caf::to_string(err);
+  std::string reason = rendered;
+  if (auto open = rendered.find('('); open != std::string::npos) {
+    auto end = rendered.find_first_of(",)", open + 1);
+    reason = rendered.substr(open + 1, end - open - 1);
+  }
+  std::replace(reason.begin(), reason.end(), '_', ' ');
+  static const std::string marker = "\"argument\" = \"";
+  auto at = rendered.find(marker);
+  if (at == std::string::npos) {
+    // INI errors carry a position: ({"column" = 7, "line" = 2})
+    auto number_after = [&](const std::string& name) -> std::string {
+      auto p = rendered.find("\"" + name + "\" = ");
+      if (p == std::string::npos)
+        return "?";
+      p += name.size() + 5;
+      return rendered.substr(p, rendered.find_first_not_of("0123456789", p) - p);
+    };
+    return config_error("invalid_setting",
+                        "invalid configuration in '" + path + "' at line " + number_after("line")
+                          + ", column " + number_after("column") + " (" + reason + ")",
+                        {{"path", path}});
+  }
+  auto arg_start = at + marker.size();
+  auto argument = rendered.substr(arg_start, rendered.find('"', arg_start) - arg_start);
+  auto key = argument.substr(0, argument.find('='));
+  while (!key.empty() && key.front() == '-')
+    key.erase(key.begin());
+  auto message = reason == "not an option"
+                   ? "unknown option " + key + " (in '" + argument + "')"
+                   : key + " has an invalid value (" + reason + " in '" + argument + "')";
+  return config_error("invalid_setting", message, {{"key", key}, {"argument", argument}});
 }
 
 } // namespace
@@ -39,10 +79,19 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
       cli.push_back(a);
   system_config cfg;
   if (auto err = cfg.parse(cli, ini))
-    return config_error("invalid_setting",
-                        "invalid configuration: " + caf::to_string(err)
-                          + (cfg.remainder.empty() ? "" : " near '" + cfg.remainder.front() + "'"),
-                        {{"path", path}});
+    return parse_failure(err, path);
+  // CAF keeps unknown INI keys silently; a misspelled key must not be ignored.
+  for (auto group : {"pool", "worker", "lm", "log", "scheduler"}) {
+    auto entries = caf::get_if<caf::settings>(&cfg.content, group);
+    if (!entries)
+      continue;
+    for (auto& kv : *entries)
+      if (!cfg.options().qualified_name_lookup(group, kv.first))
+        return config_error("invalid_setting",
+                            std::string{"unknown option "} + group + "." + kv.first + " in '"
+                              + path + "'",
+                            {{"key", std::string{group} + "." + kv.first}, {"path", path}});
+  }
   if (remainder)
     *remainder = cfg.remainder;
   auto s = cfg.to_settings();

@@ -29,13 +29,60 @@ outcome from_caf_error(caf::actor_system& sys, const caf::error& err, const std:
                                      sys.render(err), {{"command", command}}));
 }
 
+caf::duration caller_timeout(const call& c) {
+  auto left = std::max(c.deadline - clock_type::now(), clock_type::duration::zero());
+  return caf::duration{std::chrono::duration_cast<std::chrono::milliseconds>(left)
+                       + reply_margin};
+}
+
+struct async_caller_state {
+  std::size_t pending = 0;
+  bool stopping = false;
+  static inline const char* name = "dspex.async_caller";
+};
+
+// Issues the asynchronous calls of one runtime. One long-lived actor instead
+// of one per call: no spawn on the hot path, and calls made from one thread
+// reach the pool in the order they were made.
+caf::behavior async_caller(caf::stateful_actor<async_caller_state>* self, caf::actor pool) {
+  auto finish_one = [self] {
+    if (--self->state.pending == 0 && self->state.stopping)
+      self->quit();
+  };
+  return {
+    [=](execute_atom, call& c, completion& done) {
+      ++self->state.pending;
+      auto command = c.command;
+      auto timeout = caller_timeout(c);
+      self->request(pool, timeout, execute_atom::value, std::move(c))
+        .then(
+          [=](outcome& o) {
+            done.fn(std::move(o));
+            finish_one();
+          },
+          [=](caf::error& e) {
+            done.fn(from_caf_error(self->system(), e, command));
+            finish_one();
+          });
+    },
+    [=](stop_atom) {
+      self->state.stopping = true;
+      if (self->state.pending == 0)
+        self->quit();
+    },
+  };
+}
+
 } // namespace
 
 struct runtime::impl {
   settings config;
   std::shared_ptr<const settings> shared_config;
+  // actor_system keeps a reference to its config: it must outlive the system.
+  std::unique_ptr<system_config> system_cfg;
   std::unique_ptr<caf::actor_system> system;
   caf::actor pool;
+  caf::actor async_caller;
   std::atomic<bool> stopped{false};
 
   // Validates the arguments of one call and fixes its deadline.
@@ -55,11 +102,6 @@ struct runtime::impl {
     return call{command, std::move(args), clock_type::now() + timeout};
   }
 
-  caf::duration caller_timeout(const call& c) const {
-    auto left = std::max(c.deadline - clock_type::now(), clock_type::duration::zero());
-    return caf::duration{std::chrono::duration_cast<std::chrono::milliseconds>(left)
-                         + reply_margin};
-  }
 };
 
 runtime::runtime(std::unique_ptr<impl> p) : impl_(std::move(p)) {
@@ -76,9 +118,10 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   auto p = std::make_unique<impl>();
   p->config = config;
   p->shared_config = std::make_shared<const settings>(config);
-  system_config sys_cfg{config};
-  p->system = std::make_unique<caf::actor_system>(sys_cfg);
+  p->system_cfg = std::make_unique<system_config>(config);
+  p->system = std::make_unique<caf::actor_system>(*p->system_cfg);
   p->pool = spawn_pool(*p->system, p->shared_config);
+  p->async_caller = p->system->spawn(async_caller, p->pool);
   std::unique_ptr<runtime> rt{new runtime(std::move(p))};
   outcome ready;
   {
@@ -101,7 +144,7 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   if (auto* early = std::get_if<outcome>(&made))
     return std::move(*early);
   auto& c = std::get<call>(made);
-  auto timeout = impl_->caller_timeout(c);
+  auto timeout = caller_timeout(c);
   outcome result;
   caf::scoped_actor self{*impl_->system};
   self->request(impl_->pool, timeout, execute_atom::value, std::move(c))
@@ -117,16 +160,8 @@ void runtime::execute_anonymous_async(const std::string& command, nlohmann::json
     done(std::move(*early));
     return;
   }
-  auto& c = std::get<call>(made);
-  auto timeout = impl_->caller_timeout(c);
-  auto* sys = impl_->system.get();
-  // A short-lived actor per call: it ends as soon as its one reply arrived.
-  sys->spawn([pool = impl_->pool, c = std::move(c), timeout, done = std::move(done), sys,
-              command](caf::event_based_actor* self) mutable {
-    self->request(pool, timeout, execute_atom::value, std::move(c))
-      .then([done](outcome& o) { done(std::move(o)); },
-            [done, sys, command](caf::error& e) { done(from_caf_error(*sys, e, command)); });
-  });
+  caf::anon_send(impl_->async_caller, execute_atom::value, std::move(std::get<call>(made)),
+                 completion{std::move(done)});
 }
 
 std::future<outcome> runtime::execute_anonymous_async(const std::string& command,
@@ -170,8 +205,18 @@ void runtime::stop() {
       self->send_exit(impl_->pool, caf::exit_reason::kill);
     self->receive([](caf::down_msg&) {},
                   caf::after(bound) >> [&] { log().error("pool did not terminate"); });
+    // Every call has its answer now; the async caller quits once it passed
+    // the last one on.
+    self->monitor(impl_->async_caller);
+    self->send(impl_->async_caller, stop_atom::value);
+    self->receive([](caf::down_msg&) {},
+                  caf::after(bound) >> [&] {
+                    log().error("async callers did not finish");
+                    self->send_exit(impl_->async_caller, caf::exit_reason::kill);
+                  });
   }
   impl_->pool = nullptr;
+  impl_->async_caller = nullptr;
   // ~actor_system() blocks while any actor lives; every actor of ours is gone
   // or going now (workers die with the pool, async callers with their reply).
   impl_->system.reset();

@@ -184,7 +184,10 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
   auto req = std::move(*st.in_flight);
   st.in_flight.reset();
   st.phase = worker_phase::ready;
-  auto status = rep.success ? checkin_status::ok : checkin_status::error;
+  // Checkin first: once the caller has its reply, the pool already counts
+  // the worker as free, so a status query made after a reply sees it.
+  self->send(st.cfg.owner, checkin_atom::value, st.cfg.id,
+             rep.success ? checkin_status::ok : checkin_status::error);
   if (rep.success) {
     req.promise.deliver(outcome::success(std::move(rep.result)));
   } else {
@@ -193,7 +196,6 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
     req.promise.deliver(outcome::failure(
       make_error(error_category::python_error, "command_failed", std::move(rep.error), ctx)));
   }
-  self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, status);
 }
 
 caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {

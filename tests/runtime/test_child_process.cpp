@@ -4,7 +4,9 @@
 
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -63,6 +65,8 @@ public:
     cv_.notify_all();
   }
 
+  /// Waits until `pred` holds; `pred` runs under the lock: it reads the
+  /// members directly (the public accessors would lock again).
   template <class Pred>
   bool wait(Pred pred, std::chrono::milliseconds bound = hang_bound) {
     std::unique_lock<std::mutex> lk(mtx_);
@@ -77,6 +81,9 @@ public:
   }
   bool wait_frames(std::size_t n) {
     return wait([&] { return frames_.size() >= n || exit_count_ > 0; }) && frames().size() >= n;
+  }
+  bool wait_errors(std::size_t n) {
+    return wait([&] { return errors_.size() >= n || exit_count_ > 0; }) && errors().size() >= n;
   }
   bool wait_lines(std::size_t n) {
     return wait([&] { return lines_.size() >= n || exit_count_ > 0; }) && lines().size() >= n;
@@ -137,6 +144,27 @@ struct no_leftovers {
     CHECK_MESSAGE(left.empty(), "children left behind: " << left.size());
   }
 };
+
+/// Makes the test process a child subreaper while it lives.
+struct subreaper {
+  subreaper() { REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0); }
+  ~subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
+  subreaper(const subreaper&) = delete;
+};
+
+/// waitpid() with a bound (polls every 10 ms); the wait status, or nullopt.
+std::optional<int> wait_status(pid_t pid, std::chrono::milliseconds bound) {
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  for (;;) {
+    int ws = 0;
+    pid_t r = ::waitpid(pid, &ws, WNOHANG);
+    if (r == pid)
+      return ws;
+    if (r < 0 || std::chrono::steady_clock::now() >= deadline)
+      return std::nullopt;
+    std::this_thread::sleep_for(10ms);
+  }
+}
 
 /// Pipe inodes ("pipe:[123]") among a process's fds.
 std::set<std::string> pipes_of(pid_t pid) {
@@ -200,8 +228,16 @@ TEST_CASE_FIXTURE(no_leftovers, "spawn failures throw spawn_error naming the pro
   };
   fails("nonexistent-python", "nonexistent-python: not found in PATH");
   fails("/nonexistent/python3", "/nonexistent/python3: No such file or directory");
-  fails("/etc/hostname", "/etc/hostname: Permission denied");           // not executable
-  fails("/tmp", "/tmp: Permission denied");                             // a directory
+  fails("/tmp", "/tmp: Permission denied"); // a directory
+
+  char path[] = "/tmp/dspex-not-executable-XXXXXX";
+  int fd = ::mkstemp(path); // mode 0600: not executable
+  REQUIRE(fd >= 0);
+  ::close(fd);
+  fails(path, std::string(path) + ": Permission denied");
+  REQUIRE(::chmod(path, 0700) == 0); // executable, but neither ELF nor script
+  fails(path, std::string(path) + ": Exec format error");
+  ::unlink(path);
   CHECK(rec->exit_count() == 0);
 }
 
@@ -339,23 +375,24 @@ TEST_CASE_FIXTURE(no_leftovers, "exit is detected although stdout ended long bef
 }
 
 TEST_CASE_FIXTURE(no_leftovers, "grandchildren die with the group") {
-  // This machine's PID 1 does not reap orphans: become a subreaper for this
-  // test, so the killed grandchild is reparented to us and we can check how
-  // it died (and reap it).
-  REQUIRE(::prctl(PR_SET_CHILD_SUBREAPER, 1) == 0);
-  struct unset_subreaper {
-    ~unset_subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 0); }
-  } guard;
+  // Orphans go to PID 1, which here reaps them only a second or so later:
+  // become a subreaper, so the killed grandchild is reparented to us and we
+  // can check how it died (and reap it) without waiting on PID 1.
+  subreaper guard;
 
   auto grandchild_of = [](recorder& rec) -> pid_t {
     REQUIRE(rec.wait_lines(1));
     return static_cast<pid_t>(std::stol(rec.lines()[0]));
   };
   auto check_killed = [](pid_t gc) {
-    int ws = 0;
-    REQUIRE(::waitpid(gc, &ws, 0) == gc); // reparented to us, it ends by SIGKILL
-    CHECK(WIFSIGNALED(ws));
-    CHECK(WTERMSIG(ws) == SIGKILL);
+    auto ws = wait_status(gc, hang_bound); // reparented to us, it ends by SIGKILL
+    if (!ws) {
+      ::kill(gc, SIGKILL);
+      wait_status(gc, hang_bound);
+      FAIL("grandchild " << gc << " survived its group");
+    }
+    CHECK(WIFSIGNALED(*ws));
+    CHECK(WTERMSIG(*ws) == SIGKILL);
     CHECK(proc::process_gone(gc));
   };
 
@@ -381,6 +418,47 @@ TEST_CASE_FIXTURE(no_leftovers, "grandchildren die with the group") {
     CHECK(st->code == 7);
     check_killed(gc);
   }
+}
+
+TEST_CASE_FIXTURE(no_leftovers, "the child dies with the runtime (PR_SET_PDEATHSIG)") {
+  // A forked copy of this (at this point single-threaded) test process plays
+  // the runtime: it spawns a child, reports its pid, and is SIGKILLed.
+  subreaper guard; // the orphaned child is reparented to us
+  int p[2];
+  REQUIRE(::pipe2(p, O_CLOEXEC) == 0);
+  pid_t runtime = ::fork();
+  REQUIRE(runtime >= 0);
+  if (runtime == 0) {
+    ::close(p[0]);
+    try {
+      auto child = child_process::spawn({"/bin/sh", {"-c", "exec sleep 1000"}, "orphan"},
+                                        std::make_shared<recorder>());
+      pid_t pid = child->pid();
+      if (::write(p[1], &pid, sizeof pid) != sizeof pid)
+        ::_exit(2);
+      for (;;)
+        ::pause();
+    } catch (...) {
+      ::_exit(3);
+    }
+  }
+  ::close(p[1]);
+  pid_t pid = -1;
+  bool got = ::read(p[0], &pid, sizeof pid) == sizeof pid;
+  ::close(p[0]);
+  REQUIRE(::kill(runtime, SIGKILL) == 0);
+  auto runtime_ws = wait_status(runtime, hang_bound);
+  REQUIRE(runtime_ws);
+  CHECK(WIFSIGNALED(*runtime_ws));
+  REQUIRE(got);
+  auto ws = wait_status(pid, hang_bound);
+  if (!ws) {
+    ::kill(pid, SIGKILL);
+    wait_status(pid, hang_bound);
+    FAIL("the child outlived its runtime");
+  }
+  CHECK(WIFSIGNALED(*ws));
+  CHECK(WTERMSIG(*ws) == SIGKILL);
 }
 
 TEST_CASE_FIXTURE(no_leftovers, "fd hygiene: siblings do not inherit each other's pipes") {
@@ -439,7 +517,7 @@ TEST_CASE_FIXTURE(no_leftovers, "protocol errors are reported once, later stdout
   }
   SUBCASE("noise that is no frame") {
     auto [rec, child] = sh("echo 'hello, this is not a frame'; echo more noise; exec cat");
-    REQUIRE(rec->wait([&] { return !rec->errors().empty(); }));
+    REQUIRE(rec->wait_errors(1));
     CHECK(rec->errors()[0].code == protocol_errc::oversize);
     child->kill(); // what the owner is expected to do
     REQUIRE(rec->wait_exit());

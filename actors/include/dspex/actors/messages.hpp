@@ -4,6 +4,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 
 #include <caf/allowed_unsafe_message_type.hpp>
@@ -22,6 +24,11 @@ struct call {
   std::string command;
   nlohmann::json args = nlohmann::json::object();
   std::chrono::steady_clock::time_point deadline;
+};
+
+/// The continuation of an asynchronous call (local only).
+struct completion {
+  std::function<void(outcome)> fn;
 };
 
 // -- caller → pool / pool → worker ------------------------------------------
@@ -78,5 +85,6 @@ bool is_start_failure(const caf::error& reason);
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::call)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::outcome)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::completion)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::pool_status)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkin_status)

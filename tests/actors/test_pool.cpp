@@ -1,0 +1,231 @@
+// The pool through the public embedding API, against real worker processes:
+// concurrency, FIFO queueing with deadlines, remove-and-replace on SIGKILL and
+// on garbage, and a stop that leaves no child behind.
+#include <csignal>
+#include <set>
+#include <thread>
+
+#include <doctest/doctest.h>
+
+#include "support/harness.hpp"
+
+using namespace dspex;
+using namespace dspex::testing;
+
+namespace {
+
+std::unique_ptr<runtime> start_pool(std::size_t size) {
+  auto rt = runtime::start(test_settings(size));
+  REQUIRE(full_and_idle(rt->status()));
+  return rt;
+}
+
+void check_no_children_left() {
+  CHECK(wait_no_children(::getpid(), 10s).empty());
+}
+
+} // namespace
+
+TEST_CASE("concurrent pings are spread across the workers") {
+  auto rt = start_pool(2);
+  std::vector<std::future<outcome>> calls;
+  for (int i = 0; i < 32; ++i)
+    calls.push_back(rt->execute_anonymous_async("ping"));
+  std::set<std::string> served_by;
+  for (auto& f : calls) {
+    auto r = f.get();
+    REQUIRE(r.ok());
+    served_by.insert(r.value()["worker_id"].get<std::string>());
+  }
+  CHECK(served_by.size() == 2);
+  auto st = rt->status();
+  std::uint64_t checkouts = 0;
+  for (auto& w : st.workers)
+    checkouts += w.stats.checkouts;
+  CHECK(checkouts == 32);
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("callers beyond the idle workers wait and are served in FIFO order") {
+  auto rt = start_pool(1);
+  // Hold the only worker so that every following call queues.
+  auto holder = rt->execute_anonymous_async("sleep", {{"ms", 1500}});
+  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  constexpr int n = 10;
+  std::vector<std::future<outcome>> calls;
+  for (int i = 0; i < n; ++i)
+    calls.push_back(rt->execute_anonymous_async("get_stats"));
+  auto queued = wait_for_status(*rt, [](const pool_status& s) { return s.queued == n; });
+  CHECK(queued.ok);
+  REQUIRE(holder.get().ok());
+  // command_count counts the worker's commands: served in submission order,
+  // each call sees a strictly larger count than the one submitted before it.
+  long last = -1;
+  for (auto& f : calls) {
+    auto r = f.get();
+    REQUIRE(r.ok());
+    auto count = r.value()["command_count"].get<long>();
+    CHECK(count > last);
+    last = count;
+  }
+  CHECK(rt->status().replaced == 0);
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("a caller whose deadline passes while queued gets a timeout and no worker is lost") {
+  auto rt = start_pool(1);
+  auto holder = rt->execute_anonymous_async("sleep", {{"ms", 1000}});
+  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  auto r = rt->execute_anonymous("ping", nullptr, call_options{300ms});
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().category == error_category::timeout_error);
+  CHECK(r.error().type == "checkout_timeout");
+  CHECK(rt->status().queued == 0);
+  REQUIRE(holder.get().ok());
+  auto after = wait_for_status(*rt, full_and_idle);
+  CHECK(after.ok);
+  CHECK(after.status.replaced == 0);
+  CHECK(after.status.workers.at(0).stats.checkouts == 1);  // the expired caller never got it
+  CHECK(rt->execute_anonymous("ping").ok());
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("a request timeout replaces the worker and the next caller gets its own reply") {
+  auto rt = start_pool(1);
+  auto old_pid = rt->status().workers.at(0).pid;
+  auto slow = rt->execute_anonymous("sleep", {{"ms", 800}}, call_options{200ms});
+  REQUIRE_FALSE(slow.ok());
+  CHECK(slow.error().type == "request_timeout");
+  // Queued behind the timed-out call: must be answered by a fresh worker.
+  auto echo = rt->execute_anonymous("echo", {{"tag", "second"}});
+  REQUIRE(echo.ok());
+  CHECK(echo.value()["tag"] == "second");
+  CHECK(wait_gone(old_pid, 5s));
+  auto st = wait_for_status(*rt, full_and_idle);
+  CHECK(st.status.replaced == 1);
+  CHECK(st.status.workers.at(0).pid != old_pid);
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("a worker killed with SIGKILL is replaced, idle or busy") {
+  auto rt = start_pool(2);
+  SUBCASE("idle") {
+    auto pids = worker_pids(rt->status());
+    REQUIRE(::kill(pids.at(0), SIGKILL) == 0);
+    auto st = wait_for_status(*rt, [](const pool_status& s) {
+      return s.replaced == 1 && full_and_idle(s);
+    });
+    REQUIRE(st.ok);
+    CHECK(wait_gone(pids.at(0), 5s));
+    auto now = worker_pids(st.status);
+    CHECK(std::find(now.begin(), now.end(), pids.at(0)) == now.end());
+    CHECK(std::find(now.begin(), now.end(), pids.at(1)) != now.end());
+  }
+  SUBCASE("busy: only the request on it fails, with a clear error") {
+    auto pending = rt->execute_anonymous_async("sleep", {{"ms", 20000}});
+    auto busy = wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; });
+    REQUIRE(busy.ok);
+    int victim = 0;
+    for (auto& w : busy.status.workers)
+      if (w.state == "busy")
+        victim = w.pid;
+    REQUIRE(victim > 0);
+    CHECK(rt->execute_anonymous("ping").ok());  // the other worker keeps serving
+    REQUIRE(::kill(victim, SIGKILL) == 0);
+    auto r = pending.get();
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().category == error_category::communication_error);
+    CHECK(r.error().type == "worker_exited");
+    CHECK(r.error().context["exit"] == "signal 9 (SIGKILL)");
+    auto st = wait_for_status(*rt, [](const pool_status& s) {
+      return s.replaced == 1 && full_and_idle(s);
+    });
+    CHECK(st.ok);
+    CHECK(wait_gone(victim, 5s));
+  }
+  CHECK(rt->execute_anonymous("ping").ok());
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("garbage on one worker's stdout removes only that worker") {
+  auto rt = start_pool(2);
+  auto before = worker_pids(rt->status());
+  auto r = rt->execute_anonymous("garbage", {{"kind", "noise"}});
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().type == "protocol_violation");
+  auto victim = r.error().context["pid"].get<int>();
+  auto st = wait_for_status(*rt, [](const pool_status& s) {
+    return s.replaced == 1 && full_and_idle(s);
+  });
+  REQUIRE(st.ok);
+  auto after = worker_pids(st.status);
+  for (auto pid : before) {
+    bool still_there = std::find(after.begin(), after.end(), pid) != after.end();
+    CHECK(still_there == (pid != victim));
+  }
+  CHECK(wait_gone(victim, 5s));
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("a Python-side error keeps the worker and counts as an error checkin") {
+  auto rt = start_pool(1);
+  auto r = rt->execute_anonymous("delete_program", {{"program_id", "nope"}});
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().category == error_category::python_error);
+  CHECK(r.error().message == "Program not found: nope");
+  auto st = rt->status();
+  CHECK(st.replaced == 0);
+  CHECK(st.workers.at(0).stats.error_checkins == 1);
+  CHECK(st.workers.at(0).stats.successful_checkins == 0);
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("bad call arguments are structured errors, nothing is sent") {
+  auto rt = start_pool(1);
+  auto r = rt->execute_anonymous("ping", nlohmann::json::array({1, 2}));
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().type == "invalid_request");
+  CHECK(rt->status().workers.at(0).stats.checkouts == 0);
+  rt->stop();
+  check_no_children_left();
+}
+
+TEST_CASE("stop leaves no child process, does not hang, and rejects later calls") {
+  auto rt = start_pool(3);
+  auto pids = worker_pids(rt->status());
+  REQUIRE(pids.size() == 3);
+  auto inflight = rt->execute_anonymous_async("sleep", {{"ms", 60000}});
+  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  rt->stop();
+  auto r = inflight.get();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().category == error_category::resource_error);
+  for (auto pid : pids)
+    CHECK(process_gone(pid));
+  CHECK(child_pids(::getpid()).empty());
+  auto late = rt->execute_anonymous("ping");
+  REQUIRE_FALSE(late.ok());
+  CHECK(late.error().type == "pool_stopping");
+  rt.reset();  // destructor after stop: idempotent
+  check_no_children_left();
+}
+
+TEST_CASE("a pool whose workers cannot start fails to start with the reason") {
+  auto s = test_settings(2);
+  s.worker.extra_args = {"--test-init", "exit"};
+  try {
+    runtime::start(s);
+    FAIL("start should have failed");
+  } catch (const start_error& e) {
+    CHECK(e.details().category == error_category::initialization_error);
+    CHECK(e.details().message.find("exit code 3") != std::string::npos);
+  }
+  check_no_children_left();
+}

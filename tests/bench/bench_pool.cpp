@@ -1,0 +1,767 @@
+// bench_pool: the same Python worker driven, in one process run,
+//   (a) by a raw C++ pipe loop with no actors (the floor), and
+//   (b) through the pool's public API (dspex::runtime),
+// so the ratios of ARCHITECTURE.md "Performance targets" can be read directly.
+//
+//   bench_pool [--iterations=N] [--python=PATH] [--scheduler=sharing|stealing]
+//              [--callers=N] [--quick]
+//
+// Not a ctest test: run it by hand. Every child is reaped and the runtime is
+// stopped before exit.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <variant>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "dspex/envelope.hpp"
+#include "dspex/framing.hpp"
+#include "dspex/latency.hpp"
+#include "dspex/runtime.hpp"
+#include "dspex/settings.hpp"
+
+#ifndef DSPEX_BENCH_WORKER_SCRIPT
+#error "DSPEX_BENCH_WORKER_SCRIPT must be defined by the build"
+#endif
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+using nanos = std::chrono::nanoseconds;
+
+/// The NimblePool + Erlang port figure, 2 workers x 16 callers (ARCHITECTURE.md).
+constexpr double nimblepool_16_callers_rps = 29000.0;
+constexpr double target_seq_p50_ratio = 1.3;
+constexpr double target_throughput_ratio = 1.5;
+
+// ----------------------------------------------------------------- options
+
+struct options {
+  std::size_t sequential = 20000;
+  std::size_t concurrent = 40000;
+  std::size_t warmup = 2000;
+  std::size_t callers = 16;
+  std::string python;
+  std::string scheduler = "sharing";
+  bool quick = false;
+};
+
+[[noreturn]] void usage(const char* argv0, const std::string& problem) {
+  std::fprintf(stderr,
+               "%s\nusage: %s [--iterations=N] [--python=PATH] [--scheduler=sharing|stealing]\n"
+               "          [--callers=N] [--quick]\n"
+               "  --iterations=N  sequential round trips (default 20000); the concurrent\n"
+               "                  runs use 2N (default 40000)\n"
+               "  --python=PATH   interpreter (default /usr/bin/python3, else python3 in PATH)\n"
+               "  --scheduler=P   CAF scheduler policy of the runtime (default sharing)\n"
+               "  --callers=N     concurrent callers of the pool (default 16)\n"
+               "  --quick         small counts, for a smoke run\n",
+               problem.c_str(), argv0);
+  std::exit(2);
+}
+
+std::size_t parse_count(const char* argv0, const std::string& key, const std::string& text) {
+  try {
+    std::size_t used = 0;
+    auto v = std::stoull(text, &used);
+    if (used != text.size() || v == 0)
+      throw std::invalid_argument(text);
+    return static_cast<std::size_t>(v);
+  } catch (const std::exception&) {
+    usage(argv0, key + " needs a positive integer (got '" + text + "')");
+  }
+}
+
+options parse_options(int argc, char** argv) {
+  options o;
+  std::optional<std::size_t> iterations;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value_of = [&](const std::string& key) -> std::optional<std::string> {
+      if (a.rfind(key + "=", 0) == 0)
+        return a.substr(key.size() + 1);
+      return std::nullopt;
+    };
+    if (a == "--quick") {
+      o.quick = true;
+    } else if (auto v = value_of("--iterations")) {
+      iterations = parse_count(argv[0], "--iterations", *v);
+    } else if (auto v = value_of("--callers")) {
+      o.callers = parse_count(argv[0], "--callers", *v);
+    } else if (auto v = value_of("--python")) {
+      o.python = *v;
+    } else if (auto v = value_of("--scheduler")) {
+      if (*v != "sharing" && *v != "stealing")
+        usage(argv[0], "--scheduler must be sharing or stealing (got '" + *v + "')");
+      o.scheduler = *v;
+    } else if (a == "--help" || a == "-h") {
+      usage(argv[0], "bench_pool: raw pipe loop vs. dspex::runtime, same Python worker");
+    } else {
+      usage(argv[0], "unknown option '" + a + "'");
+    }
+  }
+  if (o.quick) {
+    o.sequential = 500;
+    o.concurrent = 2000;
+    o.warmup = 100;
+  }
+  if (iterations) {
+    o.sequential = *iterations;
+    o.concurrent = 2 * *iterations;
+    o.warmup = std::min<std::size_t>(o.warmup, std::max<std::size_t>(*iterations / 10, 10));
+  }
+  if (o.python.empty()) {
+    // The system interpreter starts fast; version-manager shims do not.
+    o.python = ::access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3"
+                                                       : dspex::find_executable("python3");
+    if (o.python.empty())
+      usage(argv[0], "no python3 found; pass --python=PATH");
+  } else if (dspex::find_executable(o.python).empty()) {
+    usage(argv[0], "--python: '" + o.python + "' not found or not executable");
+  }
+  if (o.python.find('/') == std::string::npos)
+    o.python = dspex::find_executable(o.python);
+  return o;
+}
+
+// ----------------------------------------------------------------- machine
+
+std::string read_first_line(const char* path) {
+  std::ifstream in{path};
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+std::string cpu_model() {
+  std::ifstream in{"/proc/cpuinfo"};
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      auto colon = line.find(':');
+      if (colon != std::string::npos) {
+        auto v = line.substr(colon + 1);
+        v.erase(0, v.find_first_not_of(" \t"));
+        return v;
+      }
+    }
+  }
+  return "unknown";
+}
+
+// CPU used by other processes while a phase runs: the machine is shared (other
+// builds and tests), so every row says how much of the 2 cores it really had.
+double busy_seconds_total() {
+  std::ifstream in{"/proc/stat"};
+  std::string cpu;
+  unsigned long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0,
+                     steal = 0;
+  in >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
+  return static_cast<double>(user + nice + system + irq + softirq + steal)
+         / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+double process_cpu_seconds(const std::string& stat_path) {
+  std::ifstream in{stat_path};
+  std::string text;
+  std::getline(in, text);
+  auto close = text.rfind(')');
+  if (close == std::string::npos)
+    return 0;
+  std::istringstream rest{text.substr(close + 2)};
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  // After "pid (comm) ": state is field 3; utime and stime are fields 14 and 15.
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14)
+      utime = std::stoull(field);
+    if (i == 15)
+      stime = std::stoull(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+class cpu_probe {
+public:
+  explicit cpu_probe(std::vector<pid_t> children) : children_(std::move(children)) {
+    busy0_ = busy_seconds_total();
+    own0_ = own_seconds();
+    t0_ = std::chrono::steady_clock::now();
+  }
+  /// Average number of cores busy with other processes since construction.
+  double foreign_cores() const {
+    auto wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    auto foreign = (busy_seconds_total() - busy0_) - (own_seconds() - own0_);
+    return wall > 0 ? std::max(0.0, foreign / wall) : 0;
+  }
+
+private:
+  double own_seconds() const {
+    double total = process_cpu_seconds("/proc/self/stat");
+    for (auto pid : children_)
+      total += process_cpu_seconds("/proc/" + std::to_string(pid) + "/stat");
+    return total;
+  }
+  std::vector<pid_t> children_;
+  double busy0_ = 0, own0_ = 0;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+void print_machine(const options& o) {
+  struct utsname u {};
+  ::uname(&u);
+  std::printf("machine : nproc=%ld, cpu=%s\n", ::sysconf(_SC_NPROCESSORS_ONLN),
+              cpu_model().c_str());
+  std::printf("kernel  : %s %s %s\n", u.sysname, u.release, u.machine);
+  std::printf("loadavg : %s (at start)\n", read_first_line("/proc/loadavg").c_str());
+  std::printf("python  : %s\n", o.python.c_str());
+  std::printf("worker  : %s\n", DSPEX_BENCH_WORKER_SCRIPT);
+  std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=0 (one per core)\n",
+              o.scheduler.c_str());
+  std::printf("counts  : sequential=%zu, concurrent=%zu, warm-up=%zu, callers=%zu%s\n\n",
+              o.sequential, o.concurrent, o.warmup, o.callers, o.quick ? " (--quick)" : "");
+  std::fflush(stdout);
+}
+
+// ----------------------------------------------------------------- raw worker
+
+bool write_all(int fd, const char* data, std::size_t n) {
+  while (n > 0) {
+    auto w = ::write(fd, data, n);
+    if (w < 0) {
+      if (errno == EINTR)
+        continue;
+      return false;
+    }
+    data += w;
+    n -= static_cast<std::size_t>(w);
+  }
+  return true;
+}
+
+bool read_exact(int fd, char* data, std::size_t n) {
+  while (n > 0) {
+    auto r = ::read(fd, data, n);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      return false;
+    }
+    if (r == 0)
+      return false;  // EOF
+    data += r;
+    n -= static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+/// One worker process with two pipes, driven with blocking syscalls.
+class raw_worker {
+public:
+  raw_worker(const std::string& python, const std::string& id) : id_(id) {
+    int to_child[2];
+    int from_child[2];
+    int exec_err[2];
+    if (::pipe2(to_child, O_CLOEXEC) != 0 || ::pipe2(from_child, O_CLOEXEC) != 0
+        || ::pipe2(exec_err, O_CLOEXEC) != 0)
+      throw std::runtime_error(std::string{"pipe2: "} + std::strerror(errno));
+    std::string script = DSPEX_BENCH_WORKER_SCRIPT;
+    std::vector<std::string> args{python, script, "--mode", "pool-worker", "--worker-id", id};
+    std::vector<char*> argv;
+    for (auto& a : args)
+      argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_ = ::fork();
+    if (pid_ < 0)
+      throw std::runtime_error(std::string{"fork: "} + std::strerror(errno));
+    if (pid_ == 0) {
+      // Child: only async-signal-safe calls until exec.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      ::signal(SIGPIPE, SIG_DFL);
+      int devnull = ::open("/dev/null", O_WRONLY);
+      if (::dup2(to_child[0], 0) < 0 || ::dup2(from_child[1], 1) < 0
+          || (devnull >= 0 && ::dup2(devnull, 2) < 0)) {
+        int e = errno;
+        (void)!::write(exec_err[1], &e, sizeof e);
+        ::_exit(127);
+      }
+      ::execv(argv[0], argv.data());
+      int e = errno;
+      (void)!::write(exec_err[1], &e, sizeof e);
+      ::_exit(127);
+    }
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    ::close(exec_err[1]);
+    in_ = to_child[1];
+    out_ = from_child[0];
+    int e = 0;
+    ssize_t r;
+    do {
+      r = ::read(exec_err[0], &e, sizeof e);
+    } while (r < 0 && errno == EINTR);
+    ::close(exec_err[0]);
+    if (r > 0) {
+      reap(std::chrono::milliseconds{1000});
+      throw std::runtime_error("exec " + python + ": " + std::strerror(e));
+    }
+  }
+
+  ~raw_worker() { stop(); }
+  pid_t pid() const noexcept { return pid_; }
+  raw_worker(const raw_worker&) = delete;
+  raw_worker& operator=(const raw_worker&) = delete;
+
+  /// Init ping (id 0) and the same LM configuration the pool applies, so the
+  /// ping replies of both paths are byte-for-byte the same size.
+  void init() {
+    round_trip(dspex::init_request_id, "ping", {{"initialization", true}, {"worker_id", id_}});
+    round_trip(next_id_++, "configure_lm",
+               {{"provider", "mock"}, {"model", "mock"}, {"temperature", 0.7}});
+  }
+
+  /// One ping: encode, blocking write, blocking read of header then body,
+  /// parse_reply. Throws on any failure.
+  void ping() { round_trip(next_id_++, "ping", nlohmann::json::object()); }
+
+  /// EOF on stdin (the worker exits by itself), then waitpid; SIGKILL if slow.
+  void stop() {
+    if (in_ >= 0) {
+      ::close(in_);
+      in_ = -1;
+    }
+    if (pid_ > 0)
+      reap(std::chrono::milliseconds{3000});
+    if (out_ >= 0) {
+      ::close(out_);
+      out_ = -1;
+    }
+  }
+
+private:
+  void round_trip(std::uint64_t id, const char* command, nlohmann::json args) {
+    auto frame = dspex::encode_frame(dspex::encode_request(id, command, std::move(args)));
+    if (!write_all(in_, frame.data(), frame.size()))
+      throw std::runtime_error(id_ + ": write failed: " + std::strerror(errno));
+    unsigned char header[4];
+    if (!read_exact(out_, reinterpret_cast<char*>(header), 4))
+      throw std::runtime_error(id_ + ": EOF or error reading a reply header");
+    std::uint32_t n = (std::uint32_t{header[0]} << 24) | (std::uint32_t{header[1]} << 16)
+                      | (std::uint32_t{header[2]} << 8) | std::uint32_t{header[3]};
+    if (n == 0 || n > dspex::default_max_frame_bytes)
+      throw std::runtime_error(id_ + ": bad reply header, length " + std::to_string(n));
+    body_.resize(n);
+    if (!read_exact(out_, body_.data(), n))
+      throw std::runtime_error(id_ + ": EOF or error reading a reply body");
+    auto parsed = dspex::parse_reply(body_, id);
+    if (auto* err = std::get_if<dspex::protocol_error>(&parsed))
+      throw std::runtime_error(id_ + ": invalid reply: " + err->message);
+    auto& rep = std::get<dspex::reply>(parsed);
+    if (!rep.success)
+      throw std::runtime_error(id_ + ": " + command + " failed: " + rep.error);
+  }
+
+  void reap(std::chrono::milliseconds grace) {
+    auto until = clock_type::now() + grace;
+    int status = 0;
+    while (true) {
+      auto r = ::waitpid(pid_, &status, WNOHANG);
+      if (r == pid_ || (r < 0 && errno != EINTR))
+        break;
+      if (r == 0 && clock_type::now() >= until) {
+        ::kill(pid_, SIGKILL);
+        while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+        }
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds{2});
+    }
+    pid_ = -1;
+  }
+
+  std::string id_;
+  pid_t pid_ = -1;
+  int in_ = -1;
+  int out_ = -1;
+  std::uint64_t next_id_ = 1;
+  std::string body_;
+};
+
+// ----------------------------------------------------------------- results
+
+struct row {
+  std::string path;
+  std::size_t count = 0;
+  double p50 = 0, p99 = 0, mean = 0;
+  double rps = 0;
+  double other_cores = 0;  ///< CPU used by other processes meanwhile, in cores
+};
+
+row make_row(std::string path, const dspex::latency_recorder& lat, double seconds,
+             const cpu_probe& probe) {
+  row r;
+  r.other_cores = probe.foreign_cores();
+  r.path = std::move(path);
+  r.count = lat.count();
+  r.p50 = lat.percentile_us(50);
+  r.p99 = lat.percentile_us(99);
+  r.mean = lat.mean_us();
+  r.rps = seconds > 0 ? static_cast<double>(lat.count()) / seconds : 0;
+  return r;
+}
+
+double seconds_since(clock_type::time_point t0) {
+  return std::chrono::duration<double>(clock_type::now() - t0).count();
+}
+
+/// Runs `per_thread(i, n_i, recorder_i)` on `threads` threads that start
+/// together; returns the wall time from the start signal to the last join.
+template <class F>
+double run_threads(std::size_t threads, std::size_t total, std::vector<dspex::latency_recorder>& lat,
+                   F per_thread) {
+  lat.assign(threads, dspex::latency_recorder{});
+  std::promise<void> go;
+  auto go_f = go.get_future().share();
+  std::vector<std::thread> pool;
+  std::vector<std::exception_ptr> errors(threads);
+  for (std::size_t i = 0; i < threads; ++i) {
+    auto n = total / threads + (i < total % threads ? 1 : 0);
+    pool.emplace_back([&, i, n] {
+      go_f.wait();
+      try {
+        per_thread(i, n, lat[i]);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+  }
+  auto t0 = clock_type::now();
+  go.set_value();
+  for (auto& t : pool)
+    t.join();
+  auto secs = seconds_since(t0);
+  for (auto& e : errors)
+    if (e)
+      std::rethrow_exception(e);
+  return secs;
+}
+
+// ----------------------------------------------------------------- raw path
+
+struct raw_results {
+  row sequential;
+  row concurrent;
+  double start_ms = 0;  ///< one worker: fork to init-ping reply (and LM configured)
+};
+
+raw_results run_raw(const options& o) {
+  raw_results res;
+  {
+    auto t0 = clock_type::now();
+    raw_worker w{o.python, "raw-1"};
+    w.init();
+    res.start_ms = seconds_since(t0) * 1000;
+    for (std::size_t i = 0; i < o.warmup; ++i)
+      w.ping();
+    dspex::latency_recorder lat;
+    cpu_probe probe{{w.pid()}};
+    auto t1 = clock_type::now();
+    for (std::size_t i = 0; i < o.sequential; ++i) {
+      auto s = clock_type::now();
+      w.ping();
+      lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - s));
+    }
+    res.sequential = make_row("raw pipe, 1 worker, sequential", lat, seconds_since(t1), probe);
+    w.stop();
+  }
+  {
+    // Two workers, each owned by one thread in a tight loop. Spawned from the
+    // main thread (PDEATHSIG follows the spawning thread).
+    std::vector<std::unique_ptr<raw_worker>> ws;
+    for (int i = 0; i < 2; ++i) {
+      ws.push_back(std::make_unique<raw_worker>(o.python, "raw-" + std::to_string(i + 2)));
+      ws.back()->init();
+    }
+    std::vector<dspex::latency_recorder> lat;
+    run_threads(2, std::min<std::size_t>(o.warmup, o.concurrent), lat,
+                [&](std::size_t i, std::size_t n, dspex::latency_recorder&) {
+                  for (std::size_t k = 0; k < n; ++k)
+                    ws[i]->ping();
+                });
+    cpu_probe probe{{ws[0]->pid(), ws[1]->pid()}};
+    auto secs = run_threads(2, o.concurrent, lat,
+                            [&](std::size_t i, std::size_t n, dspex::latency_recorder& rec) {
+                              for (std::size_t k = 0; k < n; ++k) {
+                                auto s = clock_type::now();
+                                ws[i]->ping();
+                                rec.record(std::chrono::duration_cast<nanos>(clock_type::now() - s));
+                              }
+                            });
+    dspex::latency_recorder all;
+    for (auto& l : lat)
+      all.merge(l);
+    res.concurrent = make_row("raw pipe, 2 workers, 2 threads", all, secs, probe);
+    for (auto& w : ws)
+      w->stop();
+  }
+  return res;
+}
+
+// ----------------------------------------------------------------- pool path
+
+struct pool_results {
+  row sequential;
+  row blocking;
+  row async;
+  double start_ms = 0;
+  std::size_t workers = 0;
+};
+
+void expect_ok(const dspex::outcome& r, const char* where) {
+  if (!r)
+    throw std::runtime_error(std::string{where} + ": " + r.error().describe());
+}
+
+/// Keeps `in_flight` calls outstanding with the callback form until `total`
+/// completed; returns the wall time.
+double run_async(dspex::runtime& rt, std::size_t total, std::size_t in_flight,
+                 dspex::latency_recorder& out) {
+  struct state {
+    dspex::runtime* rt = nullptr;
+    std::size_t total = 0;
+    std::atomic<std::size_t> issued{0};
+    std::atomic<std::size_t> done{0};
+    std::vector<long long> lat_ns;
+    std::mutex m;
+    std::condition_variable cv;
+    bool finished = false;
+    std::string first_error;
+  };
+  auto st = std::make_shared<state>();
+  st->rt = &rt;
+  st->total = total;
+  st->lat_ns.assign(total, 0);
+
+  // Each completion issues the next call before it counts itself done, so
+  // once `done == total` no callback will touch the runtime again.
+  struct issuer {
+    static void issue(const std::shared_ptr<state>& st) {
+      auto n = st->issued.fetch_add(1);
+      if (n >= st->total)
+        return;
+      auto t0 = clock_type::now();
+      st->rt->execute_anonymous_async("ping", nullptr, {}, [st, n, t0](dspex::outcome r) {
+        st->lat_ns[n] = std::chrono::duration_cast<nanos>(clock_type::now() - t0).count();
+        if (!r) {
+          std::lock_guard<std::mutex> g{st->m};
+          if (st->first_error.empty())
+            st->first_error = r.error().describe();
+        }
+        issue(st);
+        if (st->done.fetch_add(1) + 1 == st->total) {
+          std::lock_guard<std::mutex> g{st->m};
+          st->finished = true;
+          st->cv.notify_all();
+        }
+      });
+    }
+  };
+
+  auto t0 = clock_type::now();
+  for (std::size_t i = 0; i < std::min(in_flight, total); ++i)
+    issuer::issue(st);
+  {
+    std::unique_lock<std::mutex> g{st->m};
+    if (!st->cv.wait_for(g, std::chrono::minutes{10}, [&] { return st->finished; }))
+      throw std::runtime_error("async run did not finish within 10 minutes");
+  }
+  auto secs = seconds_since(t0);
+  if (!st->first_error.empty())
+    throw std::runtime_error("async ping failed: " + st->first_error);
+  for (auto ns : st->lat_ns)
+    out.record(nanos{ns});
+  return secs;
+}
+
+pool_results run_pool(const options& o) {
+  pool_results res;
+  dspex::settings s;
+  s.pool.size = 2;
+  s.lm.provider = "mock";
+  s.lm.model = "mock";
+  s.worker.python = o.python;
+  s.worker.script = DSPEX_BENCH_WORKER_SCRIPT;
+  s.scheduler_policy = o.scheduler;
+  s.log_level = "warn";  // the workers' start-up stderr lines would clutter the table
+  res.workers = s.pool.size;
+
+  auto t0 = clock_type::now();
+  auto rt = dspex::runtime::start(s);
+  res.start_ms = seconds_since(t0) * 1000;
+  std::vector<pid_t> worker_pids;
+  for (auto& w : rt->status().workers)
+    worker_pids.push_back(static_cast<pid_t>(w.pid));
+  try {
+    for (std::size_t i = 0; i < o.warmup; ++i)
+      expect_ok(rt->execute_anonymous("ping"), "warm-up");
+
+    {
+      dspex::latency_recorder lat;
+      cpu_probe probe{worker_pids};
+      auto t1 = clock_type::now();
+      for (std::size_t i = 0; i < o.sequential; ++i) {
+        auto st = clock_type::now();
+        auto r = rt->execute_anonymous("ping");
+        lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - st));
+        expect_ok(r, "sequential ping");
+      }
+      res.sequential = make_row("pool API, sequential", lat, seconds_since(t1),
+                                probe);
+    }
+
+    {
+      std::vector<dspex::latency_recorder> lat;
+      auto body = [&](std::size_t, std::size_t n, dspex::latency_recorder& rec) {
+        for (std::size_t k = 0; k < n; ++k) {
+          auto st = clock_type::now();
+          auto r = rt->execute_anonymous("ping");
+          rec.record(std::chrono::duration_cast<nanos>(clock_type::now() - st));
+          expect_ok(r, "concurrent ping");
+        }
+      };
+      run_threads(o.callers, std::min<std::size_t>(o.warmup, o.concurrent), lat, body);
+      cpu_probe probe{worker_pids};
+      auto secs = run_threads(o.callers, o.concurrent, lat, body);
+      dspex::latency_recorder all;
+      for (auto& l : lat)
+        all.merge(l);
+      res.blocking = make_row("pool API, " + std::to_string(o.callers) + " blocking callers", all,
+                              secs, probe);
+    }
+
+    {
+      dspex::latency_recorder warm;
+      run_async(*rt, std::min<std::size_t>(o.warmup, o.concurrent), o.callers, warm);
+      dspex::latency_recorder lat;
+      cpu_probe probe{worker_pids};
+      auto secs = run_async(*rt, o.concurrent, o.callers, lat);
+      res.async = make_row("pool API, async, " + std::to_string(o.callers) + " in flight", lat,
+                           secs, probe);
+    }
+
+    auto status = rt->status();
+    if (status.replaced != 0 || status.start_failures != 0)
+      std::printf("note: pool replaced %llu workers, %llu start failures during the run\n",
+                  static_cast<unsigned long long>(status.replaced),
+                  static_cast<unsigned long long>(status.start_failures));
+  } catch (...) {
+    rt->stop();
+    throw;
+  }
+  rt->stop();
+  return res;
+}
+
+// ----------------------------------------------------------------- report
+
+void print_table(const std::vector<row>& rows) {
+  // printf pads bytes, not characters: "µ" is 2 bytes in UTF-8, hence 11 for 10.
+  std::printf("%-40s %7s %11s %11s %11s %9s %7s\n", "path", "n", "p50 µs", "p99 µs", "mean µs",
+              "req/s", "other*");
+  std::printf("%s\n", std::string(102, '-').c_str());
+  for (auto& r : rows)
+    std::printf("%-40s %7zu %10.1f %10.1f %10.1f %9.0f %7.2f\n", r.path.c_str(), r.count, r.p50,
+                r.p99, r.mean, r.rps, r.other_cores);
+  std::printf("* other: average cores busy with other processes during that row (0 = quiet)\n\n");
+}
+
+const char* verdict(bool ok) {
+  return ok ? "MET" : "NOT MET";
+}
+
+void print_ratios(const raw_results& raw, const pool_results& pool, std::size_t callers) {
+  auto seq_ratio = pool.sequential.p50 / raw.sequential.p50;
+  auto thr_vs_raw = pool.blocking.rps / raw.concurrent.rps;
+  auto thr_vs_np = pool.blocking.rps / nimblepool_16_callers_rps;
+  auto async_vs_np = pool.async.rps / nimblepool_16_callers_rps;
+  std::printf("ratios\n");
+  std::printf("  pool sequential p50 / raw p50                  : %6.2f  (target <= %.1f: %s)\n",
+              seq_ratio, target_seq_p50_ratio, verdict(seq_ratio <= target_seq_p50_ratio));
+  std::printf("  pool sequential mean / raw mean                : %6.2f\n",
+              pool.sequential.mean / raw.sequential.mean);
+  std::printf("  pool %zu-caller req/s / raw 2-worker req/s      : %6.2f\n", callers, thr_vs_raw);
+  std::printf("  pool %zu-caller req/s / 29000 (NimblePool)      : %6.2f  (target >= %.1f: %s)\n",
+              callers, thr_vs_np, target_throughput_ratio,
+              verdict(thr_vs_np >= target_throughput_ratio));
+  std::printf("  pool async %zu in flight req/s / 29000          : %6.2f\n", callers, async_vs_np);
+  std::printf("  pool async req/s / raw 2-worker req/s          : %6.2f\n",
+              pool.async.rps / raw.concurrent.rps);
+  auto cores = std::max<long>(1, ::sysconf(_SC_NPROCESSORS_ONLN));
+  auto bound = (static_cast<double>(pool.workers) / static_cast<double>(cores) + 1.0) * raw.start_ms;
+  std::printf("start-up\n");
+  std::printf("  raw: 1 worker ready in %.1f ms; pool: %zu workers ready in %.1f ms"
+              " (target <= %.1f ms: %s)\n",
+              raw.start_ms, pool.workers, pool.start_ms, bound, verdict(pool.start_ms <= bound));
+}
+
+bool any_child_left() {
+  // Every child of ours must be reaped by now. WNOWAIT: only look, never reap
+  // (reaping is the runtime's job; stealing its zombies would confuse it).
+  siginfo_t info{};
+  return ::waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  // A dead worker must surface as EPIPE on write, not kill the benchmark.
+  ::signal(SIGPIPE, SIG_IGN);
+  auto o = parse_options(argc, argv);
+  std::printf("bench_pool: ping round trips to %s\n\n", "dspex_worker.py (pool-worker mode)");
+  print_machine(o);
+  try {
+    // The raw path runs first, while the process has one thread, so fork()
+    // is plain; the pool then runs with the same worker and interpreter.
+    auto raw = run_raw(o);
+    auto pool = run_pool(o);
+    print_table({raw.sequential, raw.concurrent, pool.sequential, pool.blocking, pool.async});
+    print_ratios(raw, pool, o.callers);
+    std::printf("loadavg : %s (at end)\n", read_first_line("/proc/loadavg").c_str());
+  } catch (const dspex::start_error& e) {
+    std::fprintf(stderr, "bench_pool: the runtime did not start: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_pool: %s\n", e.what());
+    return 1;
+  }
+  if (any_child_left()) {
+    std::fprintf(stderr, "bench_pool: a child process is still running\n");
+    return 1;
+  }
+  return 0;
+}
