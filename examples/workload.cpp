@@ -131,7 +131,7 @@ std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream
   out << fmt::format("{:<28}{}\n", "succeeded", t.ok);
   out << fmt::format("{:<28}{}\n", "failed", t.failed());
   for (auto& [key, n] : t.errors)
-    out << fmt::format("  {:<26}{}  (e.g. \"{}\")\n", key, n, t.first_message[key]);
+    out << fmt::format("  {:>6}  {}  (e.g. \"{}\")\n", n, key, t.first_message[key]);
   out << fmt::format("{:<28}{:.1f} us\n", "latency p50", t.latencies.percentile_us(50));
   out << fmt::format("{:<28}{:.1f} us\n", "latency p99", t.latencies.percentile_us(99));
   out << fmt::format("{:<28}{:.0f} req/s\n", "throughput", elapsed > 0 ? total / elapsed : 0.0);

@@ -18,13 +18,14 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
-enum class worker_state_t { starting, idle, busy, stopping };
+enum class worker_state_t { starting, idle, busy, removing, stopping };
 
 const char* to_string(worker_state_t s) {
   switch (s) {
     case worker_state_t::starting: return "starting";
     case worker_state_t::idle: return "idle";
     case worker_state_t::busy: return "busy";
+    case worker_state_t::removing: return "removing";
     case worker_state_t::stopping: return "stopping";
   }
   return "unknown";
@@ -53,7 +54,10 @@ struct pool_state {
   std::map<std::string, worker_entry> workers;
   std::deque<std::string> idle;            ///< idle worker ids, oldest first
   std::map<std::uint64_t, queued_call> queue;  ///< by ticket: FIFO order
-  std::uint64_t next_ticket = 1;
+  // New callers get increasing tickets, handed-back calls decreasing ones
+  // below all of them: a retried caller goes first, it has waited longest.
+  std::uint64_t next_ticket = std::uint64_t{1} << 40;
+  std::uint64_t next_retry_ticket = (std::uint64_t{1} << 40) - 1;
   std::optional<clock_type::time_point> queue_timer_due;
   std::uint64_t next_worker = 1;
   std::uint64_t replaced = 0;
@@ -249,6 +253,7 @@ pool_status make_status(pool_actor_t* self) {
       case worker_state_t::starting: ++s.starting; break;
       case worker_state_t::idle: ++s.idle; break;
       case worker_state_t::busy: ++s.busy; break;
+      case worker_state_t::removing:
       case worker_state_t::stopping: break;
     }
     s.workers.push_back(info_of(w, now));
@@ -285,6 +290,29 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       st.queue.emplace(st.next_ticket++, queued_call{std::move(c), rp});
       arm_queue_timer(self, due);
       return rp;
+    },
+    [=](retry_atom, call& c) -> caf::result<outcome> {
+      auto& st = self->state;
+      if (st.stopping)
+        return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
+                                           "the pool is stopping", {{"command", c.command}}));
+      auto due = c.deadline;
+      auto rp = self->make_response_promise();
+      st.queue.emplace(st.next_retry_ticket--, queued_call{std::move(c), rp});
+      arm_queue_timer(self, due);
+      dispatch(self);
+      return rp;
+    },
+    [=](worker_gone_atom, const std::string& id) {
+      // The worker lost its process: hand it nothing more, then release it.
+      auto& st = self->state;
+      auto it = st.workers.find(id);
+      if (it == st.workers.end())
+        return;
+      if (it->second.state != worker_state_t::stopping)
+        it->second.state = worker_state_t::removing;
+      st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), id), st.idle.end());
+      self->send(it->second.handle, release_atom::value);
     },
     [=](worker_ready_atom, const std::string& id, int pid) {
       auto& st = self->state;

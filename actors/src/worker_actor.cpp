@@ -16,7 +16,7 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
-enum class worker_phase { starting, configuring, ready, busy, stopping };
+enum class worker_phase { starting, configuring, ready, busy, stopping, gone };
 
 // Bridges the child's I/O thread into the actor's mailbox. Holds only a weak
 // reference: a message to a worker that is already gone is simply dropped.
@@ -69,6 +69,7 @@ struct worker_state {
   // would wake its timer thread on every round trip.
   std::optional<clock_type::time_point> timer_due;
   std::string last_stderr_line;
+  caf::error exit_reason;  ///< kept while `gone`, until the owner releases us
 
   static inline const char* name = "dspex.worker";
 };
@@ -97,7 +98,15 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
   log().warn("[{}] removed: {}", st.cfg.id, err.describe());
   if (st.child)
     st.child->kill();
-  self->quit(make_exit_reason(code, err));
+  auto reason = make_exit_reason(code, err);
+  if (st.phase == worker_phase::ready || st.phase == worker_phase::busy) {
+    // The owner may have handed us calls already: wait for its release.
+    st.phase = worker_phase::gone;
+    st.exit_reason = std::move(reason);
+    self->send(st.cfg.owner, worker_gone_atom::value, st.cfg.id);
+    return;
+  }
+  self->quit(std::move(reason));
 }
 
 void arm_timer(worker_actor_t* self, clock_type::time_point due) {
@@ -227,6 +236,12 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   return {
     [=](execute_atom, call& c) -> caf::result<outcome> {
       auto& st = self->state;
+      if (st.phase == worker_phase::gone) {
+        // Never reached the process: back to the owner, same caller.
+        auto rp = self->make_response_promise();
+        rp.delegate(st.cfg.owner, retry_atom::value, std::move(c));
+        return rp;
+      }
       if (st.phase != worker_phase::ready) {
         return outcome::failure(make_error(error_category::resource_error, "worker_not_ready",
                                            "worker " + st.cfg.id + " is not ready",
@@ -275,11 +290,14 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
           handle_reply_frame(self, payload);
           break;
         case worker_phase::stopping:
+        case worker_phase::gone:
           break; // the reply to `shutdown`, or a late reply nobody waits for
       }
     },
     [=](child_broken_atom, const std::string& code, const std::string& message) {
       auto& st = self->state;
+      if (st.phase == worker_phase::gone)
+        return;
       if (st.phase == worker_phase::stopping) {
         st.child->kill();
         return;
@@ -303,6 +321,8 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     [=](child_exit_atom, bool signaled, int code) {
       auto& st = self->state;
       exit_status status{signaled, code};
+      if (st.phase == worker_phase::gone)
+        return;  // we killed it; the reason is already known
       if (st.phase == worker_phase::stopping) {
         log().info("[{}] stopped ({})", st.cfg.id, status.describe());
         self->quit();
@@ -351,8 +371,17 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                                "it was killed and will be replaced",
                              worker_context(self)));
     },
+    [=](release_atom) {
+      auto& st = self->state;
+      if (st.phase == worker_phase::gone)
+        self->quit(std::move(st.exit_reason));
+    },
     [=](stop_atom) {
       auto& st = self->state;
+      if (st.phase == worker_phase::gone) {
+        self->quit(std::move(st.exit_reason));
+        return;
+      }
       if (st.phase == worker_phase::stopping)
         return;
       auto was_ready = st.phase == worker_phase::ready;

@@ -14,6 +14,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -199,7 +200,7 @@ struct child_setup : bp::extend::handler, bp::extend::uses_handles {
     if (::setpgid(0, 0) != 0)
       fail(failed_step::setpgid, errno);
     // Die with the runtime (with the spawning thread, precisely).
-    if (false)
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0)
       fail(failed_step::prctl, errno);
     if (::getppid() != parent)
       ::_exit(127); // the parent died before prctl took effect

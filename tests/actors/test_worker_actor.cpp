@@ -74,6 +74,9 @@ struct worker_fixture {
     while (!done && worker) {
       (*self)->receive([&](caf::down_msg& dm) { down_reason = dm.reason; done = true; },
                        [&](checkin_atom, const std::string&, checkin_status) {},
+                       [&](worker_gone_atom, const std::string&) {
+                         (*self)->send(worker, release_atom::value);
+                       },
                        [&](worker_ready_atom, const std::string&, int) {},
                        caf::after(std::chrono::seconds{20}) >> [&] { done = true; });
     }

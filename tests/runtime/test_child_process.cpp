@@ -466,13 +466,21 @@ TEST_CASE_FIXTURE(no_leftovers, "fd hygiene: siblings do not inherit each other'
 
   auto [rec_a, a] = start("/bin/cat", {}, "a");
   auto [rec_b, b] = start("/bin/cat", {}, "b");
+  // Let both finish starting up (cat opens locale files briefly): one echo each.
+  REQUIRE(a->send("{}", 1000ms));
+  REQUIRE(b->send("{}", 1000ms));
+  REQUIRE(rec_a->wait_frames(1));
+  REQUIRE(rec_b->wait_frames(1));
 
   // A's pipes, as seen from A's fds 0/1/2 (the parent's ends share the inodes).
   auto pipes_a = pipes_of(a->pid());
   CHECK(pipes_a.size() == 3);
   // B holds exactly its own stdin/stdout/stderr, and none of A's pipes.
   auto targets_b = proc::open_fd_targets(b->pid());
-  CHECK(targets_b.size() == 3);
+  std::string all_b;
+  for (auto& t : targets_b)
+    all_b += t + " ";
+  CHECK_MESSAGE(targets_b.size() == 3, "B's fds: " << all_b);
   for (auto& t : targets_b)
     CHECK_MESSAGE(pipes_a.count(t) == 0, "B holds A's " << t);
   // The test process holds 3 parent ends (+ eventfd, pidfd) per child, no child end.
@@ -490,7 +498,7 @@ TEST_CASE_FIXTURE(no_leftovers, "fd hygiene: siblings do not inherit each other'
   CHECK(st_a->clean());
   CHECK_FALSE(b->exited());
   REQUIRE(b->send("{}", 1000ms));
-  REQUIRE(rec_b->wait_frames(1));
+  REQUIRE(rec_b->wait_frames(2));
 
   b->stop(60s, 60s);
   auto st_b = rec_b->wait_exit();

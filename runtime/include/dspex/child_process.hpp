@@ -68,7 +68,11 @@ public:
   static std::unique_ptr<child_process> spawn(child_spec spec,
                                               std::shared_ptr<child_observer> observer);
 
-  ~child_process(); ///< kill() if still running, then joins the I/O thread.
+  /// kill() if not yet reaped (even during a stop sequence: wait for on_exit
+  /// first for a graceful end), then joins the I/O thread, so the child is
+  /// reaped and on_exit delivered when this returns. Called from an observer
+  /// callback (on the I/O thread itself), it detaches instead of joining.
+  ~child_process();
 
   child_process(const child_process&) = delete;
   child_process& operator=(const child_process&) = delete;
@@ -78,7 +82,11 @@ public:
 
   /// Writes one frame (header + payload) to the child's stdin. Thread-safe.
   /// Returns false when stdin is closed or broken, or when the whole frame
-  /// could not be written within `timeout` (the pipe stayed full).
+  /// could not be written within `timeout` (the pipe stayed full). A timeout
+  /// that left part of the frame in the pipe also closes stdin (the stream is
+  /// broken: the owner is expected to kill the child). Throws
+  /// std::invalid_argument for an empty payload (see encode_frame). Senders
+  /// and stop() wait for a send in progress (they share one mutex).
   bool send(std::string_view payload, std::chrono::milliseconds timeout);
 
   /// Graceful stop, asynchronous: closes stdin, waits up to `shutdown_grace`
@@ -89,7 +97,7 @@ public:
   /// SIGKILL to the process group now, asynchronous; on_exit follows. Idempotent.
   void kill();
 
-  /// True once the child has been reaped (on_exit has been called).
+  /// True once the child has been reaped (set just before on_exit is called).
   bool exited() const noexcept;
 
   struct impl;

@@ -40,6 +40,11 @@ using stop_atom = caf::atom_constant<caf::atom("stop")>;            // () → bo
 // -- worker → owner (the pool, or a test) -------------------------------------
 using worker_ready_atom = caf::atom_constant<caf::atom("wready")>;  // (worker_id, pid)
 using checkin_atom = caf::atom_constant<caf::atom("checkin")>;      // (worker_id, checkin_status)
+using worker_gone_atom = caf::atom_constant<caf::atom("wgone")>;    // (worker_id): process lost, awaiting release
+using retry_atom = caf::atom_constant<caf::atom("retry")>;          // (call) → outcome: a checkout handed back unserved
+
+// -- owner → worker -------------------------------------------------------------
+using release_atom = caf::atom_constant<caf::atom("release")>;      // the owner sends no more calls: quit now
 
 // -- child I/O thread → worker, and worker timers (internal) -------------------
 using child_frame_atom = caf::atom_constant<caf::atom("cframe")>;   // (payload)

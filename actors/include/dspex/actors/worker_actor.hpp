@@ -13,6 +13,13 @@
 //    init_timeout, process_exited, protocol_violation or request_timeout. A
 //    request in flight always gets its error before the actor quits, and a
 //    timed-out request kills the child, so a late reply reaches nobody.
+//  - a worker that was ready when it lost its process does not quit at once:
+//    calls the owner handed it before learning of the loss are still on their
+//    way. It sends (worker_gone_atom, id), hands every call that arrives back
+//    to the owner unserved as (retry_atom, call) with the caller's promise,
+//    and quits with its reason on (release_atom), which the owner sends after
+//    its last call to this worker. So no caller is failed by a worker it
+//    never reached: it is served by the next one.
 #pragma once
 
 #include <memory>
