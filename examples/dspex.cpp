@@ -31,7 +31,9 @@ void print_help(std::ostream& out) {
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
       << dspex::default_config_file << ")\n"
-      << dspex::describe_settings();
+      << dspex::describe_settings()
+      << "note: scheduler.policy defaults to 'sharing' in dspex (CAF's own default is "
+         "'stealing').\n";
 }
 
 // Takes the options that belong to `run` itself out of `args`.

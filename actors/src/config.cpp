@@ -101,8 +101,23 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
 }
 
 std::string describe_settings() {
+  // CAF's help text covers all of its modules; keep the groups that matter here.
   system_config cfg;
-  return cfg.options().help_text(false);
+  auto all = cfg.options().help_text(false);
+  std::string out;
+  std::size_t pos = 0;
+  while (pos < all.size()) {
+    auto end = all.find("\n\n", pos);
+    if (end == std::string::npos)
+      end = all.size();
+    auto block = all.substr(pos, end - pos);
+    for (auto group : {"pool options:", "worker options:", "lm options:", "log options:",
+                       "scheduler options:"})
+      if (block.rfind(group, 0) == 0)
+        out += block + "\n\n";
+    pos = end + 2;
+  }
+  return out;
 }
 
 } // namespace dspex

@@ -231,12 +231,11 @@ void notify(const std::string& label, const char* what, F&& f) {
   }
 }
 
-} // namespace
-
 // -- the shared state ---------------------------------------------------------
 
-namespace {
-
+/// Everything the I/O thread and the owner share. Held by shared_ptr: the I/O
+/// thread keeps it alive when the owner destroys the child_process from an
+/// observer callback.
 struct io_state {
   io_state(child_spec s, std::shared_ptr<child_observer> o)
     : spec(std::move(s)), observer(std::move(o)), decoder(spec.max_frame_bytes) {
