@@ -5,11 +5,12 @@
 #include <deque>
 #include <map>
 #include <optional>
+#include <random>
 
 #include <caf/all.hpp>
 
 #include "dspex/actors/messages.hpp"
-#include "dspex/actors/worker_actor.hpp"
+#include "dspex/actors/python_worker_contract.hpp"
 #include "dspex/logging.hpp"
 
 namespace dspex {
@@ -18,13 +19,14 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
-enum class worker_state_t { starting, idle, busy, removing, stopping };
+enum class worker_state_t { starting, idle, busy, leased, removing, stopping };
 
 const char* to_string(worker_state_t s) {
   switch (s) {
     case worker_state_t::starting: return "starting";
     case worker_state_t::idle: return "idle";
     case worker_state_t::busy: return "busy";
+    case worker_state_t::leased: return "leased";
     case worker_state_t::removing: return "removing";
     case worker_state_t::stopping: return "stopping";
   }
@@ -32,42 +34,58 @@ const char* to_string(worker_state_t s) {
 }
 
 struct worker_entry {
-  std::string id;
-  caf::actor handle;
-  int pid = 0;
+  pool_worker w;
   worker_state_t state = worker_state_t::starting;
   clock_type::time_point started_at = clock_type::now();
   clock_type::time_point last_activity = clock_type::now();
-  worker_stats stats;
-  bool initial = false;  ///< one of the workers started with the pool
+  bool initial = false;            ///< started with the pool (await_ready waits for these)
+  bool counted_as_removed = false; ///< counters already updated for its removal
+  std::uint64_t lease = 0;         ///< the lease it is out under, if leased
 };
 
-struct queued_call {
-  call request;
+/// One caller waiting for a worker: a pool-mediated call or a lease request.
+struct waiter {
+  checkout_type type = checkout_type::anonymous();
+  std::optional<call> request;      ///< a call to run (execute); empty for a lease request
+  std::uint64_t token = 0;          ///< lease requests: the caller's token
+  clock_type::time_point deadline;
   caf::response_promise promise;
+  caf::actor_addr caller;
+  bool watched = false;  ///< queued callers are monitored; a down_msg drops them
+};
+
+struct lease_record {
+  std::string worker_id;
+  caf::actor_addr holder;
+  std::uint64_t token = 0;
 };
 
 constexpr std::size_t max_retired = 64;
 
 struct pool_state {
   std::shared_ptr<const settings> config;
+  std::shared_ptr<worker_contract> contract;
   std::map<std::string, worker_entry> workers;
-  std::deque<std::string> idle;            ///< idle worker ids, oldest first
-  std::map<std::uint64_t, queued_call> queue;  ///< by ticket: FIFO order
+  std::deque<std::string> idle;  ///< idle worker ids, oldest checkin first
+  std::map<std::uint64_t, waiter> queue;  ///< by ticket: FIFO order
   // New callers get increasing tickets, handed-back calls decreasing ones
   // below all of them: a retried caller goes first, it has waited longest.
   std::uint64_t next_ticket = std::uint64_t{1} << 40;
   std::uint64_t next_retry_ticket = (std::uint64_t{1} << 40) - 1;
   std::optional<clock_type::time_point> queue_timer_due;
+  std::map<std::uint64_t, lease_record> leases;
+  std::map<caf::actor_addr, std::size_t> monitored;  ///< callers and how many entries name them
+  std::mt19937_64 lease_ids{std::random_device{}()};
   std::uint64_t next_worker = 1;
   std::uint64_t replaced = 0;
   std::uint64_t start_failures = 0;
   std::uint32_t consecutive_start_failures = 0;
   bool restart_pending = false;
-  std::size_t initial_pending = 0;         ///< initial workers not yet ready
+  std::size_t initial_pending = 0;  ///< initial workers not yet ready
   std::optional<error> initial_failure;
   std::vector<caf::response_promise> ready_waiters;
   bool stopping = false;
+  bool held = false;
   std::vector<caf::response_promise> stop_waiters;
   std::deque<worker_info> retired;
 
@@ -76,46 +94,88 @@ struct pool_state {
 
 using pool_actor_t = caf::stateful_actor<pool_state>;
 
-worker_info info_of(const worker_entry& w, clock_type::time_point now) {
+void dispatch(pool_actor_t* self);
+void fill_pool(pool_actor_t* self);
+
+// -- small helpers ------------------------------------------------------------------
+
+worker_info info_of(const worker_entry& e, clock_type::time_point now) {
   using secs = std::chrono::duration<double>;
-  worker_info info{w.id, w.pid, to_string(w.state),
-                   secs(now - w.started_at).count(), w.stats};
-  info.stats.last_activity_s = secs(now - w.last_activity).count();
+  worker_info info{e.w.id, e.w.pid, to_string(e.state), secs(now - e.started_at).count(),
+                   e.w.stats};
+  info.stats.last_activity_s = secs(now - e.last_activity).count();
   return info;
 }
 
-// Seed Fix 6: the one place worker statistics change at checkin.
-void update_worker_stats(worker_entry& w, checkin_status status) {
-  if (status == checkin_status::ok)
-    ++w.stats.successful_checkins;
-  else
-    ++w.stats.error_checkins;
-  w.last_activity = clock_type::now();
+bool lifo(pool_actor_t* self) {
+  return self->state.config->pool.strategy == "lifo";
 }
 
-void start_worker(pool_actor_t* self, bool initial) {
-  auto& st = self->state;
-  auto id = "w" + std::to_string(st.next_worker++);
-  worker_entry entry;
-  entry.id = id;
-  entry.initial = initial;
-  entry.handle = spawn_linked_worker(self, worker_config{id, st.config, self});
-  st.workers.emplace(id, std::move(entry));
+std::size_t active_count(pool_actor_t* self, bool overflow) {
+  std::size_t n = 0;
+  for (auto& [id, e] : self->state.workers)
+    if (e.state != worker_state_t::removing && e.state != worker_state_t::stopping
+        && e.w.overflow == overflow)
+      ++n;
+  return n;
 }
 
-void answer_ready_waiters(pool_actor_t* self) {
-  auto& st = self->state;
-  auto result = st.initial_failure ? outcome::failure(*st.initial_failure)
-                                   : outcome::success(nlohmann::json{{"ready", true}});
-  for (auto& rp : st.ready_waiters)
-    rp.deliver(result);
-  st.ready_waiters.clear();
+std::size_t starting_count(pool_actor_t* self) {
+  std::size_t n = 0;
+  for (auto& [id, e] : self->state.workers)
+    n += e.state == worker_state_t::starting ? 1 : 0;
+  return n;
 }
 
-outcome queue_timeout(const call& c) {
+void watch_caller(pool_actor_t* self, const caf::actor_addr& caller) {
+  if (!caller)
+    return;
+  if (self->state.monitored[caller]++ == 0)
+    self->monitor(caller);
+}
+
+void unwatch_caller(pool_actor_t* self, const caf::actor_addr& caller) {
+  auto& m = self->state.monitored;
+  auto it = m.find(caller);
+  if (it == m.end())
+    return;
+  if (--it->second == 0) {
+    self->demonitor(caller);
+    m.erase(it);
+  }
+}
+
+
+outcome timeout_outcome(const waiter& wt) {
   return outcome::failure(make_error(error_category::timeout_error, "checkout_timeout",
                                      "no worker became free before the deadline",
-                                     {{"command", c.command}}));
+                                     {{"checkout_type", wt.type.to_string()}}));
+}
+
+void fail_waiter(waiter& wt, error err) {
+  if (wt.request)
+    wt.promise.deliver(outcome::failure(std::move(err)));
+  else
+    wt.promise.deliver(checkout_reply{std::nullopt, std::move(err)});
+}
+
+// The contract runs user code: an exception is a removal, never a crash.
+template <class F, class Result>
+Result guarded(const std::string& worker_id, const char* callback, Result on_throw, F&& fun) {
+  try {
+    return fun();
+  } catch (const std::exception& e) {
+    log().error("[{}] {} threw: {}", worker_id, callback, e.what());
+    return on_throw;
+  } catch (...) {
+    log().error("[{}] {} threw a non-standard exception", worker_id, callback);
+    return on_throw;
+  }
+}
+
+error callback_failed(const std::string& worker_id, const char* callback) {
+  return make_error(error_category::system_error, "callback_failed",
+                    std::string{callback} + " threw", {{"worker_id", worker_id}});
 }
 
 void arm_queue_timer(pool_actor_t* self, clock_type::time_point due) {
@@ -127,42 +187,34 @@ void arm_queue_timer(pool_actor_t* self, clock_type::time_point due) {
   self->delayed_send(self, delay, queue_timeout_atom::value);
 }
 
-void hand_over(worker_entry& w, queued_call qc) {
-  w.state = worker_state_t::busy;
-  ++w.stats.checkouts;
-  w.last_activity = clock_type::now();
-  qc.promise.delegate(w.handle, execute_atom::value, std::move(qc.request));
-}
+// -- worker lifecycle -------------------------------------------------------------------
 
-// Matches queued callers with idle workers, oldest caller first. An expired
-// caller is answered here and never handed a worker.
-void dispatch(pool_actor_t* self) {
+void start_worker(pool_actor_t* self, bool initial, bool overflow) {
   auto& st = self->state;
-  auto now = clock_type::now();
-  while (!st.queue.empty() && !st.idle.empty()) {
-    auto node = st.queue.extract(st.queue.begin());
-    auto& qc = node.mapped();
-    if (qc.request.deadline <= now) {
-      qc.promise.deliver(queue_timeout(qc.request));
-      continue;
-    }
-    auto id = std::move(st.idle.front());
-    st.idle.pop_front();
-    hand_over(st.workers.at(id), std::move(qc));
+  auto id = "w" + std::to_string(st.next_worker++);
+  auto& e = st.workers[id];
+  e.w.id = id;
+  e.w.overflow = overflow;
+  e.initial = initial;
+  auto res = guarded(id, "init_worker", init_result::failed(callback_failed(id, "init_worker")),
+                     [&] { return st.contract->init_worker(e.w, self); });
+  switch (res.what()) {
+    case init_result::kind::async:
+      return;  // worker_ready or its exit follows
+    case init_result::kind::ready:
+      st.consecutive_start_failures = 0;
+      e.state = worker_state_t::idle;
+      st.idle.push_back(id);
+      return;
+    case init_result::kind::failed:
+      log().warn("[{}] init_worker failed: {}", id, res.reason().describe());
+      ++st.start_failures;
+      ++st.consecutive_start_failures;
+      if (e.w.handle)
+        self->unlink_from(e.w.handle);
+      st.workers.erase(id);
+      return;
   }
-}
-
-void mark_idle(pool_actor_t* self, worker_entry& w) {
-  w.state = worker_state_t::idle;
-  self->state.idle.push_back(w.id);
-  dispatch(self);
-}
-
-void retire(pool_actor_t* self, const worker_entry& w) {
-  auto& st = self->state;
-  st.retired.push_back(info_of(w, clock_type::now()));
-  if (st.retired.size() > max_retired)
-    st.retired.pop_front();
 }
 
 // Backoff while starts keep failing: 100 ms doubling to 5 s, so a broken
@@ -175,22 +227,293 @@ clock_type::duration restart_delay(std::uint32_t consecutive_failures) {
                                         std::chrono::seconds{5});
 }
 
+// Keeps pool.size workers (eager), or as many as callers need up to
+// pool.size (lazy), plus overflow workers for callers beyond that.
 void fill_pool(pool_actor_t* self) {
   auto& st = self->state;
   if (st.stopping || st.restart_pending)
     return;
-  auto missing = st.config->pool.size > st.workers.size() ? st.config->pool.size - st.workers.size()
-                                                          : 0;
-  if (missing == 0)
+  const auto& pc = st.config->pool;
+  auto regular = active_count(self, false);
+  auto overflow = active_count(self, true);
+  std::size_t wanted = pc.size;
+  if (pc.lazy) {
+    // On demand: one worker per waiting caller not covered by a starting one.
+    auto demand = st.queue.size() + (regular - std::min(regular, starting_count(self)));
+    wanted = std::min(pc.size, std::max(regular, demand));
+  }
+  std::size_t missing = wanted > regular ? wanted - regular : 0;
+  std::size_t extra = 0;
+  if (regular + missing >= pc.size && pc.max_overflow > overflow) {
+    auto starting = starting_count(self) + missing;
+    if (st.queue.size() > starting)
+      extra = std::min(pc.max_overflow - overflow, st.queue.size() - starting);
+  }
+  if (missing + extra == 0)
     return;
   auto delay = restart_delay(st.consecutive_start_failures);
-  if (delay == clock_type::duration::zero()) {
-    for (std::size_t i = 0; i < missing; ++i)
-      start_worker(self, false);
+  if (delay > clock_type::duration::zero()) {
+    st.restart_pending = true;
+    self->delayed_send(self, delay, restart_atom::value);
     return;
   }
-  st.restart_pending = true;
-  self->delayed_send(self, delay, restart_atom::value);
+  for (std::size_t i = 0; i < missing; ++i)
+    start_worker(self, false, false);
+  for (std::size_t i = 0; i < extra; ++i)
+    start_worker(self, false, true);
+}
+
+void retire(pool_actor_t* self, const worker_entry& e) {
+  auto& st = self->state;
+  st.retired.push_back(info_of(e, clock_type::now()));
+  if (st.retired.size() > max_retired)
+    st.retired.pop_front();
+}
+
+void end_lease(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  if (e.lease == 0)
+    return;
+  auto it = st.leases.find(e.lease);
+  if (it != st.leases.end()) {
+    unwatch_caller(self, it->second.holder);
+    st.leases.erase(it);
+  }
+  e.lease = 0;
+}
+
+// `remove`: the worker leaves the pool for good and a replacement starts.
+void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
+                   bool start_failure = false) {
+  auto& st = self->state;
+  if (e.state == worker_state_t::removing)
+    return;
+  log().warn("[{}] removed from the pool: {}", e.w.id, reason.describe());
+  end_lease(self, e);
+  st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), e.w.id), st.idle.end());
+  auto was_starting = e.state == worker_state_t::starting;
+  e.state = worker_state_t::removing;
+  if (!e.counted_as_removed) {
+    e.counted_as_removed = true;
+    if (start_failure || was_starting) {
+      ++st.start_failures;
+      ++st.consecutive_start_failures;
+    } else {
+      ++st.replaced;
+      retire(self, e);
+    }
+  }
+  guarded(e.w.id, "terminate_worker", 0, [&] {
+    st.contract->terminate_worker(reason, e.w);
+    return 0;
+  });
+  if (!st.stopping)
+    fill_pool(self);
+}
+
+// Seed Fix 6: the one place worker statistics change at checkin.
+void update_worker_stats(worker_entry& e, const checkin_status& status) {
+  switch (status.what) {
+    case checkin_status::kind::ok:
+      ++e.w.stats.successful_checkins;
+      break;
+    case checkin_status::kind::error:
+      ++e.w.stats.error_checkins;
+      break;
+    case checkin_status::kind::close:
+      break;
+  }
+  e.last_activity = clock_type::now();
+  e.w.current_session.reset();
+}
+
+void make_idle(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  e.state = worker_state_t::idle;
+  e.last_activity = clock_type::now();
+  if (e.w.overflow && st.queue.empty()) {
+    auto delay = st.config->pool.overflow_idle_delay;
+    if (delay.count() == 0) {
+      remove_worker(self, e, make_error(error_category::resource_error, "overflow_retired",
+                                        "overflow worker retired when idle",
+                                        {{"worker_id", e.w.id}}));
+      return;
+    }
+    self->delayed_send(self, delay, retire_atom::value, e.w.id);
+  }
+  st.idle.push_back(e.w.id);
+}
+
+// A checkout ended (pool-mediated call, lease checkin, cancel, revoke).
+void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& status) {
+  auto& st = self->state;
+  update_worker_stats(e, status);
+  // Recoverable failures count; a Python-side error is the program's, not
+  // the worker's, and success resets the count.
+  if (status.what == checkin_status::kind::ok)
+    e.w.consecutive_failures = 0;
+  else if (status.what == checkin_status::kind::error
+           && (!status.reason || status.reason->category != error_category::python_error))
+    ++e.w.consecutive_failures;
+  if (st.stopping)
+    return;
+  if (e.w.consecutive_failures >= st.config->pool.failure_threshold) {
+    remove_worker(self, e,
+                  make_error(error_category::resource_error, "failure_threshold",
+                             std::to_string(e.w.consecutive_failures)
+                               + " consecutive failed checkins",
+                             {{"worker_id", e.w.id}}));
+    dispatch(self);
+    return;
+  }
+  auto res = guarded(e.w.id, "handle_checkin",
+                     keep_or_remove::remove(callback_failed(e.w.id, "handle_checkin")),
+                     [&] { return st.contract->handle_checkin(status, e.w); });
+  if (res.what() == keep_or_remove::kind::remove)
+    remove_worker(self, e, res.reason());
+  else
+    make_idle(self, e);
+  dispatch(self);
+}
+
+// -- checkout -------------------------------------------------------------------------------
+
+std::optional<std::string> take_idle(pool_actor_t* self) {
+  auto& st = self->state;
+  if (st.idle.empty())
+    return std::nullopt;
+  std::string id;
+  if (lifo(self)) {
+    id = std::move(st.idle.back());
+    st.idle.pop_back();
+  } else {
+    id = std::move(st.idle.front());
+    st.idle.pop_front();
+  }
+  return id;
+}
+
+void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor& client) {
+  auto& st = self->state;
+  ++e.w.stats.checkouts;
+  e.last_activity = clock_type::now();
+  if (wt.type.what() == checkout_type::kind::session)
+    e.w.current_session = wt.type.session_id();
+  if (wt.request) {
+    e.state = worker_state_t::busy;
+    wt.promise.delegate(client, execute_atom::value, std::move(*wt.request));
+    return;
+  }
+  e.state = worker_state_t::leased;
+  auto lease = st.lease_ids() | 1;  // never 0
+  e.lease = lease;
+  st.leases[lease] = lease_record{e.w.id, wt.caller, wt.token};
+  watch_caller(self, wt.caller);
+  // Pool → worker before pool → caller: the worker knows the lease before
+  // the holder's first request can reach it.
+  self->send(e.w.handle, lease_atom::value, lease);
+  wt.promise.deliver(checkout_reply{lease_grant{lease, client, e.w.id}, {}});
+}
+
+// Offers the worker `id` to `wt`. Returns true when `wt` is answered (served
+// or skipped); false when the worker was removed and `wt` still waits.
+bool offer(pool_actor_t* self, const std::string& id, waiter& wt) {
+  auto& st = self->state;
+  auto& e = st.workers.at(id);
+  // A caller that just asked is alive; a queued one is monitored, and its
+  // down_msg would have dropped it from the queue.
+  caller_info caller{wt.caller,
+                     !wt.watched || self->state.monitored.count(wt.caller) > 0};
+  auto res = guarded(id, "handle_checkout",
+                     checkout_result::remove(connect_error("exception", "handle_checkout threw", id)),
+                     [&] { return st.contract->handle_checkout(wt.type, caller, e.w); });
+  switch (res.what()) {
+    case checkout_result::kind::ok:
+      // A caller that dies after this point is seen through its monitor:
+      // a lease is revoked and the worker returns (see on_caller_down).
+      hand_over(self, e, wt, res.client());
+      return true;
+    case checkout_result::kind::skip:
+      fail_waiter(wt, res.reason());
+      make_idle(self, e);
+      return true;
+    case checkout_result::kind::remove:
+      remove_worker(self, e, res.reason());
+      return false;
+  }
+  return false;
+}
+
+// Matches waiting callers with idle workers, oldest first. An expired caller
+// is answered here and never handed a worker; a removal retries the same
+// caller on the next worker.
+void dispatch(pool_actor_t* self) {
+  auto& st = self->state;
+  if (st.stopping)
+    return;
+  auto now = clock_type::now();
+  while (!st.queue.empty()) {
+    auto it = st.queue.begin();
+    auto& wt = it->second;
+    if (wt.deadline <= now) {
+      fail_waiter(wt, timeout_outcome(wt).error());
+      unwatch_caller(self, wt.caller);
+      st.queue.erase(it);
+      continue;
+    }
+    auto id = take_idle(self);
+    if (!id)
+      break;
+    if (offer(self, *id, wt)) {
+      unwatch_caller(self, wt.caller);
+      st.queue.erase(it);
+    }
+  }
+  fill_pool(self);
+}
+
+error full_error(const checkout_type& t) {
+  return make_error(error_category::resource_error, "full", "no idle worker (non-blocking checkout)",
+                    {{"checkout_type", t.to_string()}});
+}
+
+// Entry of every checkout: serve now, or queue with the caller's deadline.
+caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
+  auto& st = self->state;
+  auto rp = wt.promise;
+  if (st.queue.empty() && !st.idle.empty()) {
+    while (auto id = take_idle(self))
+      if (offer(self, *id, wt))
+        return rp;
+  }
+  if (!block) {
+    fail_waiter(wt, full_error(wt.type));
+    return rp;
+  }
+  if (st.queue.size() >= st.config->pool.max_queue) {
+    fail_waiter(wt, make_error(error_category::resource_error, "pool_saturated",
+                               "the wait queue is full ("
+                                 + std::to_string(st.config->pool.max_queue) + " callers)",
+                               {{"checkout_type", wt.type.to_string()}}));
+    return rp;
+  }
+  watch_caller(self, wt.caller);
+  wt.watched = true;
+  arm_queue_timer(self, wt.deadline);
+  st.queue.emplace(st.next_ticket++, std::move(wt));
+  fill_pool(self);
+  return rp;
+}
+
+// -- exits, downs, stop -------------------------------------------------------------------
+
+void answer_ready_waiters(pool_actor_t* self) {
+  auto& st = self->state;
+  auto result = st.initial_failure ? outcome::failure(*st.initial_failure)
+                                   : outcome::success(nlohmann::json{{"ready", true}});
+  for (auto& rp : st.ready_waiters)
+    rp.deliver(result);
+  st.ready_waiters.clear();
 }
 
 void finish_stop_if_done(pool_actor_t* self) {
@@ -207,7 +530,7 @@ void finish_stop_if_done(pool_actor_t* self) {
 void on_worker_exit(pool_actor_t* self, caf::exit_msg& msg) {
   auto& st = self->state;
   auto it = std::find_if(st.workers.begin(), st.workers.end(), [&](auto& kv) {
-    return kv.second.handle.address() == msg.source;
+    return kv.second.w.handle.address() == msg.source;
   });
   if (it == st.workers.end()) {
     // Not one of ours: an exit from a linked parent ends the pool, as in OTP.
@@ -215,28 +538,65 @@ void on_worker_exit(pool_actor_t* self, caf::exit_msg& msg) {
       self->quit(std::move(msg.reason));
     return;
   }
-  auto w = std::move(it->second);
-  st.workers.erase(it);
-  st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), w.id), st.idle.end());
-  if (st.stopping) {
-    finish_stop_if_done(self);
-    return;
-  }
+  auto& e = it->second;
   auto detail = decode_exit_reason(msg.reason);
-  if (is_start_failure(msg.reason)) {
-    ++st.start_failures;
-    ++st.consecutive_start_failures;
-    if (w.initial && !st.initial_failure && st.initial_pending > 0) {
-      st.initial_failure = detail;
-      answer_ready_waiters(self);
-    }
-  } else {
-    ++st.replaced;
-    retire(self, w);
+  auto start_failure = is_start_failure(msg.reason);
+  if (start_failure && e.initial && !st.initial_failure && st.initial_pending > 0) {
+    st.initial_failure = detail;
+    answer_ready_waiters(self);
   }
-  log().info("pool: worker {} removed ({}); starting a replacement", w.id,
-             detail ? detail->describe() : to_string(msg.reason));
-  fill_pool(self);
+  if (e.state != worker_state_t::removing && e.state != worker_state_t::stopping)
+    remove_worker(self, e,
+                  detail.value_or(make_error(error_category::system_error, "worker_exited",
+                                             "worker actor exited: " + caf::to_string(msg.reason),
+                                             {{"worker_id", e.w.id}})),
+                  start_failure);
+  end_lease(self, e);
+  st.workers.erase(it);
+  finish_stop_if_done(self);
+  dispatch(self);
+}
+
+// A caller went away: its queued checkouts are dropped, its leases revoked.
+void on_caller_down(pool_actor_t* self, caf::down_msg& msg) {
+  auto& st = self->state;
+  if (st.monitored.erase(msg.source) == 0)
+    return;
+  for (auto it = st.queue.begin(); it != st.queue.end();)
+    it = it->second.caller == msg.source ? st.queue.erase(it) : std::next(it);
+  std::vector<std::uint64_t> revoked;
+  for (auto& [lease, rec] : st.leases)
+    if (rec.holder == msg.source)
+      revoked.push_back(lease);
+  for (auto lease : revoked) {
+    auto rec = st.leases.at(lease);
+    st.leases.erase(lease);
+    auto wit = st.workers.find(rec.worker_id);
+    if (wit == st.workers.end())
+      continue;
+    wit->second.lease = 0;
+    // Back to the pool only when in sync (nothing in flight); else replaced.
+    self->request(wit->second.w.handle, caf::infinite, revoke_atom::value, lease)
+      .then(
+        [=](bool in_sync) {
+          auto w2 = self->state.workers.find(rec.worker_id);
+          if (w2 == self->state.workers.end() || w2->second.state != worker_state_t::leased)
+            return;
+          if (in_sync) {
+            // Nothing in flight: the worker is fine and goes back as it is.
+            w2->second.w.current_session.reset();
+            make_idle(self, w2->second);
+          } else
+            remove_worker(self, w2->second,
+                          make_error(error_category::communication_error, "lease_revoked",
+                                     "lease holder died with a request in flight",
+                                     {{"worker_id", rec.worker_id}}));
+          dispatch(self);
+        },
+        [=](caf::error&) {
+          // The worker is gone: its exit does the rest.
+        });
+  }
 }
 
 pool_status make_status(pool_actor_t* self) {
@@ -248,95 +608,192 @@ pool_status make_status(pool_actor_t* self) {
   s.replaced = st.replaced;
   s.start_failures = st.start_failures;
   s.stopping = st.stopping;
-  for (auto& [id, w] : st.workers) {
-    switch (w.state) {
+  s.leased = st.leases.size();
+  for (auto& [id, e] : st.workers) {
+    switch (e.state) {
       case worker_state_t::starting: ++s.starting; break;
       case worker_state_t::idle: ++s.idle; break;
-      case worker_state_t::busy: ++s.busy; break;
+      case worker_state_t::busy:
+      case worker_state_t::leased: ++s.busy; break;
       case worker_state_t::removing:
-      case worker_state_t::stopping: break;
+      case worker_state_t::stopping: ++s.removing; break;
     }
-    s.workers.push_back(info_of(w, now));
+    if (e.w.overflow && e.state != worker_state_t::removing)
+      ++s.overflow;
+    s.workers.push_back(info_of(e, now));
   }
   s.retired.assign(st.retired.begin(), st.retired.end());
   return s;
 }
 
-caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config) {
+caf::behavior held_behavior(pool_actor_t* self) {
+  return {
+    [=](resume_atom) {
+      self->state.held = false;
+      self->set_default_handler(caf::print_and_drop);
+      self->unbecome();
+    },
+  };
+}
+
+caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config,
+                         std::shared_ptr<worker_contract> contract) {
   auto& st = self->state;
   st.config = std::move(config);
+  st.contract = contract ? std::move(contract)
+                         : std::make_shared<python_worker_contract>(st.config);
   self->set_exit_handler([=](caf::exit_msg& msg) { on_worker_exit(self, msg); });
-  // All initial workers start at once: each spawns its own child, so their
-  // Python start-ups overlap instead of adding up.
-  st.initial_pending = st.config->pool.size;
-  for (std::size_t i = 0; i < st.config->pool.size; ++i)
-    start_worker(self, true);
-  log().info("pool: starting {} workers", st.config->pool.size);
+  self->set_down_handler([=](caf::down_msg& msg) { on_caller_down(self, msg); });
+  if (!st.config->pool.lazy) {
+    // All initial workers start at once: each spawns its own child, so their
+    // Python start-ups overlap instead of adding up.
+    st.initial_pending = st.config->pool.size;
+    for (std::size_t i = 0; i < st.config->pool.size; ++i)
+      start_worker(self, true, false);
+    // Workers ready at once (synchronous init) count as ready now.
+    for (auto& [id, e] : st.workers)
+      if (e.state == worker_state_t::idle && st.initial_pending > 0)
+        --st.initial_pending;
+    log().info("pool: starting {} workers", st.config->pool.size);
+  }
 
+  auto stopping_error = [](const std::string& what) {
+    return make_error(error_category::resource_error, "pool_stopping", "the pool is stopping",
+                      {{"checkout_type", what}});
+  };
   return {
     [=](execute_atom, call& c) -> caf::result<outcome> {
-      auto& st = self->state;
-      if (st.stopping)
-        return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
-                                           "the pool is stopping", {{"command", c.command}}));
-      auto rp = self->make_response_promise();
-      if (st.queue.empty() && !st.idle.empty()) {
-        auto id = std::move(st.idle.front());
-        st.idle.pop_front();
-        hand_over(st.workers.at(id), queued_call{std::move(c), rp});
-        return rp;
-      }
-      auto due = c.deadline;
-      st.queue.emplace(st.next_ticket++, queued_call{std::move(c), rp});
-      arm_queue_timer(self, due);
-      return rp;
+      if (self->state.stopping)
+        return outcome::failure(stopping_error(c.type.to_string()));
+      waiter wt;
+      wt.type = c.type;
+      wt.deadline = c.deadline;
+      wt.caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
+      wt.promise = self->make_response_promise();
+      auto block = c.block;
+      wt.request = std::move(c);
+      return enqueue(self, std::move(wt), block);
     },
     [=](retry_atom, call& c) -> caf::result<outcome> {
+      // A call handed back unserved by a worker that lost its process: it
+      // goes first, and a caller never loses its place to a dying worker.
       auto& st = self->state;
       if (st.stopping)
-        return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
-                                           "the pool is stopping", {{"command", c.command}}));
-      auto due = c.deadline;
-      auto rp = self->make_response_promise();
-      st.queue.emplace(st.next_retry_ticket--, queued_call{std::move(c), rp});
-      arm_queue_timer(self, due);
+        return outcome::failure(stopping_error(c.type.to_string()));
+      waiter wt;
+      wt.type = c.type;
+      wt.deadline = c.deadline;
+      wt.caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
+      wt.promise = self->make_response_promise();
+      wt.request = std::move(c);
+      auto rp = wt.promise;
+      watch_caller(self, wt.caller);
+      wt.watched = true;
+      arm_queue_timer(self, wt.deadline);
+      st.queue.emplace(st.next_retry_ticket--, std::move(wt));
       dispatch(self);
       return rp;
     },
-    [=](worker_gone_atom, const std::string& id) {
-      // The worker lost its process: hand it nothing more, then release it.
-      auto& st = self->state;
-      auto it = st.workers.find(id);
-      if (it == st.workers.end())
-        return;
-      if (it->second.state != worker_state_t::stopping)
-        it->second.state = worker_state_t::removing;
-      st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), id), st.idle.end());
-      self->send(it->second.handle, release_atom::value);
+    [=](checkout_atom, checkout_request& r) -> caf::result<checkout_reply> {
+      if (self->state.stopping)
+        return checkout_reply{std::nullopt, stopping_error(r.type.to_string())};
+      waiter wt;
+      wt.type = r.type;
+      wt.token = r.token;
+      wt.deadline = r.deadline;
+      wt.caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
+      wt.promise = self->make_response_promise();
+      return enqueue(self, std::move(wt), r.block);
     },
-    [=](worker_ready_atom, const std::string& id, int pid) {
+    [=](checkin_atom, std::uint64_t lease, checkin_status& status) -> bool {
       auto& st = self->state;
-      auto it = st.workers.find(id);
-      if (it == st.workers.end())
-        return;
-      auto& w = it->second;
-      w.pid = pid;
-      st.consecutive_start_failures = 0;
-      if (w.initial && st.initial_pending > 0 && --st.initial_pending == 0)
-        answer_ready_waiters(self);
-      if (st.stopping)
-        return;
-      mark_idle(self, w);
+      auto it = st.leases.find(lease);
+      if (it == st.leases.end())
+        return false;  // revoked or unknown: nothing to do, and no crash
+      auto wit = st.workers.find(it->second.worker_id);
+      unwatch_caller(self, it->second.holder);
+      st.leases.erase(it);
+      if (wit == st.workers.end())
+        return true;
+      wit->second.lease = 0;
+      self->send(wit->second.w.handle, lease_atom::value, std::uint64_t{0});
+      if (wit->second.state == worker_state_t::leased)
+        finish_checkin(self, wit->second, status);
+      return true;
     },
-    [=](checkin_atom, const std::string& id, checkin_status status) {
+    [=](cancel_atom, std::uint64_t token) {
+      // The caller gave up on a checkout. Still queued: drop it. Already
+      // granted (the grant raced with the caller's timeout and was dropped):
+      // the worker comes back; no request can have reached it.
+      auto& st = self->state;
+      auto caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
+      for (auto it = st.queue.begin(); it != st.queue.end(); ++it)
+        if (!it->second.request && it->second.token == token && it->second.caller == caller) {
+          unwatch_caller(self, caller);
+          st.queue.erase(it);
+          return;
+        }
+      for (auto it = st.leases.begin(); it != st.leases.end(); ++it)
+        if (it->second.token == token && it->second.holder == caller) {
+          auto worker_id = it->second.worker_id;
+          unwatch_caller(self, caller);
+          st.leases.erase(it);
+          auto wit = st.workers.find(worker_id);
+          if (wit != st.workers.end() && wit->second.state == worker_state_t::leased) {
+            wit->second.lease = 0;
+            self->send(wit->second.w.handle, lease_atom::value, std::uint64_t{0});
+            wit->second.w.current_session.reset();
+            make_idle(self, wit->second);
+            dispatch(self);
+          }
+          return;
+        }
+    },
+    [=](checkin_atom, const std::string& id, checkin_status& status) {
       auto& st = self->state;
       auto it = st.workers.find(id);
       if (it == st.workers.end() || it->second.state != worker_state_t::busy)
         return;
-      update_worker_stats(it->second, status);
+      finish_checkin(self, it->second, status);
+    },
+    [=](worker_ready_atom, const std::string& id, int pid) {
+      auto& st = self->state;
+      auto it = st.workers.find(id);
+      if (it == st.workers.end() || it->second.state != worker_state_t::starting)
+        return;
+      auto& e = it->second;
+      e.w.pid = pid;
+      st.consecutive_start_failures = 0;
+      if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
+        answer_ready_waiters(self);
       if (st.stopping)
         return;
-      mark_idle(self, it->second);
+      make_idle(self, e);
+      dispatch(self);
+    },
+    [=](worker_gone_atom, const std::string& id) {
+      auto& st = self->state;
+      auto it = st.workers.find(id);
+      if (it == st.workers.end())
+        return;
+      auto& e = it->second;
+      auto gone = make_error(error_category::communication_error, "worker_exited",
+                             "worker " + id + " lost its process", {{"worker_id", id}});
+      if (e.state == worker_state_t::idle) {
+        auto msg = caf::make_message(worker_gone_atom::value, id);
+        auto res = guarded(id, "handle_info", keep_or_remove::remove(gone),
+                           [&] { return st.contract->handle_info(msg, e.w); });
+        if (res.what() == keep_or_remove::kind::remove)
+          remove_worker(self, e, res.reason());
+      } else if (e.state != worker_state_t::stopping) {
+        remove_worker(self, e, gone);
+      } else {
+        guarded(id, "terminate_worker", 0, [&] {
+          st.contract->terminate_worker(gone, e.w);
+          return 0;
+        });
+      }
+      dispatch(self);
     },
     [=](queue_timeout_atom) {
       auto& st = self->state;
@@ -344,12 +801,13 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       auto now = clock_type::now();
       std::optional<clock_type::time_point> next;
       for (auto it = st.queue.begin(); it != st.queue.end();) {
-        if (it->second.request.deadline <= now) {
-          it->second.promise.deliver(queue_timeout(it->second.request));
+        if (it->second.deadline <= now) {
+          fail_waiter(it->second, timeout_outcome(it->second).error());
+          unwatch_caller(self, it->second.caller);
           it = st.queue.erase(it);
         } else {
-          if (!next || it->second.request.deadline < *next)
-            next = it->second.request.deadline;
+          if (!next || it->second.deadline < *next)
+            next = it->second.deadline;
           ++it;
         }
       }
@@ -359,6 +817,47 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     [=](restart_atom) {
       self->state.restart_pending = false;
       fill_pool(self);
+      dispatch(self);
+    },
+    [=](retire_atom, const std::string& id) {
+      auto& st = self->state;
+      auto it = st.workers.find(id);
+      if (it == st.workers.end() || it->second.state != worker_state_t::idle
+          || !it->second.w.overflow)
+        return;
+      auto idle_for = clock_type::now() - it->second.last_activity;
+      if (idle_for + std::chrono::milliseconds{1} < st.config->pool.overflow_idle_delay)
+        return;  // used again since: a newer retire check is pending
+      remove_worker(self, it->second,
+                    make_error(error_category::resource_error, "overflow_retired",
+                               "overflow worker retired after its idle delay",
+                               {{"worker_id", id}}));
+    },
+    [=](ping_idle_atom) -> std::size_t {
+      auto& st = self->state;
+      std::size_t removed = 0;
+      auto idle_ids = std::vector<std::string>(st.idle.begin(), st.idle.end());
+      for (auto& id : idle_ids) {
+        auto it = st.workers.find(id);
+        if (it == st.workers.end() || it->second.state != worker_state_t::idle)
+          continue;
+        auto res = guarded(id, "handle_ping",
+                           keep_or_remove::remove(callback_failed(id, "handle_ping")),
+                           [&] { return st.contract->handle_ping(it->second.w); });
+        if (res.what() == keep_or_remove::kind::remove) {
+          remove_worker(self, it->second, res.reason());
+          ++removed;
+        }
+      }
+      dispatch(self);
+      return removed;
+    },
+    [=](hold_atom) {
+      // Tests: requests wait in the mailbox until resume, so deadlines can
+      // pass deterministically while the pool is still.
+      self->state.held = true;
+      self->set_default_handler(caf::skip);
+      self->become(caf::keep_behavior, held_behavior(self));
     },
     [=](status_atom) { return make_status(self); },
     [=](await_ready_atom) -> caf::result<outcome> {
@@ -378,10 +877,8 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       if (!st.stopping) {
         st.stopping = true;
         log().info("pool: stopping {} workers", st.workers.size());
-        for (auto& [ticket, qc] : st.queue)
-          qc.promise.deliver(outcome::failure(make_error(
-            error_category::resource_error, "pool_stopping", "the pool is stopping",
-            {{"command", qc.request.command}})));
+        for (auto& [ticket, wt] : st.queue)
+          fail_waiter(wt, stopping_error(wt.type.to_string()));
         st.queue.clear();
         if (!st.initial_failure && st.initial_pending > 0) {
           st.initial_failure = make_error(error_category::resource_error, "pool_stopping",
@@ -389,9 +886,17 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
           answer_ready_waiters(self);
         }
         st.idle.clear();
-        for (auto& [id, w] : st.workers) {
-          w.state = worker_state_t::stopping;
-          self->send(w.handle, stop_atom::value);
+        auto reason = make_error(error_category::resource_error, "pool_stopping",
+                                 "the pool is stopping");
+        for (auto& [id, e] : st.workers) {
+          end_lease(self, e);
+          if (e.state != worker_state_t::removing) {
+            e.state = worker_state_t::stopping;
+            guarded(id, "terminate_worker", 0, [&, &e = e] {
+              st.contract->terminate_worker(reason, e.w);
+              return 0;
+            });
+          }
         }
       }
       finish_stop_if_done(self);
@@ -402,8 +907,9 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
 
 } // namespace
 
-caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config) {
-  return sys.spawn(pool_actor, std::move(config));
+caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
+                      std::shared_ptr<worker_contract> contract) {
+  return sys.spawn(pool_actor, std::move(config), std::move(contract));
 }
 
 } // namespace dspex

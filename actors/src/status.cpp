@@ -26,6 +26,8 @@ nlohmann::json pool_status::to_json() const {
     retired_json.push_back(dspex::to_json(w));
   return {{"size", size},         {"idle", idle},
           {"busy", busy},         {"starting", starting},
+          {"leased", leased},     {"removing", removing},
+          {"overflow", overflow},
           {"queued", queued},     {"replaced", replaced},
           {"start_failures", start_failures}, {"stopping", stopping},
           {"workers", workers_json}, {"retired", retired_json}};

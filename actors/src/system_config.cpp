@@ -38,6 +38,7 @@ void system_config::bind_options() {
   request_timeout_ = to_timespan(values_.pool.request_timeout);
   shutdown_grace_ = to_timespan(values_.worker.shutdown_grace);
   kill_grace_ = to_timespan(values_.worker.kill_grace);
+  overflow_idle_delay_ = to_timespan(values_.pool.overflow_idle_delay);
   opt_group{custom_options_, "pool"}
     .add(values_.pool.size, "size", "worker processes kept running (default 4)")
     .add(init_timeout_, "init_timeout",
@@ -45,7 +46,20 @@ void system_config::bind_options() {
     .add(request_timeout_, "request_timeout",
          "default deadline of one call, queueing included (default 30s)")
     .add(values_.pool.max_frame_bytes, "max_frame_bytes",
-         "largest frame accepted from a worker (default 16777216)");
+         "largest frame accepted from a worker (default 16777216)")
+    .add(values_.pool.max_overflow, "max_overflow",
+         "extra workers started on demand beyond size (default 0)")
+    .add(overflow_idle_delay_, "overflow_idle_delay",
+         "idle time before an overflow worker retires (default 0s)")
+    .add(values_.pool.lazy, "lazy", "start workers on demand instead of at start (default false)")
+    .add(values_.pool.strategy, "strategy",
+         "which idle worker serves next: fifo (round-robin) or lifo (default fifo)")
+    .add(values_.pool.max_queue, "max_queue",
+         "callers that may wait; beyond it pool_saturated at once (default 10000)")
+    .add(values_.pool.failure_threshold, "failure_threshold",
+         "consecutive failed checkins that remove a worker (default 3)")
+    .add(values_.pool.use_safe_port_connect, "use_safe_port_connect",
+         "validate worker and caller before each handover (default true)");
   opt_group{custom_options_, "worker"}
     .add(values_.worker.python, "python", "Python interpreter, looked up in PATH (default python3)")
     .add(values_.worker.script, "script", "worker script (default: the bundled dspex_worker.py)")
@@ -70,6 +84,7 @@ settings system_config::to_settings() const {
   s.pool.request_timeout = to_ms(request_timeout_);
   s.worker.shutdown_grace = to_ms(shutdown_grace_);
   s.worker.kill_grace = to_ms(kill_grace_);
+  s.pool.overflow_idle_delay = to_ms(overflow_idle_delay_);
   s.scheduler_policy = caf::to_string(
     caf::get_or(content, "scheduler.policy", caf::atom("sharing")));
   s.scheduler_max_threads = caf::get_or(content, "scheduler.max-threads", std::size_t{0});

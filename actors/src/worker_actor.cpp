@@ -22,7 +22,8 @@ enum class worker_phase { starting, configuring, ready, busy, stopping, gone };
 // reference: a message to a worker that is already gone is simply dropped.
 class mailbox_observer final : public child_observer {
 public:
-  explicit mailbox_observer(caf::actor_addr addr) : addr_(std::move(addr)) {
+  mailbox_observer(caf::actor_addr addr, std::shared_ptr<worker_health> health)
+    : addr_(std::move(addr)), health_(std::move(health)) {
   }
 
   void on_frame(std::string payload) override {
@@ -30,6 +31,7 @@ public:
   }
 
   void on_protocol_error(protocol_error err) override {
+    health_->pipes_open = false;
     send(child_broken_atom::value, std::string{to_string(err.code)}, std::move(err.message));
   }
 
@@ -38,6 +40,9 @@ public:
   }
 
   void on_exit(exit_status status) override {
+    // Visible to the pool's checkout validation at once, before the message.
+    health_->process_alive = false;
+    health_->pipes_open = false;
     send(child_exit_atom::value, status.signaled, status.code);
   }
 
@@ -49,6 +54,7 @@ private:
   }
 
   caf::actor_addr addr_;
+  std::shared_ptr<worker_health> health_;
 };
 
 struct in_flight_request {
@@ -56,6 +62,7 @@ struct in_flight_request {
   std::string command;
   clock_type::time_point deadline;
   caf::response_promise promise;
+  bool check_in = false;  ///< pool-mediated: check in with the owner before replying
 };
 
 struct worker_state {
@@ -70,6 +77,7 @@ struct worker_state {
   std::optional<clock_type::time_point> timer_due;
   std::string last_stderr_line;
   caf::error exit_reason;  ///< kept while `gone`, until the owner releases us
+  std::uint64_t lease = 0; ///< the lease whose holder may send requests; 0 = none
 
   static inline const char* name = "dspex.worker";
 };
@@ -195,16 +203,64 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
   st.phase = worker_phase::ready;
   // Checkin first: once the caller has its reply, the pool already counts
   // the worker as free, so a status query made after a reply sees it.
-  self->send(st.cfg.owner, checkin_atom::value, st.cfg.id,
-             rep.success ? checkin_status::ok : checkin_status::error);
   if (rep.success) {
+    if (req.check_in)
+      self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
     req.promise.deliver(outcome::success(std::move(rep.result)));
   } else {
     auto ctx = worker_context(self);
     ctx["command"] = req.command;
-    req.promise.deliver(outcome::failure(
-      make_error(error_category::python_error, "command_failed", std::move(rep.error), ctx)));
+    auto err = make_error(error_category::python_error, "command_failed", std::move(rep.error), ctx);
+    if (req.check_in)
+      self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::failed(err));
+    req.promise.deliver(outcome::failure(std::move(err)));
   }
+}
+
+// Sends one request to the process. `check_in`: the call came through the
+// pool (not a lease holder), so the worker checks itself back in.
+caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in) {
+  auto& st = self->state;
+  auto check_in_now = [&] {
+    if (check_in)
+      self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
+  };
+  if (st.phase != worker_phase::ready) {
+    return outcome::failure(make_error(error_category::resource_error, "worker_not_ready",
+                                       "worker " + st.cfg.id + " is not ready",
+                                       worker_context(self)));
+  }
+  auto now = clock_type::now();
+  if (c.deadline <= now) {
+    auto ctx = worker_context(self);
+    ctx["command"] = c.command;
+    check_in_now();
+    return outcome::failure(make_error(error_category::timeout_error, "request_timeout",
+                                       "deadline passed before the request was sent", ctx));
+  }
+  auto id = st.next_request_id++;
+  std::string payload;
+  try {
+    payload = encode_request(id, c.command, std::move(c.args));
+  } catch (const std::exception& e) {
+    check_in_now();
+    return outcome::failure(make_error(error_category::system_error, "invalid_request", e.what(),
+                                       worker_context(self)));
+  }
+  auto rp = self->make_response_promise();
+  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in};
+  st.phase = worker_phase::busy;
+  auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
+  if (!st.child->send(payload, write_budget)) {
+    st.cfg.health->pipes_open = false;
+    fail_worker(self, worker_exit::process_exited,
+                make_error(error_category::communication_error, "send_failed",
+                           "cannot write to worker " + st.cfg.id + " (stdin closed or full)",
+                           worker_context(self)));
+    return rp;
+  }
+  arm_timer(self, c.deadline);
+  return rp;
 }
 
 caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
@@ -214,14 +270,17 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   child_spec spec{conf.worker.python, conf.worker_args(st.cfg.id), st.cfg.id,
                   conf.pool.max_frame_bytes};
   try {
-    st.child = child_process::spawn(std::move(spec),
-                                    std::make_shared<mailbox_observer>(self->address()));
+    st.child = child_process::spawn(
+      std::move(spec), std::make_shared<mailbox_observer>(self->address(), st.cfg.health));
   } catch (const spawn_error& e) {
     fail_worker(self, worker_exit::spawn_failed,
                 make_error(error_category::initialization_error, "spawn_failed", e.what(),
                            {{"worker_id", st.cfg.id}, {"python", conf.worker.python}}));
     return {};
   }
+  st.cfg.health->process_alive = true;
+  st.cfg.health->pipes_open = true;
+  self->attach_functor([health = st.cfg.health] { health->actor_alive = false; });
   auto ping = encode_request(init_request_id, "ping",
                              {{"initialization", true}, {"worker_id", st.cfg.id}});
   if (!st.child->send(ping, conf.pool.init_timeout)) {
@@ -242,41 +301,33 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
         rp.delegate(st.cfg.owner, retry_atom::value, std::move(c));
         return rp;
       }
-      if (st.phase != worker_phase::ready) {
-        return outcome::failure(make_error(error_category::resource_error, "worker_not_ready",
-                                           "worker " + st.cfg.id + " is not ready",
-                                           worker_context(self)));
-      }
-      auto now = clock_type::now();
-      if (c.deadline <= now) {
+      return start_request(self, c, true);
+    },
+    [=](execute_atom, std::uint64_t lease, call& c) -> caf::result<outcome> {
+      auto& st = self->state;
+      if (st.phase == worker_phase::gone)
+        return outcome::failure(decode_exit_reason(st.exit_reason)
+                                  .value_or(make_error(error_category::communication_error,
+                                                       "worker_exited",
+                                                       "worker " + st.cfg.id + " is gone")));
+      if (lease == 0 || lease != st.lease) {
         auto ctx = worker_context(self);
         ctx["command"] = c.command;
-        self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok);
-        return outcome::failure(make_error(error_category::timeout_error, "request_timeout",
-                                           "deadline passed before the request was sent", ctx));
+        return outcome::failure(make_error(error_category::resource_error, "not_lease_holder",
+                                           "worker " + st.cfg.id
+                                             + " is not checked out under this lease",
+                                           ctx));
       }
-      auto id = st.next_request_id++;
-      std::string payload;
-      try {
-        payload = encode_request(id, c.command, std::move(c.args));
-      } catch (const std::exception& e) {
-        self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok);
-        return outcome::failure(make_error(error_category::system_error, "invalid_request",
-                                           e.what(), worker_context(self)));
-      }
-      auto rp = self->make_response_promise();
-      st.in_flight = in_flight_request{id, c.command, c.deadline, rp};
-      st.phase = worker_phase::busy;
-      auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
-      if (!st.child->send(payload, write_budget)) {
-        fail_worker(self, worker_exit::process_exited,
-                    make_error(error_category::communication_error, "send_failed",
-                               "cannot write to worker " + st.cfg.id + " (stdin closed or full)",
-                               worker_context(self)));
-        return rp;
-      }
-      arm_timer(self, c.deadline);
-      return rp;
+      return start_request(self, c, false);
+    },
+    [=](lease_atom, std::uint64_t lease) { self->state.lease = lease; },
+    [=](revoke_atom, std::uint64_t lease) -> bool {
+      // In sync only when no request is in flight: a reply still on its way
+      // would reach the next holder.
+      auto& st = self->state;
+      if (st.lease == lease)
+        st.lease = 0;
+      return !st.in_flight && st.phase == worker_phase::ready;
     },
     [=](child_frame_atom, const std::string& payload) {
       auto& st = self->state;

@@ -55,6 +55,16 @@ std::optional<error> settings::validate() const {
   if (pool.max_frame_bytes < 64 || pool.max_frame_bytes > (std::size_t{1} << 30))
     return bad("pool.max_frame_bytes",
                fmt::format("must be between 64 and 1073741824 (got {})", pool.max_frame_bytes));
+  if (pool.max_overflow > 1024)
+    return bad("pool.max_overflow", fmt::format("must be between 0 and 1024 (got {})", pool.max_overflow));
+  if (pool.overflow_idle_delay.count() < 0)
+    return bad("pool.overflow_idle_delay", "must not be negative");
+  if (pool.strategy != "fifo" && pool.strategy != "lifo")
+    return bad("pool.strategy", fmt::format("must be 'fifo' or 'lifo' (got '{}')", pool.strategy));
+  if (pool.max_queue < 1)
+    return bad("pool.max_queue", "must be at least 1");
+  if (pool.failure_threshold < 1)
+    return bad("pool.failure_threshold", "must be at least 1");
   if (worker.python.empty())
     return bad("worker.python", "must name an interpreter");
   if (find_executable(worker.python).empty())

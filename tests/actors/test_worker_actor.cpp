@@ -73,7 +73,7 @@ struct worker_fixture {
     bool done = false;
     while (!done && worker) {
       (*self)->receive([&](caf::down_msg& dm) { down_reason = dm.reason; done = true; },
-                       [&](checkin_atom, const std::string&, checkin_status) {},
+                       [&](checkin_atom, const std::string&, const checkin_status&) {},
                        [&](worker_gone_atom, const std::string&) {
                          (*self)->send(worker, release_atom::value);
                        },
@@ -105,8 +105,8 @@ TEST_CASE("handshake succeeds, the LM is configured, requests are served and che
   CHECK(pong.value()["mode"] == "pool-worker");
   CHECK(pong.value()["lm"].is_string());  // configured before it served anything
   bool checked_in = false;
-  (*f.self)->receive([&](checkin_atom, const std::string& id, checkin_status st) {
-    checked_in = id == "tw1" && st == checkin_status::ok;
+  (*f.self)->receive([&](checkin_atom, const std::string& id, const checkin_status& st) {
+    checked_in = id == "tw1" && st.what == checkin_status::kind::ok;
   });
   CHECK(checked_in);
   // A Python-side error is an ordinary error of that request.

@@ -29,7 +29,10 @@ struct worker_info {
 struct pool_status {
   std::size_t size = 0;        ///< configured pool.size
   std::size_t idle = 0;
-  std::size_t busy = 0;
+  std::size_t busy = 0;         ///< running a call or out under a lease
+  std::size_t leased = 0;       ///< leases held by callers
+  std::size_t removing = 0;     ///< removed or stopping, exit not yet seen
+  std::size_t overflow = 0;     ///< overflow workers alive
   std::size_t starting = 0;
   std::size_t queued = 0;      ///< callers waiting for a worker
   std::uint64_t replaced = 0;  ///< workers removed and replaced so far

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <vector>
@@ -22,6 +23,13 @@ struct settings {
     ms init_timeout{10'000};           ///< pool.init_timeout: spawn → init ping reply (and LM configuration)
     ms request_timeout{30'000};        ///< pool.request_timeout: default per-call deadline, queue wait included
     std::size_t max_frame_bytes = default_max_frame_bytes;  ///< pool.max_frame_bytes
+    std::size_t max_overflow = 0;      ///< pool.max_overflow: extra workers started on demand
+    ms overflow_idle_delay{0};         ///< pool.overflow_idle_delay: idle time before an overflow worker retires
+    bool lazy = false;                 ///< pool.lazy: start workers on demand instead of at start
+    std::string strategy = "fifo";     ///< pool.strategy: fifo (round-robin) or lifo (hottest worker first)
+    std::size_t max_queue = 10'000;    ///< pool.max_queue: waiting callers; beyond it pool_saturated at once
+    std::uint32_t failure_threshold = 3;  ///< pool.failure_threshold: consecutive failed checkins that remove a worker
+    bool use_safe_port_connect = true; ///< pool.use_safe_port_connect: validate worker and caller before handover (seed Fix 2 rollback switch)
   } pool;
 
   struct worker_settings {

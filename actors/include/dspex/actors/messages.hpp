@@ -9,10 +9,12 @@
 #include <string>
 
 #include <caf/allowed_unsafe_message_type.hpp>
+#include <caf/actor.hpp>
 #include <caf/atom.hpp>
 #include <caf/error.hpp>
 #include <nlohmann/json.hpp>
 
+#include "dspex/checkout.hpp"
 #include "dspex/error.hpp"
 #include "dspex/status.hpp"
 
@@ -24,6 +26,8 @@ struct call {
   std::string command;
   nlohmann::json args = nlohmann::json::object();
   std::chrono::steady_clock::time_point deadline;
+  checkout_type type = checkout_type::anonymous();
+  bool block = true;  ///< false: resource_error/full at once when no worker is idle
 };
 
 /// The continuation of an asynchronous call (local only).
@@ -31,11 +35,38 @@ struct completion {
   std::function<void(outcome)> fn;
 };
 
+/// A caller's request for a lease (explicit checkout).
+struct checkout_request {
+  checkout_type type = checkout_type::anonymous();
+  std::uint64_t token = 0;  ///< chosen by the caller; names this request in cancel_atom
+  std::chrono::steady_clock::time_point deadline;
+  bool block = true;        ///< false: resource_error/full at once when no worker is idle
+};
+
+/// A granted lease: send (execute_atom, lease_id, call) to `worker`, then
+/// (checkin_atom, lease_id, checkin_status) to the pool.
+struct lease_grant {
+  std::uint64_t lease_id = 0;
+  caf::actor worker;
+  std::string worker_id;
+};
+
+/// The answer to a checkout_request: a grant or a structured error.
+struct checkout_reply {
+  std::optional<lease_grant> grant;
+  dspex::error err;
+};
+
 // -- caller → pool / pool → worker ------------------------------------------
 using execute_atom = caf::atom_constant<caf::atom("execute")>;      // (call) → outcome
 using status_atom = caf::atom_constant<caf::atom("status")>;        // () → pool_status
 using await_ready_atom = caf::atom_constant<caf::atom("awaitready")>;  // () → outcome (ok once all initial workers are ready)
 using stop_atom = caf::atom_constant<caf::atom("stop")>;            // () → bool (graceful, bounded)
+using checkout_atom = caf::atom_constant<caf::atom("checkout")>;    // (checkout_request) → checkout_reply
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // (token): the caller gave up on that checkout
+using ping_idle_atom = caf::atom_constant<caf::atom("pingidle")>;   // () → number of idle workers removed by handle_ping
+using hold_atom = caf::atom_constant<caf::atom("hold")>;            // tests: stop serving requests until resume
+using resume_atom = caf::atom_constant<caf::atom("resume")>;
 
 // -- worker → owner (the pool, or a test) -------------------------------------
 using worker_ready_atom = caf::atom_constant<caf::atom("wready")>;  // (worker_id, pid)
@@ -45,6 +76,8 @@ using retry_atom = caf::atom_constant<caf::atom("retry")>;          // (call) �
 
 // -- owner → worker -------------------------------------------------------------
 using release_atom = caf::atom_constant<caf::atom("release")>;      // the owner sends no more calls: quit now
+using lease_atom = caf::atom_constant<caf::atom("lease")>;          // (lease_id): who may send requests; 0 = nobody
+using revoke_atom = caf::atom_constant<caf::atom("revoke")>;        // (lease_id) → bool in sync
 
 // -- child I/O thread → worker, and worker timers (internal) -------------------
 using child_frame_atom = caf::atom_constant<caf::atom("cframe")>;   // (payload)
@@ -57,10 +90,8 @@ using request_timeout_atom = caf::atom_constant<caf::atom("reqtmo")>;  // (reque
 // -- pool timers (internal) ------------------------------------------------------
 using queue_timeout_atom = caf::atom_constant<caf::atom("queuetmo")>;  // (ticket)
 using restart_atom = caf::atom_constant<caf::atom("restart")>;
+using retire_atom = caf::atom_constant<caf::atom("retire")>;        // (worker_id): overflow idle delay over
 
-/// How a checkout ended, as NimblePool's checkin statuses: the command ran and
-/// succeeded, or ran and returned a Python-side error (the worker stays).
-enum class checkin_status : std::uint8_t { ok = 0, error = 1 };
 
 // -- exit reasons of a worker actor ------------------------------------------------
 
@@ -91,5 +122,8 @@ bool is_start_failure(const caf::error& reason);
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::call)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::outcome)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::completion)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkout_type)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkout_request)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkout_reply)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::pool_status)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkin_status)

@@ -31,6 +31,11 @@
 
 namespace dspex {
 
-caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config);
+class worker_contract;
+
+/// Spawns a pool. `contract` drives its workers; null means the bundled
+/// Python workers (python_worker_contract).
+caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
+                      std::shared_ptr<worker_contract> contract = nullptr);
 
 } // namespace dspex

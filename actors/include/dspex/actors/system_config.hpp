@@ -32,6 +32,7 @@ private:
   caf::timespan request_timeout_;
   caf::timespan shutdown_grace_;
   caf::timespan kill_grace_;
+  caf::timespan overflow_idle_delay_;
 };
 
 } // namespace dspex

@@ -5,8 +5,13 @@
 // Contract with its owner (the pool actor, or a test):
 //  - sends (worker_ready_atom, id, pid) once the init ping (and the LM
 //    configuration, when one is set) succeeded within init_timeout;
-//  - answers (execute_atom, call) with an outcome, then sends
-//    (checkin_atom, id, checkin_status) to the owner;
+//  - answers (execute_atom, call) — a call mediated by the owner — with an
+//    outcome, after sending (checkin_atom, id, checkin_status) to the owner;
+//  - leases: after (lease_atom, lease_id) from the owner, answers
+//    (execute_atom, lease_id, call) from the lease holder, and only with that
+//    id (else resource_error/not_lease_holder); no checkin (the holder checks
+//    in with the pool). (revoke_atom, lease_id) → bool: in sync, i.e. no
+//    request in flight, so the worker can go back to the pool;
 //  - on (stop_atom): fails a request in flight with resource_error/worker_stopping,
 //    sends `shutdown`, runs the stop sequence and quits normally when reaped;
 //  - otherwise quits with make_exit_reason(...): spawn_failed, init_failed,
@@ -22,6 +27,7 @@
 //    never reached: it is served by the next one.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -32,10 +38,20 @@
 
 namespace dspex {
 
+/// What the pool can check about a worker without asking it (seed Fix 2,
+/// validate_port): written by the worker actor and its I/O thread, read by
+/// the pool's checkout validation.
+struct worker_health {
+  std::atomic<bool> process_alive{false};  ///< spawned and not yet exited
+  std::atomic<bool> pipes_open{false};     ///< stdin writable, stdout framing intact
+  std::atomic<bool> actor_alive{true};     ///< the worker actor has not terminated
+};
+
 struct worker_config {
   std::string id;                               ///< e.g. "w3"
   std::shared_ptr<const settings> config;
-  caf::actor owner;                             ///< receives wready / checkin
+  caf::actor owner;                             ///< receives wready / checkin / wgone
+  std::shared_ptr<worker_health> health = std::make_shared<worker_health>();
 };
 
 /// Spawns a worker actor linked to nothing; the caller decides (the pool

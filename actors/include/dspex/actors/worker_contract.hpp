@@ -1,0 +1,143 @@
+// The worker contract: the callbacks a pool drives for each of its workers,
+// and the only results they can give. Modelled on NimblePool's worker
+// behaviour; the seed document's Fix 1 exists because the original returned
+// {:error, reason} from handle_checkout, a result the contract did not allow,
+// and crashed the pool with every queued caller. Here a wrong result cannot
+// be written: each callback returns a type with exactly the allowed cases.
+//
+//   init_worker(w, pool)          → ready | async | failed(error)
+//       Start one worker. `async`: it reports (worker_ready_atom, id, pid) to
+//       the pool later, or exits (it is a linked child of the pool).
+//   handle_checkout(type, caller, w) → ok(client) | remove(reason) | skip(error)
+//       Called before a worker is handed to a caller. ok: hand it over;
+//       `client` is the actor the caller's requests go to. remove: the worker
+//       is terminated and replaced and the SAME checkout is retried on the
+//       next worker. skip: that caller fails with `error`, the worker stays.
+//   handle_checkin(status, w)     → ok | remove(reason)
+//       Called when a checkout ends with status ok, error(reason) or close.
+//   handle_info(message, w)       → ok | remove(reason)
+//       A message about an idle worker (e.g. its process exited).
+//   handle_ping(w)                → ok | remove(reason)
+//       An idle health check.
+//   terminate_worker(reason, w)
+//       The worker leaves the pool: stop it. Its exit still reaches the pool.
+//
+// An exception thrown by a callback counts as remove(connect_error(...)) for
+// handle_checkout and remove(callback_failed) for the others.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <caf/actor.hpp>
+#include <caf/actor_addr.hpp>
+#include <caf/fwd.hpp>
+
+#include "dspex/checkout.hpp"
+#include "dspex/error.hpp"
+#include "dspex/status.hpp"
+
+namespace dspex {
+
+/// The pool's record of one worker, handed to every callback. The pool owns it;
+/// `state` belongs to the contract implementation.
+struct pool_worker {
+  std::string id;
+  caf::actor handle;                 ///< set by init_worker; the pool links to it
+  int pid = 0;                       ///< reported with worker_ready
+  bool overflow = false;             ///< started beyond pool.size, retired when idle
+  worker_stats stats;                ///< changed only by update_worker_stats (Fix 6)
+  std::uint32_t consecutive_failures = 0;
+  std::optional<std::string> current_session;  ///< set at a session checkout, cleared at checkin
+  std::shared_ptr<void> state;       ///< the contract's own per-worker state
+};
+
+/// The caller of a checkout, as the pool sees it (it monitors every caller).
+struct caller_info {
+  caf::actor_addr addr;
+  bool alive = true;
+};
+
+/// ready | async | failed(error)
+class init_result {
+public:
+  enum class kind { ready, async, failed };
+  static init_result ready() { return init_result{kind::ready, {}}; }
+  static init_result async() { return init_result{kind::async, {}}; }
+  static init_result failed(error e) { return init_result{kind::failed, std::move(e)}; }
+  kind what() const noexcept { return kind_; }
+  const error& reason() const noexcept { return reason_; }
+
+private:
+  init_result(kind k, error e) : kind_(k), reason_(std::move(e)) {
+  }
+  kind kind_;
+  error reason_;
+};
+
+/// ok(client) | remove(reason) | skip(error)
+class checkout_result {
+public:
+  enum class kind { ok, remove, skip };
+  static checkout_result ok(caf::actor client) {
+    return checkout_result{kind::ok, std::move(client), {}};
+  }
+  static checkout_result remove(error reason) {
+    return checkout_result{kind::remove, nullptr, std::move(reason)};
+  }
+  static checkout_result skip(error err) {
+    return checkout_result{kind::skip, nullptr, std::move(err)};
+  }
+  kind what() const noexcept { return kind_; }
+  const caf::actor& client() const noexcept { return client_; }
+  const error& reason() const noexcept { return reason_; }
+
+private:
+  checkout_result(kind k, caf::actor c, error e)
+    : kind_(k), client_(std::move(c)), reason_(std::move(e)) {
+  }
+  kind kind_;
+  caf::actor client_;
+  error reason_;
+};
+
+/// ok | remove(reason): the result of handle_checkin, handle_info and handle_ping.
+class keep_or_remove {
+public:
+  enum class kind { ok, remove };
+  static keep_or_remove ok() { return keep_or_remove{kind::ok, {}}; }
+  static keep_or_remove remove(error reason) {
+    return keep_or_remove{kind::remove, std::move(reason)};
+  }
+  kind what() const noexcept { return kind_; }
+  const error& reason() const noexcept { return reason_; }
+
+private:
+  keep_or_remove(kind k, error e) : kind_(k), reason_(std::move(e)) {
+  }
+  kind kind_;
+  error reason_;
+};
+
+class worker_contract {
+public:
+  virtual ~worker_contract();
+  virtual init_result init_worker(pool_worker& w, caf::event_based_actor* pool) = 0;
+  virtual checkout_result handle_checkout(const checkout_type& type, const caller_info& caller,
+                                          pool_worker& w) = 0;
+  virtual keep_or_remove handle_checkin(const checkin_status& status, pool_worker& w) = 0;
+  virtual keep_or_remove handle_info(const caf::message& msg, pool_worker& w) = 0;
+  virtual keep_or_remove handle_ping(pool_worker& w) = 0;
+  virtual void terminate_worker(const error& reason, pool_worker& w) = 0;
+};
+
+// -- Fix 1: the error terms of a failed checkout, each a `remove` reason ------
+
+error checkout_failed(std::string reason, const std::string& worker_id);
+error connect_failed(std::string reason, const std::string& worker_id);
+error connect_exited(std::string reason, const std::string& worker_id);
+error connect_error(std::string kind, std::string reason, const std::string& worker_id);
+
+} // namespace dspex
