@@ -241,24 +241,30 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
   auto id = st.next_request_id++;
   std::string payload;
   try {
-    payload = encode_request(id, c.command, std::move(c.args));
+    payload = encode_request(id, c.command, c.args);
   } catch (const std::exception& e) {
     check_in_now();
     return outcome::failure(make_error(error_category::system_error, "invalid_request", e.what(),
                                        worker_context(self)));
   }
   auto rp = self->make_response_promise();
-  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in};
-  st.phase = worker_phase::busy;
   auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
   if (!st.child->send(payload, write_budget)) {
+    // No whole request reached the process, so nothing ran: a call that
+    // came through the pool goes back to it and is served by the next worker.
     st.cfg.health->pipes_open = false;
-    fail_worker(self, worker_exit::process_exited,
-                make_error(error_category::communication_error, "send_failed",
-                           "cannot write to worker " + st.cfg.id + " (stdin closed or full)",
-                           worker_context(self)));
+    auto err = make_error(error_category::communication_error, "send_failed",
+                          "cannot write to worker " + st.cfg.id + " (stdin closed or full)",
+                          worker_context(self));
+    fail_worker(self, worker_exit::process_exited, err);
+    if (check_in)
+      rp.delegate(st.cfg.owner, retry_atom::value, std::move(c));
+    else
+      rp.deliver(outcome::failure(std::move(err)));
     return rp;
   }
+  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in};
+  st.phase = worker_phase::busy;
   arm_timer(self, c.deadline);
   return rp;
 }
