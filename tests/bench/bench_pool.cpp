@@ -9,6 +9,7 @@
 // Not a ctest test: run it by hand. Every child is reaped and the runtime is
 // stopped before exit.
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -28,6 +29,7 @@
 #include <fstream>
 #include <sstream>
 #include <future>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -68,17 +70,20 @@ struct options {
   std::size_t callers = 16;
   std::string python;
   std::string scheduler = "sharing";
+  std::size_t max_threads = 0;  ///< scheduler.max-threads; 0 = CAF's default
   bool quick = false;
 };
 
 [[noreturn]] void usage(const char* argv0, const std::string& problem) {
   std::fprintf(stderr,
                "%s\nusage: %s [--iterations=N] [--python=PATH] [--scheduler=sharing|stealing]\n"
-               "          [--callers=N] [--quick]\n"
+               "          [--max-threads=N] [--callers=N] [--quick]\n"
                "  --iterations=N  sequential round trips (default 20000); the concurrent\n"
                "                  runs use 2N (default 40000)\n"
                "  --python=PATH   interpreter (default /usr/bin/python3, else python3 in PATH)\n"
                "  --scheduler=P   CAF scheduler policy of the runtime (default sharing)\n"
+               "  --max-threads=N scheduler.max-threads of the runtime (default 0: CAF's own\n"
+               "                  default, max(4, cores) in CAF 0.17)\n"
                "  --callers=N     concurrent callers of the pool (default 16)\n"
                "  --quick         small counts, for a smoke run\n",
                problem.c_str(), argv0);
@@ -113,6 +118,8 @@ options parse_options(int argc, char** argv) {
       iterations = parse_count(argv[0], "--iterations", *v);
     } else if (auto v = value_of("--callers")) {
       o.callers = parse_count(argv[0], "--callers", *v);
+    } else if (auto v = value_of("--max-threads")) {
+      o.max_threads = parse_count(argv[0], "--max-threads", *v);
     } else if (auto v = value_of("--python")) {
       o.python = *v;
     } else if (auto v = value_of("--scheduler")) {
@@ -241,8 +248,12 @@ void print_machine(const options& o) {
   std::printf("loadavg : %s (at start)\n", read_first_line("/proc/loadavg").c_str());
   std::printf("python  : %s\n", o.python.c_str());
   std::printf("worker  : %s\n", DSPEX_BENCH_WORKER_SCRIPT);
-  std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=0 (one per core)\n",
-              o.scheduler.c_str());
+  if (o.max_threads == 0)
+    std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=0 (CAF default)\n",
+                o.scheduler.c_str());
+  else
+    std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=%zu\n", o.scheduler.c_str(),
+                o.max_threads);
   std::printf("counts  : sequential=%zu, concurrent=%zu, warm-up=%zu, callers=%zu%s\n\n",
               o.sequential, o.concurrent, o.warmup, o.callers, o.quick ? " (--quick)" : "");
   std::fflush(stdout);
@@ -534,12 +545,33 @@ raw_results run_raw(const options& o) {
 
 // ----------------------------------------------------------------- pool path
 
+/// "4 x caf.multiplexer, 1 x caf.clock, ..." for the threads of this process.
+std::string thread_census() {
+  std::map<std::string, int> names;
+  if (DIR* d = ::opendir("/proc/self/task")) {
+    while (auto* e = ::readdir(d)) {
+      if (e->d_name[0] == '.')
+        continue;
+      auto name = read_first_line(("/proc/self/task/" + std::string{e->d_name} + "/comm").c_str());
+      if (name.rfind("io:", 0) == 0)
+        name = "io:<worker>";
+      ++names[name];
+    }
+    ::closedir(d);
+  }
+  std::string out;
+  for (auto& [name, n] : names)
+    out += (out.empty() ? "" : ", ") + std::to_string(n) + " x " + name;
+  return out;
+}
+
 struct pool_results {
   row sequential;
   row blocking;
   row async;
   double start_ms = 0;
   std::size_t workers = 0;
+  std::string threads;  ///< the runtime's threads once started, by name
 };
 
 void expect_ok(const dspex::outcome& r, const char* where) {
@@ -617,6 +649,7 @@ pool_results run_pool(const options& o) {
   s.worker.python = o.python;
   s.worker.script = DSPEX_BENCH_WORKER_SCRIPT;
   s.scheduler_policy = o.scheduler;
+  s.scheduler_max_threads = o.max_threads;
   s.log_level = "warn";  // the workers' start-up stderr lines would clutter the table
   res.workers = s.pool.size;
 
@@ -626,6 +659,7 @@ pool_results run_pool(const options& o) {
   std::vector<pid_t> worker_pids;
   for (auto& w : rt->status().workers)
     worker_pids.push_back(static_cast<pid_t>(w.pid));
+  res.threads = thread_census();
   try {
     for (std::size_t i = 0; i < o.warmup; ++i)
       expect_ok(rt->execute_anonymous("ping"), "warm-up");
@@ -723,6 +757,7 @@ void print_ratios(const raw_results& raw, const pool_results& pool, std::size_t 
               pool.async.rps / raw.concurrent.rps);
   auto cores = std::max<long>(1, ::sysconf(_SC_NPROCESSORS_ONLN));
   auto bound = (static_cast<double>(pool.workers) / static_cast<double>(cores) + 1.0) * raw.start_ms;
+  std::printf("runtime threads (after start): %s\n", pool.threads.c_str());
   std::printf("start-up\n");
   std::printf("  raw: 1 worker ready in %.1f ms; pool: %zu workers ready in %.1f ms"
               " (target <= %.1f ms: %s)\n",

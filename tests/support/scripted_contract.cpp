@@ -1,0 +1,256 @@
+#include "support/scripted_contract.hpp"
+
+#include <caf/all.hpp>
+
+#include "dspex/actors/messages.hpp"
+
+namespace dspex::testing {
+
+namespace {
+
+const char* name_of(step::callback cb) {
+  switch (cb) {
+    case step::callback::init_worker: return "init_worker";
+    case step::callback::handle_checkout: return "handle_checkout";
+    case step::callback::handle_checkin: return "handle_checkin";
+    case step::callback::handle_info: return "handle_info";
+    case step::callback::handle_ping: return "handle_ping";
+  }
+  return "?";
+}
+
+const char* name_of(checkin_status::kind k) {
+  switch (k) {
+    case checkin_status::kind::ok: return "ok";
+    case checkin_status::kind::error: return "error";
+    case checkin_status::kind::close: return "close";
+  }
+  return "?";
+}
+
+error scripted_error(const char* what, const std::string& worker_id) {
+  return make_error(error_category::resource_error, std::string{"scripted_"} + what,
+                    std::string{"scripted "} + what, {{"worker_id", worker_id}});
+}
+
+struct fake_state {
+  std::string id;
+  caf::actor owner;
+  std::uint64_t lease = 0;
+  std::optional<caf::response_promise> held;
+  bool held_checks_in = false;
+  static inline const char* name = "dspex.fake_worker";
+};
+
+using fake_actor_t = caf::stateful_actor<fake_state>;
+
+caf::result<outcome> serve(fake_actor_t* self, call& c, bool check_in) {
+  auto& st = self->state;
+  if (st.held)
+    return outcome::failure(make_error(error_category::resource_error, "worker_busy",
+                                       "fake worker already holds a request"));
+  if (c.command == "hold") {
+    auto rp = self->make_response_promise();
+    st.held = rp;
+    st.held_checks_in = check_in;
+    return rp;
+  }
+  if (c.command == "fail") {
+    auto err = make_error(error_category::python_error, "command_failed", "scripted failure",
+                          {{"worker_id", st.id}});
+    if (check_in)
+      self->send(st.owner, checkin_atom::value, st.id, checkin_status::failed(err));
+    return outcome::failure(err);
+  }
+  if (check_in)
+    self->send(st.owner, checkin_atom::value, st.id, checkin_status::ok());
+  return outcome::success({{"worker_id", st.id}, {"command", c.command}, {"args", c.args}});
+}
+
+caf::behavior fake_worker(fake_actor_t* self, std::string id, caf::actor owner,
+                          bool announce_ready) {
+  self->state.id = id;
+  self->state.owner = owner;
+  if (announce_ready)
+    self->send(owner, worker_ready_atom::value, id, 0);
+  return {
+    [=](execute_atom, call& c) { return serve(self, c, true); },
+    [=](execute_atom, std::uint64_t lease, call& c) -> caf::result<outcome> {
+      if (lease == 0 || lease != self->state.lease)
+        return outcome::failure(make_error(error_category::resource_error, "not_lease_holder",
+                                           "not checked out under this lease"));
+      return serve(self, c, false);
+    },
+    [=](lease_atom, std::uint64_t lease) { self->state.lease = lease; },
+    [=](revoke_atom, std::uint64_t lease) -> bool {
+      if (self->state.lease == lease)
+        self->state.lease = 0;
+      return !self->state.held;
+    },
+    [=](resume_atom) {
+      auto& st = self->state;
+      if (!st.held)
+        return;
+      if (st.held_checks_in)
+        self->send(st.owner, checkin_atom::value, st.id, checkin_status::ok());
+      st.held->deliver(outcome::success({{"worker_id", st.id}, {"command", "hold"}}));
+      st.held.reset();
+    },
+    // Stop, or a crash as the real worker has one: the request in flight fails first.
+    [=](stop_atom) {
+      auto& st = self->state;
+      if (st.held) {
+        st.held->deliver(outcome::failure(make_error(error_category::communication_error,
+                                                     "worker_exited", "fake worker crashed",
+                                                     {{"worker_id", st.id}})));
+        st.held.reset();
+      }
+      self->quit();
+    },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_fake_worker(caf::event_based_actor* pool, const std::string& id,
+                             bool announce_ready) {
+  return pool->spawn<caf::linked>(fake_worker, id, caf::actor{pool}, announce_ready);
+}
+
+scripted_contract::scripted_contract(bool async_start) : async_start_(async_start) {
+}
+
+void scripted_contract::expect(step s) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  script_.push_back(std::move(s));
+}
+
+std::vector<std::string> scripted_contract::calls() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  return calls_;
+}
+
+void scripted_contract::clear_calls() {
+  std::lock_guard<std::mutex> guard{mtx_};
+  calls_.clear();
+}
+
+std::vector<std::string> scripted_contract::unmet() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto out = mismatches_;
+  for (auto& s : script_)
+    out.push_back(std::string{"never ran: "} + name_of(s.cb) + " "
+                  + (s.worker_id.empty() ? "*" : s.worker_id));
+  return out;
+}
+
+caf::actor scripted_contract::worker(const std::string& worker_id) const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  for (auto& [id, handle] : workers_)
+    if (id == worker_id)
+      return handle;
+  return nullptr;
+}
+
+// Takes the next scripted step if it is for this callback (and worker);
+// a step for another callback stays queued and the mismatch is recorded.
+std::optional<step::action> scripted_contract::next(step::callback cb,
+                                                    const std::string& worker_id,
+                                                    std::string call) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  calls_.push_back(std::move(call));
+  if (script_.empty())
+    return std::nullopt;
+  auto& s = script_.front();
+  if (s.cb != cb)
+    return std::nullopt;  // a later callback is scripted; this one takes the default
+  if (!s.worker_id.empty() && s.worker_id != worker_id) {
+    mismatches_.push_back(std::string{"expected "} + name_of(cb) + " " + s.worker_id + ", got "
+                          + worker_id);
+    script_.pop_front();
+    return std::nullopt;
+  }
+  auto act = s.act;
+  script_.pop_front();
+  return act;
+}
+
+init_result scripted_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
+  auto act = next(step::callback::init_worker, w.id, "init_worker " + w.id);
+  if (act == step::action::raise)
+    throw std::runtime_error("scripted init_worker exception");
+  if (act == step::action::fail)
+    return init_result::failed(scripted_error("init_failure", w.id));
+  auto async = async_start_ || act == step::action::async;
+  w.handle = spawn_fake_worker(pool, w.id, async);
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    workers_.emplace_back(w.id, w.handle);
+  }
+  return async ? init_result::async() : init_result::ready();
+}
+
+checkout_result scripted_contract::handle_checkout(const checkout_type& type,
+                                                   const caller_info& caller, pool_worker& w) {
+  auto act = next(step::callback::handle_checkout, w.id,
+                  "handle_checkout " + w.id + " " + type.to_string()
+                    + (caller.alive ? "" : " (caller dead)"));
+  switch (act.value_or(step::action::ok)) {
+    case step::action::remove:
+      return checkout_result::remove(checkout_failed("scripted remove", w.id));
+    case step::action::skip:
+      return checkout_result::skip(scripted_error("skip", w.id));
+    case step::action::raise:
+      throw std::runtime_error("scripted handle_checkout exception");
+    default:
+      return checkout_result::ok(w.handle);
+  }
+}
+
+keep_or_remove scripted_contract::handle_checkin(const checkin_status& status, pool_worker& w) {
+  auto act = next(step::callback::handle_checkin, w.id,
+                  "handle_checkin " + w.id + " " + name_of(status.what));
+  switch (act.value_or(step::action::ok)) {
+    case step::action::remove:
+      return keep_or_remove::remove(scripted_error("checkin_remove", w.id));
+    case step::action::raise:
+      throw std::runtime_error("scripted handle_checkin exception");
+    default:
+      return keep_or_remove::ok();
+  }
+}
+
+keep_or_remove scripted_contract::handle_info(const caf::message&, pool_worker& w) {
+  auto act = next(step::callback::handle_info, w.id, "handle_info " + w.id);
+  switch (act.value_or(step::action::ok)) {
+    case step::action::remove:
+      return keep_or_remove::remove(scripted_error("info_remove", w.id));
+    case step::action::raise:
+      throw std::runtime_error("scripted handle_info exception");
+    default:
+      return keep_or_remove::ok();
+  }
+}
+
+keep_or_remove scripted_contract::handle_ping(pool_worker& w) {
+  auto act = next(step::callback::handle_ping, w.id, "handle_ping " + w.id);
+  switch (act.value_or(step::action::ok)) {
+    case step::action::remove:
+      return keep_or_remove::remove(scripted_error("ping_remove", w.id));
+    case step::action::raise:
+      throw std::runtime_error("scripted handle_ping exception");
+    default:
+      return keep_or_remove::ok();
+  }
+}
+
+void scripted_contract::terminate_worker(const error& reason, pool_worker& w) {
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    calls_.push_back("terminate_worker " + w.id + " " + reason.type);
+  }
+  if (w.handle)
+    caf::anon_send(w.handle, stop_atom::value);
+}
+
+} // namespace dspex::testing
