@@ -95,7 +95,7 @@ struct pool_state {
 using pool_actor_t = caf::stateful_actor<pool_state>;
 
 void dispatch(pool_actor_t* self);
-void fill_pool(pool_actor_t* self);
+bool fill_pool(pool_actor_t* self);
 
 // -- small helpers ------------------------------------------------------------------
 
@@ -228,11 +228,12 @@ clock_type::duration restart_delay(std::uint32_t consecutive_failures) {
 }
 
 // Keeps pool.size workers (eager), or as many as callers need up to
-// pool.size (lazy), plus overflow workers for callers beyond that.
-void fill_pool(pool_actor_t* self) {
+// pool.size (lazy), plus overflow workers for callers beyond that. Returns
+// true when a worker became idle at once (synchronous init_worker).
+bool fill_pool(pool_actor_t* self) {
   auto& st = self->state;
   if (st.stopping || st.restart_pending)
-    return;
+    return false;
   const auto& pc = st.config->pool;
   auto regular = active_count(self, false);
   auto overflow = active_count(self, true);
@@ -250,17 +251,19 @@ void fill_pool(pool_actor_t* self) {
       extra = std::min(pc.max_overflow - overflow, st.queue.size() - starting);
   }
   if (missing + extra == 0)
-    return;
+    return false;
   auto delay = restart_delay(st.consecutive_start_failures);
   if (delay > clock_type::duration::zero()) {
     st.restart_pending = true;
     self->delayed_send(self, delay, restart_atom::value);
-    return;
+    return false;
   }
+  auto idle_before = st.idle.size();
   for (std::size_t i = 0; i < missing; ++i)
     start_worker(self, false, false);
   for (std::size_t i = 0; i < extra; ++i)
     start_worker(self, false, true);
+  return st.idle.size() > idle_before;
 }
 
 void retire(pool_actor_t* self, const worker_entry& e) {
@@ -447,11 +450,8 @@ bool offer(pool_actor_t* self, const std::string& id, waiter& wt) {
 // Matches waiting callers with idle workers, oldest first. An expired caller
 // is answered here and never handed a worker; a removal retries the same
 // caller on the next worker.
-void dispatch(pool_actor_t* self) {
+void match_waiters(pool_actor_t* self, clock_type::time_point now) {
   auto& st = self->state;
-  if (st.stopping)
-    return;
-  auto now = clock_type::now();
   while (!st.queue.empty()) {
     auto it = st.queue.begin();
     auto& wt = it->second;
@@ -469,7 +469,17 @@ void dispatch(pool_actor_t* self) {
       st.queue.erase(it);
     }
   }
-  fill_pool(self);
+}
+
+// Serves waiters, starting workers as they are needed.
+void dispatch(pool_actor_t* self) {
+  auto& st = self->state;
+  if (st.stopping)
+    return;
+  auto now = clock_type::now();
+  do {
+    match_waiters(self, now);
+  } while (fill_pool(self) && !st.queue.empty());
 }
 
 error full_error(const checkout_type& t) {
@@ -481,6 +491,10 @@ error full_error(const checkout_type& t) {
 caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
   auto& st = self->state;
   auto rp = wt.promise;
+  if (wt.deadline <= clock_type::now()) {
+    fail_waiter(wt, timeout_outcome(wt).error());
+    return rp;
+  }
   if (st.queue.empty() && !st.idle.empty()) {
     while (auto id = take_idle(self))
       if (offer(self, *id, wt))
@@ -501,7 +515,7 @@ caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
   wt.watched = true;
   arm_queue_timer(self, wt.deadline);
   st.queue.emplace(st.next_ticket++, std::move(wt));
-  fill_pool(self);
+  dispatch(self);
   return rp;
 }
 

@@ -73,7 +73,98 @@ caf::behavior async_caller(caf::stateful_actor<async_caller_state>* self, caf::a
   };
 }
 
+// The identity of one lease holder: the pool monitors it, so destroying a
+// lease (this actor exits) revokes it. It also waits for the grant, and if
+// its own wait ends first it tells the pool, as NimblePool's client does.
+caf::behavior lease_holder(caf::event_based_actor* self, caf::actor pool) {
+  self->monitor(pool);
+  self->set_down_handler([=](caf::down_msg&) { self->quit(); });  // pool gone: lease over
+  return {
+    [=](checkout_atom, checkout_request& req) -> caf::result<checkout_reply> {
+      auto rp = self->make_response_promise();
+      auto token = req.token;
+      auto left = std::max(req.deadline - clock_type::now(), clock_type::duration::zero());
+      auto timeout = caf::duration{
+        std::chrono::duration_cast<std::chrono::milliseconds>(left) + reply_margin};
+      self->request(pool, timeout, checkout_atom::value, std::move(req))
+        .then([=](checkout_reply& reply) mutable { rp.deliver(std::move(reply)); },
+              [=](caf::error& e) mutable {
+                self->send(pool, cancel_atom::value, token);
+                rp.deliver(checkout_reply{
+                  std::nullopt, from_caf_error(self->system(), e, "checkout").error()});
+              });
+      return rp;
+    },
+    [=](stop_atom) { self->quit(); },
+  };
+}
+
 } // namespace
+
+struct lease::impl {
+  caf::actor_system* system = nullptr;
+  caf::actor pool;
+  caf::actor holder;
+  lease_grant grant;
+  std::shared_ptr<std::atomic<bool>> runtime_stopped;
+  bool checked_in = false;
+};
+
+lease::lease(std::unique_ptr<impl> p) : impl_(std::move(p)) {
+}
+
+lease::~lease() {
+  if (!impl_->checked_in && !*impl_->runtime_stopped)
+    caf::anon_send_exit(impl_->holder, caf::exit_reason::user_shutdown);
+}
+
+const std::string& lease::worker_id() const noexcept {
+  return impl_->grant.worker_id;
+}
+
+bool lease::checked_in() const noexcept {
+  return impl_->checked_in;
+}
+
+outcome lease::execute(const std::string& command, nlohmann::json args, call_options options) {
+  auto fail = [&](const char* type, const char* message) {
+    return outcome::failure(make_error(error_category::resource_error, type, message,
+                                       {{"command", command}, {"worker_id", worker_id()}}));
+  };
+  if (*impl_->runtime_stopped)
+    return fail("pool_stopping", "the runtime is stopped");
+  if (impl_->checked_in)
+    return fail("not_lease_holder", "the lease was checked in");
+  if (args.is_null())
+    args = nlohmann::json::object();
+  if (!args.is_object())
+    return outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                       "args must be a JSON object", {{"command", command}}));
+  auto timeout = options.timeout.value_or(std::chrono::milliseconds{30'000});
+  call c{command, std::move(args), clock_type::now() + timeout};
+  outcome result;
+  caf::scoped_actor self{*impl_->system};
+  self->request(impl_->grant.worker, caller_timeout(c), execute_atom::value,
+                impl_->grant.lease_id, std::move(c))
+    .receive([&](outcome& o) { result = std::move(o); },
+             [&](caf::error& e) { result = from_caf_error(*impl_->system, e, command); });
+  return result;
+}
+
+bool lease::checkin(checkin_status status) {
+  if (impl_->checked_in || *impl_->runtime_stopped)
+    return false;
+  impl_->checked_in = true;
+  bool known = false;
+  {
+    caf::scoped_actor self{*impl_->system};
+    self->request(impl_->pool, caf::duration{std::chrono::seconds{10}}, checkin_atom::value,
+                  impl_->grant.lease_id, std::move(status))
+      .receive([&](bool k) { known = k; }, [&](caf::error&) {});
+  }
+  caf::anon_send(impl_->holder, stop_atom::value);
+  return known;
+}
 
 struct runtime::impl {
   settings config;
@@ -84,6 +175,8 @@ struct runtime::impl {
   caf::actor pool;
   caf::actor async_caller;
   std::atomic<bool> stopped{false};
+  // Shared with leases, which may be destroyed after stop().
+  std::shared_ptr<std::atomic<bool>> stopped_flag = std::make_shared<std::atomic<bool>>(false);
 
   // Validates the arguments of one call and fixes its deadline.
   std::variant<call, outcome> make_call(const std::string& command, nlohmann::json args,
@@ -173,6 +266,36 @@ std::future<outcome> runtime::execute_anonymous_async(const std::string& command
   return future;
 }
 
+std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type,
+                                                             checkout_options options) {
+  if (impl_->stopped)
+    return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped");
+  static std::atomic<std::uint64_t> next_token{1};
+  auto timeout = options.timeout.value_or(impl_->config.pool.request_timeout);
+  checkout_request req{std::move(type), next_token++, clock_type::now() + timeout, options.block};
+  auto holder = impl_->system->spawn(lease_holder, impl_->pool);
+  checkout_reply reply{std::nullopt, {}};
+  {
+    caf::scoped_actor self{*impl_->system};
+    self->request(holder, caf::infinite, checkout_atom::value, std::move(req))
+      .receive([&](checkout_reply& r) { reply = std::move(r); },
+               [&](caf::error& e) {
+                 reply.err = from_caf_error(*impl_->system, e, "checkout").error();
+               });
+  }
+  if (!reply.grant) {
+    caf::anon_send(holder, stop_atom::value);
+    return reply.err;
+  }
+  auto p = std::make_unique<lease::impl>();
+  p->system = impl_->system.get();
+  p->pool = impl_->pool;
+  p->holder = holder;
+  p->grant = std::move(*reply.grant);
+  p->runtime_stopped = impl_->stopped_flag;
+  return std::make_unique<lease>(std::move(p));
+}
+
 pool_status runtime::status() {
   pool_status result;
   if (impl_->stopped)
@@ -187,6 +310,7 @@ pool_status runtime::status() {
 void runtime::stop() {
   if (impl_->stopped.exchange(true))
     return;
+  *impl_->stopped_flag = true;
   auto& sys = *impl_->system;
   const auto& w = impl_->config.worker;
   // Workers stop concurrently, each bounded by its graces; the margin covers

@@ -1,8 +1,12 @@
 // Layer 1: the worker contract as the pool drives it, against the scripted
 // contract and fake in-process workers. Every test checks the exact order of
 // callbacks and that every scripted step ran.
+#include <thread>
+
 #include <doctest/doctest.h>
 
+#include "dspex/actors/python_worker_contract.hpp"
+#include "dspex/actors/worker_actor.hpp"
 #include "support/scripted_contract.hpp"
 #include "support/test_pool.hpp"
 
@@ -149,4 +153,304 @@ TEST_CASE("a session checkout records the session on the worker until checkin") 
   CHECK(c.execute(*lease.grant, "work").ok());
   CHECK(c.checkin(*lease.grant));
   CHECK(f.pool->wait_for(all_idle));
+}
+
+TEST_CASE("wait_for_pool_ready reports a timeout instead of pretending success") {
+  fixture f(2);
+  // Built by the fixture already; a pool whose second worker never gets ready:
+  auto contract = std::make_shared<scripted_contract>();
+  contract->expect(step::init(act::ok, "w1"));
+  contract->expect(step::init(act::async, "w2"));
+  test_pool stuck{test_pool_options{test_settings(2), contract}};
+  CHECK_FALSE(stuck.wait_for_pool_ready(300ms));
+  auto st = stuck.status();
+  CHECK(st.idle == 1);
+  CHECK(st.starting == 1);
+  CHECK(f.pool->wait_for_pool_ready());
+}
+
+TEST_CASE("a caller that dies while queued is dropped and gets no worker") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  test_caller holder{*f.pool};
+  auto lease = holder.checkout();
+  REQUIRE(lease.grant);
+  {
+    test_caller doomed{*f.pool};
+    doomed.checkout_async();
+    REQUIRE(f.pool->wait_for([](const pool_status& s) { return s.queued == 1; }));
+    doomed.die();
+  }
+  REQUIRE(f.pool->wait_for([](const pool_status& s) { return s.queued == 0; }));
+  CHECK(holder.checkin(*lease.grant));
+  REQUIRE(f.pool->wait_for(all_idle));
+  CHECK(f.pool->status().workers.at(0).stats.checkouts == 1);
+}
+
+TEST_CASE("a caller that dies holding a lease: in sync the worker returns, else it is replaced") {
+  SUBCASE("no request in flight") {
+    fixture f(1);
+    REQUIRE(f.ready());
+    test_caller c{*f.pool};
+    auto lease = c.checkout();
+    REQUIRE(lease.grant);
+    c.die();
+    REQUIRE(f.pool->wait_for(all_idle));
+    auto st = f.pool->status();
+    CHECK(st.replaced == 0);
+    CHECK(st.workers.at(0).id == "w1");
+  }
+  SUBCASE("a request in flight") {
+    fixture f(1);
+    REQUIRE(f.ready());
+    test_caller c{*f.pool};
+    auto lease = c.checkout();
+    REQUIRE(lease.grant);
+    c.execute_async(*lease.grant, "hold");
+    c.die();
+    REQUIRE(f.pool->wait_for([](const pool_status& s) { return all_idle(s) && s.replaced == 1; }));
+    CHECK(f.pool->status().workers.at(0).id == "w2");
+  }
+}
+
+TEST_CASE("only the lease holder's requests reach a checked-out worker") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  test_caller c{*f.pool};
+  auto lease = c.checkout();
+  REQUIRE(lease.grant);
+  CHECK(c.execute(*lease.grant, "work").ok());
+  auto forged = *lease.grant;
+  forged.lease_id ^= 2;
+  auto r = c.execute(forged, "work");
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().type == "not_lease_holder");
+  CHECK(c.checkin(*lease.grant));
+  auto stale = c.execute(*lease.grant, "work");
+  REQUIRE_FALSE(stale.ok());
+  CHECK(stale.error().type == "not_lease_holder");
+  CHECK_FALSE(c.checkin(*lease.grant));  // a second checkin is a no-op, not a crash
+}
+
+TEST_CASE("a caller whose deadline passes while queued gets checkout_timeout") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  test_caller holder{*f.pool};
+  auto lease = holder.checkout();
+  REQUIRE(lease.grant);
+  test_caller late{*f.pool};
+  auto r = late.checkout(checkout_type::anonymous(), 100ms);
+  REQUIRE_FALSE(r.grant);
+  CHECK(r.err.category == error_category::timeout_error);
+  CHECK(r.err.type == "checkout_timeout");
+  auto st = f.pool->status();
+  CHECK(st.queued == 0);
+  CHECK(st.leased == 1);
+  CHECK(holder.checkin(*lease.grant));
+  CHECK(f.pool->wait_for(all_idle));
+}
+
+TEST_CASE("a timeout racing the handover: the caller cancels and the worker comes back") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  test_caller c{*f.pool};
+  f.pool->hold();
+  // The caller's own wait ends while the pool is still; the pool grants later
+  // (its deadline is far), CAF drops that reply, the cancel returns the worker.
+  c.checkout_giving_up(50ms, 10s);
+  f.pool->resume();
+  REQUIRE(f.pool->wait_for([](const pool_status& s) {
+    return all_idle(s) && s.workers.size() == 1 && s.workers[0].stats.checkouts == 1;
+  }));
+  CHECK(f.pool->status().replaced == 0);
+}
+
+TEST_CASE("an expired caller is never handed a worker, even when the pool was still") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  test_caller c{*f.pool};
+  f.pool->hold();
+  c.checkout_async(checkout_type::anonymous(), 1ms);
+  // The deadline passes on the clock while the pool is held.
+  std::this_thread::sleep_until(std::chrono::steady_clock::now() + 5ms);
+  f.pool->resume();
+  auto r = c.await_checkout();
+  REQUIRE_FALSE(r.grant);
+  CHECK(r.err.type == "checkout_timeout");
+  CHECK(f.pool->status().workers.at(0).stats.checkouts == 0);
+}
+
+TEST_CASE("overflow workers start on demand and retire when idle") {
+  SUBCASE("at once") {
+    fixture f(1, [](settings& s) { s.pool.max_overflow = 2; });
+    REQUIRE(f.ready());
+    test_caller a{*f.pool}, b{*f.pool}, c{*f.pool}, d{*f.pool};
+    auto la = a.checkout(), lb = b.checkout(), lc = c.checkout();
+    REQUIRE(la.grant);
+    REQUIRE(lb.grant);
+    REQUIRE(lc.grant);
+    auto st = f.pool->status();
+    CHECK(st.overflow == 2);
+    CHECK(st.leased == 3);
+    auto ld = d.checkout(checkout_type::anonymous(), 100ms);  // beyond size + overflow: waits
+    CHECK_FALSE(ld.grant);
+    CHECK(ld.err.type == "checkout_timeout");
+    CHECK(b.checkin(*lb.grant));
+    CHECK(c.checkin(*lc.grant));
+    REQUIRE(f.pool->wait_for([](const pool_status& s) {
+      return s.overflow == 0 && s.workers.size() == 1 && s.leased == 1 && s.removing == 0;
+    }));
+    CHECK(a.checkin(*la.grant));
+    CHECK(f.pool->wait_for(all_idle));
+  }
+  SUBCASE("after an idle delay, unless used again") {
+    fixture f(1, [](settings& s) {
+      s.pool.max_overflow = 1;
+      s.pool.overflow_idle_delay = 300ms;
+    });
+    REQUIRE(f.ready());
+    test_caller a{*f.pool}, b{*f.pool};
+    auto la = a.checkout(), lb = b.checkout();
+    REQUIRE(la.grant);
+    REQUIRE(lb.grant);
+    CHECK(b.checkin(*lb.grant));
+    CHECK(f.pool->status().overflow == 1);  // still there: its delay has not passed
+    REQUIRE(f.pool->wait_for([](const pool_status& s) {
+      return s.overflow == 0 && s.removing == 0 && s.workers.size() == 1;
+    }));
+    CHECK(a.checkin(*la.grant));
+  }
+}
+
+TEST_CASE("pool_saturated beyond max_queue and full for a non-blocking checkout") {
+  fixture f(1, [](settings& s) { s.pool.max_queue = 1; });
+  REQUIRE(f.ready());
+  test_caller a{*f.pool}, b{*f.pool}, c{*f.pool}, d{*f.pool};
+  auto la = a.checkout();
+  REQUIRE(la.grant);
+  auto nb = d.checkout(checkout_type::anonymous(), 5s, false);
+  REQUIRE_FALSE(nb.grant);
+  CHECK(nb.err.category == error_category::resource_error);
+  CHECK(nb.err.type == "full");
+  b.checkout_async();
+  REQUIRE(f.pool->wait_for([](const pool_status& s) { return s.queued == 1; }));
+  auto sat = c.checkout();
+  REQUIRE_FALSE(sat.grant);
+  CHECK(sat.err.type == "pool_saturated");
+  CHECK(a.checkin(*la.grant));
+  auto lb = b.await_checkout();
+  REQUIRE(lb.grant);
+  CHECK(b.checkin(*lb.grant));
+  CHECK(f.pool->wait_for(all_idle));
+}
+
+TEST_CASE("three consecutive failed checkins remove a worker; a success resets the count") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  test_caller c{*f.pool};
+  auto fail_once = [&] {
+    auto l = c.checkout();
+    REQUIRE(l.grant);
+    CHECK(c.checkin(*l.grant, checkin_status::failed(make_error(
+                                error_category::communication_error, "garbled", "garbled reply"))));
+  };
+  auto succeed_once = [&] {
+    auto l = c.checkout();
+    REQUIRE(l.grant);
+    CHECK(c.checkin(*l.grant));
+  };
+  fail_once();
+  fail_once();
+  succeed_once();
+  fail_once();
+  fail_once();
+  CHECK(f.pool->status().replaced == 0);
+  CHECK(f.pool->status().workers.at(0).stats.error_checkins == 4);
+  fail_once();
+  REQUIRE(f.pool->wait_for([](const pool_status& s) { return all_idle(s) && s.replaced == 1; }));
+  CHECK(f.pool->status().workers.at(0).id == "w2");
+  auto calls = f.contract->calls();
+  CHECK(std::find(calls.begin(), calls.end(), "terminate_worker w1 failure_threshold")
+        != calls.end());
+}
+
+TEST_CASE("Python-side errors are the program's, not the worker's: they never remove it") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  for (int i = 0; i < 5; ++i) {
+    auto r = f.pool->execute("fail");
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().category == error_category::python_error);
+  }
+  REQUIRE(f.pool->wait_for(all_idle));
+  auto st = f.pool->status();
+  CHECK(st.replaced == 0);
+  CHECK(st.workers.at(0).stats.error_checkins == 5);
+}
+
+TEST_CASE("the Python contract validates worker and caller before a handover (seed Fix 2)") {
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
+  auto stand_in = sys.spawn([]() -> caf::behavior { return {[](int) {}}; });
+  auto health = std::make_shared<worker_health>();
+  pool_worker w;
+  w.id = "w9";
+  w.handle = stand_in;
+  w.state = health;
+  auto config = std::make_shared<settings>(test_settings(1));
+  python_worker_contract contract{config};
+  auto checkout = [&](caller_info c = caller_info{caf::actor_addr{}, true}) {
+    return contract.handle_checkout(checkout_type::anonymous(), c, w);
+  };
+  health->process_alive = true;
+  health->pipes_open = true;
+  CHECK(checkout().what() == checkout_result::kind::ok);
+  CHECK(checkout().client() == stand_in);
+
+  health->pipes_open = false;
+  auto r = checkout();
+  REQUIRE(r.what() == checkout_result::kind::remove);
+  CHECK(r.reason().type == "connect_failed");
+  CHECK(r.reason().context["reason"] == "port_closed");
+  CHECK(r.reason().context["worker_id"] == "w9");
+
+  health->process_alive = false;
+  CHECK(checkout().reason().context["reason"] == "process_not_alive");
+
+  health->actor_alive = false;
+  CHECK(checkout().reason().type == "connect_exited");
+
+  health->actor_alive = true;
+  health->process_alive = true;
+  health->pipes_open = true;
+  auto dead_caller = checkout(caller_info{caf::actor_addr{}, false});
+  REQUIRE(dead_caller.what() == checkout_result::kind::skip);  // the worker stays
+  CHECK(dead_caller.reason().type == "target_process_dead");
+
+  // The rollback switch: no validation at all.
+  config->pool.use_safe_port_connect = false;
+  health->process_alive = false;
+  CHECK(checkout().what() == checkout_result::kind::ok);
+
+  // handle_info: the process exited → remove; handle_ping checks health.
+  CHECK(contract.handle_info(caf::make_message(worker_gone_atom::value, std::string{"w9"}), w)
+          .what()
+        == keep_or_remove::kind::remove);
+  CHECK(contract.handle_ping(w).what() == keep_or_remove::kind::remove);
+  health->process_alive = true;
+  CHECK(contract.handle_ping(w).what() == keep_or_remove::kind::ok);
+  CHECK(contract.handle_checkin(checkin_status::close(), w).what() == keep_or_remove::kind::remove);
+  CHECK(contract.handle_checkin(checkin_status::ok(), w).what() == keep_or_remove::kind::ok);
+  caf::anon_send_exit(stand_in, caf::exit_reason::kill);
+}
+
+TEST_CASE("the four checkout error terms of seed Fix 1") {
+  CHECK(checkout_failed("x", "w1").type == "checkout_failed");
+  CHECK(connect_failed("x", "w1").type == "connect_failed");
+  CHECK(connect_exited("x", "w1").type == "connect_exited");
+  auto e = connect_error("exception", "boom", "w1");
+  CHECK(e.type == "connect_error");
+  CHECK(e.context["kind"] == "exception");
+  CHECK(e.context["worker_id"] == "w1");
+  CHECK(e.message == "connect_error(exception, boom)");
 }

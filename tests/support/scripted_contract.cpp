@@ -181,8 +181,11 @@ init_result scripted_contract::init_worker(pool_worker& w, caf::event_based_acto
     throw std::runtime_error("scripted init_worker exception");
   if (act == step::action::fail)
     return init_result::failed(scripted_error("init_failure", w.id));
-  auto async = async_start_ || act == step::action::async;
-  w.handle = spawn_fake_worker(pool, w.id, async);
+  // async_start: ready a moment later (announced); a scripted `async` step:
+  // a worker that never becomes ready.
+  auto never_ready = act == step::action::async;
+  auto async = async_start_ || never_ready;
+  w.handle = spawn_fake_worker(pool, w.id, async_start_ && !never_ready);
   {
     std::lock_guard<std::mutex> guard{mtx_};
     workers_.emplace_back(w.id, w.handle);

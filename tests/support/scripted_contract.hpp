@@ -23,6 +23,8 @@ namespace dspex::testing {
 
 /// One scripted callback result. Callbacks with no scripted step left answer
 /// with the default: ok (handover to the fake worker), ok, ok, ok.
+/// For init_worker: ok = ready at once, async = a worker that never becomes
+/// ready, fail = init_result::failed, raise = an exception.
 struct step {
   enum class callback { init_worker, handle_checkout, handle_checkin, handle_info, handle_ping };
   enum class action { ok, remove, skip, fail, async, raise };

@@ -15,9 +15,11 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <variant>
 
 #include <nlohmann/json.hpp>
 
+#include "dspex/checkout.hpp"
 #include "dspex/error.hpp"
 #include "dspex/settings.hpp"
 #include "dspex/status.hpp"
@@ -28,6 +30,44 @@ namespace dspex {
 struct call_options {
   /// Deadline for this call, queueing included; default pool.request_timeout.
   std::optional<std::chrono::milliseconds> timeout;
+};
+
+/// Options of an explicit checkout.
+struct checkout_options {
+  /// How long to wait for a worker; default pool.request_timeout.
+  std::optional<std::chrono::milliseconds> timeout;
+  /// false: fail at once with resource_error/full when no worker is idle.
+  bool block = true;
+};
+
+/// One worker checked out by one caller (the lease holder): only requests
+/// sent through this lease reach that worker until checkin. Destroying a
+/// lease that was not checked in is the holder's death: the pool revokes it
+/// and takes the worker back only if no request is in flight, else replaces
+/// it. A lease must not outlive its runtime.
+class lease {
+public:
+  ~lease();
+  lease(const lease&) = delete;
+  lease& operator=(const lease&) = delete;
+
+  /// Runs `command` on the leased worker (one request at a time).
+  outcome execute(const std::string& command, nlohmann::json args = nullptr,
+                  call_options options = {});
+
+  /// Ends the lease: `ok`, `failed(error)` (counts toward the worker's
+  /// failure threshold) or `close` (the worker is not reused). Returns false
+  /// when the pool no longer knew the lease (revoked, worker gone, stopped).
+  bool checkin(checkin_status status = checkin_status::ok());
+
+  const std::string& worker_id() const noexcept;
+  bool checked_in() const noexcept;
+
+  struct impl;
+  explicit lease(std::unique_ptr<impl> p);
+
+private:
+  std::unique_ptr<impl> impl_;
 };
 
 /// Thrown by runtime::start: the configuration was rejected or the pool could
@@ -66,6 +106,10 @@ public:
   std::future<outcome> execute_anonymous_async(const std::string& command,
                                                nlohmann::json args = nullptr,
                                                call_options options = {});
+
+  /// Checks a worker out for a sequence of requests (see `lease`).
+  std::variant<std::unique_ptr<lease>, error> checkout(
+    checkout_type type = checkout_type::anonymous(), checkout_options options = {});
 
   /// The pool's live status.
   pool_status status();
