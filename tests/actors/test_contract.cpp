@@ -454,3 +454,35 @@ TEST_CASE("the four checkout error terms of seed Fix 1") {
   CHECK(e.context["worker_id"] == "w1");
   CHECK(e.message == "connect_error(exception, boom)");
 }
+
+TEST_CASE("lazy start: no worker until a caller needs one, then up to pool.size") {
+  fixture f(2, [](settings& s) { s.pool.lazy = true; });
+  CHECK(f.pool->status().workers.empty());
+  test_caller a{*f.pool}, b{*f.pool};
+  auto la = a.checkout();
+  REQUIRE(la.grant);
+  CHECK(f.pool->status().workers.size() == 1);
+  auto lb = b.checkout();
+  REQUIRE(lb.grant);
+  CHECK(f.pool->status().workers.size() == 2);
+  CHECK(a.checkin(*la.grant));
+  CHECK(b.checkin(*lb.grant));
+  CHECK(f.pool->status().workers.size() == 2);
+}
+
+TEST_CASE("strategy: fifo rotates through idle workers, lifo reuses the last one") {
+  auto served_by = [](const char* strategy) {
+    fixture f(3, [&](settings& s) { s.pool.strategy = strategy; });
+    REQUIRE(f.ready());
+    std::vector<std::string> ids;
+    for (int i = 0; i < 4; ++i) {
+      auto r = f.pool->execute("work");
+      REQUIRE(r.ok());
+      ids.push_back(r.value()["worker_id"]);
+      REQUIRE(f.pool->wait_for(all_idle));
+    }
+    return ids;
+  };
+  CHECK(served_by("fifo") == strings{"w1", "w2", "w3", "w1"});
+  CHECK(served_by("lifo") == strings{"w3", "w3", "w3", "w3"});
+}
