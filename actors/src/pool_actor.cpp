@@ -79,7 +79,10 @@ struct pool_state {
   std::uint64_t next_worker = 1;
   std::uint64_t replaced = 0;
   std::uint64_t start_failures = 0;
-  std::uint32_t consecutive_start_failures = 0;
+  std::uint32_t consecutive_start_failures = 0;  ///< reset when a start succeeds
+  /// Workers removed before serving anyone, reset at the next handover: a
+  /// contract that removes every worker at checkout must not spin the pool.
+  std::uint32_t consecutive_young_removals = 0;
   bool restart_pending = false;
   std::size_t initial_pending = 0;  ///< initial workers not yet ready
   std::optional<error> initial_failure;
@@ -252,7 +255,8 @@ bool fill_pool(pool_actor_t* self) {
   }
   if (missing + extra == 0)
     return false;
-  auto delay = restart_delay(st.consecutive_start_failures);
+  auto young = st.consecutive_young_removals;
+  auto delay = restart_delay(std::max(st.consecutive_start_failures, young > 0 ? young - 1 : 0));
   if (delay > clock_type::duration::zero()) {
     st.restart_pending = true;
     self->delayed_send(self, delay, restart_atom::value);
@@ -301,8 +305,12 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
     if (start_failure || was_starting) {
       ++st.start_failures;
       ++st.consecutive_start_failures;
+    } else if (reason.type == "overflow_retired") {
+      retire(self, e);  // not a failure: demand went away
     } else {
       ++st.replaced;
+      if (e.w.stats.checkouts == 0)
+        ++st.consecutive_young_removals;
       retire(self, e);
     }
   }
@@ -398,6 +406,7 @@ std::optional<std::string> take_idle(pool_actor_t* self) {
 
 void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor& client) {
   auto& st = self->state;
+  st.consecutive_young_removals = 0;
   ++e.w.stats.checkouts;
   e.last_activity = clock_type::now();
   if (wt.type.what() == checkout_type::kind::session)

@@ -7,6 +7,7 @@
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/pool_actor.hpp"
+#include "dspex/actors/service.hpp"
 #include "dspex/actors/system_config.hpp"
 #include "dspex/logging.hpp"
 
@@ -214,6 +215,8 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   p->system_cfg = std::make_unique<system_config>(config);
   p->system = std::make_unique<caf::actor_system>(*p->system_cfg);
   p->pool = spawn_pool(*p->system, p->shared_config);
+  // Service detection (seed Fix 5): the running pool is "dspexpool".
+  register_pool(*p->system, p->pool);
   p->async_caller = p->system->spawn(async_caller, p->pool);
   std::unique_ptr<runtime> rt{new runtime(std::move(p))};
   outcome ready;
@@ -310,6 +313,9 @@ pool_status runtime::status() {
 void runtime::stop() {
   if (impl_->stopped.exchange(true))
     return;
+  // Service detection: no longer "dspexpool" (and a registry entry must not
+  // outlive the system: ~actor_system() would wait for it forever).
+  unregister_pool(*impl_->system, impl_->pool);
   *impl_->stopped_flag = true;
   auto& sys = *impl_->system;
   const auto& w = impl_->config.worker;

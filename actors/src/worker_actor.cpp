@@ -273,7 +273,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   const auto& conf = *st.cfg.config;
-  child_spec spec{conf.worker.python, conf.worker_args(st.cfg.id), st.cfg.id,
+  child_spec spec{conf.worker.python, conf.worker_args(st.cfg.id, st.cfg.mode), st.cfg.id,
                   conf.pool.max_frame_bytes};
   try {
     st.child = child_process::spawn(

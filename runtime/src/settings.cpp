@@ -98,8 +98,9 @@ std::optional<error> settings::validate() const {
   return std::nullopt;
 }
 
-std::vector<std::string> settings::worker_args(const std::string& worker_id) const {
-  std::vector<std::string> args{worker.script, "--mode", "pool-worker", "--worker-id", worker_id};
+std::vector<std::string> settings::worker_args(const std::string& worker_id,
+                                               const std::string& mode) const {
+  std::vector<std::string> args{worker.script, "--mode", mode, "--worker-id", worker_id};
   if (worker.test_commands)
     args.emplace_back("--test-commands");
   args.insert(args.end(), worker.extra_args.begin(), worker.extra_args.end());

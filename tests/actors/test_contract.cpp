@@ -486,3 +486,17 @@ TEST_CASE("strategy: fifo rotates through idle workers, lifo reuses the last one
   CHECK(served_by("fifo") == strings{"w1", "w2", "w3", "w1"});
   CHECK(served_by("lifo") == strings{"w3", "w3", "w3", "w3"});
 }
+
+TEST_CASE("a contract that removes every worker at checkout backs off instead of spinning") {
+  fixture f(1);
+  REQUIRE(f.ready());
+  for (int i = 0; i < 1000; ++i)
+    f.contract->expect(step::checkout(act::remove));
+  auto r = f.pool->execute("work", nlohmann::json::object(), 1500ms);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().type == "checkout_timeout");
+  // Backoff from 100 ms doubling: a handful of replacements in 1.5 s, not thousands.
+  auto st = f.pool->status();
+  CHECK(st.replaced >= 2);
+  CHECK(st.replaced <= 8);
+}

@@ -56,8 +56,10 @@ struct settings {
   std::optional<error> validate() const;
 
   /// The worker's command line after the interpreter:
-  /// <script> --mode pool-worker --worker-id <id> [--test-commands] <extra_args...>
-  std::vector<std::string> worker_args(const std::string& worker_id) const;
+  /// <script> --mode <mode> --worker-id <id> [--test-commands] <extra_args...>
+  /// `mode`: pool-worker (a pool's workers) or standalone (the bridge's one worker).
+  std::vector<std::string> worker_args(const std::string& worker_id,
+                                       const std::string& mode = "pool-worker") const;
 };
 
 /// Finds `program` in PATH (or checks it when it contains '/'); empty when not

@@ -52,6 +52,7 @@ struct worker_config {
   std::shared_ptr<const settings> config;
   caf::actor owner;                             ///< receives wready / checkin / wgone
   std::shared_ptr<worker_health> health = std::make_shared<worker_health>();
+  std::string mode = "pool-worker";             ///< --mode: pool-worker, or standalone (the bridge)
 };
 
 /// Spawns a worker actor linked to nothing; the caller decides (the pool
