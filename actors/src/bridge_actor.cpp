@@ -315,8 +315,11 @@ caf::behavior bridge_actor(bridge_actor_t* self, std::shared_ptr<const settings>
       expire_waiting(self);
     },
     [=](restart_atom) {
-      self->state.restart_pending = false;
-      schedule_start(self);
+      // The backoff is over: start now (schedule_start would wait again).
+      auto& st = self->state;
+      st.restart_pending = false;
+      if (!st.stopping && !st.worker)
+        start_worker(self);
     },
     [=](await_ready_atom) -> caf::result<outcome> {
       auto& st = self->state;

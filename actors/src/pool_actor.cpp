@@ -162,17 +162,19 @@ void fail_waiter(waiter& wt, error err) {
     wt.promise.deliver(checkout_reply{std::nullopt, std::move(err)});
 }
 
-// The contract runs user code: an exception is a removal, never a crash.
-template <class F, class Result>
-Result guarded(const std::string& worker_id, const char* callback, Result on_throw, F&& fun) {
+// The contract runs user code: an exception becomes `on_throw(what)` (a
+// removal), never a crash. `on_throw` only runs when something was thrown.
+template <class OnThrow, class F>
+auto guarded(const std::string& worker_id, const char* callback, OnThrow&& on_throw, F&& fun)
+  -> decltype(fun()) {
   try {
     return fun();
   } catch (const std::exception& e) {
     log().error("[{}] {} threw: {}", worker_id, callback, e.what());
-    return on_throw;
+    return on_throw(std::string{e.what()});
   } catch (...) {
     log().error("[{}] {} threw a non-standard exception", worker_id, callback);
-    return on_throw;
+    return on_throw(std::string{"non-standard exception"});
   }
 }
 
@@ -199,7 +201,10 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
   e.w.id = id;
   e.w.overflow = overflow;
   e.initial = initial;
-  auto res = guarded(id, "init_worker", init_result::failed(callback_failed(id, "init_worker")),
+  auto res = guarded(id, "init_worker",
+                     [&](std::string) {
+                       return init_result::failed(callback_failed(id, "init_worker"));
+                     },
                      [&] { return st.contract->init_worker(e.w, self); });
   switch (res.what()) {
     case init_result::kind::async:
@@ -314,7 +319,7 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
       retire(self, e);
     }
   }
-  guarded(e.w.id, "terminate_worker", 0, [&] {
+  guarded(e.w.id, "terminate_worker", [](std::string) { return 0; }, [&] {
     st.contract->terminate_worker(reason, e.w);
     return 0;
   });
@@ -378,7 +383,9 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
     return;
   }
   auto res = guarded(e.w.id, "handle_checkin",
-                     keep_or_remove::remove(callback_failed(e.w.id, "handle_checkin")),
+                     [&](std::string) {
+                       return keep_or_remove::remove(callback_failed(e.w.id, "handle_checkin"));
+                     },
                      [&] { return st.contract->handle_checkin(status, e.w); });
   if (res.what() == keep_or_remove::kind::remove)
     remove_worker(self, e, res.reason());
@@ -437,7 +444,9 @@ bool offer(pool_actor_t* self, const std::string& id, waiter& wt) {
   caller_info caller{wt.caller,
                      !wt.watched || self->state.monitored.count(wt.caller) > 0};
   auto res = guarded(id, "handle_checkout",
-                     checkout_result::remove(connect_error("exception", "handle_checkout threw", id)),
+                     [&](std::string what) {
+                       return checkout_result::remove(connect_error("exception", what, id));
+                     },
                      [&] { return st.contract->handle_checkout(wt.type, caller, e.w); });
   switch (res.what()) {
     case checkout_result::kind::ok:
@@ -804,14 +813,15 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
                              "worker " + id + " lost its process", {{"worker_id", id}});
       if (e.state == worker_state_t::idle) {
         auto msg = caf::make_message(worker_gone_atom::value, id);
-        auto res = guarded(id, "handle_info", keep_or_remove::remove(gone),
+        auto res = guarded(id, "handle_info",
+                           [&](std::string) { return keep_or_remove::remove(gone); },
                            [&] { return st.contract->handle_info(msg, e.w); });
         if (res.what() == keep_or_remove::kind::remove)
           remove_worker(self, e, res.reason());
       } else if (e.state != worker_state_t::stopping) {
         remove_worker(self, e, gone);
       } else {
-        guarded(id, "terminate_worker", 0, [&] {
+        guarded(id, "terminate_worker", [](std::string) { return 0; }, [&] {
           st.contract->terminate_worker(gone, e.w);
           return 0;
         });
@@ -865,7 +875,9 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         if (it == st.workers.end() || it->second.state != worker_state_t::idle)
           continue;
         auto res = guarded(id, "handle_ping",
-                           keep_or_remove::remove(callback_failed(id, "handle_ping")),
+                           [&](std::string) {
+                             return keep_or_remove::remove(callback_failed(id, "handle_ping"));
+                           },
                            [&] { return st.contract->handle_ping(it->second.w); });
         if (res.what() == keep_or_remove::kind::remove) {
           remove_worker(self, it->second, res.reason());
@@ -915,7 +927,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
           end_lease(self, e);
           if (e.state != worker_state_t::removing) {
             e.state = worker_state_t::stopping;
-            guarded(id, "terminate_worker", 0, [&, &e = e] {
+            guarded(id, "terminate_worker", [](std::string) { return 0; }, [&, &e = e] {
               st.contract->terminate_worker(reason, e.w);
               return 0;
             });

@@ -245,7 +245,12 @@ private:
     out << " } queue={";
     for (auto c : m_.queue)
       out << " c" << c;
-    out << " } replaced=" << m_.replaced << "\n  last status: " << describe(last_) << "\n";
+    out << " } replaced=" << m_.replaced << "\n  last status: " << describe(last_)
+        << "\n  last contract callbacks:";
+    auto calls = contract_->calls();
+    for (auto i = calls.size() > 30 ? calls.size() - 30 : 0; i < calls.size(); ++i)
+      out << "\n    " << calls[i];
+    out << "\n";
     std::cerr << out.str() << std::flush;
     pool_->resume();  // in case it is held: the teardown must not wait on it
     FAIL(out.str());
@@ -503,15 +508,17 @@ private:
     return h;
   }
 
-  // A crash (the fake worker fails its request in flight, then quits) or a kill.
+  // A crash (the fake worker fails its request in flight, then quits) or an
+  // exit signal. Not exit_reason::kill: CAF never lets a linked actor trap
+  // that reason, so it would take the pool down with the worker (reported).
   void crash(const std::string& id) {
     auto h = worker_handle(id);
     if (chance(0.5)) {
       detail("(stop)");
       caf::anon_send(h, stop_atom::value);
     } else {
-      detail("(kill)");
-      caf::anon_send_exit(h, caf::exit_reason::kill);
+      detail("(exit)");
+      caf::anon_send_exit(h, caf::exit_reason::user_shutdown);
     }
   }
 
