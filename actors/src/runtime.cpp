@@ -54,8 +54,10 @@ caf::behavior async_caller(caf::stateful_actor<async_caller_state>* self, caf::a
     [=](execute_atom, call& c, completion& done) {
       ++self->state.pending;
       auto command = c.command;
-      auto timeout = caller_timeout(c);
-      self->request(pool, timeout, execute_atom::value, std::move(c))
+      // No CAF timeout: the pool and the worker answer every call by its
+      // deadline, and a timed request costs wake-ups of CAF's timer thread
+      // on every call. The blocking form bounds its own wait.
+      self->request(pool, caf::infinite, execute_atom::value, std::move(c))
         .then(
           [=](outcome& o) {
             done.fn(std::move(o));
@@ -240,13 +242,17 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   if (auto* early = std::get_if<outcome>(&made))
     return std::move(*early);
   auto& c = std::get<call>(made);
-  auto timeout = caller_timeout(c);
-  outcome result;
-  caf::scoped_actor self{*impl_->system};
-  self->request(impl_->pool, timeout, execute_atom::value, std::move(c))
-    .receive([&](outcome& o) { result = std::move(o); },
-             [&](caf::error& e) { result = from_caf_error(*impl_->system, e, command); });
-  return result;
+  // Through the runtime's long-lived caller actor: a scoped_actor per call
+  // costs an actor spawn and several timer-thread wake-ups (measured).
+  auto bound = c.deadline + reply_margin;
+  auto promise = std::make_shared<std::promise<outcome>>();
+  auto future = promise->get_future();
+  caf::anon_send(impl_->async_caller, execute_atom::value, std::move(c),
+                 completion{[promise](outcome o) { promise->set_value(std::move(o)); }});
+  if (future.wait_until(bound) != std::future_status::ready)
+    return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
+                                       "no reply from the pool in time", {{"command", command}}));
+  return future.get();
 }
 
 void runtime::execute_anonymous_async(const std::string& command, nlohmann::json args,

@@ -249,7 +249,7 @@ void print_machine(const options& o) {
   std::printf("python  : %s\n", o.python.c_str());
   std::printf("worker  : %s\n", DSPEX_BENCH_WORKER_SCRIPT);
   if (o.max_threads == 0)
-    std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=0 (CAF default)\n",
+    std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=0 (dspex default: half the cores, at least 1)\n",
                 o.scheduler.c_str());
   else
     std::printf("policy  : scheduler.policy=%s, scheduler.max-threads=%zu\n", o.scheduler.c_str(),

@@ -49,7 +49,7 @@ struct settings {
 
   std::string log_level = "info";      ///< log.level: trace, debug, info, warn, error, critical, off
   std::string scheduler_policy = "sharing";  ///< scheduler.policy: sharing or stealing (CAF's own key)
-  std::size_t scheduler_max_threads = 0;     ///< scheduler.max-threads: 0 = one per core (CAF's own key)
+  std::size_t scheduler_max_threads = 0;     ///< scheduler.max-threads: 0 = half the cores, at least 1 (CAF's own default is max(4, cores))
 
   /// Checks every value; the error (configuration_error) names the key, the
   /// value and what is allowed, e.g. "pool.size must be between 1 and 1024 (got 0)".
