@@ -36,6 +36,30 @@ caf::duration caller_timeout(const call& c) {
                        + reply_margin};
 }
 
+// Set while an asynchronous callback runs on the caller actor's thread: a
+// blocking call from there would wait for that very thread, forever.
+thread_local bool in_async_callback = false;
+
+void run_callback(const completion& done, outcome o) {
+  in_async_callback = true;
+  try {
+    done.fn(std::move(o));
+  } catch (const std::exception& e) {
+    log().error("an asynchronous callback threw: {}", e.what());
+  } catch (...) {
+    log().error("an asynchronous callback threw");
+  }
+  in_async_callback = false;
+}
+
+error blocking_in_callback(const std::string& what) {
+  return make_error(error_category::system_error, "blocking_in_callback",
+                    "a blocking " + what
+                      + " from an asynchronous callback would wait forever; use "
+                        "execute_anonymous_async",
+                    {{"command", what}});
+}
+
 struct async_caller_state {
   std::size_t pending = 0;
   bool stopping = false;
@@ -60,11 +84,11 @@ caf::behavior async_caller(caf::stateful_actor<async_caller_state>* self, caf::a
       self->request(pool, caf::infinite, execute_atom::value, std::move(c))
         .then(
           [=](outcome& o) {
-            done.fn(std::move(o));
+            run_callback(done, std::move(o));
             finish_one();
           },
           [=](caf::error& e) {
-            done.fn(from_caf_error(self->system(), e, command));
+            run_callback(done, from_caf_error(self->system(), e, command));
             finish_one();
           });
     },
@@ -136,6 +160,8 @@ outcome lease::execute(const std::string& command, nlohmann::json args, call_opt
   };
   if (*impl_->runtime_stopped)
     return fail("pool_stopping", "the runtime is stopped");
+  if (in_async_callback)
+    return outcome::failure(blocking_in_callback(command));
   if (impl_->checked_in)
     return fail("not_lease_holder", "the lease was checked in");
   if (args.is_null())
@@ -157,6 +183,10 @@ outcome lease::execute(const std::string& command, nlohmann::json args, call_opt
 bool lease::checkin(checkin_status status) {
   if (impl_->checked_in || *impl_->runtime_stopped)
     return false;
+  if (in_async_callback) {
+    log().error("lease::checkin from an asynchronous callback: the lease is revoked instead");
+    return false;  // the holder dies with the lease object: revoked, not lost
+  }
   impl_->checked_in = true;
   bool known = false;
   {
@@ -241,6 +271,8 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto made = impl_->make_call(command, std::move(args), options);
   if (auto* early = std::get_if<outcome>(&made))
     return std::move(*early);
+  if (in_async_callback)
+    return outcome::failure(blocking_in_callback(command));
   auto& c = std::get<call>(made);
   // Through the runtime's long-lived caller actor: a scoped_actor per call
   // costs an actor spawn and several timer-thread wake-ups (measured).
@@ -279,6 +311,8 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
                                                              checkout_options options) {
   if (impl_->stopped)
     return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped");
+  if (in_async_callback)
+    return blocking_in_callback("checkout");
   static std::atomic<std::uint64_t> next_token{1};
   auto timeout = options.timeout.value_or(impl_->config.pool.request_timeout);
   checkout_request req{std::move(type), next_token++, clock_type::now() + timeout, options.block};
@@ -307,7 +341,7 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
 
 pool_status runtime::status() {
   pool_status result;
-  if (impl_->stopped)
+  if (impl_->stopped || in_async_callback)
     return result;
   caf::scoped_actor self{*impl_->system};
   self->request(impl_->pool, caf::duration{std::chrono::seconds{10}}, status_atom::value)

@@ -229,3 +229,18 @@ TEST_CASE("a pool whose workers cannot start fails to start with the reason") {
   }
   check_no_children_left();
 }
+
+TEST_CASE("a blocking call from an asynchronous callback is an error, not a hang") {
+  auto rt = start_pool(1);
+  std::promise<outcome> inner;
+  rt->execute_anonymous_async("ping", nullptr, {}, [&](outcome first) {
+    REQUIRE(first.ok());
+    inner.set_value(rt->execute_anonymous("ping"));
+  });
+  auto r = inner.get_future().get();
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().type == "blocking_in_callback");
+  CHECK(rt->execute_anonymous("ping").ok());
+  rt->stop();
+  check_no_children_left();
+}
