@@ -83,7 +83,8 @@ struct pool_state {
   /// Workers removed before serving anyone, reset at the next handover: a
   /// contract that removes every worker at checkout must not spin the pool.
   std::uint32_t consecutive_young_removals = 0;
-  bool restart_pending = false;
+  bool restart_pending = false;  ///< a delayed restart_atom is on its way
+  bool backoff_served = false;   ///< it arrived: the next fill starts workers
   std::size_t initial_pending = 0;  ///< initial workers not yet ready
   std::optional<error> initial_failure;
   std::vector<caf::response_promise> ready_waiters;
@@ -262,11 +263,12 @@ bool fill_pool(pool_actor_t* self) {
     return false;
   auto young = st.consecutive_young_removals;
   auto delay = restart_delay(std::max(st.consecutive_start_failures, young > 0 ? young - 1 : 0));
-  if (delay > clock_type::duration::zero()) {
+  if (delay > clock_type::duration::zero() && !st.backoff_served) {
     st.restart_pending = true;
     self->delayed_send(self, delay, restart_atom::value);
     return false;
   }
+  st.backoff_served = false;
   auto idle_before = st.idle.size();
   for (std::size_t i = 0; i < missing; ++i)
     start_worker(self, false, false);
@@ -849,6 +851,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     },
     [=](restart_atom) {
       self->state.restart_pending = false;
+      self->state.backoff_served = true;  // the delay is over: start now
       fill_pool(self);
       dispatch(self);
     },

@@ -30,14 +30,17 @@ std::optional<error> validate_worker(pool_worker& w) {
 
 } // namespace
 
-python_worker_contract::python_worker_contract(std::shared_ptr<const settings> config)
-  : config_(std::move(config)) {
+python_worker_contract::python_worker_contract(std::shared_ptr<const settings> config,
+                                               std::string mode)
+  : config_(std::move(config)), mode_(std::move(mode)) {
 }
 
 init_result python_worker_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
   auto health = std::make_shared<worker_health>();
   w.state = health;
-  w.handle = spawn_linked_worker(pool, worker_config{w.id, config_, caf::actor{pool}, health});
+  worker_config cfg{w.id, config_, caf::actor{pool}, health};
+  cfg.mode = mode_;
+  w.handle = spawn_linked_worker(pool, std::move(cfg));
   return init_result::async();
 }
 

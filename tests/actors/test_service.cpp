@@ -279,7 +279,7 @@ TEST_CASE("the bridge serves calls through one standalone worker") {
   auto ping = f.execute(bridge, "ping");
   REQUIRE(ping.ok());
   CHECK(ping.value()["mode"] == "standalone");
-  CHECK(ping.value()["worker_id"] == "b1");
+  CHECK(ping.value()["worker_id"] == "w1");
   CHECK(ping.value()["lm"] == "mock/mock");  // the LM configuration reached it
 
   REQUIRE(f.execute(bridge, "create_program", qa_program("qa")).ok());
@@ -299,7 +299,7 @@ TEST_CASE("the bridge serves calls through one standalone worker") {
   CHECK(st.idle == 1);
   CHECK(st.busy == 0);
   REQUIRE(st.workers.size() == 1);
-  CHECK(st.workers[0].id == "b1");
+  CHECK(st.workers[0].id == "w1");
   CHECK(st.workers[0].pid > 0);
   CHECK(st.workers[0].stats.checkouts == 4);
   CHECK(st.workers[0].stats.successful_checkins == 3);
@@ -369,7 +369,7 @@ TEST_CASE("the bridge restarts its worker after SIGKILL") {
   CHECK_FALSE(process_state(first).has_value());
   auto ping = f.execute(bridge, "ping");
   REQUIRE(ping.ok());
-  CHECK(ping.value()["worker_id"] == "b2");
+  CHECK(ping.value()["worker_id"] == "w2");
   CHECK(ping.value()["mode"] == "standalone");
   // Exactly one child: the replacement.
   auto children = child_pids(::getpid());
@@ -412,7 +412,7 @@ TEST_CASE("stopping the bridge leaves no child process behind") {
   CHECK(b.error().type == "worker_stopping");
   auto q = queued.get();
   REQUIRE_FALSE(q.ok());
-  CHECK(q.error().type == "bridge_stopping");
+  CHECK(q.error().type == "pool_stopping");
   CHECK(wait_gone(pid, 5s));
   CHECK(wait_no_children(::getpid(), 10s).empty());
   // Gone from detection as well.

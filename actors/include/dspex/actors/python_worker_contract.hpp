@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "dspex/actors/worker_contract.hpp"
 #include "dspex/settings.hpp"
@@ -11,7 +12,9 @@ namespace dspex {
 
 class python_worker_contract : public worker_contract {
 public:
-  explicit python_worker_contract(std::shared_ptr<const settings> config);
+  /// `mode`: the workers' --mode, pool-worker or standalone (the bridge).
+  explicit python_worker_contract(std::shared_ptr<const settings> config,
+                                  std::string mode = "pool-worker");
 
   /// Spawns a linked worker_actor; it reports ready asynchronously.
   init_result init_worker(pool_worker& w, caf::event_based_actor* pool) override;
@@ -37,6 +40,7 @@ public:
 
 private:
   std::shared_ptr<const settings> config_;
+  std::string mode_;
 };
 
 } // namespace dspex
