@@ -660,6 +660,17 @@ pool_status make_status(pool_actor_t* self) {
   return s;
 }
 
+// The waiter of a pool-mediated call from the current sender.
+waiter waiter_for(pool_actor_t* self, call c) {
+  waiter wt;
+  wt.type = c.type;
+  wt.deadline = c.deadline;
+  wt.caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
+  wt.promise = self->make_response_promise();
+  wt.request = std::move(c);
+  return wt;
+}
+
 caf::behavior held_behavior(pool_actor_t* self) {
   return {
     [=](resume_atom) {
@@ -699,14 +710,8 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     [=](execute_atom, call& c) -> caf::result<outcome> {
       if (self->state.stopping)
         return outcome::failure(stopping_error(c.type.to_string()));
-      waiter wt;
-      wt.type = c.type;
-      wt.deadline = c.deadline;
-      wt.caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
-      wt.promise = self->make_response_promise();
       auto block = c.block;
-      wt.request = std::move(c);
-      return enqueue(self, std::move(wt), block);
+      return enqueue(self, waiter_for(self, std::move(c)), block);
     },
     [=](retry_atom, call& c) -> caf::result<outcome> {
       // A call handed back unserved by a worker that lost its process: it
@@ -714,12 +719,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       auto& st = self->state;
       if (st.stopping)
         return outcome::failure(stopping_error(c.type.to_string()));
-      waiter wt;
-      wt.type = c.type;
-      wt.deadline = c.deadline;
-      wt.caller = caf::actor_cast<caf::actor_addr>(self->current_sender());
-      wt.promise = self->make_response_promise();
-      wt.request = std::move(c);
+      auto wt = waiter_for(self, std::move(c));
       auto rp = wt.promise;
       watch_caller(self, wt.caller);
       wt.watched = true;
