@@ -112,6 +112,7 @@ std::string describe_settings() {
       end = all.size();
     auto block = all.substr(pos, end - pos);
     for (auto group : {"pool options:", "worker options:", "lm options:", "log options:",
+                       "retry options:", "circuit options:",
                        "scheduler options:"})
       if (block.rfind(group, 0) == 0)
         out += block + "\n\n";

@@ -65,6 +65,7 @@ constexpr std::size_t max_retired = 64;
 struct pool_state {
   std::shared_ptr<const settings> config;
   std::shared_ptr<worker_contract> contract;
+  std::shared_ptr<event_bus> events;
   std::map<std::string, worker_entry> workers;
   std::deque<std::string> idle;  ///< idle worker ids, oldest checkin first
   std::map<std::uint64_t, waiter> queue;  ///< by ticket: FIFO order
@@ -92,6 +93,11 @@ struct pool_state {
   bool held = false;
   std::vector<caf::response_promise> stop_waiters;
   std::deque<worker_info> retired;
+  /// Outside the state: the pool's attach_functor runs after the state is gone.
+  std::shared_ptr<std::map<std::string, caf::actor>> live_workers
+    = std::make_shared<std::map<std::string, caf::actor>>();
+  std::deque<caf::actor_addr> former_workers;  ///< recently gone: ignore a second exit/down
+  caf::error exit_after_stop;  ///< a supervisor's shutdown: quit with it once stopped
 
   static inline const char* name = "dspex.pool";
 };
@@ -207,6 +213,12 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
                        return init_result::failed(callback_failed(id, "init_worker"));
                      },
                      [&] { return st.contract->init_worker(e.w, self); });
+  if (e.w.handle && res.what() != init_result::kind::failed) {
+    // Supervised by monitor, not by link: see on_worker_down.
+    self->unlink_from(e.w.handle);
+    self->monitor(e.w.handle);
+    (*st.live_workers)[id] = e.w.handle;
+  }
   switch (res.what()) {
     case init_result::kind::async:
       return;  // worker_ready or its exit follows
@@ -550,6 +562,39 @@ void answer_ready_waiters(pool_actor_t* self) {
   st.ready_waiters.clear();
 }
 
+// Stop: queued callers fail with pool_stopping, every worker is stopped
+// (shutdown → EOF → TERM → KILL); the pool quits once all are reaped.
+void begin_stop(pool_actor_t* self) {
+  auto& st = self->state;
+  auto stopping_error = [](const std::string& what) {
+    return make_error(error_category::resource_error, "pool_stopping", "the pool is stopping",
+                      {{"checkout_type", what}});
+  };
+  st.stopping = true;
+  log().info("pool: stopping {} workers", st.workers.size());
+  for (auto& [ticket, wt] : st.queue)
+    fail_waiter(wt, stopping_error(wt.type.to_string()));
+  st.queue.clear();
+  if (!st.initial_failure && st.initial_pending > 0) {
+    st.initial_failure = make_error(error_category::resource_error, "pool_stopping",
+                                    "the pool stopped before it was ready");
+    answer_ready_waiters(self);
+  }
+  st.idle.clear();
+  auto reason = make_error(error_category::resource_error, "pool_stopping",
+                           "the pool is stopping");
+  for (auto& [id, e] : st.workers) {
+    end_lease(self, e);
+    if (e.state != worker_state_t::removing) {
+      e.state = worker_state_t::stopping;
+      guarded(id, "terminate_worker", [](std::string) { return 0; }, [&, &e = e] {
+        st.contract->terminate_worker(reason, e.w);
+        return 0;
+      });
+    }
+  }
+}
+
 void finish_stop_if_done(pool_actor_t* self) {
   auto& st = self->state;
   if (!st.stopping || !st.workers.empty())
@@ -558,20 +603,59 @@ void finish_stop_if_done(pool_actor_t* self) {
     rp.deliver(true);
   st.stop_waiters.clear();
   log().info("pool stopped");
-  self->quit();
+  self->quit(st.exit_after_stop);
 }
 
-void on_worker_exit(pool_actor_t* self, caf::exit_msg& msg) {
+// Workers are supervised by monitor: the pool unlinks each worker right after
+// init_worker spawned it and monitors it. A link would let a worker killed
+// with exit_reason::kill take the pool down (CAF 0.17 never lets a linked
+// actor trap kill). When the pool terminates, for whatever reason, it kills
+// the workers still alive (attach_functor in pool_actor), so none outlives it.
+// A worker that died before the unlink may report twice (exit_msg through
+// the link, then down_msg): the first one is handled, the second finds no
+// entry and is ignored.
+bool is_former_worker(pool_actor_t* self, const caf::actor_addr& addr) {
+  auto& f = self->state.former_workers;
+  return std::find(f.begin(), f.end(), addr) != f.end();
+}
+
+void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason);
+
+void on_exit(pool_actor_t* self, caf::exit_msg& msg) {
   auto& st = self->state;
   auto it = std::find_if(st.workers.begin(), st.workers.end(), [&](auto& kv) {
     return kv.second.w.handle.address() == msg.source;
   });
-  if (it == st.workers.end()) {
-    // Not one of ours: an exit from a linked parent ends the pool, as in OTP.
-    if (msg.reason)
-      self->quit(std::move(msg.reason));
+  if (it != st.workers.end()) {
+    on_worker_down(self, msg.source, std::move(msg.reason));
     return;
   }
+  if (is_former_worker(self, msg.source))
+    return;
+  // Not one of ours: an exit from a linked parent (a supervisor) ends the
+  // pool, as in OTP: gracefully when it is an ordered shutdown.
+  if (msg.reason == caf::exit_reason::user_shutdown && !st.stopping) {
+    st.exit_after_stop = msg.reason;
+    begin_stop(self);
+    finish_stop_if_done(self);
+    return;
+  }
+  if (msg.reason)
+    self->quit(std::move(msg.reason));
+}
+
+void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason) {
+  auto& st = self->state;
+  auto it = std::find_if(st.workers.begin(), st.workers.end(), [&](auto& kv) {
+    return kv.second.w.handle.address() == source;
+  });
+  if (it == st.workers.end())
+    return;
+  st.live_workers->erase(it->first);
+  st.former_workers.push_back(source);
+  if (st.former_workers.size() > 64)
+    st.former_workers.pop_front();
+  caf::exit_msg msg{source, std::move(reason)};
   auto& e = it->second;
   auto detail = decode_exit_reason(msg.reason);
   auto start_failure = is_start_failure(msg.reason);
@@ -594,8 +678,10 @@ void on_worker_exit(pool_actor_t* self, caf::exit_msg& msg) {
 // A caller went away: its queued checkouts are dropped, its leases revoked.
 void on_caller_down(pool_actor_t* self, caf::down_msg& msg) {
   auto& st = self->state;
-  if (st.monitored.erase(msg.source) == 0)
+  if (st.monitored.erase(msg.source) == 0) {
+    on_worker_down(self, msg.source, std::move(msg.reason));
     return;
+  }
   for (auto it = st.queue.begin(); it != st.queue.end();)
     it = it->second.caller == msg.source ? st.queue.erase(it) : std::next(it);
   std::vector<std::uint64_t> revoked;
@@ -682,12 +768,21 @@ caf::behavior held_behavior(pool_actor_t* self) {
 }
 
 caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config,
-                         std::shared_ptr<worker_contract> contract) {
+                         std::shared_ptr<worker_contract> contract,
+                         std::shared_ptr<event_bus> events) {
   auto& st = self->state;
   st.config = std::move(config);
+  st.events = events ? std::move(events) : std::make_shared<event_bus>();
   st.contract = contract ? std::move(contract)
-                         : std::make_shared<python_worker_contract>(st.config);
-  self->set_exit_handler([=](caf::exit_msg& msg) { on_worker_exit(self, msg); });
+                         : std::make_shared<python_worker_contract>(st.config, "pool-worker",
+                                                                    st.events);
+  self->set_exit_handler([=](caf::exit_msg& msg) { on_exit(self, msg); });
+  // Whatever ends the pool ends its workers (they are monitored, not linked).
+  self->attach_functor([live = st.live_workers](const caf::error&) {
+    for (auto& [id, h] : *live)
+      caf::anon_send_exit(h, caf::exit_reason::kill);
+    live->clear();
+  });
   self->set_down_handler([=](caf::down_msg& msg) { on_caller_down(self, msg); });
   if (!st.config->pool.lazy) {
     // All initial workers start at once: each spawns its own child, so their
@@ -912,31 +1007,8 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       auto& st = self->state;
       auto rp = self->make_response_promise();
       st.stop_waiters.push_back(rp);
-      if (!st.stopping) {
-        st.stopping = true;
-        log().info("pool: stopping {} workers", st.workers.size());
-        for (auto& [ticket, wt] : st.queue)
-          fail_waiter(wt, stopping_error(wt.type.to_string()));
-        st.queue.clear();
-        if (!st.initial_failure && st.initial_pending > 0) {
-          st.initial_failure = make_error(error_category::resource_error, "pool_stopping",
-                                          "the pool stopped before it was ready");
-          answer_ready_waiters(self);
-        }
-        st.idle.clear();
-        auto reason = make_error(error_category::resource_error, "pool_stopping",
-                                 "the pool is stopping");
-        for (auto& [id, e] : st.workers) {
-          end_lease(self, e);
-          if (e.state != worker_state_t::removing) {
-            e.state = worker_state_t::stopping;
-            guarded(id, "terminate_worker", [](std::string) { return 0; }, [&, &e = e] {
-              st.contract->terminate_worker(reason, e.w);
-              return 0;
-            });
-          }
-        }
-      }
+      if (!st.stopping)
+        begin_stop(self);
       finish_stop_if_done(self);
       return rp;
     },
@@ -946,8 +1018,17 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
 } // namespace
 
 caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
-                      std::shared_ptr<worker_contract> contract) {
-  return sys.spawn(pool_actor, std::move(config), std::move(contract));
+                      std::shared_ptr<worker_contract> contract,
+                      std::shared_ptr<event_bus> events) {
+  return sys.spawn(pool_actor, std::move(config), std::move(contract), std::move(events));
+}
+
+caf::actor spawn_linked_pool(caf::event_based_actor* parent,
+                             std::shared_ptr<const settings> config,
+                             std::shared_ptr<worker_contract> contract,
+                             std::shared_ptr<event_bus> events) {
+  return parent->spawn<caf::linked>(pool_actor, std::move(config), std::move(contract),
+                                    std::move(events));
 }
 
 } // namespace dspex

@@ -31,8 +31,10 @@ std::optional<error> validate_worker(pool_worker& w) {
 } // namespace
 
 python_worker_contract::python_worker_contract(std::shared_ptr<const settings> config,
-                                               std::string mode)
-  : config_(std::move(config)), mode_(std::move(mode)) {
+                                               std::string mode,
+                                               std::shared_ptr<event_bus> events)
+  : config_(std::move(config)), mode_(std::move(mode)),
+    events_(events ? std::move(events) : std::make_shared<event_bus>()) {
 }
 
 init_result python_worker_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
@@ -40,7 +42,11 @@ init_result python_worker_contract::init_worker(pool_worker& w, caf::event_based
   w.state = health;
   worker_config cfg{w.id, config_, caf::actor{pool}, health};
   cfg.mode = mode_;
-  w.handle = spawn_linked_worker(pool, std::move(cfg));
+  cfg.events = events_;
+  // Not linked: the pool monitors its workers and kills them when it ends
+  // (a link would let a worker killed with exit_reason::kill take the pool
+  // down: CAF 0.17 never lets a linked actor trap kill).
+  w.handle = spawn_worker(pool->system(), std::move(cfg));
   return init_result::async();
 }
 

@@ -24,13 +24,19 @@ nlohmann::json pool_status::to_json() const {
   auto retired_json = nlohmann::json::array();
   for (auto& w : retired)
     retired_json.push_back(dspex::to_json(w));
-  return {{"size", size},         {"idle", idle},
+  nlohmann::json j = {{"size", size},         {"idle", idle},
           {"busy", busy},         {"starting", starting},
           {"leased", leased},     {"removing", removing},
           {"overflow", overflow},
           {"queued", queued},     {"replaced", replaced},
           {"start_failures", start_failures}, {"stopping", stopping},
+          {"health", health}, {"consecutive_start_failures", consecutive_start_failures},
+          {"recycled", recycled}, {"health_check_failures", health_check_failures},
+          {"circuit", circuit},
           {"workers", workers_json}, {"retired", retired_json}};
+  if (last_start_failure)
+    j["last_start_failure"] = last_start_failure->to_json();
+  return j;
 }
 
 } // namespace dspex

@@ -42,25 +42,29 @@ system_config::system_config(const settings& s) : values_(s) {
   set("scheduler.max-threads", threads);
 }
 
+template <class Field>
+void system_config::add_duration(caf::config_option_adder& group, Field field, const char* name,
+                                 const char* description) {
+  auto& span = spans_.emplace_back(to_timespan(field(values_)));
+  group.add(span, name, description);
+  apply_spans_.emplace_back([&span, field](settings& s) { field(s) = to_ms(span); });
+}
+
 void system_config::bind_options() {
-  init_timeout_ = to_timespan(values_.pool.init_timeout);
-  request_timeout_ = to_timespan(values_.pool.request_timeout);
-  shutdown_grace_ = to_timespan(values_.worker.shutdown_grace);
-  kill_grace_ = to_timespan(values_.worker.kill_grace);
-  overflow_idle_delay_ = to_timespan(values_.pool.overflow_idle_delay);
-  opt_group{custom_options_, "pool"}
-    .add(values_.pool.size, "size", "worker processes kept running (default 4)")
-    .add(init_timeout_, "init_timeout",
-         "spawn to init-ping reply and LM configuration (default 10s)")
-    .add(request_timeout_, "request_timeout",
-         "default deadline of one call, queueing included (default 30s)")
-    .add(values_.pool.max_frame_bytes, "max_frame_bytes",
-         "largest frame accepted from a worker (default 16777216)")
+  using s_t = settings;
+  caf::config_option_adder pool{custom_options_, "pool"};
+  pool.add(values_.pool.size, "size", "worker processes kept running (default 4)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.init_timeout; }, "init_timeout",
+               "spawn to init-ping reply and LM configuration (default 10s)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.request_timeout; }, "request_timeout",
+               "default deadline of one call, queueing included (default 30s)");
+  pool.add(values_.pool.max_frame_bytes, "max_frame_bytes",
+           "largest frame accepted from a worker (default 16777216)")
     .add(values_.pool.max_overflow, "max_overflow",
-         "extra workers started on demand beyond size (default 0)")
-    .add(overflow_idle_delay_, "overflow_idle_delay",
-         "idle time before an overflow worker retires (default 0s)")
-    .add(values_.pool.lazy, "lazy", "start workers on demand instead of at start (default false)")
+         "extra workers started on demand beyond size (default 0)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.overflow_idle_delay; },
+               "overflow_idle_delay", "idle time before an overflow worker retires (default 0s)");
+  pool.add(values_.pool.lazy, "lazy", "start workers on demand instead of at start (default false)")
     .add(values_.pool.strategy, "strategy",
          "which idle worker serves next: fifo (round-robin) or lifo (default fifo)")
     .add(values_.pool.max_queue, "max_queue",
@@ -69,31 +73,75 @@ void system_config::bind_options() {
          "consecutive failed checkins that remove a worker (default 3)")
     .add(values_.pool.use_safe_port_connect, "use_safe_port_connect",
          "validate worker and caller before each handover (default true)");
-  opt_group{custom_options_, "worker"}
-    .add(values_.worker.python, "python", "Python interpreter, looked up in PATH (default python3)")
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.restart_backoff_base; },
+               "restart_backoff_base", "first delay of the crash-loop guard (default 200ms)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.restart_backoff_max; },
+               "restart_backoff_max", "longest delay of the crash-loop guard (default 5s)");
+  pool.add(values_.pool.broken_after, "broken_after",
+           "consecutive start failures after which the pool is broken and fails fast (default 3)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.health_interval; }, "health_interval",
+               "ping workers idle this long; 0s turns health checks off (default 30s)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.health_timeout; }, "health_timeout",
+               "a health ping unanswered this long: the worker is hung and killed (default 5s)");
+  pool.add(values_.pool.health_max_failures, "health_max_failures",
+           "failed health pings in a row that remove a worker (default 3)")
+    .add(values_.pool.max_requests, "max_requests",
+         "requests a worker serves before it is recycled; 0 = never (default 0)")
+    .add(values_.pool.max_requests_jitter, "max_requests_jitter",
+         "each worker's max_requests is drawn from [max*(1-j), max] (default 0.1)");
+  add_duration(pool, [](s_t& s) -> auto& { return s.pool.max_age; }, "max_age",
+               "worker age before it is recycled; 0s = never (default 0s)");
+  pool.add(values_.pool.max_rss_mb, "max_rss_mb",
+           "resident memory in MiB before a worker is recycled; 0 = never (default 0)");
+
+  caf::config_option_adder worker{custom_options_, "worker"};
+  worker.add(values_.worker.python, "python", "Python interpreter, looked up in PATH (default python3)")
     .add(values_.worker.script, "script", "worker script (default: the bundled dspex_worker.py)")
     .add(values_.worker.extra_args, "extra_args", "extra worker arguments (default [])")
     .add(values_.worker.test_commands, "test_commands",
-         "start workers with --test-commands, for tests only (default false)")
-    .add(shutdown_grace_, "shutdown_grace",
-         "after shutdown and EOF, wait this long before SIGTERM (default 1s)")
-    .add(kill_grace_, "kill_grace", "after SIGTERM, wait this long before SIGKILL (default 1s)");
-  opt_group{custom_options_, "lm"}
-    .add(values_.lm.provider, "provider",
+         "start workers with --test-commands, for tests only (default false)");
+  add_duration(worker, [](s_t& s) -> auto& { return s.worker.shutdown_grace; }, "shutdown_grace",
+               "after shutdown and EOF, wait this long before SIGTERM (default 1s)");
+  add_duration(worker, [](s_t& s) -> auto& { return s.worker.kill_grace; }, "kill_grace",
+               "after SIGTERM, wait this long before SIGKILL (default 1s)");
+
+  caf::config_option_adder retry{custom_options_, "retry"};
+  retry.add(values_.retry.max_attempts, "max_attempts",
+            "attempts per call in all; 1 = no retries (default 3)")
+    .add(values_.retry.strategy, "strategy",
+         "exponential, linear, fibonacci or decorrelated_jitter (default exponential)");
+  add_duration(retry, [](s_t& s) -> auto& { return s.retry.base_delay; }, "base_delay",
+               "first retry delay (default 50ms)");
+  add_duration(retry, [](s_t& s) -> auto& { return s.retry.max_delay; }, "max_delay",
+               "longest retry delay (default 2s)");
+  retry.add(values_.retry.jitter, "jitter", "random fraction of each delay, 0 to 1 (default 0.2)");
+
+  caf::config_option_adder circuit{custom_options_, "circuit"};
+  circuit.add(values_.circuit.enabled, "enabled", "the per-pool circuit breaker (default true)")
+    .add(values_.circuit.failure_threshold, "failure_threshold",
+         "counted failures in a row that open the circuit (default 20)");
+  add_duration(circuit, [](s_t& s) -> auto& { return s.circuit.failure_window; }, "failure_window",
+               "those failures all within this span; 0s = no window (default 10s)");
+  add_duration(circuit, [](s_t& s) -> auto& { return s.circuit.open_timeout; }, "open_timeout",
+               "open -> half_open after this long (default 2s)");
+  circuit.add(values_.circuit.half_open_probes, "half_open_probes",
+              "calls let through at once while half open (default 1)")
+    .add(values_.circuit.success_threshold, "success_threshold",
+         "probe successes that close the circuit (default 2)");
+
+  caf::config_option_adder lm{custom_options_, "lm"};
+  lm.add(values_.lm.provider, "provider",
          "LM applied to every worker before it serves; empty for none (default mock)")
     .add(values_.lm.model, "model", "LM model (default mock)")
     .add(values_.lm.temperature, "temperature", "LM temperature (default 0.7)");
-  opt_group{custom_options_, "log"}
-    .add(values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)");
+  caf::config_option_adder{custom_options_, "log"}.add(
+    values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)");
 }
 
 settings system_config::to_settings() const {
   settings s = values_;
-  s.pool.init_timeout = to_ms(init_timeout_);
-  s.pool.request_timeout = to_ms(request_timeout_);
-  s.worker.shutdown_grace = to_ms(shutdown_grace_);
-  s.worker.kill_grace = to_ms(kill_grace_);
-  s.pool.overflow_idle_delay = to_ms(overflow_idle_delay_);
+  for (auto& apply : apply_spans_)
+    apply(s);
   s.scheduler_policy = caf::to_string(
     caf::get_or(content, "scheduler.policy", caf::atom("sharing")));
   s.scheduler_max_threads = caf::get_or(content, "scheduler.max-threads", std::size_t{0});

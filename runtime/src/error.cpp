@@ -27,11 +27,40 @@ std::optional<error_category> category_from_string(std::string_view name) noexce
   return std::nullopt;
 }
 
+const char* to_string(error_severity s) noexcept {
+  switch (s) {
+    case error_severity::info: return "info";
+    case error_severity::warning: return "warning";
+    case error_severity::error: return "error";
+    case error_severity::critical: return "critical";
+  }
+  return "error";
+}
+
+error_severity error::severity() const noexcept {
+  switch (category) {
+    case error_category::python_error:
+      return error_severity::info;
+    case error_category::configuration_error:
+      return error_severity::critical;
+    case error_category::resource_error:
+      return type == "pool_unavailable" || type == "supervisor_gave_up"
+               ? error_severity::critical
+               : error_severity::warning;
+    case error_category::system_error:
+    case error_category::initialization_error:
+      return error_severity::error;
+    default:
+      return error_severity::warning;
+  }
+}
+
 nlohmann::json error::to_json() const {
   return {{"category", to_string(category)},
           {"type", type},
           {"message", message},
-          {"context", context}};
+          {"context", context},
+          {"severity", to_string(severity())}};
 }
 
 std::string error::describe() const {

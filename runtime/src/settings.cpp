@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "dspex/backoff.hpp"
+
 namespace dspex {
 
 namespace {
@@ -65,6 +67,46 @@ std::optional<error> settings::validate() const {
     return bad("pool.max_queue", "must be at least 1");
   if (pool.failure_threshold < 1)
     return bad("pool.failure_threshold", "must be at least 1");
+  if (pool.restart_backoff_base.count() < 0)
+    return bad("pool.restart_backoff_base", "must not be negative");
+  if (pool.restart_backoff_max < pool.restart_backoff_base)
+    return bad("pool.restart_backoff_max", "must not be below pool.restart_backoff_base");
+  if (pool.broken_after < 1)
+    return bad("pool.broken_after", "must be at least 1");
+  if (pool.health_interval.count() < 0)
+    return bad("pool.health_interval", "must not be negative (0 turns health checks off)");
+  if (!positive(pool.health_timeout))
+    return bad("pool.health_timeout", "must be positive");
+  if (pool.health_max_failures < 1)
+    return bad("pool.health_max_failures", "must be at least 1");
+  if (pool.max_requests_jitter < 0 || pool.max_requests_jitter > 1)
+    return bad("pool.max_requests_jitter",
+               fmt::format("must be between 0 and 1 (got {})", pool.max_requests_jitter));
+  if (pool.max_age.count() < 0)
+    return bad("pool.max_age", "must not be negative (0 turns it off)");
+  if (retry.max_attempts < 1 || retry.max_attempts > 100)
+    return bad("retry.max_attempts",
+               fmt::format("must be between 1 and 100 (got {})", retry.max_attempts));
+  if (!backoff_kind_from_string(retry.strategy))
+    return bad("retry.strategy",
+               fmt::format("must be exponential, linear, fibonacci or decorrelated_jitter (got '{}')",
+                           retry.strategy));
+  if (retry.base_delay.count() < 0)
+    return bad("retry.base_delay", "must not be negative");
+  if (retry.max_delay < retry.base_delay)
+    return bad("retry.max_delay", "must not be below retry.base_delay");
+  if (retry.jitter < 0 || retry.jitter > 1)
+    return bad("retry.jitter", fmt::format("must be between 0 and 1 (got {})", retry.jitter));
+  if (circuit.failure_threshold < 1)
+    return bad("circuit.failure_threshold", "must be at least 1");
+  if (circuit.failure_window.count() < 0)
+    return bad("circuit.failure_window", "must not be negative (0 = no window)");
+  if (circuit.open_timeout.count() < 0)
+    return bad("circuit.open_timeout", "must not be negative");
+  if (circuit.half_open_probes < 1)
+    return bad("circuit.half_open_probes", "must be at least 1");
+  if (circuit.success_threshold < 1)
+    return bad("circuit.success_threshold", "must be at least 1");
   if (worker.python.empty())
     return bad("worker.python", "must name an interpreter");
   if (find_executable(worker.python).empty())

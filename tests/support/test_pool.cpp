@@ -16,8 +16,10 @@ std::chrono::steady_clock::time_point after(std::chrono::milliseconds d) {
 
 test_pool::test_pool(test_pool_options opts)
   : cfg_{}, sys_{cfg_.set("scheduler.policy", caf::atom("sharing"))},
-    config_(std::make_shared<const settings>(opts.config)) {
-  pool_ = spawn_pool(sys_, config_, std::move(opts.contract));
+    config_(std::make_shared<const settings>(opts.config)), events_(std::move(opts.events)) {
+  if (!events_)
+    events_ = std::make_shared<event_bus>();
+  pool_ = spawn_pool(sys_, config_, std::move(opts.contract), events_);
 }
 
 test_pool::~test_pool() {

@@ -22,6 +22,7 @@ namespace dspex::testing {
 struct test_pool_options {
   settings config = test_settings(2);          ///< size 2, no overflow, eager (Fix 7)
   std::shared_ptr<worker_contract> contract;   ///< null: the bundled Python worker
+  std::shared_ptr<event_bus> events = std::make_shared<event_bus>();  ///< the pool's events
 };
 
 class test_pool {
@@ -32,6 +33,7 @@ public:
   caf::actor_system& system() { return sys_; }
   const caf::actor& pool() const { return pool_; }
   const settings& config() const { return *config_; }
+  event_bus& events() { return *events_; }
 
   pool_status status();
 
@@ -59,6 +61,7 @@ private:
   caf::actor_system_config cfg_;
   caf::actor_system sys_;
   std::shared_ptr<const settings> config_;
+  std::shared_ptr<event_bus> events_;
   caf::actor pool_;
 };
 

@@ -6,7 +6,11 @@
 #include <string>
 #include <vector>
 
+#include <optional>
+
 #include <nlohmann/json.hpp>
+
+#include "dspex/error.hpp"
 
 namespace dspex {
 
@@ -21,7 +25,7 @@ struct worker_stats {
 struct worker_info {
   std::string id;
   int pid = 0;                 ///< 0 while the process is not yet started
-  std::string state;           ///< starting, idle, busy, stopping
+  std::string state;           ///< starting, idle, busy, leased, checking, degraded, removing, stopping
   double uptime_s = 0;         ///< since the worker actor started
   worker_stats stats;
 };
@@ -38,6 +42,15 @@ struct pool_status {
   std::uint64_t replaced = 0;  ///< workers removed and replaced so far
   std::uint64_t start_failures = 0;  ///< worker starts that failed so far
   bool stopping = false;
+  /// healthy: serving as configured; degraded: a worker start failed lately
+  /// (or fewer workers run than configured); broken: pool.broken_after
+  /// starts failed in a row: callers fail fast with pool_unavailable.
+  std::string health = "healthy";
+  std::uint32_t consecutive_start_failures = 0;
+  std::optional<error> last_start_failure;  ///< the newest start failure, until a start succeeds
+  std::uint64_t recycled = 0;               ///< healthy workers replaced at a recycling limit
+  std::uint64_t health_check_failures = 0;  ///< failed health pings so far
+  std::string circuit = "closed";           ///< the circuit breaker in front of the pool (runtime::status)
   std::vector<worker_info> workers;
   std::vector<worker_info> retired;  ///< the last removed workers (bounded), for summaries
 

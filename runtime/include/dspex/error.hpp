@@ -26,6 +26,18 @@ enum class error_category {
 
 /// snake_case name, e.g. "timeout_error".
 const char* to_string(error_category c) noexcept;
+
+/// How bad an error is for the runtime, not for the caller:
+///   info:     the caller's program failed, the runtime is fine (python_error)
+///   warning:  one call failed, retry or replacement handles it
+///             (timeout, communication, connection, resource, session, health check)
+///   error:    a component failed and was replaced or refused (system_error,
+///             and initialization_error of a single worker)
+///   critical: the runtime cannot serve as configured (configuration_error,
+///             resource_error/pool_unavailable, resource_error/supervisor_gave_up)
+enum class error_severity { info, warning, error, critical };
+
+const char* to_string(error_severity s) noexcept;
 std::optional<error_category> category_from_string(std::string_view name) noexcept;
 
 /// A structured error. `type` is a stable snake_case word within the category
@@ -37,6 +49,10 @@ struct error {
   std::string message;
   nlohmann::json context = nlohmann::json::object();
 
+  /// See error_severity; derived from category and type.
+  error_severity severity() const noexcept;
+
+  /// {category, type, message, context, severity}
   nlohmann::json to_json() const;
   /// "timeout_error/request_timeout: <message>"
   std::string describe() const;

@@ -30,7 +30,46 @@ struct settings {
     std::size_t max_queue = 10'000;    ///< pool.max_queue: waiting callers; beyond it pool_saturated at once
     std::uint32_t failure_threshold = 3;  ///< pool.failure_threshold: consecutive failed checkins that remove a worker
     bool use_safe_port_connect = true; ///< pool.use_safe_port_connect: validate worker and caller before handover (seed Fix 2 rollback switch)
+
+    // Crash-loop guard: a worker that fails to start or dies before serving
+    // anyone is restarted after a delay growing from restart_backoff_base to
+    // restart_backoff_max (with jitter); after broken_after consecutive start
+    // failures the pool is `broken` and callers fail fast with
+    // resource_error/pool_unavailable until a start succeeds again.
+    ms restart_backoff_base{200};      ///< pool.restart_backoff_base
+    ms restart_backoff_max{5'000};     ///< pool.restart_backoff_max
+    std::uint32_t broken_after = 3;    ///< pool.broken_after: consecutive start failures that make the pool broken
+
+    // Health checks of idle workers (never of busy ones).
+    ms health_interval{30'000};        ///< pool.health_interval: ping a worker idle this long; 0 = off
+    ms health_timeout{5'000};          ///< pool.health_timeout: a ping unanswered this long: the worker is hung and killed
+    std::uint32_t health_max_failures = 3;  ///< pool.health_max_failures: failed pings in a row that remove a worker
+
+    // Recycling: a healthy worker over a limit is drained and replaced; 0 = off.
+    std::uint64_t max_requests = 0;    ///< pool.max_requests: requests served before recycling
+    double max_requests_jitter = 0.1;  ///< pool.max_requests_jitter: each worker's limit is drawn from [max*(1-j), max]
+    ms max_age{0};                     ///< pool.max_age: worker age before recycling
+    std::uint64_t max_rss_mb = 0;      ///< pool.max_rss_mb: resident memory (from /proc) before recycling
   } pool;
+
+  /// Retries of execute_anonymous (blocking and async): only where safe, see backoff.hpp.
+  struct retry_settings_t {
+    std::size_t max_attempts = 3;      ///< retry.max_attempts: attempts in all; 1 = no retries
+    std::string strategy = "exponential";  ///< retry.strategy: exponential, linear, fibonacci, decorrelated_jitter
+    ms base_delay{50};                 ///< retry.base_delay
+    ms max_delay{2'000};               ///< retry.max_delay
+    double jitter = 0.2;               ///< retry.jitter: fraction of each delay that is random
+  } retry;
+
+  /// The per-pool circuit breaker in front of execute_anonymous.
+  struct circuit_settings {
+    bool enabled = true;               ///< circuit.enabled
+    std::size_t failure_threshold = 20;  ///< circuit.failure_threshold: counted failures in a row that open it
+    ms failure_window{10'000};         ///< circuit.failure_window: ... all within this span
+    ms open_timeout{2'000};            ///< circuit.open_timeout: open -> half_open after this long
+    std::size_t half_open_probes = 1;  ///< circuit.half_open_probes: calls let through at once in half_open
+    std::size_t success_threshold = 2; ///< circuit.success_threshold: probe successes that close it
+  } circuit;
 
   struct worker_settings {
     std::string python = "python3";    ///< worker.python: interpreter, looked up in PATH

@@ -73,6 +73,14 @@ using worker_ready_atom = caf::atom_constant<caf::atom("wready")>;  // (worker_i
 using checkin_atom = caf::atom_constant<caf::atom("checkin")>;      // (worker_id, checkin_status)
 using worker_gone_atom = caf::atom_constant<caf::atom("wgone")>;    // (worker_id): process lost, awaiting release
 using retry_atom = caf::atom_constant<caf::atom("retry")>;          // (call) → outcome: a checkout handed back unserved
+/// owner → worker: () → outcome. A health ping of an idle worker, bounded by
+/// pool.health_timeout. ok: the ping's reply (worker stays ready);
+/// health_check_error/ping_failed: the worker answered badly (it is now
+/// degraded and takes no work until a ping passes); health_check_error/
+/// health_timeout: no answer in time: the worker killed its process and
+/// quits with worker_exit::health_timeout. A worker that is not ready (busy,
+/// starting, stopping) answers resource_error/worker_busy and pings nothing.
+using health_check_atom = caf::atom_constant<caf::atom("hcheck")>;
 
 // -- owner → worker -------------------------------------------------------------
 using release_atom = caf::atom_constant<caf::atom("release")>;      // the owner sends no more calls: quit now
@@ -106,6 +114,7 @@ enum class worker_exit : std::uint8_t {
   process_exited,       ///< the child exited while serving
   protocol_violation,   ///< the child broke the wire contract
   request_timeout,      ///< a request passed its deadline: the child was killed
+  health_timeout,       ///< a health ping went unanswered: the child was hung and was killed
 };
 
 caf::error make_exit_reason(worker_exit code, const error& detail);

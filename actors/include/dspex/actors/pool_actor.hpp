@@ -27,6 +27,7 @@
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
 
+#include "dspex/events.hpp"
 #include "dspex/settings.hpp"
 
 namespace dspex {
@@ -34,8 +35,16 @@ namespace dspex {
 class worker_contract;
 
 /// Spawns a pool. `contract` drives its workers; null means the bundled
-/// Python workers (python_worker_contract).
+/// Python workers (python_worker_contract). `events` receives the pool's and
+/// its workers' events; null means a private bus (events are only logged).
 caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
-                      std::shared_ptr<worker_contract> contract = nullptr);
+                      std::shared_ptr<worker_contract> contract = nullptr,
+                      std::shared_ptr<event_bus> events = nullptr);
+
+/// Same, linked to `parent`: a supervisor's child (see supervisor.hpp).
+caf::actor spawn_linked_pool(caf::event_based_actor* parent,
+                             std::shared_ptr<const settings> config,
+                             std::shared_ptr<worker_contract> contract = nullptr,
+                             std::shared_ptr<event_bus> events = nullptr);
 
 } // namespace dspex

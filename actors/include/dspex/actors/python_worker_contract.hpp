@@ -6,6 +6,7 @@
 #include <string>
 
 #include "dspex/actors/worker_contract.hpp"
+#include "dspex/events.hpp"
 #include "dspex/settings.hpp"
 
 namespace dspex {
@@ -14,9 +15,10 @@ class python_worker_contract : public worker_contract {
 public:
   /// `mode`: the workers' --mode, pool-worker or standalone (the bridge).
   explicit python_worker_contract(std::shared_ptr<const settings> config,
-                                  std::string mode = "pool-worker");
+                                  std::string mode = "pool-worker",
+                                  std::shared_ptr<event_bus> events = nullptr);
 
-  /// Spawns a linked worker_actor; it reports ready asynchronously.
+  /// Spawns a worker_actor (the pool monitors it); it reports ready asynchronously.
   init_result init_worker(pool_worker& w, caf::event_based_actor* pool) override;
 
   /// Seed Fix 2 (validate_port + safe_port_connect), unless
@@ -41,6 +43,7 @@ public:
 private:
   std::shared_ptr<const settings> config_;
   std::string mode_;
+  std::shared_ptr<event_bus> events_;
 };
 
 } // namespace dspex

@@ -3,6 +3,10 @@
 // scheduler.max-threads) are read from the same INI file and command line.
 #pragma once
 
+#include <functional>
+#include <list>
+#include <vector>
+
 #include <caf/actor_system_config.hpp>
 #include <caf/timespan.hpp>
 
@@ -26,13 +30,15 @@ public:
 private:
   void bind_options();
 
+  /// Binds a duration key: CAF reads durations as timespans ("10s",
+  /// "500ms"), settings keeps milliseconds; to_settings() converts back.
+  template <class Field>
+  void add_duration(caf::config_option_adder& group, Field field, const char* name,
+                    const char* description);
+
   settings values_;
-  // CAF reads durations as timespans ("10s", "500ms"); settings keeps ms.
-  caf::timespan init_timeout_;
-  caf::timespan request_timeout_;
-  caf::timespan shutdown_grace_;
-  caf::timespan kill_grace_;
-  caf::timespan overflow_idle_delay_;
+  std::list<caf::timespan> spans_;  // stable addresses: CAF keeps pointers to them
+  std::vector<std::function<void(settings&)>> apply_spans_;
 };
 
 } // namespace dspex

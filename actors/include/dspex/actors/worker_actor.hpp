@@ -34,6 +34,7 @@
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
 
+#include "dspex/events.hpp"
 #include "dspex/settings.hpp"
 
 namespace dspex {
@@ -53,6 +54,8 @@ struct worker_config {
   caf::actor owner;                             ///< receives wready / checkin / wgone
   std::shared_ptr<worker_health> health = std::make_shared<worker_health>();
   std::string mode = "pool-worker";             ///< --mode: pool-worker, or standalone (the bridge)
+  /// Receives the worker's lifecycle transitions (event_kind::worker_transition).
+  std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
 };
 
 /// Spawns a worker actor linked to nothing; the caller decides (the pool

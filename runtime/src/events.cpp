@@ -1,0 +1,144 @@
+#include "dspex/events.hpp"
+
+#include <array>
+
+#include "dspex/logging.hpp"
+
+namespace dspex {
+
+namespace {
+
+constexpr std::array<const char*, 13> kind_names = {
+  "worker_transition", "worker_started",   "worker_ready",      "worker_start_failed",
+  "worker_removed",    "worker_recycled",  "restart_scheduled", "health_check_failed",
+  "pool_health_changed", "circuit_changed", "retry_scheduled",  "retry_gave_up",
+  "supervisor",
+};
+
+bool routine(const event& e) {
+  // A request's ready <-> busy moves: twice per call, so never above trace.
+  return e.kind == event_kind::worker_transition
+         && ((e.from == "ready" && e.to == "busy") || (e.from == "busy" && e.to == "ready"));
+}
+
+spdlog::level::level_enum level_of(const event& e) {
+  if (routine(e))
+    return spdlog::level::trace;
+  switch (e.kind) {
+    case event_kind::worker_start_failed:
+    case event_kind::restart_scheduled:
+    case event_kind::health_check_failed:
+    case event_kind::retry_gave_up:
+      return spdlog::level::warn;
+    case event_kind::pool_health_changed:
+      return e.to == "healthy" ? spdlog::level::info : spdlog::level::warn;
+    case event_kind::circuit_changed:
+      return e.to == "closed" ? spdlog::level::info : spdlog::level::warn;
+    case event_kind::worker_transition:
+    case event_kind::worker_started:
+    case event_kind::worker_ready:
+      return spdlog::level::debug;
+    default:
+      return spdlog::level::info;
+  }
+}
+
+} // namespace
+
+const char* to_string(event_kind k) noexcept {
+  auto i = static_cast<std::size_t>(k);
+  return i < kind_names.size() ? kind_names[i] : "unknown";
+}
+
+nlohmann::json event::to_json() const {
+  nlohmann::json j{{"event", to_string(kind)}, {"source", source}};
+  if (!worker_id.empty())
+    j["worker_id"] = worker_id;
+  if (!from.empty())
+    j["from"] = from;
+  if (!to.empty())
+    j["to"] = to;
+  if (!reason.empty())
+    j["reason"] = reason;
+  if (attempt > 0)
+    j["attempt"] = attempt;
+  if (delay.count() > 0)
+    j["delay_ms"] = delay.count();
+  if (err)
+    j["error"] = err->to_json();
+  if (!fields.empty())
+    j["fields"] = fields;
+  return j;
+}
+
+std::string event::describe() const {
+  std::string out = "event=";
+  out += to_string(kind);
+  out += " source=" + source;
+  if (!worker_id.empty())
+    out += " worker=" + worker_id;
+  if (!from.empty())
+    out += " from=" + from;
+  if (!to.empty())
+    out += " to=" + to;
+  if (attempt > 0)
+    out += " attempt=" + std::to_string(attempt);
+  if (delay.count() > 0)
+    out += " delay_ms=" + std::to_string(delay.count());
+  if (!reason.empty())
+    out += " reason=\"" + reason + "\"";
+  if (err)
+    out += " error=\"" + err->describe() + "\"";
+  for (auto& [k, v] : fields.items())
+    out += " " + k + "=" + (v.is_string() ? v.get<std::string>() : v.dump());
+  return out;
+}
+
+std::uint64_t event_bus::subscribe(handler h) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto id = next_id_++;
+  handlers_.emplace_back(id, std::make_shared<handler>(std::move(h)));
+  count_ = handlers_.size();
+  return id;
+}
+
+void event_bus::unsubscribe(std::uint64_t id) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  for (auto it = handlers_.begin(); it != handlers_.end(); ++it)
+    if (it->first == id) {
+      handlers_.erase(it);
+      break;
+    }
+  count_ = handlers_.size();
+}
+
+bool event_bus::trace_enabled() noexcept {
+  return log().should_log(spdlog::level::trace);
+}
+
+void event_bus::publish(const event& e) {
+  auto level = level_of(e);
+  if (log().should_log(level))
+    log().log(level, "{}", e.describe());
+  if (!has_subscribers())
+    return;
+  std::vector<std::shared_ptr<handler>> copy;
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    copy.reserve(handlers_.size());
+    for (auto& [id, h] : handlers_)
+      copy.push_back(h);
+  }
+  // Outside the lock: a handler may subscribe or unsubscribe.
+  for (auto& h : copy) {
+    try {
+      (*h)(e);
+    } catch (const std::exception& ex) {
+      log().error("an event subscriber threw: {}", ex.what());
+    } catch (...) {
+      log().error("an event subscriber threw");
+    }
+  }
+}
+
+} // namespace dspex
