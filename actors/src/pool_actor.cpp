@@ -11,7 +11,9 @@
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/python_worker_contract.hpp"
+#include "dspex/backoff.hpp"
 #include "dspex/logging.hpp"
+#include "dspex/proc_stats.hpp"
 
 namespace dspex {
 
@@ -19,7 +21,9 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
-enum class worker_state_t { starting, idle, busy, leased, removing, stopping };
+// checking: out for a health ping (not idle, so no caller waits behind it);
+// degraded: its last health ping failed: no work until a ping passes.
+enum class worker_state_t { starting, idle, busy, leased, checking, degraded, removing, stopping };
 
 const char* to_string(worker_state_t s) {
   switch (s) {
@@ -27,6 +31,8 @@ const char* to_string(worker_state_t s) {
     case worker_state_t::idle: return "idle";
     case worker_state_t::busy: return "busy";
     case worker_state_t::leased: return "leased";
+    case worker_state_t::checking: return "checking";
+    case worker_state_t::degraded: return "degraded";
     case worker_state_t::removing: return "removing";
     case worker_state_t::stopping: return "stopping";
   }
@@ -41,6 +47,9 @@ struct worker_entry {
   bool initial = false;            ///< started with the pool (await_ready waits for these)
   bool counted_as_removed = false; ///< counters already updated for its removal
   std::uint64_t lease = 0;         ///< the lease it is out under, if leased
+  std::uint64_t recycle_after = 0; ///< requests before recycling (max_requests with jitter); 0 = never
+  std::uint32_t health_failures = 0;  ///< failed health pings in a row
+  clock_type::time_point rss_checked_at{};
 };
 
 /// One caller waiting for a worker: a pool-mediated call or a lease request.
@@ -84,6 +93,13 @@ struct pool_state {
   /// Workers removed before serving anyone, reset at the next handover: a
   /// contract that removes every worker at checkout must not spin the pool.
   std::uint32_t consecutive_young_removals = 0;
+  dspex::backoff restart_backoff;  ///< the crash-loop guard's delays
+  std::optional<error> last_start_failure;  ///< until a start succeeds
+  std::string health = "healthy";  ///< healthy, degraded, broken (see update_health)
+  std::uint64_t recycled = 0;
+  std::uint64_t health_check_failures = 0;
+  bool tick_armed = false;         ///< a maintenance_tick is on its way
+  std::mt19937_64 rng{std::random_device{}()};
   bool restart_pending = false;  ///< a delayed restart_atom is on its way
   bool backoff_served = false;   ///< it arrived: the next fill starts workers
   std::size_t initial_pending = 0;  ///< initial workers not yet ready
@@ -199,6 +215,114 @@ void arm_queue_timer(pool_actor_t* self, clock_type::time_point due) {
   self->delayed_send(self, delay, queue_timeout_atom::value);
 }
 
+// -- events and pool health ---------------------------------------------------------------
+
+void publish(pool_actor_t* self, event e) {
+  if (e.source.empty())
+    e.source = "pool";
+  self->state.events->publish(e);
+}
+
+event make_event(event_kind kind, std::string worker_id = {}, std::string reason = {}) {
+  event e;
+  e.kind = kind;
+  e.worker_id = std::move(worker_id);
+  e.reason = std::move(reason);
+  return e;
+}
+
+/// Workers that serve or can serve soon (not starting, not on their way out).
+std::size_t serving_count(pool_actor_t* self) {
+  std::size_t n = 0;
+  for (auto& [id, e] : self->state.workers)
+    switch (e.state) {
+      case worker_state_t::idle:
+      case worker_state_t::busy:
+      case worker_state_t::leased:
+      case worker_state_t::checking:
+      case worker_state_t::degraded:
+        ++n;
+        break;
+      default:
+        break;
+    }
+  return n;
+}
+
+error pool_unavailable(pool_actor_t* self, const checkout_type& type) {
+  auto& st = self->state;
+  nlohmann::json ctx{{"checkout_type", type.to_string()},
+                     {"consecutive_start_failures", st.consecutive_start_failures}};
+  std::string last = "unknown";
+  if (st.last_start_failure) {
+    ctx["last_start_failure"] = st.last_start_failure->to_json();
+    last = st.last_start_failure->message;
+  }
+  return make_error(error_category::resource_error, "pool_unavailable",
+                    "the pool is broken: " + std::to_string(st.consecutive_start_failures)
+                      + " worker starts failed in a row; last: " + last,
+                    std::move(ctx));
+}
+
+// healthy: every start lately succeeded. degraded: starts are failing (the
+// crash-loop guard delays them) but not pool.broken_after in a row, or some
+// worker still serves. broken: pool.broken_after starts failed in a row and
+// no worker serves: callers fail fast with pool_unavailable (naming the last
+// start failure) instead of waiting for their deadlines. The guard keeps
+// trying; the first start that succeeds makes the pool healthy again.
+void update_health(pool_actor_t* self) {
+  auto& st = self->state;
+  std::string now_health = "healthy";
+  if (st.consecutive_start_failures >= st.config->pool.broken_after && serving_count(self) == 0)
+    now_health = "broken";
+  else if (st.consecutive_start_failures > 0)
+    now_health = "degraded";
+  if (now_health == st.health)
+    return;
+  auto e = make_event(event_kind::pool_health_changed, {},
+                      now_health == "healthy"
+                        ? "a worker started"
+                        : std::to_string(st.consecutive_start_failures)
+                            + " worker starts failed in a row");
+  e.from = st.health;
+  e.to = now_health;
+  e.attempt = st.consecutive_start_failures;
+  if (now_health != "healthy")
+    e.err = st.last_start_failure;
+  st.health = now_health;
+  publish(self, std::move(e));
+  if (st.health == "broken") {
+    // Waiting would only run into the deadline: answer now.
+    for (auto& [ticket, wt] : st.queue) {
+      fail_waiter(wt, pool_unavailable(self, wt.type));
+      unwatch_caller(self, wt.caller);
+    }
+    st.queue.clear();
+  }
+}
+
+void note_start_failure(pool_actor_t* self, const std::string& worker_id, const error& why) {
+  auto& st = self->state;
+  ++st.start_failures;
+  ++st.consecutive_start_failures;
+  st.last_start_failure = why;
+  auto e = make_event(event_kind::worker_start_failed, worker_id, why.message);
+  e.err = why;
+  e.attempt = st.consecutive_start_failures;
+  publish(self, std::move(e));
+  update_health(self);
+}
+
+void note_start_success(pool_actor_t* self, const std::string& worker_id, int pid) {
+  auto& st = self->state;
+  st.consecutive_start_failures = 0;
+  st.last_start_failure.reset();
+  auto e = make_event(event_kind::worker_ready, worker_id);
+  e.fields["pid"] = pid;
+  publish(self, std::move(e));
+  update_health(self);
+}
+
 // -- worker lifecycle -------------------------------------------------------------------
 
 void start_worker(pool_actor_t* self, bool initial, bool overflow) {
@@ -208,6 +332,19 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
   e.w.id = id;
   e.w.overflow = overflow;
   e.initial = initial;
+  if (auto max = st.config->pool.max_requests; max > 0) {
+    // Each worker draws its own limit from [max * (1 - jitter), max], so
+    // workers started together do not all recycle together.
+    auto span = static_cast<std::uint64_t>(static_cast<double>(max)
+                                           * st.config->pool.max_requests_jitter);
+    e.recycle_after = max - (span > 0 ? st.rng() % (span + 1) : 0);
+    e.recycle_after = std::max<std::uint64_t>(e.recycle_after, 1);
+  }
+  {
+    auto ev = make_event(event_kind::worker_started, id);
+    ev.attempt = st.consecutive_start_failures;
+    publish(self, std::move(ev));
+  }
   auto res = guarded(id, "init_worker",
                      [&](std::string) {
                        return init_result::failed(callback_failed(id, "init_worker"));
@@ -223,29 +360,30 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
     case init_result::kind::async:
       return;  // worker_ready or its exit follows
     case init_result::kind::ready:
-      st.consecutive_start_failures = 0;
       e.state = worker_state_t::idle;
       st.idle.push_back(id);
+      note_start_success(self, id, 0);
       return;
-    case init_result::kind::failed:
+    case init_result::kind::failed: {
       log().warn("[{}] init_worker failed: {}", id, res.reason().describe());
-      ++st.start_failures;
-      ++st.consecutive_start_failures;
       if (e.w.handle)
         self->unlink_from(e.w.handle);
+      auto why = res.reason();
       st.workers.erase(id);
+      note_start_failure(self, id, why);
       return;
+    }
   }
 }
 
-// Backoff while starts keep failing: 100 ms doubling to 5 s, so a broken
-// interpreter costs a bounded number of spawns instead of a busy loop.
-clock_type::duration restart_delay(std::uint32_t consecutive_failures) {
+// The crash-loop guard: while starts keep failing (or workers die before
+// serving anyone), the next start waits pool.restart_backoff_base doubling
+// to pool.restart_backoff_max, with jitter, so a broken interpreter costs a
+// bounded number of spawns instead of a busy loop.
+clock_type::duration restart_delay(pool_actor_t* self, std::uint32_t consecutive_failures) {
   if (consecutive_failures == 0)
     return clock_type::duration::zero();
-  auto shift = std::min<std::uint32_t>(consecutive_failures - 1, 6);
-  return std::min<clock_type::duration>(std::chrono::milliseconds{100} * (1u << shift),
-                                        std::chrono::seconds{5});
+  return self->state.restart_backoff.delay(consecutive_failures);
 }
 
 // Keeps pool.size workers (eager), or as many as callers need up to
@@ -273,14 +411,31 @@ bool fill_pool(pool_actor_t* self) {
   }
   if (missing + extra == 0)
     return false;
+  if (st.consecutive_start_failures > 0 && starting_count(self) > 0)
+    return false;  // a probe is starting: its outcome decides what comes next
   auto young = st.consecutive_young_removals;
-  auto delay = restart_delay(std::max(st.consecutive_start_failures, young > 0 ? young - 1 : 0));
+  auto failures = std::max(st.consecutive_start_failures, young > 0 ? young - 1 : 0);
+  auto delay = restart_delay(self, failures);
   if (delay > clock_type::duration::zero() && !st.backoff_served) {
     st.restart_pending = true;
+    auto ev = make_event(event_kind::restart_scheduled, {},
+                         st.consecutive_start_failures > 0
+                           ? "worker starts are failing"
+                           : "workers die before serving anyone");
+    ev.attempt = failures;
+    ev.delay = std::chrono::duration_cast<std::chrono::milliseconds>(delay);
+    ev.err = st.last_start_failure;
+    publish(self, std::move(ev));
     self->delayed_send(self, delay, restart_atom::value);
     return false;
   }
   st.backoff_served = false;
+  if (st.consecutive_start_failures > 0) {
+    // Probing: one start at a time until one succeeds, not a burst of
+    // doomed spawns per slot.
+    missing = std::min<std::size_t>(missing, 1);
+    extra = 0;
+  }
   auto idle_before = st.idle.size();
   for (std::size_t i = 0; i < missing; ++i)
     start_worker(self, false, false);
@@ -322,10 +477,9 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   if (!e.counted_as_removed) {
     e.counted_as_removed = true;
     if (start_failure || was_starting) {
-      ++st.start_failures;
-      ++st.consecutive_start_failures;
-    } else if (reason.type == "overflow_retired") {
-      retire(self, e);  // not a failure: demand went away
+      note_start_failure(self, e.w.id, reason);
+    } else if (reason.type == "overflow_retired" || reason.type == "recycled") {
+      retire(self, e);  // not a failure: demand went away, or a limit was reached
     } else {
       ++st.replaced;
       if (e.w.stats.checkouts == 0)
@@ -333,12 +487,21 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
       retire(self, e);
     }
   }
+  if (!start_failure && !was_starting) {
+    auto ev = make_event(reason.type == "recycled" ? event_kind::worker_recycled
+                                                   : event_kind::worker_removed,
+                         e.w.id, reason.message);
+    ev.err = reason;
+    publish(self, std::move(ev));
+  }
   guarded(e.w.id, "terminate_worker", [](std::string) { return 0; }, [&] {
     st.contract->terminate_worker(reason, e.w);
     return 0;
   });
-  if (!st.stopping)
+  if (!st.stopping) {
+    update_health(self);
     fill_pool(self);
+  }
 }
 
 // Seed Fix 6: the one place worker statistics change at checkin.
@@ -374,6 +537,165 @@ void make_idle(pool_actor_t* self, worker_entry& e) {
   st.idle.push_back(e.w.id);
 }
 
+// -- recycling and health checks -----------------------------------------------------------
+
+// A healthy worker over one of its limits is drained (it is only recycled
+// when idle, i.e. at checkin or from the maintenance tick) and replaced.
+std::optional<error> recycle_reason(pool_actor_t* self, worker_entry& e,
+                                    clock_type::time_point now) {
+  const auto& pc = self->state.config->pool;
+  auto recycled = [&](const char* limit, std::string what, std::uint64_t value,
+                      std::uint64_t threshold) {
+    return make_error(error_category::resource_error, "recycled",
+                      "worker " + e.w.id + " recycled: " + what,
+                      {{"worker_id", e.w.id}, {"limit", limit}, {"value", value},
+                       {"threshold", threshold}});
+  };
+  if (e.recycle_after > 0 && e.w.stats.checkouts >= e.recycle_after)
+    return recycled("max_requests",
+                    "served " + std::to_string(e.w.stats.checkouts) + " requests",
+                    e.w.stats.checkouts, e.recycle_after);
+  auto age = std::chrono::duration_cast<std::chrono::milliseconds>(now - e.started_at);
+  if (pc.max_age.count() > 0 && age >= pc.max_age)
+    return recycled("max_age", "age " + std::to_string(age.count()) + " ms",
+                    static_cast<std::uint64_t>(age.count()),
+                    static_cast<std::uint64_t>(pc.max_age.count()));
+  // Reading /proc costs a few microseconds: at most every 250 ms per worker.
+  if (pc.max_rss_mb > 0 && now - e.rss_checked_at >= std::chrono::milliseconds{250}) {
+    e.rss_checked_at = now;
+    if (auto rss = resident_bytes(e.w.pid)) {
+      auto mb = *rss / (1024 * 1024);
+      if (mb >= pc.max_rss_mb) {
+        return recycled("max_rss_mb", "resident memory " + std::to_string(mb) + " MiB", mb,
+                        pc.max_rss_mb);
+      }
+    }
+  }
+  return std::nullopt;
+}
+
+void recycle(pool_actor_t* self, worker_entry& e, const error& why) {
+  ++self->state.recycled;
+  remove_worker(self, e, why);
+}
+
+void on_health_result(pool_actor_t* self, const std::string& id, const caf::actor& handle,
+                      const outcome& o);
+
+// Pings one idle (or degraded) worker. It is out of the idle list while the
+// ping runs, so no caller ever waits behind a health check.
+void check_health(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  auto& idle = st.idle;
+  idle.erase(std::remove(idle.begin(), idle.end(), e.w.id), idle.end());
+  e.state = worker_state_t::checking;
+  auto id = e.w.id;
+  auto handle = e.w.handle;
+  // The worker answers by pool.health_timeout itself; the margin only
+  // catches a worker actor that is gone (its down_msg does the rest).
+  auto bound = caf::duration{st.config->pool.health_timeout + std::chrono::seconds{2}};
+  self->request(handle, bound, health_check_atom::value)
+    .then([=](outcome& o) { on_health_result(self, id, handle, o); },
+          [=](caf::error& err) {
+            on_health_result(self, id, handle,
+                             outcome::failure(make_error(
+                               error_category::health_check_error, "health_timeout",
+                               "no answer to the health check: " + self->system().render(err),
+                               {{"worker_id", id}})));
+          });
+}
+
+void on_health_result(pool_actor_t* self, const std::string& id, const caf::actor& handle,
+                      const outcome& o) {
+  auto& st = self->state;
+  auto it = st.workers.find(id);
+  if (st.stopping || it == st.workers.end() || it->second.w.handle != handle
+      || it->second.state != worker_state_t::checking)
+    return;
+  auto& e = it->second;
+  if (o.ok() || o.error().type == "worker_busy") {
+    // worker_busy: it was not ready after all (it is going); its own
+    // messages decide, the check found nothing.
+    if (o.ok())
+      e.health_failures = 0;
+    make_idle(self, e);
+    dispatch(self);
+    return;
+  }
+  ++e.health_failures;
+  ++st.health_check_failures;
+  auto ev = make_event(event_kind::health_check_failed, id, o.error().message);
+  ev.attempt = e.health_failures;
+  ev.err = o.error();
+  publish(self, std::move(ev));
+  if (o.error().type == "health_timeout") {
+    remove_worker(self, e, o.error());  // hung: the worker killed its process
+  } else if (e.health_failures >= st.config->pool.health_max_failures) {
+    remove_worker(self, e,
+                  make_error(error_category::health_check_error, "health_check_failed",
+                             std::to_string(e.health_failures)
+                               + " failed health checks in a row; last: " + o.error().message,
+                             {{"worker_id", id}}));
+  } else {
+    e.state = worker_state_t::degraded;  // no work until a ping passes
+  }
+  dispatch(self);
+}
+
+clock_type::duration maintenance_period(const settings::pool_settings& pc) {
+  using std::chrono::milliseconds;
+  std::optional<clock_type::duration> period;
+  auto consider = [&](clock_type::duration d) {
+    d = std::max<clock_type::duration>(d, milliseconds{10});
+    period = period ? std::min(*period, d) : d;
+  };
+  if (pc.health_interval.count() > 0)
+    consider(pc.health_interval / 2);
+  if (pc.max_age.count() > 0)
+    consider(pc.max_age / 4);
+  if (pc.max_rss_mb > 0)
+    consider(milliseconds{1000});
+  return period.value_or(clock_type::duration::zero());
+}
+
+void arm_maintenance(pool_actor_t* self) {
+  auto& st = self->state;
+  auto period = maintenance_period(st.config->pool);
+  if (st.tick_armed || st.stopping || period == clock_type::duration::zero())
+    return;
+  st.tick_armed = true;
+  self->delayed_send(self, period, maintenance_atom::value);
+}
+
+// Idle workers: recycled when over a limit, pinged when idle for
+// pool.health_interval; degraded workers are pinged at every tick.
+void maintain(pool_actor_t* self) {
+  auto& st = self->state;
+  auto now = clock_type::now();
+  const auto& pc = st.config->pool;
+  std::vector<std::string> ids;
+  for (auto& [id, e] : st.workers)
+    if (e.state == worker_state_t::idle || e.state == worker_state_t::degraded)
+      ids.push_back(id);
+  for (auto& id : ids) {
+    auto it = st.workers.find(id);
+    if (it == st.workers.end())
+      continue;
+    auto& e = it->second;
+    if (e.state == worker_state_t::idle) {
+      if (auto why = recycle_reason(self, e, now)) {
+        recycle(self, e, *why);
+        continue;
+      }
+    }
+    if (pc.health_interval.count() == 0)
+      continue;
+    if (e.state == worker_state_t::degraded || now - e.last_activity >= pc.health_interval)
+      check_health(self, e);
+  }
+  dispatch(self);
+}
+
 // A checkout ended (pool-mediated call, lease checkin, cancel, revoke).
 void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& status) {
   auto& st = self->state;
@@ -403,6 +725,8 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
                      [&] { return st.contract->handle_checkin(status, e.w); });
   if (res.what() == keep_or_remove::kind::remove)
     remove_worker(self, e, res.reason());
+  else if (auto why = recycle_reason(self, e, clock_type::now()))
+    recycle(self, e, *why);
   else
     make_idle(self, e);
   dispatch(self);
@@ -525,6 +849,10 @@ caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
   auto rp = wt.promise;
   if (wt.deadline <= clock_type::now()) {
     fail_waiter(wt, timeout_outcome(wt).error());
+    return rp;
+  }
+  if (st.health == "broken") {
+    fail_waiter(wt, pool_unavailable(self, wt.type));
     return rp;
   }
   if (st.queue.empty() && !st.idle.empty()) {
@@ -734,7 +1062,9 @@ pool_status make_status(pool_actor_t* self) {
       case worker_state_t::starting: ++s.starting; break;
       case worker_state_t::idle: ++s.idle; break;
       case worker_state_t::busy:
-      case worker_state_t::leased: ++s.busy; break;
+      case worker_state_t::leased:
+      case worker_state_t::checking:
+      case worker_state_t::degraded: ++s.busy; break;
       case worker_state_t::removing:
       case worker_state_t::stopping: ++s.removing; break;
     }
@@ -743,6 +1073,11 @@ pool_status make_status(pool_actor_t* self) {
     s.workers.push_back(info_of(e, now));
   }
   s.retired.assign(st.retired.begin(), st.retired.end());
+  s.health = st.health;
+  s.consecutive_start_failures = st.consecutive_start_failures;
+  s.last_start_failure = st.last_start_failure;
+  s.recycled = st.recycled;
+  s.health_check_failures = st.health_check_failures;
   return s;
 }
 
@@ -776,6 +1111,15 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
   st.contract = contract ? std::move(contract)
                          : std::make_shared<python_worker_contract>(st.config, "pool-worker",
                                                                     st.events);
+  {
+    backoff_config bc;
+    bc.kind = backoff_kind::exponential;
+    bc.base = st.config->pool.restart_backoff_base;
+    bc.max_delay = st.config->pool.restart_backoff_max;
+    bc.jitter = 0.2;  // only ever shortens a delay: max stays a hard bound
+    st.restart_backoff = dspex::backoff{bc, std::random_device{}()};
+  }
+  arm_maintenance(self);
   self->set_exit_handler([=](caf::exit_msg& msg) { on_exit(self, msg); });
   // Whatever ends the pool ends its workers (they are monitored, not linked).
   self->attach_functor([live = st.live_workers](const caf::error&) {
@@ -816,6 +1160,10 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         return outcome::failure(stopping_error(c.type.to_string()));
       auto wt = waiter_for(self, std::move(c));
       auto rp = wt.promise;
+      if (st.health == "broken") {
+        fail_waiter(wt, pool_unavailable(self, wt.type));
+        return rp;
+      }
       watch_caller(self, wt.caller);
       wt.watched = true;
       arm_queue_timer(self, wt.deadline);
@@ -892,7 +1240,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         return;
       auto& e = it->second;
       e.w.pid = pid;
-      st.consecutive_start_failures = 0;
+      note_start_success(self, id, pid);
       if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
         answer_ready_waiters(self);
       if (st.stopping)
@@ -943,6 +1291,13 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       }
       if (next)
         arm_queue_timer(self, *next);
+    },
+    [=](maintenance_atom) {
+      self->state.tick_armed = false;
+      if (self->state.stopping)
+        return;
+      maintain(self);
+      arm_maintenance(self);
     },
     [=](restart_atom) {
       self->state.restart_pending = false;

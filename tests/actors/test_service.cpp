@@ -384,16 +384,19 @@ TEST_CASE("a bridge whose worker cannot start backs off instead of looping") {
   auto ready = f.await_ready(bridge);
   REQUIRE_FALSE(ready.ok());
   CHECK(ready.error().category == error_category::initialization_error);
-  std::this_thread::sleep_for(1s);
+  // The crash-loop guard: 0, 200, 600 ms, ... so the bridge is broken after
+  // pool.broken_after (3) failed starts, in about 0.6 s, not a busy loop.
+  REQUIRE(f.wait_status(bridge, [](const pool_status& s) { return s.health == "broken"; }));
   auto st = f.status(bridge);
-  // 0, 100, 300, 700 ms: about four attempts in a second (a busy loop would
-  // make thousands).
-  CHECK(st.start_failures >= 2);
-  CHECK(st.start_failures <= 8);
-  // A call waits for a worker that never comes, and times out.
-  auto r = f.execute(bridge, "ping", nlohmann::json::object(), 200ms);
+  CHECK(st.start_failures >= 3);
+  CHECK(st.start_failures <= 6);
+  REQUIRE(st.last_start_failure);
+  CHECK(st.last_start_failure->type == "spawn_failed");
+  // A call fails at once, naming the reason, instead of waiting for its deadline.
+  auto r = f.execute(bridge, "ping", nlohmann::json::object(), 30s);
   REQUIRE_FALSE(r.ok());
-  CHECK(r.error().type == "checkout_timeout");
+  CHECK(r.error().type == "pool_unavailable");
+  CHECK(r.error().message.find("/nonexistent/python3") != std::string::npos);
 }
 
 TEST_CASE("stopping the bridge leaves no child process behind") {

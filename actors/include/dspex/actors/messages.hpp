@@ -99,6 +99,7 @@ using request_timeout_atom = caf::atom_constant<caf::atom("reqtmo")>;  // (reque
 using queue_timeout_atom = caf::atom_constant<caf::atom("queuetmo")>;  // (ticket)
 using restart_atom = caf::atom_constant<caf::atom("restart")>;
 using retire_atom = caf::atom_constant<caf::atom("retire")>;        // (worker_id): overflow idle delay over
+using maintenance_atom = caf::atom_constant<caf::atom("maintain")>; // health checks and recycling of idle workers
 
 
 // -- exit reasons of a worker actor ------------------------------------------------

@@ -1,0 +1,13 @@
+// What /proc says about a child process, for recycling decisions.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+namespace dspex {
+
+/// Resident set size of `pid` in bytes (VmRSS of /proc/<pid>/status);
+/// nothing when the process is gone or the line is missing.
+std::optional<std::uint64_t> resident_bytes(int pid);
+
+} // namespace dspex

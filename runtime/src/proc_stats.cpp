@@ -1,0 +1,26 @@
+#include "dspex/proc_stats.hpp"
+
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace dspex {
+
+std::optional<std::uint64_t> resident_bytes(int pid) {
+  if (pid <= 0)
+    return std::nullopt;
+  std::ifstream in{"/proc/" + std::to_string(pid) + "/status"};
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmRSS:", 0) != 0)
+      continue;
+    std::istringstream fields{line.substr(6)};
+    std::uint64_t kib = 0;
+    if (fields >> kib)
+      return kib * 1024;
+    return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+} // namespace dspex
