@@ -24,6 +24,57 @@ bool positive(settings::ms d) {
 
 } // namespace
 
+nlohmann::json to_json(const settings& s) {
+  auto ms = [](settings::ms d) { return std::to_string(d.count()) + "ms"; };
+  return {
+    {"pool",
+     {{"size", s.pool.size},
+      {"init_timeout", ms(s.pool.init_timeout)},
+      {"request_timeout", ms(s.pool.request_timeout)},
+      {"max_frame_bytes", s.pool.max_frame_bytes},
+      {"max_overflow", s.pool.max_overflow},
+      {"overflow_idle_delay", ms(s.pool.overflow_idle_delay)},
+      {"lazy", s.pool.lazy},
+      {"strategy", s.pool.strategy},
+      {"max_queue", s.pool.max_queue},
+      {"failure_threshold", s.pool.failure_threshold},
+      {"use_safe_port_connect", s.pool.use_safe_port_connect},
+      {"restart_backoff_base", ms(s.pool.restart_backoff_base)},
+      {"restart_backoff_max", ms(s.pool.restart_backoff_max)},
+      {"broken_after", s.pool.broken_after},
+      {"health_interval", ms(s.pool.health_interval)},
+      {"health_timeout", ms(s.pool.health_timeout)},
+      {"health_max_failures", s.pool.health_max_failures},
+      {"max_requests", s.pool.max_requests},
+      {"max_requests_jitter", s.pool.max_requests_jitter},
+      {"max_age", ms(s.pool.max_age)},
+      {"max_rss_mb", s.pool.max_rss_mb}}},
+    {"worker",
+     {{"python", s.worker.python},
+      {"script", s.worker.script},
+      {"extra_args", s.worker.extra_args},
+      {"test_commands", s.worker.test_commands},
+      {"shutdown_grace", ms(s.worker.shutdown_grace)},
+      {"kill_grace", ms(s.worker.kill_grace)}}},
+    {"retry",
+     {{"max_attempts", s.retry.max_attempts},
+      {"strategy", s.retry.strategy},
+      {"base_delay", ms(s.retry.base_delay)},
+      {"max_delay", ms(s.retry.max_delay)},
+      {"jitter", s.retry.jitter}}},
+    {"circuit",
+     {{"enabled", s.circuit.enabled},
+      {"failure_threshold", s.circuit.failure_threshold},
+      {"failure_window", ms(s.circuit.failure_window)},
+      {"open_timeout", ms(s.circuit.open_timeout)},
+      {"half_open_probes", s.circuit.half_open_probes},
+      {"success_threshold", s.circuit.success_threshold}}},
+    {"lm", {{"provider", s.lm.provider}, {"model", s.lm.model}, {"temperature", s.lm.temperature}}},
+    {"log", {{"level", s.log_level}}},
+    {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
+  };
+}
+
 std::string find_executable(const std::string& program) {
   if (program.empty())
     return {};

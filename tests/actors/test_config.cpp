@@ -106,3 +106,56 @@ TEST_CASE("the settings documentation lists every group") {
   for (auto key : {"pool.size", "pool.init_timeout", "worker.python", "lm.provider", "log.level"})
     CHECK(doc.find(key) != std::string::npos);
 }
+
+TEST_CASE("the bundled config file states every built-in default of the issue-4 keys") {
+  auto r = load({});
+  REQUIRE(std::holds_alternative<settings>(r));
+  // The whole settings, key by key: the file and the built-in defaults agree.
+  CHECK(to_json(std::get<settings>(r)) == to_json(settings{}));
+}
+
+TEST_CASE("supervision, health, recycling, retry and circuit keys are read and checked") {
+  auto r = load({"--pool.restart_backoff_base=50ms", "--pool.restart_backoff_max=1s",
+                 "--pool.broken_after=5", "--pool.health_interval=2s",
+                 "--pool.health_timeout=250ms", "--pool.health_max_failures=2",
+                 "--pool.max_requests=1000", "--pool.max_requests_jitter=0.25",
+                 "--pool.max_age=1h", "--pool.max_rss_mb=512", "--retry.max_attempts=5",
+                 "--retry.strategy=\"fibonacci\"", "--retry.base_delay=10ms",
+                 "--retry.max_delay=300ms", "--retry.jitter=0",
+                 "--circuit.failure_threshold=7", "--circuit.open_timeout=500ms",
+                 "--circuit.failure_window=0s", "--circuit.half_open_probes=2",
+                 "--circuit.success_threshold=3"});
+  REQUIRE(std::holds_alternative<settings>(r));
+  auto& s = std::get<settings>(r);
+  CHECK(s.pool.restart_backoff_base == std::chrono::milliseconds{50});
+  CHECK(s.pool.restart_backoff_max == std::chrono::seconds{1});
+  CHECK(s.pool.broken_after == 5);
+  CHECK(s.pool.health_interval == std::chrono::seconds{2});
+  CHECK(s.pool.health_timeout == std::chrono::milliseconds{250});
+  CHECK(s.pool.health_max_failures == 2);
+  CHECK(s.pool.max_requests == 1000);
+  CHECK(s.pool.max_requests_jitter == doctest::Approx(0.25));
+  CHECK(s.pool.max_age == std::chrono::hours{1});
+  CHECK(s.pool.max_rss_mb == 512);
+  CHECK(s.retry.max_attempts == 5);
+  CHECK(s.retry.strategy == "fibonacci");
+  CHECK(s.retry.base_delay == std::chrono::milliseconds{10});
+  CHECK(s.retry.max_delay == std::chrono::milliseconds{300});
+  CHECK(s.retry.jitter == 0);
+  CHECK(s.circuit.failure_threshold == 7);
+  CHECK(s.circuit.open_timeout == std::chrono::milliseconds{500});
+  CHECK(s.circuit.failure_window == std::chrono::milliseconds{0});
+  CHECK(s.circuit.half_open_probes == 2);
+  CHECK(s.circuit.success_threshold == 3);
+
+  CHECK(error_of({"--retry.strategy=\"random\""}).find("retry.strategy") != std::string::npos);
+  CHECK(error_of({"--pool.max_requests_jitter=2"}).find("pool.max_requests_jitter")
+        != std::string::npos);
+  CHECK(error_of({"--pool.restart_backoff_max=10ms"}).find("pool.restart_backoff_max")
+        != std::string::npos);
+  CHECK(error_of({"--pool.health_timeout=0s"}).find("pool.health_timeout") != std::string::npos);
+  CHECK(error_of({"--pool.broken_after=0"}).find("pool.broken_after") != std::string::npos);
+  CHECK(error_of({"--retry.max_attempts=0"}).find("retry.max_attempts") != std::string::npos);
+  CHECK(error_of({"--circuit.success_threshold=0"}).find("circuit.success_threshold")
+        != std::string::npos);
+}

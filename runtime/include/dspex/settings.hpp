@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "dspex/error.hpp"
 #include "dspex/framing.hpp"
 
@@ -100,6 +102,10 @@ struct settings {
   std::vector<std::string> worker_args(const std::string& worker_id,
                                        const std::string& mode = "pool-worker") const;
 };
+
+/// Every key and its value, grouped as in the INI file; durations as "<n>ms".
+/// What `dspex config` prints.
+nlohmann::json to_json(const settings& s);
 
 /// Finds `program` in PATH (or checks it when it contains '/'); empty when not
 /// found or not executable.
