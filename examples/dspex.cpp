@@ -1,6 +1,7 @@
 // dspex: the command-line program of the runtime.
 //
 //   dspex run [--requests=N] [--concurrency=N] [--programs=N] [--quiet]
+//             [--storm [--storm-cycles=N] [--storm-interval-ms=N] [--storm-kills=N]]
 //             [--config-file=PATH] [--pool.size=8 ...any setting...]
 //   dspex config [--config-file=PATH] [overrides]   print the effective settings
 //   dspex help                                       keys, defaults and commands
@@ -13,6 +14,7 @@
 
 #include "dspex/config.hpp"
 #include "dspex/runtime.hpp"
+#include "storm_run.hpp"
 #include "workload.hpp"
 
 namespace {
@@ -21,12 +23,19 @@ constexpr int exit_ok = 0;
 constexpr int exit_failed_requests = 1;
 constexpr int exit_usage = 2;
 constexpr int exit_start_failed = 3;
+constexpr int exit_storm_violation = 4;
 
 void print_help(std::ostream& out) {
   out << "usage: dspex <command> [options] [--group.key=value ...]\n\n"
          "commands:\n"
          "  run      start the pool, run a workload, print a summary\n"
          "           --requests=N (400) --concurrency=N (8) --programs=N (8) --quiet\n"
+         "           --storm: SIGKILL random workers while the workload runs, then check\n"
+         "             that every request succeeded or failed with a structured error, the\n"
+         "             pool is back at full size within 1000 ms, and no Python process is\n"
+         "             left after stop (exit 4 otherwise); the workload runs at least the\n"
+         "             storm's duration + 500 ms\n"
+         "           --storm-cycles=N (30) --storm-interval-ms=N (25) --storm-kills=N (2 per cycle)\n"
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
@@ -36,9 +45,18 @@ void print_help(std::ostream& out) {
          "'stealing').\n";
 }
 
+// The options of `run` itself; any --storm-* option implies --storm.
+struct run_options {
+  dspex::workload_options workload;
+  bool storm = false;
+  std::size_t storm_cycles = 30;
+  std::size_t storm_interval_ms = 25;
+  std::size_t storm_kills = 2;
+};
+
 // Takes the options that belong to `run` itself out of `args`.
-bool take_run_options(std::vector<std::string>& args, dspex::workload_options& opts,
-                      std::string& bad) {
+bool take_run_options(std::vector<std::string>& args, run_options& run, std::string& bad) {
+  auto& opts = run.workload;
   std::vector<std::string> rest;
   for (auto& a : args) {
     auto take = [&](const char* name, std::size_t& field) {
@@ -60,6 +78,15 @@ bool take_run_options(std::vector<std::string>& args, dspex::workload_options& o
     if (take("requests", opts.requests) || take("concurrency", opts.concurrency)
         || take("programs", opts.programs))
       continue;
+    if (take("storm-cycles", run.storm_cycles) || take("storm-interval-ms", run.storm_interval_ms)
+        || take("storm-kills", run.storm_kills)) {
+      run.storm = true;
+      continue;
+    }
+    if (a == "--storm") {
+      run.storm = true;
+      continue;
+    }
     if (a == "--quiet") {
       opts.progress = false;
       continue;
@@ -67,25 +94,9 @@ bool take_run_options(std::vector<std::string>& args, dspex::workload_options& o
     rest.push_back(a);
   }
   args.swap(rest);
+  if (bad.empty() && run.storm && run.storm_interval_ms == 0)
+    bad = "--storm-interval-ms must be at least 1";
   return bad.empty();
-}
-
-nlohmann::json settings_json(const dspex::settings& s) {
-  return {{"pool",
-           {{"size", s.pool.size},
-            {"init_timeout_ms", s.pool.init_timeout.count()},
-            {"request_timeout_ms", s.pool.request_timeout.count()},
-            {"max_frame_bytes", s.pool.max_frame_bytes}}},
-          {"worker",
-           {{"python", s.worker.python},
-            {"script", s.worker.script},
-            {"extra_args", s.worker.extra_args},
-            {"test_commands", s.worker.test_commands},
-            {"shutdown_grace_ms", s.worker.shutdown_grace.count()},
-            {"kill_grace_ms", s.worker.kill_grace.count()}}},
-          {"lm", {{"provider", s.lm.provider}, {"model", s.lm.model}, {"temperature", s.lm.temperature}}},
-          {"log", {{"level", s.log_level}}},
-          {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}}};
 }
 
 } // namespace
@@ -102,7 +113,7 @@ int main(int argc, char** argv) {
     std::cerr << "dspex: unknown command '" << command << "' (try: dspex help)\n";
     return exit_usage;
   }
-  dspex::workload_options opts;
+  run_options opts;
   std::string bad;
   if (command == "run" && !take_run_options(args, opts, bad)) {
     std::cerr << "dspex: " << bad << "\n";
@@ -120,14 +131,29 @@ int main(int argc, char** argv) {
   }
   auto& config = std::get<dspex::settings>(loaded);
   if (command == "config") {
-    std::cout << settings_json(config).dump(2) << "\n";
+    std::cout << dspex::to_json(config).dump(2) << "\n";
     return exit_ok;
   }
   try {
     std::cerr << fmt::format("dspex: starting {} workers ({} LM)...\n", config.pool.size,
                              config.lm.provider.empty() ? "no" : config.lm.provider);
     auto rt = dspex::runtime::start(config);
-    auto failed = dspex::run_workload(*rt, opts, std::cout, std::cerr);
+    if (opts.storm) {
+      dspex::storm_run_options storm;
+      storm.workload = opts.workload;
+      storm.storm.cycles = opts.storm_cycles;
+      storm.storm.interval = std::chrono::milliseconds{opts.storm_interval_ms};
+      storm.storm.kills_per_cycle = opts.storm_kills;
+      std::cerr << fmt::format("dspex: crash storm: {} cycles, every {} ms, {} SIGKILL(s) each\n",
+                               opts.storm_cycles, opts.storm_interval_ms, opts.storm_kills);
+      auto report = dspex::run_storm(*rt, storm, std::cout, std::cerr);
+      rt->stop();  // reaps every child: the check below is for what it missed
+      auto left = dspex::python_processes_left(config.worker.script, report.worker_pids);
+      dspex::print_storm_summary(report, storm, left, std::cout);
+      return dspex::storm_violations(report, storm, left).empty() ? exit_ok
+                                                                  : exit_storm_violation;
+    }
+    auto failed = dspex::run_workload(*rt, opts.workload, std::cout, std::cerr);
     rt->stop();
     return failed == 0 ? exit_ok : exit_failed_requests;
   } catch (const dspex::start_error& e) {

@@ -32,41 +32,82 @@ nlohmann::json program_definition(std::size_t i) {
 struct tally {
   std::mutex mtx;
   latency_recorder latencies;
-  std::size_t ok = 0;
-  std::map<std::string, std::size_t> errors;  ///< "category/type" → count
-  std::map<std::string, std::string> first_message;
+  workload_result result;
 
   void add(const outcome& o, clock_type::duration took) {
     std::lock_guard<std::mutex> guard{mtx};
     latencies.record(took);
+    ++result.requests;
     if (o) {
-      ++ok;
+      ++result.ok;
+      return;
+    }
+    if (!is_structured(o.error())) {
+      unstructured(o.error().to_json().dump());
       return;
     }
     auto key = std::string{to_string(o.error().category)} + "/" + o.error().type;
-    if (errors[key]++ == 0)
-      first_message[key] = o.error().message;
+    if (result.errors[key]++ == 0)
+      result.first_message[key] = o.error().message;
   }
 
-  std::size_t failed() {
-    std::size_t n = 0;
-    for (auto& [k, v] : errors)
-      n += v;
-    return n;
+  void add_exception(const std::string& what, clock_type::duration took) {
+    std::lock_guard<std::mutex> guard{mtx};
+    latencies.record(took);
+    ++result.requests;
+    unstructured("exception: " + what);
+  }
+
+  std::size_t failed() { return result.failed(); }
+
+private:
+  void unstructured(std::string what) {  // mtx held
+    ++result.unstructured;
+    if (result.unstructured_examples.size() < 5)
+      result.unstructured_examples.push_back(std::move(what));
   }
 };
 
+// execute_* never throw by contract; a throw is counted, not propagated, so
+// the workload (and a storm around it) always completes.
 outcome timed(runtime& rt, tally& t, const std::string& command, nlohmann::json args) {
   auto start = clock_type::now();
-  auto o = rt.execute_anonymous(command, std::move(args));
-  t.add(o, clock_type::now() - start);
-  return o;
+  try {
+    auto o = rt.execute_anonymous(command, std::move(args));
+    t.add(o, clock_type::now() - start);
+    return o;
+  } catch (const std::exception& e) {
+    t.add_exception(e.what(), clock_type::now() - start);
+  } catch (...) {
+    t.add_exception("unknown exception", clock_type::now() - start);
+  }
+  return outcome::failure(make_error(error_category::system_error, "exception",
+                                     "execute_anonymous threw"));
 }
 
 } // namespace
 
+std::size_t workload_result::failed() const {
+  std::size_t n = unstructured;
+  for (auto& [k, v] : errors)
+    n += v;
+  return n;
+}
+
+bool is_structured(const error& e) {
+  return category_from_string(to_string(e.category)).has_value()
+         && static_cast<std::size_t>(e.category)
+              <= static_cast<std::size_t>(error_category::configuration_error)
+         && !e.type.empty() && !e.message.empty() && e.context.is_object();
+}
+
 std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream& out,
                          std::ostream& progress_out) {
+  return run_workload_detailed(rt, opts, out, progress_out).failed();
+}
+
+workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
+                                      std::ostream& out, std::ostream& progress_out) {
   tally t;
   auto started = clock_type::now();
 
@@ -81,10 +122,15 @@ std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream
   // Phase 2: executions from concurrent callers.
   std::atomic<std::size_t> next{0};
   std::atomic<std::size_t> done{0};
+  const auto run_until = clock_type::now() + opts.min_duration;
+  // Beyond `requests`, callers go on while min_duration has not passed.
+  auto more = [&](std::size_t i) {
+    return i < opts.requests || clock_type::now() < run_until;
+  };
   std::vector<std::thread> callers;
   for (std::size_t c = 0; c < std::max<std::size_t>(1, opts.concurrency); ++c)
     callers.emplace_back([&] {
-      for (auto i = next++; i < opts.requests; i = next++) {
+      for (auto i = next++; more(i); i = next++) {
         const auto& def = defs.empty() ? program_definition(0) : defs[i % defs.size()];
         timed(rt, t, "execute_program",
               {{"program_id", def["id"]},
@@ -95,24 +141,31 @@ std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream
     });
   std::size_t last_shown = 0;
   auto show = [&](std::size_t n) {
-    progress_out << fmt::format("progress: {:>5}/{} executions ({:>3}%), {} errors so far\n", n,
-                                opts.requests, opts.requests ? n * 100 / opts.requests : 100,
-                                [&] {
-                                  std::lock_guard<std::mutex> guard{t.mtx};
-                                  return t.failed();
-                                }());
+    auto errors = [&] {
+      std::lock_guard<std::mutex> guard{t.mtx};
+      return t.failed();
+    }();
+    if (n <= opts.requests)
+      progress_out << fmt::format("progress: {:>5}/{} executions ({:>3}%), {} errors so far\n", n,
+                                  opts.requests, opts.requests ? n * 100 / opts.requests : 100,
+                                  errors);
+    else
+      progress_out << fmt::format("progress: {:>5} executions (running for {} ms), {} errors so far\n",
+                                  n, opts.min_duration.count(), errors);
     progress_out.flush();
   };
   if (opts.progress) {
     // Progress from the caller side; the join below is the real completion.
     std::size_t step = std::max<std::size_t>(1, opts.requests / 10);
-    while (done.load() < opts.requests) {
+    for (;;) {
       std::this_thread::sleep_for(std::chrono::milliseconds{100});
       auto n = done.load();
-      if (n >= last_shown + step && n < opts.requests) {
+      if (n >= last_shown + step && (n < opts.requests || opts.min_duration.count() > 0)) {
         last_shown = n - n % step;
         show(n);
       }
+      if (n >= opts.requests && clock_type::now() >= run_until)
+        break;
     }
   }
   for (auto& th : callers)
@@ -125,13 +178,22 @@ std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream
   auto elapsed = std::chrono::duration<double>(clock_type::now() - started).count();
 
   // Summary.
+  std::lock_guard<std::mutex> guard{t.mtx};
+  auto& r = t.result;
+  r.executions = done.load();
+  r.elapsed_s = elapsed;
   auto total = t.latencies.count();
   out << "\n== dspex run summary ==\n";
   out << fmt::format("{:<28}{}\n", "requests", total);
-  out << fmt::format("{:<28}{}\n", "succeeded", t.ok);
-  out << fmt::format("{:<28}{}\n", "failed", t.failed());
-  for (auto& [key, n] : t.errors)
-    out << fmt::format("  {:>6}  {}  (e.g. \"{}\")\n", n, key, t.first_message[key]);
+  out << fmt::format("{:<28}{}\n", "succeeded", r.ok);
+  out << fmt::format("{:<28}{}\n", "failed", r.failed());
+  for (auto& [key, n] : r.errors)
+    out << fmt::format("  {:>6}  {}  (e.g. \"{}\")\n", n, key, r.first_message[key]);
+  if (r.unstructured > 0) {
+    out << fmt::format("  {:>6}  NOT a structured error (contract violation)\n", r.unstructured);
+    for (auto& e : r.unstructured_examples)
+      out << fmt::format("          {}\n", e);
+  }
   out << fmt::format("{:<28}{:.1f} us\n", "latency p50", t.latencies.percentile_us(50));
   out << fmt::format("{:<28}{:.1f} us\n", "latency p99", t.latencies.percentile_us(99));
   out << fmt::format("{:<28}{:.0f} req/s\n", "throughput", elapsed > 0 ? total / elapsed : 0.0);
@@ -140,12 +202,14 @@ std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream
     out << fmt::format("{:<28}{} (on the worker that answered)\n", "list_programs total_count",
                        listed.value().value("total_count", 0));
   auto st = rt.status();
-  out << fmt::format("{:<28}size {}, idle {}, busy {}, starting {}, queued {}, replaced {}\n",
-                     "pool", st.size, st.idle, st.busy, st.starting, st.queued, st.replaced);
-  out << fmt::format("\n{:<8}{:>8}{:>7}{:>11}{:>10}{:>10}{:>11}  {}\n", "worker", "pid", "state",
+  out << fmt::format("{:<28}size {}, idle {}, busy {}, starting {}, queued {}, replaced {}, "
+                     "recycled {}, health {}, circuit {}\n",
+                     "pool", st.size, st.idle, st.busy, st.starting, st.queued, st.replaced,
+                     st.recycled, st.health, st.circuit);
+  out << fmt::format("\n{:<8}{:>8}{:>10}{:>11}{:>10}{:>10}{:>11}  {}\n", "worker", "pid", "state",
                      "checkouts", "ok_in", "error_in", "uptime_s", "");
   auto row = [&](const worker_info& w, const char* note) {
-    out << fmt::format("{:<8}{:>8}{:>7}{:>11}{:>10}{:>10}{:>11.1f}  {}\n", w.id, w.pid, w.state,
+    out << fmt::format("{:<8}{:>8}{:>10}{:>11}{:>10}{:>10}{:>11.1f}  {}\n", w.id, w.pid, w.state,
                        w.stats.checkouts, w.stats.successful_checkins, w.stats.error_checkins,
                        w.uptime_s, note);
   };
@@ -154,7 +218,7 @@ std::size_t run_workload(runtime& rt, const workload_options& opts, std::ostream
   for (auto& w : st.retired)
     row(w, "(removed)");
   out.flush();
-  return t.failed();
+  return r;
 }
 
 } // namespace dspex

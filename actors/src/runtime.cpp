@@ -1,15 +1,55 @@
 #include "dspex/runtime.hpp"
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <unordered_map>
 #include <variant>
 
 #include <caf/all.hpp>
 
+#include "dspex/actors/events_actor.hpp"
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/pool_actor.hpp"
+#include "dspex/actors/runtime_access.hpp"
 #include "dspex/actors/service.hpp"
+#include "dspex/actors/supervisor.hpp"
 #include "dspex/actors/system_config.hpp"
+#include "dspex/backoff.hpp"
+#include "dspex/circuit_breaker.hpp"
 #include "dspex/logging.hpp"
+
+namespace dspex::detail {
+
+/// What the pool client needs to know of a call beyond the call itself.
+struct client_call_options {
+  std::optional<bool> idempotent;
+  std::optional<std::size_t> max_attempts;
+};
+
+/// Shared by a runtime object and its pool client: what runtime::status and
+/// runtime::checkout read without a round trip through the client.
+struct client_shared {
+  std::mutex mtx;
+  caf::actor pool;               ///< the current pool; none while it restarts
+  std::optional<error> gave_up;  ///< set once the root supervisor gave up
+  std::atomic<circuit_state> circuit{circuit_state::closed};
+
+  caf::actor current_pool() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return pool;
+  }
+  std::optional<error> gave_up_error() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return gave_up;
+  }
+};
+
+} // namespace dspex::detail
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::client_call_options)
 
 namespace dspex {
 
@@ -60,41 +100,497 @@ error blocking_in_callback(const std::string& what) {
                     {{"command", what}});
 }
 
-struct async_caller_state {
-  std::size_t pending = 0;
-  bool stopping = false;
-  static inline const char* name = "dspex.async_caller";
+// -- the pool client ------------------------------------------------------------------------
+//
+// One long-lived actor per runtime (= per pool) through which every
+// execute_anonymous call goes, blocking and asynchronous alike: no spawn on
+// the hot path, and calls made from one thread reach the pool in the order
+// they were made. It is also the runtime's second line of defence (the pool
+// itself re-queues calls that never reached a worker):
+//  - retries with backoff (retry.*): a failed attempt is sent again, after a
+//    delayed message to itself, when retry_policy::decide allows it: the
+//    request never reached a worker, or the worker failed mid-request and the
+//    call is idempotent; never a python_error; all attempts within the
+//    caller's one deadline;
+//  - the circuit breaker (circuit.*) in front of the pool: it only answers
+//    (allow before each attempt, record after); a rejection is returned at
+//    once and never retried;
+//  - it always talks to the CURRENT pool: the root supervisor's observer
+//    forwards every (re)started pool to it; calls that arrive while the pool
+//    restarts wait for the new one (parked), calls that were in flight on a
+//    pool that died fail like a dead worker's (and may be retried).
+// Everything here runs on the client's thread; state needs no locks.
+
+using client_retry_atom = caf::atom_constant<caf::atom("cretry")>;      // (id, attempt): resend
+using circuit_tick_atom = caf::atom_constant<caf::atom("ctick")>;       // (generation): open -> half_open due
+using park_timeout_atom = caf::atom_constant<caf::atom("parktmo")>;     // (id, attempt): deadline while parked
+using sup_event_atom = caf::atom_constant<caf::atom("supevent")>;       // (event, child actor)
+using closing_atom = caf::atom_constant<caf::atom("closing")>;          // runtime::stop began
+using watch_root_atom = caf::atom_constant<caf::atom("watchroot")>;     // (root supervisor)
+
+enum class call_phase { waiting, parked, in_flight };
+
+struct pending_call {
+  call c;                  ///< kept for resends (its deadline bounds every attempt)
+  completion done;
+  std::size_t attempt = 0;  ///< the attempt running or last run (1 = the first)
+  std::size_t max_attempts = 1;
+  bool idempotent = false;
+  std::uint64_t seed = 0;
+  std::optional<retry_policy> policy;  ///< built at the first failure: the hot path needs none
+  std::optional<circuit_permit> permit;
+  caf::actor_addr pool;     ///< where the attempt in flight went
+  call_phase phase = call_phase::waiting;
 };
 
-// Issues the asynchronous calls of one runtime. One long-lived actor instead
-// of one per call: no spawn on the hot path, and calls made from one thread
-// reach the pool in the order they were made.
-caf::behavior async_caller(caf::stateful_actor<async_caller_state>* self, caf::actor pool) {
-  auto finish_one = [self] {
-    if (--self->state.pending == 0 && self->state.stopping)
-      self->quit();
-  };
-  return {
-    [=](execute_atom, call& c, completion& done) {
-      ++self->state.pending;
-      auto command = c.command;
-      // No CAF timeout: the pool and the worker answer every call by its
-      // deadline, and a timed request costs wake-ups of CAF's timer thread
-      // on every call. The blocking form bounds its own wait.
-      self->request(pool, caf::infinite, execute_atom::value, std::move(c))
-        .then(
-          [=](outcome& o) {
-            run_callback(done, std::move(o));
-            finish_one();
-          },
+struct pool_client_state {
+  std::shared_ptr<const settings> config;
+  std::shared_ptr<event_bus> events;
+  std::shared_ptr<detail::client_shared> shared;
+  retry_settings retry;  ///< the template of every call's policy
+  std::optional<circuit_breaker> breaker;
+  std::uint64_t tick_generation = 0;
+  caf::actor pool;
+  caf::actor_addr root;  ///< monitored: its end (other than by stop) fails every call
+  std::unordered_map<std::uint64_t, pending_call> calls;
+  std::deque<std::uint64_t> parked;  ///< waiting for a pool, in arrival order
+  std::vector<caf::response_promise> ready_waiters;
+  std::optional<error> gave_up;
+  std::uint64_t next_id = 1;
+  std::uint64_t seed_base = 0;
+  bool closing = false;   ///< runtime::stop began: no retries, no new attempts
+  bool stopping = false;  ///< quit once the last call is answered
+
+  static inline const char* name = "dspex.pool_client";
+};
+
+using pool_client_t = caf::stateful_actor<pool_client_state>;
+
+retry_settings make_retry_settings(const settings& cfg) {
+  retry_settings r;
+  r.max_attempts = std::max<std::size_t>(cfg.retry.max_attempts, 1);
+  r.backoff.kind = backoff_kind_from_string(cfg.retry.strategy).value_or(backoff_kind::exponential);
+  r.backoff.base = cfg.retry.base_delay;
+  r.backoff.max_delay = cfg.retry.max_delay;
+  r.backoff.jitter = cfg.retry.jitter;
+  return r;
+}
+
+circuit_breaker_config make_circuit_config(const settings& cfg) {
+  circuit_breaker_config c;
+  c.name = "pool";
+  c.failure_threshold = cfg.circuit.failure_threshold;
+  c.failure_window = cfg.circuit.failure_window;
+  c.open_timeout = cfg.circuit.open_timeout;
+  c.half_open_max_probes = cfg.circuit.half_open_probes;
+  c.success_threshold = cfg.circuit.success_threshold;
+  return c;
+}
+
+error with_call_context(error e, const pending_call& pc) {
+  if (!e.context.is_object())
+    e.context = nlohmann::json::object();
+  e.context["command"] = pc.c.command;
+  e.context["attempt"] = pc.attempt;
+  return e;
+}
+
+error stopping_error(const std::string& command) {
+  return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopping",
+                    {{"command", command}});
+}
+
+void publish(pool_client_t* self, event e) {
+  e.source = "client";
+  self->state.events->publish(e);
+}
+
+// Answers the call and forgets it.
+void finish(pool_client_t* self, std::uint64_t id, outcome o) {
+  auto& st = self->state;
+  auto it = st.calls.find(id);
+  if (it == st.calls.end())
+    return;
+  auto done = std::move(it->second.done);
+  st.calls.erase(it);
+  run_callback(done, std::move(o));
+  if (st.stopping && st.calls.empty())
+    self->quit();
+}
+
+void fail_final(pool_client_t* self, std::uint64_t id, error e) {
+  auto& pc = self->state.calls.at(id);
+  finish(self, id, outcome::failure(with_call_context(std::move(e), pc)));
+}
+
+void arm_circuit_tick(pool_client_t* self, circuit_breaker::time_point at) {
+  using namespace std::chrono;
+  auto left = at - clock_type::now();
+  // Rounded up, so the tick never comes before the breaker's own deadline.
+  auto delay = left > clock_type::duration::zero()
+                 ? duration_cast<milliseconds>(left) + milliseconds{1}
+                 : milliseconds{0};
+  self->delayed_send(self, delay, circuit_tick_atom::value, ++self->state.tick_generation);
+}
+
+// A failed attempt: retry it, or answer the caller.
+void handle_failure(pool_client_t* self, std::uint64_t id, const error& err) {
+  auto& st = self->state;
+  auto& pc = st.calls.at(id);
+  pc.phase = call_phase::waiting;
+  if (!pc.policy) {
+    auto rs = st.retry;
+    rs.max_attempts = std::max<std::size_t>(pc.max_attempts, 1);
+    pc.policy.emplace(std::move(rs), pc.seed);
+  }
+  retry_decision d;
+  if (st.closing) {
+    d.why = retry_reason::not_retryable;
+    d.reason = "the runtime is stopping";
+  } else {
+    d = pc.policy->decide(err, pc.attempt, clock_type::now(), pc.c.deadline, pc.idempotent);
+  }
+  if (d.retry) {
+    event e;
+    e.kind = event_kind::retry_scheduled;
+    e.attempt = pc.attempt + 1;
+    e.delay = d.delay;
+    e.reason = d.reason;
+    e.err = err;
+    e.fields = {{"command", pc.c.command}, {"why", to_string(d.why)},
+                {"max_attempts", pc.policy->settings().max_attempts}};
+    publish(self, std::move(e));
+    if (d.delay.count() > 0)
+      self->delayed_send(self, d.delay, client_retry_atom::value, id, pc.attempt);
+    else
+      self->send(self, client_retry_atom::value, id, pc.attempt);
+    return;
+  }
+  // A retryable error whose retry was refused, or any end after retries.
+  bool refused = d.why == retry_reason::not_idempotent || d.why == retry_reason::attempts_exhausted
+                 || d.why == retry_reason::deadline;
+  if (pc.attempt > 1 || refused || (st.closing && pc.policy->classify(err) != retry_class::never)) {
+    event e;
+    e.kind = event_kind::retry_gave_up;
+    e.attempt = pc.attempt;
+    e.reason = d.reason;
+    e.err = err;
+    e.fields = {{"command", pc.c.command}, {"why", st.closing ? "stopping" : to_string(d.why)}};
+    publish(self, std::move(e));
+  }
+  fail_final(self, id, err);
+}
+
+void settle_permit(pool_client_t* self, pending_call& pc, const outcome& o) {
+  if (!pc.permit || !self->state.breaker)
+    return;
+  auto permit = *pc.permit;
+  pc.permit.reset();
+  if (o)
+    self->state.breaker->record_success(permit);
+  else
+    self->state.breaker->record_failure(permit, o.error());
+}
+
+outcome from_request_error(caf::actor_system& sys, const caf::error& e, const std::string& command) {
+  if (e == caf::sec::request_receiver_down)
+    // The pool was gone before it took the call: nothing ran anywhere.
+    return outcome::failure(make_error(error_category::connection_error, "pool_down",
+                                       "the pool terminated before it received the call",
+                                       {{"command", command}}));
+  return from_caf_error(sys, e, command);
+}
+
+// The answer of attempt `attempt` of call `id` (stale answers are dropped).
+void on_answer(pool_client_t* self, std::uint64_t id, std::size_t attempt, outcome o) {
+  auto& st = self->state;
+  auto it = st.calls.find(id);
+  if (it == st.calls.end() || it->second.attempt != attempt
+      || it->second.phase != call_phase::in_flight)
+    return;
+  auto& pc = it->second;
+  pc.pool = caf::actor_addr{};
+  settle_permit(self, pc, o);
+  if (o) {
+    finish(self, id, std::move(o));
+    return;
+  }
+  handle_failure(self, id, o.error());
+}
+
+void park(pool_client_t* self, std::uint64_t id) {
+  auto& pc = self->state.calls.at(id);
+  pc.phase = call_phase::parked;
+  self->state.parked.push_back(id);
+  auto left = pc.c.deadline - clock_type::now();
+  auto delay = left > clock_type::duration::zero()
+                 ? std::chrono::duration_cast<std::chrono::milliseconds>(left)
+                 : std::chrono::milliseconds{0};
+  self->delayed_send(self, delay, park_timeout_atom::value, id, pc.attempt);
+}
+
+// Runs the current attempt of call `id`: on the current pool, if the breaker
+// allows it; parked while there is no pool.
+void dispatch(pool_client_t* self, std::uint64_t id) {
+  auto& st = self->state;
+  auto& pc = st.calls.at(id);
+  if (st.closing) {
+    fail_final(self, id, stopping_error(pc.c.command));
+    return;
+  }
+  if (st.gave_up) {
+    fail_final(self, id, *st.gave_up);
+    return;
+  }
+  if (!st.pool) {
+    park(self, id);
+    return;
+  }
+  if (st.breaker) {
+    auto admission = st.breaker->allow();
+    if (!admission) {
+      handle_failure(self, id, *admission.rejection);  // circuit_open: never retried
+      return;
+    }
+    pc.permit = admission.permit;
+  }
+  pc.phase = call_phase::in_flight;
+  pc.pool = st.pool.address();
+  // The args are copied only when another attempt may need them.
+  call c{pc.c.command, pc.max_attempts > 1 ? pc.c.args : std::move(pc.c.args), pc.c.deadline,
+         pc.c.type, pc.c.block};
+  auto attempt = pc.attempt;
+  // No CAF timeout: the pool and the worker answer every call by its
+  // deadline, and a lost answer (the pool died) is caught by the down
+  // handler; a timed request costs wake-ups of CAF's timer thread on every
+  // call. The blocking form bounds its own wait.
+  self->request(st.pool, caf::infinite, execute_atom::value, std::move(c))
+    .then([=](outcome& o) { on_answer(self, id, attempt, std::move(o)); },
           [=](caf::error& e) {
-            run_callback(done, from_caf_error(self->system(), e, command));
-            finish_one();
+            auto command = self->state.calls.count(id) ? self->state.calls.at(id).c.command
+                                                       : std::string{};
+            on_answer(self, id, attempt, from_request_error(self->system(), e, command));
           });
+}
+
+void start_attempt(pool_client_t* self, std::uint64_t id) {
+  ++self->state.calls.at(id).attempt;
+  dispatch(self, id);
+}
+
+void deliver_ready(pool_client_t* self, caf::response_promise rp) {
+  auto& st = self->state;
+  if (st.gave_up) {
+    rp.deliver(outcome::failure(*st.gave_up));
+    return;
+  }
+  self->request(st.pool, caf::infinite, await_ready_atom::value)
+    .then([rp](outcome& o) mutable { rp.deliver(std::move(o)); },
+          [=](caf::error& e) mutable {
+            rp.deliver(from_caf_error(self->system(), e, "start"));
+          });
+}
+
+void fail_waiting(pool_client_t* self, const error& err, bool parked_only) {
+  auto& st = self->state;
+  std::vector<std::uint64_t> ids;
+  for (auto& [id, pc] : st.calls)
+    if (pc.phase == call_phase::parked || (!parked_only && pc.phase == call_phase::waiting))
+      ids.push_back(id);
+  st.parked.clear();
+  for (auto id : ids)
+    if (st.calls.count(id))
+      fail_final(self, id, err);
+  for (auto& rp : st.ready_waiters)
+    rp.deliver(outcome::failure(err));
+  st.ready_waiters.clear();
+}
+
+// The root supervisor gave up (or ended otherwise, outside stop): every call
+// fails at once from now on.
+void root_gone(pool_client_t* self, error err) {
+  auto& st = self->state;
+  if (st.gave_up)
+    return;
+  st.gave_up = std::move(err);
+  {
+    std::lock_guard<std::mutex> guard{st.shared->mtx};
+    st.shared->gave_up = st.gave_up;
+  }
+  fail_waiting(self, *st.gave_up, true);
+}
+
+void set_pool(pool_client_t* self, caf::actor pool) {
+  auto& st = self->state;
+  if (!pool || pool == st.pool)
+    return;
+  st.pool = pool;
+  self->monitor(pool);
+  {
+    std::lock_guard<std::mutex> guard{st.shared->mtx};
+    st.shared->pool = pool;
+  }
+  // Service detection (seed Fix 5): the current pool is "dspexpool".
+  if (!st.closing)
+    register_pool(self->system(), pool);
+  for (auto& rp : st.ready_waiters)
+    deliver_ready(self, std::move(rp));
+  st.ready_waiters.clear();
+  auto parked = std::move(st.parked);
+  st.parked.clear();
+  for (auto id : parked) {
+    auto it = st.calls.find(id);
+    if (it != st.calls.end() && it->second.phase == call_phase::parked)
+      dispatch(self, id);
+  }
+}
+
+// The root or a pool (current or former) terminated. Calls in flight on a
+// pool lost their answer: they fail as on a dead worker (retried if idempotent).
+void on_down(pool_client_t* self, const caf::down_msg& dm) {
+  auto& st = self->state;
+  if (dm.source == st.root) {
+    // Normally the gave_up event came first; this covers a root that could
+    // not start its pool, or was killed, while the runtime was not stopping.
+    if (!st.closing) {
+      auto info = decode_supervisor_exit(dm.reason);
+      root_gone(self, info ? to_error(*info)
+                           : make_error(error_category::resource_error, "supervisor_gave_up",
+                                        "the root supervisor terminated: "
+                                          + self->system().render(dm.reason)));
+    }
+    return;
+  }
+  if (st.pool && st.pool.address() == dm.source) {
+    st.pool = nullptr;
+    std::lock_guard<std::mutex> guard{st.shared->mtx};
+    if (st.shared->pool && st.shared->pool.address() == dm.source)
+      st.shared->pool = nullptr;
+  }
+  auto why = dm.reason ? self->system().render(dm.reason) : std::string{"normal"};
+  std::vector<std::uint64_t> lost;
+  for (auto& [id, pc] : st.calls)
+    if (pc.phase == call_phase::in_flight && pc.pool == dm.source)
+      lost.push_back(id);
+  for (auto id : lost) {
+    auto& pc = st.calls.at(id);
+    auto err = is_normal_exit(dm.reason)
+                 ? stopping_error(pc.c.command)
+                 : make_error(error_category::communication_error, "worker_exited",
+                              "the pool terminated while the call was in flight",
+                              {{"command", pc.c.command}, {"exit", "pool: " + why}});
+    pc.pool = caf::actor_addr{};
+    settle_permit(self, pc, outcome::failure(err));
+    handle_failure(self, id, err);
+  }
+}
+
+caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> config,
+                          std::shared_ptr<event_bus> events,
+                          std::shared_ptr<detail::client_shared> shared) {
+  auto& st = self->state;
+  st.config = config;
+  st.events = std::move(events);
+  st.shared = std::move(shared);
+  st.retry = make_retry_settings(*config);
+  st.seed_base = static_cast<std::uint64_t>(clock_type::now().time_since_epoch().count())
+                 ^ reinterpret_cast<std::uintptr_t>(self);
+  if (config->circuit.enabled) {
+    auto cfg = make_circuit_config(*config);
+    auto open_timeout = cfg.open_timeout;
+    st.breaker.emplace(std::move(cfg));
+    // Runs inside allow()/record_*()/update(), on this actor's thread.
+    st.breaker->set_observer([self, open_timeout](const circuit_transition& t) {
+      self->state.shared->circuit = t.to;
+      event e;
+      e.kind = event_kind::circuit_changed;
+      e.from = to_string(t.from);
+      e.to = to_string(t.to);
+      e.reason = t.reason;
+      e.fields = {{"circuit", "pool"}};
+      publish(self, std::move(e));
+      // Publish open -> half_open when it is due, not at the next request.
+      if (t.to == circuit_state::open)
+        arm_circuit_tick(self, t.at + open_timeout);
+    });
+  }
+  self->set_down_handler([=](caf::down_msg& dm) { on_down(self, dm); });
+  return {
+    [=](execute_atom, call& c, completion& done, detail::client_call_options& opts) {
+      auto& st = self->state;
+      auto id = st.next_id++;
+      auto& pc = st.calls[id];
+      pc.idempotent = resolve_idempotent(c.command, opts.idempotent);
+      pc.max_attempts = std::max<std::size_t>(opts.max_attempts.value_or(st.retry.max_attempts), 1);
+      pc.seed = st.seed_base ^ (id * 0x9E3779B97F4A7C15ull);
+      pc.c = std::move(c);
+      pc.done = std::move(done);
+      start_attempt(self, id);
+    },
+    [=](client_retry_atom, std::uint64_t id, std::size_t attempt) {
+      auto it = self->state.calls.find(id);
+      if (it == self->state.calls.end() || it->second.attempt != attempt
+          || it->second.phase != call_phase::waiting)
+        return;
+      start_attempt(self, id);
+    },
+    [=](park_timeout_atom, std::uint64_t id, std::size_t attempt) {
+      auto& st = self->state;
+      auto it = st.calls.find(id);
+      if (it == st.calls.end() || it->second.attempt != attempt
+          || it->second.phase != call_phase::parked)
+        return;
+      st.parked.erase(std::remove(st.parked.begin(), st.parked.end(), id), st.parked.end());
+      it->second.phase = call_phase::waiting;
+      fail_final(self, id,
+                 make_error(error_category::timeout_error, "checkout_timeout",
+                            "the deadline passed while the pool was restarting",
+                            {{"command", it->second.c.command}}));
+    },
+    [=](circuit_tick_atom, std::uint64_t generation) {
+      auto& st = self->state;
+      if (generation != st.tick_generation || !st.breaker)
+        return;
+      st.breaker->update();
+      if (auto at = st.breaker->half_open_at())  // still open (a tick a little early)
+        arm_circuit_tick(self, *at);
+    },
+    [=](sup_event_atom, event& e, caf::actor& child) {
+      auto child_id = e.fields.value("child_id", std::string{});
+      if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "pool")
+        set_pool(self, std::move(child));
+      if (e.to == "gave_up")
+        root_gone(self, e.err ? *e.err
+                              : make_error(error_category::resource_error, "supervisor_gave_up",
+                                           "the root supervisor gave up"));
+      self->state.events->publish(e);  // the supervisor is its source
+    },
+    [=](watch_root_atom, caf::actor& root) {
+      self->state.root = root.address();
+      self->monitor(root);
+    },
+    [=](await_ready_atom) -> caf::result<outcome> {
+      auto& st = self->state;
+      if (st.gave_up)
+        return outcome::failure(*st.gave_up);
+      auto rp = self->make_response_promise();
+      if (st.pool)
+        deliver_ready(self, rp);
+      else
+        st.ready_waiters.push_back(rp);
+      return rp;
+    },
+    [=](closing_atom) {
+      auto& st = self->state;
+      st.closing = true;
+      fail_waiting(self, stopping_error(""), false);
     },
     [=](stop_atom) {
-      self->state.stopping = true;
-      if (self->state.pending == 0)
+      auto& st = self->state;
+      st.closing = true;
+      st.stopping = true;
+      fail_waiting(self, stopping_error(""), false);
+      if (st.calls.empty())
         self->quit();
     },
   };
@@ -205,8 +701,13 @@ struct runtime::impl {
   // actor_system keeps a reference to its config: it must outlive the system.
   std::unique_ptr<system_config> system_cfg;
   std::unique_ptr<caf::actor_system> system;
-  caf::actor pool;
-  caf::actor async_caller;
+  // The event stream: shared with the pool and its workers (and it outlives
+  // the actor system: subscribers may keep using it after stop()).
+  std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
+  // The current pool and what the client knows, for status() and checkout().
+  std::shared_ptr<detail::client_shared> shared = std::make_shared<detail::client_shared>();
+  caf::actor root;    // the root supervisor "dspex.root"
+  caf::actor client;  // the pool client: every execute_anonymous goes through it
   std::atomic<bool> stopped{false};
   // Shared with leases, which may be destroyed after stop().
   std::shared_ptr<std::atomic<bool>> stopped_flag = std::make_shared<std::atomic<bool>>(false);
@@ -228,6 +729,13 @@ struct runtime::impl {
     return call{command, std::move(args), clock_type::now() + timeout};
   }
 
+  // The error of a lease or a status query while there is no pool.
+  error no_pool_error() const {
+    if (auto gave_up = shared->gave_up_error())
+      return *gave_up;
+    return make_error(error_category::resource_error, "pool_unavailable",
+                      "the pool is restarting");
+  }
 };
 
 runtime::runtime(std::unique_ptr<impl> p) : impl_(std::move(p)) {
@@ -246,16 +754,70 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   p->shared_config = std::make_shared<const settings>(config);
   p->system_cfg = std::make_unique<system_config>(config);
   p->system = std::make_unique<caf::actor_system>(*p->system_cfg);
-  p->pool = spawn_pool(*p->system, p->shared_config);
-  // Service detection (seed Fix 5): the running pool is "dspexpool".
-  register_pool(*p->system, p->pool);
-  p->async_caller = p->system->spawn(async_caller, p->pool);
+  auto& sys = *p->system;
+  // The client first: the root supervisor's observer tells it about every
+  // (re)started pool, from the first start on.
+  p->client = sys.spawn(pool_client, p->shared_config, p->events, p->shared);
+
+  // The supervision tree (issue 4, item 1):
+  //   dspex.root (one_for_one, at most 3 restarts in 5 s)
+  //   └── pool (permanent): the pool actor, which links its workers
+  supervisor_flags flags;
+  flags.name = "dspex.root";
+  flags.strategy = restart_strategy::one_for_one;
+  flags.max_restarts = 3;
+  flags.max_seconds = std::chrono::seconds{5};
+  // Runs on the supervisor's thread: it only renders and sends. The client
+  // switches to a new pool, re-registers it and publishes the event, in that
+  // order, so a subscriber that sees child_restarted finds the new pool in use.
+  flags.observer = [client = p->client, sys = &sys](const supervisor_event& ev) {
+    event e;
+    e.kind = event_kind::supervisor;
+    e.source = ev.supervisor;
+    e.to = to_string(ev.kind);
+    if (ev.reason)
+      e.reason = sys->render(ev.reason);
+    e.attempt = ev.restarts;
+    e.fields = {{"child_id", ev.child_id}, {"restarts", ev.restarts}};
+    if (ev.kind == supervisor_event_kind::child_stopped)
+      e.fields["killed"] = ev.killed;
+    if (ev.kind == supervisor_event_kind::gave_up)
+      if (auto info = decode_supervisor_exit(ev.reason))
+        e.err = to_error(*info);
+    caf::actor child;
+    if (ev.kind == supervisor_event_kind::child_started
+        || ev.kind == supervisor_event_kind::child_restarted)
+      child = caf::actor_cast<caf::actor>(ev.child);
+    caf::anon_send(client, sup_event_atom::value, std::move(e), std::move(child));
+  };
+  std::vector<child_spec> children;
+  {
+    child_spec pool;
+    pool.id = "pool";
+    pool.restart = restart_type::permanent;
+    pool.start = [cfg = p->shared_config, events = p->events](caf::event_based_actor* sup) {
+      return spawn_linked_pool(sup, cfg, nullptr, events);
+    };
+    // The pool's own stop: workers in parallel, each bounded by its graces.
+    pool.shutdown_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
+      config.worker.shutdown_grace + config.worker.kill_grace + std::chrono::seconds{2});
+    children.push_back(std::move(pool));
+  }
+  // Issue 5: the session layer becomes the second child here, after "pool"
+  // (children start in order and stop in reverse order, so sessions start
+  // once the pool exists and stop before it); with rest_for_one, a pool
+  // restart would then restart the sessions too.
+  p->root = spawn_supervisor(sys, std::move(flags), std::move(children));
+  caf::anon_send(p->client, watch_root_atom::value, p->root);
+
   std::unique_ptr<runtime> rt{new runtime(std::move(p))};
   outcome ready;
   {
+    // Through the client: it answers once it knows the pool (and has
+    // registered it), then asks the pool.
     caf::scoped_actor self{*rt->impl_->system};
     auto bound = caf::duration{config.pool.init_timeout + reply_margin};
-    self->request(rt->impl_->pool, bound, await_ready_atom::value)
+    self->request(rt->impl_->client, bound, await_ready_atom::value)
       .receive([&](outcome& o) { ready = std::move(o); },
                [&](caf::error& e) { ready = from_caf_error(*rt->impl_->system, e, "start"); });
   }
@@ -279,8 +841,9 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto bound = c.deadline + reply_margin;
   auto promise = std::make_shared<std::promise<outcome>>();
   auto future = promise->get_future();
-  caf::anon_send(impl_->async_caller, execute_atom::value, std::move(c),
-                 completion{[promise](outcome o) { promise->set_value(std::move(o)); }});
+  caf::anon_send(impl_->client, execute_atom::value, std::move(c),
+                 completion{[promise](outcome o) { promise->set_value(std::move(o)); }},
+                 detail::client_call_options{options.idempotent, options.max_attempts});
   if (future.wait_until(bound) != std::future_status::ready)
     return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                        "no reply from the pool in time", {{"command", command}}));
@@ -294,8 +857,9 @@ void runtime::execute_anonymous_async(const std::string& command, nlohmann::json
     done(std::move(*early));
     return;
   }
-  caf::anon_send(impl_->async_caller, execute_atom::value, std::move(std::get<call>(made)),
-                 completion{std::move(done)});
+  caf::anon_send(impl_->client, execute_atom::value, std::move(std::get<call>(made)),
+                 completion{std::move(done)},
+                 detail::client_call_options{options.idempotent, options.max_attempts});
 }
 
 std::future<outcome> runtime::execute_anonymous_async(const std::string& command,
@@ -315,8 +879,11 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
     return blocking_in_callback("checkout");
   static std::atomic<std::uint64_t> next_token{1};
   auto timeout = options.timeout.value_or(impl_->config.pool.request_timeout);
+  auto pool = impl_->shared->current_pool();
+  if (!pool)
+    return impl_->no_pool_error();
   checkout_request req{std::move(type), next_token++, clock_type::now() + timeout, options.block};
-  auto holder = impl_->system->spawn(lease_holder, impl_->pool);
+  auto holder = impl_->system->spawn(lease_holder, pool);
   checkout_reply reply{std::nullopt, {}};
   {
     caf::scoped_actor self{*impl_->system};
@@ -332,7 +899,7 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
   }
   auto p = std::make_unique<lease::impl>();
   p->system = impl_->system.get();
-  p->pool = impl_->pool;
+  p->pool = pool;
   p->holder = holder;
   p->grant = std::move(*reply.grant);
   p->runtime_stopped = impl_->stopped_flag;
@@ -343,57 +910,110 @@ pool_status runtime::status() {
   pool_status result;
   if (impl_->stopped || in_async_callback)
     return result;
-  caf::scoped_actor self{*impl_->system};
-  self->request(impl_->pool, caf::duration{std::chrono::seconds{10}}, status_atom::value)
-    .receive([&](pool_status& s) { result = std::move(s); },
-             [&](caf::error& e) { log().warn("status: {}", impl_->system->render(e)); });
+  auto pool = impl_->shared->current_pool();
+  if (!pool) {
+    result.size = impl_->config.pool.size;
+    result.health = impl_->shared->gave_up_error() ? "unavailable" : "restarting";
+  } else {
+    caf::scoped_actor self{*impl_->system};
+    self->request(pool, caf::duration{std::chrono::seconds{10}}, status_atom::value)
+      .receive([&](pool_status& s) { result = std::move(s); },
+               [&](caf::error& e) { log().warn("status: {}", impl_->system->render(e)); });
+  }
+  result.circuit = to_string(impl_->shared->circuit.load());
   return result;
+}
+
+std::uint64_t runtime::subscribe(std::function<void(const event&)> handler) {
+  return impl_->events->subscribe(std::move(handler));
+}
+
+void runtime::unsubscribe(std::uint64_t id) {
+  impl_->events->unsubscribe(id);
+}
+
+event_bus& runtime::events() noexcept {
+  return *impl_->events;
 }
 
 void runtime::stop() {
   if (impl_->stopped.exchange(true))
     return;
-  // Service detection: no longer "dspexpool" (and a registry entry must not
-  // outlive the system: ~actor_system() would wait for it forever).
-  unregister_pool(*impl_->system, impl_->pool);
   *impl_->stopped_flag = true;
   auto& sys = *impl_->system;
+  // No retries and no new attempts from now on; calls waiting for a retry
+  // or for a pool fail with resource_error/pool_stopping.
+  caf::anon_send(impl_->client, closing_atom::value);
+  // Service detection: no longer "dspexpool" (and a registry entry must not
+  // outlive the system: ~actor_system() would wait for it forever).
+  unregister_pool(sys);
   const auto& w = impl_->config.worker;
-  // Workers stop concurrently, each bounded by its graces; the margin covers
+  // The root stops its children in reverse start order, each bounded by its
+  // shutdown_timeout (the pool's: both graces + 2 s); the margin covers
   // reaping and message hops.
-  auto bound = caf::duration{w.shutdown_grace + w.kill_grace + std::chrono::seconds{5}};
+  auto bound = caf::duration{w.shutdown_grace + w.kill_grace + std::chrono::seconds{2}
+                             + reply_margin};
   {
     caf::scoped_actor self{sys};
-    self->monitor(impl_->pool);
+    self->monitor(impl_->root);  // a root that already gave up: down at once
     bool stopped_cleanly = false;
-    self->request(impl_->pool, bound, stop_atom::value)
+    self->request(impl_->root, bound, supervisor_stop_atom::value)
       .receive([&](bool) { stopped_cleanly = true; },
                [&](caf::error& e) {
-                 log().error("pool did not stop in time ({}); killing it", sys.render(e));
+                 if (e != caf::sec::request_receiver_down)
+                   log().error("the root supervisor did not stop in time ({}); killing it",
+                               sys.render(e));
                });
     if (!stopped_cleanly)
-      self->send_exit(impl_->pool, caf::exit_reason::kill);
+      self->send_exit(impl_->root, caf::exit_reason::kill);  // it kills its children
     self->receive([](caf::down_msg&) {},
-                  caf::after(bound) >> [&] { log().error("pool did not terminate"); });
-    // Every call has its answer now; the async caller quits once it passed
-    // the last one on.
-    self->monitor(impl_->async_caller);
-    self->send(impl_->async_caller, stop_atom::value);
+                  caf::after(bound) >> [&] { log().error("the root supervisor did not terminate"); });
+    // Every call has its answer now (or fails on the pool's down); the
+    // client quits once it passed the last one on.
+    self->monitor(impl_->client);
+    self->send(impl_->client, stop_atom::value);
     self->receive([](caf::down_msg&) {},
                   caf::after(bound) >> [&] {
-                    log().error("async callers did not finish");
-                    self->send_exit(impl_->async_caller, caf::exit_reason::kill);
+                    log().error("the pool client did not finish its calls");
+                    self->send_exit(impl_->client, caf::exit_reason::kill);
                   });
   }
-  impl_->pool = nullptr;
-  impl_->async_caller = nullptr;
+  // A restart racing with the unregistration above may have registered a
+  // pool again; its entry goes with the pool, but leave nothing to chance.
+  unregister_services(sys);
+  {
+    std::lock_guard<std::mutex> guard{impl_->shared->mtx};
+    impl_->shared->pool = nullptr;
+  }
+  impl_->root = nullptr;
+  impl_->client = nullptr;
   // ~actor_system() blocks while any actor lives; every actor of ours is gone
-  // or going now (workers die with the pool, async callers with their reply).
+  // or going now (workers die with the pool, lease holders with their pool).
   impl_->system.reset();
 }
 
 const settings& runtime::config() const noexcept {
   return impl_->config;
+}
+
+} // namespace dspex
+
+namespace dspex {
+
+caf::actor_system& runtime_access::system(runtime& rt) {
+  return *rt.impl_->system;
+}
+
+caf::actor runtime_access::pool(runtime& rt) {
+  return rt.impl_->shared->current_pool();
+}
+
+caf::actor runtime_access::root(runtime& rt) {
+  return rt.impl_->root;
+}
+
+caf::actor runtime_access::client(runtime& rt) {
+  return rt.impl_->client;
 }
 
 } // namespace dspex

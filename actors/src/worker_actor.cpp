@@ -16,7 +16,30 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
-enum class worker_phase { starting, configuring, ready, busy, stopping, gone };
+// What the actor does; lifecycle (below) is what the worker is. Each phase
+// maps to one lifecycle state, and every phase change that changes the
+// lifecycle state goes through worker_lifecycle::transition (set_phase).
+// degraded: a health ping failed; no work until one passes (a recovery ping
+// may be in flight: the lifecycle stays degraded meanwhile).
+enum class worker_phase { starting, configuring, ready, busy, degraded, stopping, gone };
+
+lifecycle_state lifecycle_of(worker_phase p) {
+  switch (p) {
+    case worker_phase::starting:
+    case worker_phase::configuring:
+      return lifecycle_state::initializing;
+    case worker_phase::ready:
+      return lifecycle_state::ready;
+    case worker_phase::busy:
+      return lifecycle_state::busy;
+    case worker_phase::degraded:
+      return lifecycle_state::degraded;
+    case worker_phase::stopping:
+    case worker_phase::gone:
+      break;
+  }
+  return lifecycle_state::terminating;
+}
 
 // Bridges the child's I/O thread into the actor's mailbox. Holds only a weak
 // reference: a message to a worker that is already gone is simply dropped.
@@ -63,12 +86,14 @@ struct in_flight_request {
   clock_type::time_point deadline;
   caf::response_promise promise;
   bool check_in = false;  ///< pool-mediated: check in with the owner before replying
+  bool health = false;    ///< a health ping (health_check_atom), not a caller's request
 };
 
 struct worker_state {
   worker_config cfg;
   std::unique_ptr<child_process> child;
   worker_phase phase = worker_phase::starting;
+  worker_lifecycle lifecycle{std::string{}, clock_type::now()};
   std::uint64_t next_request_id = 1;
   std::uint64_t configure_request_id = 0;
   std::optional<in_flight_request> in_flight;
@@ -92,6 +117,91 @@ nlohmann::json worker_context(worker_actor_t* self) {
   return ctx;
 }
 
+// -- lifecycle ---------------------------------------------------------------------
+
+void publish_transition(worker_actor_t* self, const lifecycle_record& rec, const error* cause) {
+  auto& st = self->state;
+  if (!st.cfg.events)
+    return;
+  auto make = [&] {
+    event e;
+    e.kind = event_kind::worker_transition;
+    e.source = st.cfg.id;
+    e.worker_id = st.cfg.id;
+    e.from = to_string(rec.from);
+    e.to = to_string(rec.to);
+    e.reason = rec.reason;
+    e.at = rec.at;
+    if (cause)
+      e.err = *cause;
+    e.fields["time_in_from_ms"] =
+      std::chrono::duration_cast<std::chrono::milliseconds>(rec.time_in_from).count();
+    return e;
+  };
+  using ls = lifecycle_state;
+  bool routine = (rec.from == ls::ready && rec.to == ls::busy)
+                 || (rec.from == ls::busy && rec.to == ls::ready);
+  if (routine)
+    st.cfg.events->publish_lazy(make);  // twice per request: free when nobody listens
+  else
+    st.cfg.events->publish(make());
+}
+
+// Asks the lifecycle for `to`; publishes the transition, or logs and
+// publishes the refusal (which changes nothing). True when accepted.
+bool transition(worker_actor_t* self, lifecycle_state to, std::string reason,
+                const error* cause = nullptr, clock_type::time_point now = clock_type::now()) {
+  auto& st = self->state;
+  auto from = st.lifecycle.state();
+  if (auto refused = st.lifecycle.transition(to, std::move(reason), now)) {
+    log().error("[{}] {}", st.cfg.id, refused->describe());
+    if (st.cfg.events) {
+      event e;
+      e.kind = event_kind::worker_transition;
+      e.source = st.cfg.id;
+      e.worker_id = st.cfg.id;
+      e.from = to_string(from);
+      e.reason = refused->context.value("reason", "");
+      e.err = *refused;
+      e.fields["rejected_to"] = to_string(to);
+      if (cause)
+        e.fields["cause"] = cause->to_json();
+      st.cfg.events->publish(e);
+    }
+    return false;
+  }
+  if (!st.lifecycle.history().empty())
+    publish_transition(self, st.lifecycle.history().back(), cause);
+  return true;
+}
+
+// Moves to `to`, through the lifecycle when its state changes. A refused
+// transition leaves the phase as it was.
+bool set_phase(worker_actor_t* self, worker_phase to, std::string reason,
+               const error* cause = nullptr, clock_type::time_point now = clock_type::now()) {
+  auto& st = self->state;
+  auto target = lifecycle_of(to);
+  if (target != st.lifecycle.state()
+      && !transition(self, target, std::move(reason), cause, now))
+    return false;
+  st.phase = to;
+  return true;
+}
+
+// The one place the actor quits: the lifecycle ends in terminated (through
+// terminating when it is not there yet), published before the state is gone.
+void quit_worker(worker_actor_t* self, caf::error reason, const std::string& why,
+                 const error* cause = nullptr) {
+  auto& st = self->state;
+  auto now = clock_type::now();
+  if (st.lifecycle.state() != lifecycle_state::terminating
+      && st.lifecycle.state() != lifecycle_state::terminated)
+    transition(self, lifecycle_state::terminating, why, cause, now);
+  if (st.lifecycle.state() == lifecycle_state::terminating)
+    transition(self, lifecycle_state::terminated, why, cause, now);
+  self->quit(std::move(reason));
+}
+
 // Quits with a reason the owner sees; the request in flight, if any, gets
 // `err` first, so no caller is ever left waiting on a dead worker.
 void fail_worker(worker_actor_t* self, worker_exit code, error err) {
@@ -107,14 +217,16 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
   if (st.child)
     st.child->kill();
   auto reason = make_exit_reason(code, err);
-  if (st.phase == worker_phase::ready || st.phase == worker_phase::busy) {
+  if (st.phase == worker_phase::ready || st.phase == worker_phase::busy
+      || st.phase == worker_phase::degraded) {
     // The owner may have handed us calls already: wait for its release.
-    st.phase = worker_phase::gone;
     st.exit_reason = std::move(reason);
+    if (!set_phase(self, worker_phase::gone, err.type, &err))
+      st.phase = worker_phase::gone;  // cannot be refused from these phases; never stay serving
     self->send(st.cfg.owner, worker_gone_atom::value, st.cfg.id);
     return;
   }
-  self->quit(std::move(reason));
+  quit_worker(self, std::move(reason), err.type, &err);
 }
 
 void arm_timer(worker_actor_t* self, clock_type::time_point due) {
@@ -128,7 +240,7 @@ void arm_timer(worker_actor_t* self, clock_type::time_point due) {
 
 void become_ready(worker_actor_t* self) {
   auto& st = self->state;
-  st.phase = worker_phase::ready;
+  set_phase(self, worker_phase::ready, "initialized");
   log().info("[{}] ready (pid {})", st.cfg.id, st.child->pid());
   self->send(st.cfg.owner, worker_ready_atom::value, st.cfg.id,
              static_cast<int>(st.child->pid()));
@@ -164,7 +276,7 @@ void handle_start_frame(worker_actor_t* self, const std::string& payload) {
   const auto& lm = st.cfg.config->lm;
   if (st.phase == worker_phase::starting && !lm.provider.empty()) {
     // The pool's one LM configuration reaches every worker before it serves.
-    st.phase = worker_phase::configuring;
+    set_phase(self, worker_phase::configuring, "configure_lm");  // still initializing
     st.configure_request_id = st.next_request_id++;
     auto req = encode_request(st.configure_request_id, "configure_lm",
                               {{"provider", lm.provider},
@@ -200,7 +312,24 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
   auto& rep = std::get<reply>(parsed);
   auto req = std::move(*st.in_flight);
   st.in_flight.reset();
-  st.phase = worker_phase::ready;
+  if (req.health) {
+    // The owner asked with a request: the answer is its checkin.
+    if (rep.success) {
+      set_phase(self, worker_phase::ready, "health_check_passed");
+      req.promise.deliver(outcome::success(std::move(rep.result)));
+      return;
+    }
+    auto ctx = worker_context(self);
+    ctx["command"] = req.command;
+    auto err = make_error(error_category::health_check_error, "ping_failed",
+                          "worker " + st.cfg.id + " failed its health ping: " + rep.error, ctx);
+    if (st.phase == worker_phase::busy)
+      set_phase(self, worker_phase::degraded, "health_check_failed", &err);
+    // else: already degraded, and stays so
+    req.promise.deliver(outcome::failure(std::move(err)));
+    return;
+  }
+  set_phase(self, worker_phase::ready, "reply");
   // Checkin first: once the caller has its reply, the pool already counts
   // the worker as free, so a status query made after a reply sees it.
   if (rep.success) {
@@ -226,9 +355,12 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
       self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
   };
   if (st.phase != worker_phase::ready) {
+    auto ctx = worker_context(self);
+    ctx["state"] = to_string(st.lifecycle.state());
     return outcome::failure(make_error(error_category::resource_error, "worker_not_ready",
-                                       "worker " + st.cfg.id + " is not ready",
-                                       worker_context(self)));
+                                       "worker " + st.cfg.id + " is not ready ("
+                                         + to_string(st.lifecycle.state()) + ")",
+                                       ctx));
   }
   auto now = clock_type::now();
   if (c.deadline <= now) {
@@ -263,15 +395,54 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
       rp.deliver(outcome::failure(std::move(err)));
     return rp;
   }
-  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in};
-  st.phase = worker_phase::busy;
+  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in, false};
+  set_phase(self, worker_phase::busy, "request", nullptr, now);
   arm_timer(self, c.deadline);
+  return rp;
+}
+
+// health_check_atom: see worker_actor.hpp and messages.hpp.
+caf::result<outcome> start_health_check(worker_actor_t* self) {
+  auto& st = self->state;
+  if (st.in_flight || (st.phase != worker_phase::ready && st.phase != worker_phase::degraded)) {
+    auto ctx = worker_context(self);
+    ctx["state"] = to_string(st.lifecycle.state());
+    return outcome::failure(make_error(error_category::resource_error, "worker_busy",
+                                       "worker " + st.cfg.id + " is "
+                                         + to_string(st.lifecycle.state())
+                                         + (st.in_flight ? " with a request in flight" : "")
+                                         + ": no health check",
+                                       ctx));
+  }
+  const auto timeout = st.cfg.config->pool.health_timeout;
+  auto now = clock_type::now();
+  auto id = st.next_request_id++;
+  auto payload = encode_request(id, "ping", {{"health_check", true}});
+  auto rp = self->make_response_promise();
+  if (!st.child->send(payload, timeout)) {
+    st.cfg.health->pipes_open = false;
+    auto ctx = worker_context(self);
+    ctx["command"] = "ping";
+    auto err = make_error(error_category::communication_error, "send_failed",
+                          "cannot write the health ping to worker " + st.cfg.id
+                            + " (stdin closed or full)",
+                          ctx);
+    fail_worker(self, worker_exit::process_exited, err);
+    rp.deliver(outcome::failure(std::move(err)));
+    return rp;
+  }
+  st.in_flight = in_flight_request{id, "ping", now + timeout, rp, false, true};
+  if (st.phase == worker_phase::ready)
+    set_phase(self, worker_phase::busy, "health_check", nullptr, now);
+  // degraded: stays degraded while the recovery ping runs
+  arm_timer(self, now + timeout);
   return rp;
 }
 
 caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
+  st.lifecycle = worker_lifecycle{st.cfg.id, clock_type::now()};  // spawn → initializing
   const auto& conf = *st.cfg.config;
   child_spec spec{conf.worker.python, conf.worker_args(st.cfg.id, st.cfg.mode), st.cfg.id,
                   conf.pool.max_frame_bytes};
@@ -287,6 +458,27 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   st.cfg.health->process_alive = true;
   st.cfg.health->pipes_open = true;
   self->attach_functor([health = st.cfg.health] { health->actor_alive = false; });
+  // As CAF's default (quit on any reason but normal), with the lifecycle
+  // ending in terminated first. exit_reason::kill cannot be trapped: that
+  // one ends the actor without a published `terminated`.
+  self->set_exit_handler([=](caf::exit_msg& msg) {
+    if (!msg.reason)
+      return;
+    auto& st = self->state;
+    auto why = "exit: " + self->system().render(msg.reason);
+    if (st.in_flight) {
+      auto req = std::move(*st.in_flight);
+      st.in_flight.reset();
+      auto ctx = worker_context(self);
+      ctx["command"] = req.command;
+      req.promise.deliver(outcome::failure(make_error(
+        error_category::resource_error, "worker_stopping",
+        "worker " + st.cfg.id + " is terminating (" + why + ")", ctx)));
+    }
+    if (st.child)
+      st.child->kill();
+    quit_worker(self, std::move(msg.reason), why);
+  });
   auto ping = encode_request(init_request_id, "ping",
                              {{"initialization", true}, {"worker_id", st.cfg.id}});
   if (!st.child->send(ping, conf.pool.init_timeout)) {
@@ -326,6 +518,11 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       }
       return start_request(self, c, false);
     },
+    [=](health_check_atom) -> caf::result<outcome> { return start_health_check(self); },
+    [=](lifecycle_atom) -> lifecycle_history {
+      const auto& h = self->state.lifecycle.history();
+      return lifecycle_history(h.begin(), h.end());
+    },
     [=](lease_atom, std::uint64_t lease) { self->state.lease = lease; },
     [=](revoke_atom, std::uint64_t lease) -> bool {
       // In sync only when no request is in flight: a reply still on its way
@@ -344,6 +541,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
           break;
         case worker_phase::ready:
         case worker_phase::busy:
+        case worker_phase::degraded:
           handle_reply_frame(self, payload);
           break;
         case worker_phase::stopping:
@@ -382,7 +580,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
         return;  // we killed it; the reason is already known
       if (st.phase == worker_phase::stopping) {
         log().info("[{}] stopped ({})", st.cfg.id, status.describe());
-        self->quit();
+        quit_worker(self, caf::error{}, "stopped");
         return;
       }
       auto ctx = worker_context(self);
@@ -415,10 +613,22 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     [=](request_timeout_atom) {
       auto& st = self->state;
       st.timer_due.reset();
-      if (!st.in_flight || st.phase != worker_phase::busy)
+      if (!st.in_flight)  // only ever set in busy, or in degraded for a recovery ping
         return;
       if (st.in_flight->deadline > clock_type::now()) {
         arm_timer(self, st.in_flight->deadline);
+        return;
+      }
+      if (st.in_flight->health) {
+        // A ping unanswered: the process is hung. Killed, never reused.
+        auto ctx = worker_context(self);
+        ctx["timeout_ms"] = st.cfg.config->pool.health_timeout.count();
+        fail_worker(self, worker_exit::health_timeout,
+                    make_error(error_category::health_check_error, "health_timeout",
+                               "worker " + st.cfg.id + " did not answer its health ping within "
+                                 + std::to_string(st.cfg.config->pool.health_timeout.count())
+                                 + " ms; it was killed and will be replaced",
+                               ctx));
         return;
       }
       // Killed, never reused: its late reply must not reach the next caller.
@@ -431,18 +641,22 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     [=](release_atom) {
       auto& st = self->state;
       if (st.phase == worker_phase::gone)
-        self->quit(std::move(st.exit_reason));
+        quit_worker(self, std::move(st.exit_reason), "released");
     },
     [=](stop_atom) {
       auto& st = self->state;
       if (st.phase == worker_phase::gone) {
-        self->quit(std::move(st.exit_reason));
+        quit_worker(self, std::move(st.exit_reason), "stopped");
         return;
       }
       if (st.phase == worker_phase::stopping)
-        return;
-      auto was_ready = st.phase == worker_phase::ready;
-      st.phase = worker_phase::stopping;
+        return;  // a second stop: nothing more to do
+      // Idle (ready, or degraded with no ping running): the process reads
+      // `shutdown` at once; a busy one is stopped by the stop sequence.
+      auto was_idle = !st.in_flight
+                      && (st.phase == worker_phase::ready || st.phase == worker_phase::degraded);
+      if (!set_phase(self, worker_phase::stopping, "stop"))
+        st.phase = worker_phase::stopping;  // cannot be refused from these phases
       if (st.in_flight) {
         auto req = std::move(*st.in_flight);
         st.in_flight.reset();
@@ -453,7 +667,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
           "worker " + st.cfg.id + " is stopping", ctx)));
       }
       const auto& w = st.cfg.config->worker;
-      if (was_ready)
+      if (was_idle)
         st.child->send(encode_request(st.next_request_id++, "shutdown", nullptr),
                        std::chrono::milliseconds{100});
       st.child->stop(w.shutdown_grace, w.kill_grace);

@@ -411,6 +411,7 @@ class Worker:
         self._dspy_available = None
         self._request_id = 0
         self._ballast = []  # memory kept alive by the test command `alloc`
+        self._failing_pings = 0  # set by the test command `fail_pings`
 
         self.handlers = {
             "ping": self.cmd_ping,
@@ -435,6 +436,7 @@ class Worker:
                 "hang": self.test_hang,
                 "stderr": self.test_stderr,
                 "alloc": self.test_alloc,
+                "fail_pings": self.test_fail_pings,
             })
 
     # ---- plumbing
@@ -559,6 +561,9 @@ class Worker:
     # ---- commands
 
     def cmd_ping(self, args):
+        if self._failing_pings > 0:  # only ever set by the test command `fail_pings`
+            self._failing_pings -= 1
+            raise CommandError("ping failure injected")
         now = time.time()
         return {
             "status": "ok",
@@ -748,8 +753,25 @@ class Worker:
         return NO_REPLY
 
     def test_hang(self, args):
-        self.log("hanging on request (never replies)")
+        after_reply = args.get("after_reply", False)
+        if not isinstance(after_reply, bool):
+            raise CommandError("after_reply must be a boolean")
+        if after_reply:
+            # Answer this request, then stop answering anything: an idle worker
+            # that hangs, so the next request (e.g. a health ping) gets no reply.
+            self.send({"id": self._request_id, "success": True, "result": {"hanging": True},
+                       "timestamp": time.time()})
+            self.log("hanging after the reply (never answers again)")
+        else:
+            self.log("hanging on request (never replies)")
         threading.Event().wait()  # SIGTERM (default action) still ends the process
+
+    def test_fail_pings(self, args):
+        count = args.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise CommandError("count must be a non-negative integer")
+        self._failing_pings = count
+        return {"failing_pings": count}
 
     def test_stderr(self, args):
         text = args.get("text", "test stderr line")
@@ -781,7 +803,10 @@ def parse_args(argv):
     parser.add_argument("--lm", choices=("mock", "none"), default="none",
                         help="pre-configure an LM at start (default: none; the runtime sends configure_lm)")
     parser.add_argument("--test-commands", action="store_true",
-                        help="enable the test-only commands (echo, sleep, crash, garbage, hang, stderr, alloc)")
+                        help="enable the test-only commands: echo, sleep {ms}, crash {code, when}, "
+                             "garbage {kind}, hang {after_reply} (never reply, or reply then never "
+                             "answer again), stderr {text, lines}, alloc {mb}, fail_pings {count} "
+                             "(the next count pings fail)")
     parser.add_argument("--test-init", choices=("hang", "exit", "traceback", "error"), default=None,
                         help="make the start fail (only with --test-commands)")
     return parser.parse_args(argv)

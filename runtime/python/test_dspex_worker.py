@@ -743,7 +743,7 @@ class CommandTests(WorkerTestCase):
 # =========================================================================== test-only commands
 
 
-TEST_COMMANDS = ("echo", "sleep", "crash", "garbage", "hang", "stderr", "alloc")
+TEST_COMMANDS = ("echo", "sleep", "crash", "garbage", "hang", "stderr", "alloc", "fail_pings")
 
 
 class TestOnlyCommandTests(WorkerTestCase):
@@ -837,6 +837,44 @@ class TestOnlyCommandTests(WorkerTestCase):
             worker.read_exact(1, timeout=0.3)
         worker.proc.send_signal(signal.SIGTERM)
         self.assertEqual(worker.wait(), -signal.SIGTERM)
+
+    def test_hang_after_reply_answers_then_stops_answering(self):
+        worker = self.start("--test-commands")
+        self.assertEqual(worker.ok("hang", {"after_reply": True}), {"hanging": True})
+        worker.send({"id": 2, "command": "ping", "args": {}})  # an idle worker's next ping hangs
+        with self.assertRaises(TimeoutError):
+            worker.read_exact(1, timeout=0.3)
+        self.assertIsNone(worker.proc.poll())
+        worker.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(), -signal.SIGTERM)
+
+    def test_hang_after_reply_false_and_bad_arg(self):
+        worker = self.start("--test-commands")
+        self.assertEqual(worker.error("hang", {"after_reply": "yes"}), "after_reply must be a boolean")
+        worker.send({"id": 7, "command": "hang", "args": {"after_reply": False}})
+        with self.assertRaises(TimeoutError):
+            worker.read_exact(1, timeout=0.3)
+        worker.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(worker.wait(), -signal.SIGTERM)
+
+    def test_fail_pings(self):
+        worker = self.start("--test-commands")
+        self.assertEqual(worker.ok("fail_pings", {"count": 2}), {"failing_pings": 2})
+        for _ in range(2):
+            reply = worker.request("ping")
+            self.assertIs(reply["success"], False)
+            self.assertEqual(reply["error"], "ping failure injected")
+        self.assertEqual(worker.ok("echo", {"x": 1})["x"], 1)  # other commands are not affected
+        self.assertEqual(worker.ok("ping")["status"], "ok")  # the count is used up
+        self.assertEqual(worker.ok("fail_pings", {"count": 1}), {"failing_pings": 1})
+        self.assertEqual(worker.error("ping"), "ping failure injected")
+        self.assertEqual(worker.ok("fail_pings", {"count": 0}), {"failing_pings": 0})
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+        for bad in (-1, "2", True, 1.5):
+            with self.subTest(count=bad):
+                self.assertEqual(worker.error("fail_pings", {"count": bad}),
+                                 "count must be a non-negative integer")
+        self.assertEqual(worker.ok("get_stats")["error_count"], 7)  # failed pings are ordinary errors
 
     def test_stderr(self):
         worker = self.start("--test-commands")

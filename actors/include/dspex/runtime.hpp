@@ -9,6 +9,8 @@
 #pragma once
 
 #include <chrono>
+#include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <future>
 #include <memory>
@@ -21,15 +23,27 @@
 
 #include "dspex/checkout.hpp"
 #include "dspex/error.hpp"
+#include "dspex/events.hpp"
 #include "dspex/settings.hpp"
 #include "dspex/status.hpp"
 
 namespace dspex {
 
-/// Per-call options.
+/// Per-call options. (Every member has an initializer, so `{timeout}`
+/// aggregates stay free of -Wmissing-field-initializers.)
 struct call_options {
   /// Deadline for this call, queueing included; default pool.request_timeout.
+  /// It bounds all attempts together (retries included).
   std::optional<std::chrono::milliseconds> timeout;
+  /// The caller's word on whether running the command twice is harmless.
+  /// Only idempotent calls are retried after a worker failed mid-request
+  /// (worker_exited, protocol_violation, request_timeout). Default:
+  /// idempotent_by_default(command): ping, list_programs, get_stats,
+  /// get_program_info.
+  std::optional<bool> idempotent = std::nullopt;
+  /// Attempts in all for this call, the first included; default
+  /// retry.max_attempts. 1 disables retries.
+  std::optional<std::size_t> max_attempts = std::nullopt;
 };
 
 /// Options of an explicit checkout.
@@ -111,8 +125,22 @@ public:
   std::variant<std::unique_ptr<lease>, error> checkout(
     checkout_type type = checkout_type::anonymous(), checkout_options options = {});
 
-  /// The pool's live status.
+  /// The pool's live status; `circuit` is the breaker's state ("closed",
+  /// "open", "half_open"). While the pool restarts it is empty but for
+  /// `circuit` and `health` ("restarting", or "unavailable" once the root
+  /// supervisor gave up).
   pool_status status();
+
+  /// The runtime's event stream: worker lifecycle, pool health, restarts,
+  /// circuit changes, retries, supervisor events (see dspex/events.hpp).
+  /// `handler` runs synchronously on the publishing runtime thread: keep it
+  /// short, never block and never call the runtime synchronously from it.
+  /// Returns the id for unsubscribe. To deliver events to an actor, see
+  /// dspex/actors/events_actor.hpp (subscribe_actor).
+  std::uint64_t subscribe(std::function<void(const event&)> handler);
+  void unsubscribe(std::uint64_t id);
+  /// The bus itself (it outlives stop(), and the runtime object).
+  event_bus& events() noexcept;
 
   /// Graceful, bounded stop: queued callers fail with resource_error, every
   /// worker gets `shutdown`, EOF, then SIGTERM and SIGKILL after the graces;
@@ -124,6 +152,7 @@ public:
   struct impl;
 
 private:
+  friend struct runtime_access;  // the CAF side: dspex/actors/runtime_access.hpp
   explicit runtime(std::unique_ptr<impl> p);
   std::unique_ptr<impl> impl_;
 };

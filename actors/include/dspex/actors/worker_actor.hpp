@@ -24,18 +24,53 @@
 //    to the owner unserved as (retry_atom, call) with the caller's promise,
 //    and quits with its reason on (release_atom), which the owner sends after
 //    its last call to this worker. So no caller is failed by a worker it
-//    never reached: it is served by the next one.
+//    never reached: it is served by the next one. (Same for a degraded
+//    worker: the owner knows it.)
+//  - (health_check_atom) → outcome, see messages.hpp: only in ready, or in
+//    degraded to recover, and only with no request in flight; sends `ping`
+//    (deadline now + pool.health_timeout) and answers with its reply: ok
+//    (lifecycle busy → ready, or degraded → ready; no checkin), health_check_error/
+//    ping_failed (success:false; lifecycle → degraded, which takes no work:
+//    execute answers resource_error/worker_not_ready), health_check_error/
+//    health_timeout (no reply in time: the child is killed and the worker
+//    quits with worker_exit::health_timeout, via worker_gone/release as
+//    above). Any other error (e.g. communication_error/worker_exited) means
+//    the process was lost during the ping; the worker is going. In any other
+//    phase (starting, busy, a ping already running, stopping, gone):
+//    resource_error/worker_busy, nothing sent.
+//  - (lifecycle_atom) → lifecycle_history: its recorded transitions, oldest
+//    first (the last 32), each with reason, time and time spent in `from`.
+//
+// Lifecycle (worker_lifecycle.hpp) is the worker's state; every accepted
+// transition is published on cfg.events as event_kind::worker_transition
+// {source = worker_id = id, from, to, reason, err (the cause of a failure),
+// fields {"time_in_from_ms": integer}}; ready <-> busy only when the bus has
+// subscribers. Map: spawn → initializing; init ping (and LM configuration)
+// answered → ready ("initialized"); request sent → busy ("request"); reply →
+// ready ("reply"); health ping → busy ("health_check") → ready
+// ("health_check_passed") or degraded ("health_check_failed"); degraded →
+// ready ("health_check_passed"); stop → terminating ("stop"); failure →
+// terminating (the error's type, e.g. "worker_exited", "health_timeout");
+// quitting → terminated ("stopped", "released", the failure's type, or
+// "exit: <reason>" for an exit message). A transition the table refuses is
+// logged as an error and published as a worker_transition with an empty
+// `to`, `err` = system_error/invalid_transition and fields {"rejected_to"};
+// it changes nothing (and never crashes the actor).
 #pragma once
 
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <caf/actor.hpp>
+#include <caf/allowed_unsafe_message_type.hpp>
+#include <caf/atom.hpp>
 #include <caf/fwd.hpp>
 
 #include "dspex/events.hpp"
 #include "dspex/settings.hpp"
+#include "dspex/worker_lifecycle.hpp"
 
 namespace dspex {
 
@@ -58,6 +93,12 @@ struct worker_config {
   std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
 };
 
+/// A worker's recorded lifecycle transitions, oldest first.
+using lifecycle_history = std::vector<lifecycle_record>;
+
+/// anyone → worker: () → lifecycle_history (local only).
+using lifecycle_atom = caf::atom_constant<caf::atom("lifecycle")>;
+
 /// Spawns a worker actor linked to nothing; the caller decides (the pool
 /// spawns it linked).
 caf::actor spawn_worker(caf::actor_system& sys, worker_config cfg);
@@ -66,3 +107,5 @@ caf::actor spawn_worker(caf::actor_system& sys, worker_config cfg);
 caf::actor spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg);
 
 } // namespace dspex
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::lifecycle_history)
