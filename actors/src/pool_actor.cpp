@@ -172,10 +172,24 @@ void unwatch_caller(pool_actor_t* self, const caf::actor_addr& caller) {
 }
 
 
+// What a pool-made error says about its caller: the checkout type, and the
+// session when there is one.
+nlohmann::json caller_context(const checkout_type& t) {
+  nlohmann::json ctx{{"checkout_type", t.to_string()}};
+  if (t.what() == checkout_type::kind::session)
+    ctx["session_id"] = t.session_id();
+  return ctx;
+}
+
+error pool_stopping_error(const checkout_type& t) {
+  return make_error(error_category::resource_error, "pool_stopping", "the pool is stopping",
+                    caller_context(t));
+}
+
 outcome timeout_outcome(const waiter& wt) {
   return outcome::failure(make_error(error_category::timeout_error, "checkout_timeout",
                                      "no worker became free before the deadline",
-                                     {{"checkout_type", wt.type.to_string()}}));
+                                     caller_context(wt.type)));
 }
 
 void fail_waiter(waiter& wt, error err) {
@@ -251,8 +265,8 @@ std::size_t serving_count(pool_actor_t* self) {
 
 error pool_unavailable(pool_actor_t* self, const checkout_type& type) {
   auto& st = self->state;
-  nlohmann::json ctx{{"checkout_type", type.to_string()},
-                     {"consecutive_start_failures", st.consecutive_start_failures}};
+  auto ctx = caller_context(type);
+  ctx["consecutive_start_failures"] = st.consecutive_start_failures;
   std::string last = "unknown";
   if (st.last_start_failure) {
     ctx["last_start_failure"] = st.last_start_failure->to_json();
@@ -840,7 +854,7 @@ void dispatch(pool_actor_t* self) {
 
 error full_error(const checkout_type& t) {
   return make_error(error_category::resource_error, "full", "no idle worker (non-blocking checkout)",
-                    {{"checkout_type", t.to_string()}});
+                    caller_context(t));
 }
 
 // Entry of every checkout: serve now, or queue with the caller's deadline.
@@ -868,7 +882,7 @@ caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
     fail_waiter(wt, make_error(error_category::resource_error, "pool_saturated",
                                "the wait queue is full ("
                                  + std::to_string(st.config->pool.max_queue) + " callers)",
-                               {{"checkout_type", wt.type.to_string()}}));
+                               caller_context(wt.type)));
     return rp;
   }
   watch_caller(self, wt.caller);
@@ -894,14 +908,10 @@ void answer_ready_waiters(pool_actor_t* self) {
 // (shutdown → EOF → TERM → KILL); the pool quits once all are reaped.
 void begin_stop(pool_actor_t* self) {
   auto& st = self->state;
-  auto stopping_error = [](const std::string& what) {
-    return make_error(error_category::resource_error, "pool_stopping", "the pool is stopping",
-                      {{"checkout_type", what}});
-  };
   st.stopping = true;
   log().info("pool: stopping {} workers", st.workers.size());
   for (auto& [ticket, wt] : st.queue)
-    fail_waiter(wt, stopping_error(wt.type.to_string()));
+    fail_waiter(wt, pool_stopping_error(wt.type));
   st.queue.clear();
   if (!st.initial_failure && st.initial_pending > 0) {
     st.initial_failure = make_error(error_category::resource_error, "pool_stopping",
@@ -1141,14 +1151,10 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     log().info("pool: starting {} workers", st.config->pool.size);
   }
 
-  auto stopping_error = [](const std::string& what) {
-    return make_error(error_category::resource_error, "pool_stopping", "the pool is stopping",
-                      {{"checkout_type", what}});
-  };
   return {
     [=](execute_atom, call& c) -> caf::result<outcome> {
       if (self->state.stopping)
-        return outcome::failure(stopping_error(c.type.to_string()));
+        return outcome::failure(pool_stopping_error(c.type));
       auto block = c.block;
       return enqueue(self, waiter_for(self, std::move(c)), block);
     },
@@ -1157,7 +1163,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       // goes first, and a caller never loses its place to a dying worker.
       auto& st = self->state;
       if (st.stopping)
-        return outcome::failure(stopping_error(c.type.to_string()));
+        return outcome::failure(pool_stopping_error(c.type));
       auto wt = waiter_for(self, std::move(c));
       auto rp = wt.promise;
       if (st.health == "broken") {
@@ -1173,7 +1179,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     },
     [=](checkout_atom, checkout_request& r) -> caf::result<checkout_reply> {
       if (self->state.stopping)
-        return checkout_reply{std::nullopt, stopping_error(r.type.to_string())};
+        return checkout_reply{std::nullopt, pool_stopping_error(r.type)};
       waiter wt;
       wt.type = r.type;
       wt.token = r.token;

@@ -83,6 +83,12 @@ TEST_CASE("a missing interpreter: backoff, broken, fast failure naming it, recov
   CHECK(r.error().type == "pool_unavailable");
   CHECK(r.error().message.find(python.string()) != std::string::npos);
   CHECK(r.error().context.contains("last_start_failure"));
+  CHECK(r.error().severity() == error_severity::critical);
+  // A session's call: its error names the session.
+  auto in_session = pool.execute("ping", {}, 30s, checkout_type::session("s9"));
+  REQUIRE_FALSE(in_session.ok());
+  CHECK(in_session.error().type == "pool_unavailable");
+  CHECK(in_session.error().context.value("session_id", "") == "s9");
 
   // The delays grow (exponential with jitter, bounded by restart_backoff_max).
   std::vector<std::chrono::milliseconds> delays;

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dspex/envelope.hpp"
+#include "dspex/error.hpp"
 
 using dspex::encode_request;
 using dspex::parse_reply;
@@ -327,4 +328,23 @@ TEST_CASE("parse_reply: a request is not a valid reply") {
   // a valid reply.
   const std::string req = encode_request(5, "ping", nullptr);
   CHECK(bad_reply(req, 5).code == protocol_errc::missing_success);
+}
+
+TEST_CASE("every error has a severity, in its JSON too") {
+  using dspex::error_category;
+  using dspex::error_severity;
+  auto sev = [](error_category c, const char* type) { return dspex::make_error(c, type, "m").severity(); };
+  CHECK(sev(error_category::python_error, "command_failed") == error_severity::info);
+  CHECK(sev(error_category::timeout_error, "request_timeout") == error_severity::warning);
+  CHECK(sev(error_category::communication_error, "worker_exited") == error_severity::warning);
+  CHECK(sev(error_category::resource_error, "pool_saturated") == error_severity::warning);
+  CHECK(sev(error_category::resource_error, "pool_unavailable") == error_severity::critical);
+  CHECK(sev(error_category::resource_error, "supervisor_gave_up") == error_severity::critical);
+  CHECK(sev(error_category::initialization_error, "spawn_failed") == error_severity::error);
+  CHECK(sev(error_category::system_error, "actor_error") == error_severity::error);
+  CHECK(sev(error_category::configuration_error, "invalid_setting") == error_severity::critical);
+  CHECK(sev(error_category::health_check_error, "ping_failed") == error_severity::warning);
+  auto j = dspex::make_error(error_category::resource_error, "pool_unavailable", "m").to_json();
+  CHECK(j["severity"] == "critical");
+  CHECK(j["category"] == "resource_error");
 }
