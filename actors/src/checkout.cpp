@@ -37,4 +37,20 @@ std::string checkout_type::to_string() const {
   return "anonymous";
 }
 
+const char* to_string(affinity_mode m) noexcept {
+  switch (m) {
+    case affinity_mode::hint: return "hint";
+    case affinity_mode::strict_queue: return "strict_queue";
+    case affinity_mode::strict_fail_fast: return "strict_fail_fast";
+  }
+  return "hint";
+}
+
+std::optional<affinity_mode> affinity_mode_from_string(std::string_view name) noexcept {
+  for (auto m : {affinity_mode::hint, affinity_mode::strict_queue, affinity_mode::strict_fail_fast})
+    if (name == to_string(m))
+      return m;
+  return std::nullopt;
+}
+
 } // namespace dspex

@@ -98,6 +98,9 @@ struct pool_state {
   std::string health = "healthy";  ///< healthy, degraded, broken (see update_health)
   std::uint64_t recycled = 0;
   std::uint64_t health_check_failures = 0;
+  std::uint64_t affinity_hits = 0;
+  std::uint64_t affinity_misses = 0;
+  std::uint64_t affinity_rebinds = 0;
   bool tick_armed = false;         ///< a maintenance_tick is on its way
   std::mt19937_64 rng{std::random_device{}()};
   bool restart_pending = false;  ///< a delayed restart_atom is on its way
@@ -763,8 +766,61 @@ std::optional<std::string> take_idle(pool_actor_t* self) {
   return id;
 }
 
+// -- session affinity (see affinity_mode in checkout.hpp) ----------------------------------
+
+enum class preferred_is { none, idle, occupied, gone };
+
+/// The state of the worker a session's call prefers.
+preferred_is preferred_state(pool_actor_t* self, const waiter& wt) {
+  if (!wt.request || wt.request->preferred_worker.empty())
+    return preferred_is::none;
+  auto it = self->state.workers.find(wt.request->preferred_worker);
+  if (it == self->state.workers.end())
+    return preferred_is::gone;
+  switch (it->second.state) {
+    case worker_state_t::idle: return preferred_is::idle;
+    case worker_state_t::removing:
+    case worker_state_t::stopping: return preferred_is::gone;
+    default: return preferred_is::occupied;
+  }
+}
+
+/// The idle worker `wt` may take now, or nothing: no idle worker, or a
+/// strict_queue call whose worker is occupied (it keeps waiting for it).
+std::optional<std::string> take_idle_for(pool_actor_t* self, const waiter& wt) {
+  auto& st = self->state;
+  switch (preferred_state(self, wt)) {
+    case preferred_is::idle: {
+      const auto& id = wt.request->preferred_worker;
+      st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), id), st.idle.end());
+      return id;
+    }
+    case preferred_is::occupied:
+      if (wt.request->affinity != affinity_mode::hint)
+        return std::nullopt;  // strict: wait for it (fail_fast never queues)
+      return take_idle(self);
+    case preferred_is::none:
+    case preferred_is::gone:
+      return take_idle(self);  // a new session, or a rebind
+  }
+  return std::nullopt;
+}
+
+void count_affinity(pool_actor_t* self, const worker_entry& e, const waiter& wt) {
+  auto& st = self->state;
+  if (!wt.request || wt.request->preferred_worker.empty())
+    return;
+  if (e.w.id == wt.request->preferred_worker)
+    ++st.affinity_hits;
+  else if (preferred_state(self, wt) == preferred_is::gone)
+    ++st.affinity_rebinds;
+  else
+    ++st.affinity_misses;
+}
+
 void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor& client) {
   auto& st = self->state;
+  count_affinity(self, e, wt);
   st.consecutive_young_removals = 0;
   ++e.w.stats.checkouts;
   e.last_activity = clock_type::now();
@@ -822,21 +878,29 @@ bool offer(pool_actor_t* self, const std::string& id, waiter& wt) {
 // caller on the next worker.
 void match_waiters(pool_actor_t* self, clock_type::time_point now) {
   auto& st = self->state;
-  while (!st.queue.empty()) {
-    auto it = st.queue.begin();
+  auto it = st.queue.begin();
+  while (it != st.queue.end()) {
     auto& wt = it->second;
     if (wt.deadline <= now) {
       fail_waiter(wt, timeout_outcome(wt).error());
       unwatch_caller(self, wt.caller);
-      st.queue.erase(it);
+      it = st.queue.erase(it);
       continue;
     }
-    auto id = take_idle(self);
-    if (!id)
+    if (st.idle.empty())
       break;
+    auto id = take_idle_for(self, wt);
+    if (!id) {
+      ++it;  // a strict session call waiting for its own worker: the next caller may go
+      continue;
+    }
     if (offer(self, *id, wt)) {
       unwatch_caller(self, wt.caller);
-      st.queue.erase(it);
+      it = st.queue.erase(it);
+    } else {
+      // The worker was removed, which can change the queue (a broken pool
+      // fails every waiter): start over from the oldest caller.
+      it = st.queue.begin();
     }
   }
 }
@@ -869,8 +933,18 @@ caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
     fail_waiter(wt, pool_unavailable(self, wt.type));
     return rp;
   }
+  if (wt.request && wt.request->affinity == affinity_mode::strict_fail_fast
+      && preferred_state(self, wt) == preferred_is::occupied) {
+    auto ctx = caller_context(wt.type);
+    ctx["worker_id"] = wt.request->preferred_worker;
+    fail_waiter(wt, make_error(error_category::resource_error, "worker_busy",
+                               "the session's worker " + wt.request->preferred_worker
+                                 + " is busy (strict_fail_fast)",
+                               std::move(ctx)));
+    return rp;
+  }
   if (st.queue.empty() && !st.idle.empty()) {
-    while (auto id = take_idle(self))
+    while (auto id = take_idle_for(self, wt))
       if (offer(self, *id, wt))
         return rp;
   }
@@ -1088,6 +1162,9 @@ pool_status make_status(pool_actor_t* self) {
   s.last_start_failure = st.last_start_failure;
   s.recycled = st.recycled;
   s.health_check_failures = st.health_check_failures;
+  s.affinity_hits = st.affinity_hits;
+  s.affinity_misses = st.affinity_misses;
+  s.affinity_rebinds = st.affinity_rebinds;
   return s;
 }
 

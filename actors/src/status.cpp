@@ -33,6 +33,8 @@ nlohmann::json pool_status::to_json() const {
           {"health", health}, {"consecutive_start_failures", consecutive_start_failures},
           {"recycled", recycled}, {"health_check_failures", health_check_failures},
           {"circuit", circuit},
+          {"affinity", {{"hits", affinity_hits}, {"misses", affinity_misses},
+                        {"rebinds", affinity_rebinds}}},
           {"workers", workers_json}, {"retired", retired_json}};
   if (last_start_failure)
     j["last_start_failure"] = last_start_failure->to_json();

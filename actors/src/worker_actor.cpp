@@ -335,14 +335,18 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
   if (rep.success) {
     if (req.check_in)
       self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
-    req.promise.deliver(outcome::success(std::move(rep.result)));
+    auto o = outcome::success(std::move(rep.result));
+    o.set_served_by(st.cfg.id);
+    req.promise.deliver(std::move(o));
   } else {
     auto ctx = worker_context(self);
     ctx["command"] = req.command;
     auto err = make_error(error_category::python_error, "command_failed", std::move(rep.error), ctx);
     if (req.check_in)
       self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::failed(err));
-    req.promise.deliver(outcome::failure(std::move(err)));
+    auto o = outcome::failure(std::move(err));
+    o.set_served_by(st.cfg.id);
+    req.promise.deliver(std::move(o));
   }
 }
 

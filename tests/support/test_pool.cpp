@@ -73,6 +73,34 @@ outcome test_pool::execute(const std::string& command, nlohmann::json args,
   return result;
 }
 
+outcome test_pool::execute(call c) {
+  outcome result = outcome::failure(make_error(error_category::system_error, "no_reply", "no reply"));
+  caf::scoped_actor self{sys_};
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+    c.deadline - std::chrono::steady_clock::now());
+  self->request(pool_, caf::duration{left + margin}, execute_atom::value, std::move(c))
+    .receive([&](outcome& o) { result = std::move(o); },
+             [&](caf::error& e) {
+               result = outcome::failure(
+                 make_error(error_category::system_error, "actor_error", caf::to_string(e)));
+             });
+  return result;
+}
+
+void test_pool::execute_async(call c, std::function<void(outcome)> done) {
+  auto fn = std::move(done);
+  sys_.spawn([c = std::move(c), fn, pool = pool_](caf::event_based_actor* self) mutable {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      c.deadline - std::chrono::steady_clock::now());
+    self->request(pool, caf::duration{left + margin}, execute_atom::value, std::move(c))
+      .then([fn](outcome& o) { fn(std::move(o)); },
+            [fn](caf::error& e) {
+              fn(outcome::failure(
+                make_error(error_category::system_error, "actor_error", caf::to_string(e))));
+            });
+  });
+}
+
 void test_pool::hold() {
   caf::anon_send(pool_, hold_atom::value);
 }

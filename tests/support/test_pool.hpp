@@ -50,6 +50,12 @@ public:
                   std::chrono::milliseconds timeout = 5s,
                   checkout_type type = checkout_type::anonymous(), bool block = true);
 
+  /// A pool-mediated call as the pool receives it (sessions: preferred worker, affinity).
+  outcome execute(call c);
+
+  /// The same without waiting: `done` runs on an actor thread with the outcome.
+  void execute_async(call c, std::function<void(outcome)> done);
+
   /// Stops the pool from serving requests until resume() (tests only).
   void hold();
   void resume();

@@ -37,6 +37,19 @@ private:
   std::string session_id_;
 };
 
+/// How a session's call chooses its worker (issue 5, item 3). Per pool
+/// (session.affinity), overridable per call.
+///  - hint: the session's worker when it is idle, else any idle worker;
+///  - strict_queue: wait for the session's worker; if it is gone, rebind to another;
+///  - strict_fail_fast: the session's worker or, when it is busy, resource_error/worker_busy at once;
+///    if it is gone, rebind to another.
+/// A call without a preferred worker (a new session) takes any worker.
+enum class affinity_mode { hint, strict_queue, strict_fail_fast };
+
+/// "hint", "strict_queue", "strict_fail_fast".
+const char* to_string(affinity_mode m) noexcept;
+std::optional<affinity_mode> affinity_mode_from_string(std::string_view name) noexcept;
+
 /// How a lease ends, as NimblePool's checkin statuses: the worker is fine
 /// (`ok`), something went wrong but the worker may be reused (`error`), or
 /// the caller closed the connection and the worker must not be reused (`close`).

@@ -50,7 +50,10 @@ struct pool_status {
   std::optional<error> last_start_failure;  ///< the newest start failure, until a start succeeds
   std::uint64_t recycled = 0;               ///< healthy workers replaced at a recycling limit
   std::uint64_t health_check_failures = 0;  ///< failed health pings so far
-  std::string circuit = "closed";           ///< the circuit breaker in front of the pool (runtime::status)
+  std::string circuit = "closed";
+  std::uint64_t affinity_hits = 0;     ///< session calls served by their preferred worker
+  std::uint64_t affinity_misses = 0;   ///< ... by another worker while it lived (hint: it was busy)
+  std::uint64_t affinity_rebinds = 0;  ///< ... by another worker because it was gone           ///< the circuit breaker in front of the pool (runtime::status)
   std::vector<worker_info> workers;
   std::vector<worker_info> retired;  ///< the last removed workers (bounded), for summaries
 

@@ -79,8 +79,14 @@ public:
   /// {"ok":true,"result":...} or {"ok":false,"error":{...}}
   nlohmann::json to_json() const;
 
+  /// The worker that answered (its reply, success or python_error); empty
+  /// when no worker answered. Sessions learn their worker from it.
+  const std::string& served_by() const noexcept { return served_by_; }
+  void set_served_by(std::string worker_id) { served_by_ = std::move(worker_id); }
+
 private:
   bool ok_ = false;
+  std::string served_by_;
   nlohmann::json value_;
   dspex::error error_;
 };

@@ -28,6 +28,10 @@ struct call {
   std::chrono::steady_clock::time_point deadline;
   checkout_type type = checkout_type::anonymous();
   bool block = true;  ///< false: resource_error/full at once when no worker is idle
+  /// Sessions: the worker that served the session last (empty: none yet),
+  /// and how strictly to stick to it (see affinity_mode).
+  std::string preferred_worker{};
+  affinity_mode affinity = affinity_mode::hint;
 };
 
 /// The continuation of an asynchronous call (local only).
