@@ -23,7 +23,10 @@ using clock_type = std::chrono::steady_clock;
 
 // checking: out for a health ping (not idle, so no caller waits behind it);
 // degraded: its last health ping failed: no work until a ping passes.
-enum class worker_state_t { starting, idle, busy, leased, checking, degraded, removing, stopping };
+// configuring: applying the pool's current LM configuration before it serves.
+enum class worker_state_t {
+  starting, idle, busy, leased, checking, degraded, configuring, removing, stopping
+};
 
 const char* to_string(worker_state_t s) {
   switch (s) {
@@ -33,6 +36,7 @@ const char* to_string(worker_state_t s) {
     case worker_state_t::leased: return "leased";
     case worker_state_t::checking: return "checking";
     case worker_state_t::degraded: return "degraded";
+    case worker_state_t::configuring: return "configuring";
     case worker_state_t::removing: return "removing";
     case worker_state_t::stopping: return "stopping";
   }
@@ -50,6 +54,8 @@ struct worker_entry {
   std::uint64_t recycle_after = 0; ///< requests before recycling (max_requests with jitter); 0 = never
   std::uint32_t health_failures = 0;  ///< failed health pings in a row
   clock_type::time_point rss_checked_at{};
+  std::uint64_t lm_generation = 0;  ///< the pool LM configuration it has (0: the settings' one)
+  std::optional<nlohmann::json> pending_lm;  ///< a configure_lm call it is running for a caller
 };
 
 /// One caller waiting for a worker: a pool-mediated call or a lease request.
@@ -101,6 +107,11 @@ struct pool_state {
   std::uint64_t affinity_hits = 0;
   std::uint64_t affinity_misses = 0;
   std::uint64_t affinity_rebinds = 0;
+  /// The pool's one LM configuration: a configure_lm call that succeeded on a
+  /// worker becomes the pool's (generation + 1); every other worker, and
+  /// every replacement, applies it before it serves again.
+  std::uint64_t lm_generation = 0;
+  nlohmann::json lm_args;
   bool tick_armed = false;         ///< a maintenance_tick is on its way
   std::mt19937_64 rng{std::random_device{}()};
   bool restart_pending = false;  ///< a delayed restart_atom is on its way
@@ -258,6 +269,7 @@ std::size_t serving_count(pool_actor_t* self) {
       case worker_state_t::leased:
       case worker_state_t::checking:
       case worker_state_t::degraded:
+      case worker_state_t::configuring:
         ++n;
         break;
       default:
@@ -537,8 +549,14 @@ void update_worker_stats(worker_entry& e, const checkin_status& status) {
   e.w.current_session.reset();
 }
 
+void start_configure(pool_actor_t* self, worker_entry& e);
+
 void make_idle(pool_actor_t* self, worker_entry& e) {
   auto& st = self->state;
+  if (e.lm_generation < st.lm_generation && !st.stopping) {
+    start_configure(self, e);  // it serves nobody with a stale LM configuration
+    return;
+  }
   e.state = worker_state_t::idle;
   e.last_activity = clock_type::now();
   if (e.w.overflow && st.queue.empty()) {
@@ -552,6 +570,61 @@ void make_idle(pool_actor_t* self, worker_entry& e) {
     self->delayed_send(self, delay, retire_atom::value, e.w.id);
   }
   st.idle.push_back(e.w.id);
+}
+
+// -- one LM configuration per pool -------------------------------------------------------------
+
+void start_configure(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  e.state = worker_state_t::configuring;
+  auto id = e.w.id;
+  auto handle = e.w.handle;
+  auto generation = st.lm_generation;
+  auto timeout = st.config->pool.init_timeout;
+  call c{"configure_lm", st.lm_args, clock_type::now() + timeout};
+  self->request(handle, caf::duration{timeout + std::chrono::seconds{2}}, execute_atom::value,
+                std::move(c))
+    .then(
+      [=](outcome& o) {
+        auto& st = self->state;
+        auto it = st.workers.find(id);
+        if (st.stopping || it == st.workers.end() || it->second.w.handle != handle
+            || it->second.state != worker_state_t::configuring)
+          return;
+        if (o.ok()) {
+          it->second.lm_generation = generation;
+          make_idle(self, it->second);  // or again, if a newer configuration came meanwhile
+        } else {
+          auto err = o.error();
+          remove_worker(self, it->second,
+                        make_error(error_category::initialization_error,
+                                   "lm_configuration_failed",
+                                   "worker " + id + " refused the pool's LM configuration: "
+                                     + err.message,
+                                   {{"worker_id", id}}));
+        }
+        dispatch(self);
+      },
+      [=](caf::error&) {
+        // The worker is gone: its down_msg does the rest.
+      });
+}
+
+// A caller's configure_lm succeeded on worker `e`: it is the pool's now.
+void adopt_lm(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
+  auto& st = self->state;
+  args.erase("session_id");
+  st.lm_args = std::move(args);
+  e.lm_generation = ++st.lm_generation;
+  log().info("pool: LM configuration {} adopted from {}; every worker applies it before it serves",
+             st.lm_args.dump(), e.w.id);
+  auto idle_ids = std::vector<std::string>(st.idle.begin(), st.idle.end());
+  st.idle.clear();
+  for (auto& id : idle_ids) {
+    auto it = st.workers.find(id);
+    if (it != st.workers.end() && it->second.state == worker_state_t::idle)
+      start_configure(self, it->second);
+  }
 }
 
 // -- recycling and health checks -----------------------------------------------------------
@@ -717,6 +790,13 @@ void maintain(pool_actor_t* self) {
 void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& status) {
   auto& st = self->state;
   update_worker_stats(e, status);
+  if (e.pending_lm) {
+    // The worker checks in before its caller sees the reply: the next call
+    // of that caller already finds the pool on the new configuration.
+    if (status.what == checkin_status::kind::ok && !st.stopping)
+      adopt_lm(self, e, std::move(*e.pending_lm));
+    e.pending_lm.reset();
+  }
   // Recoverable failures count; a Python-side error is the program's, not
   // the worker's, and success resets the count.
   if (status.what == checkin_status::kind::ok)
@@ -828,6 +908,8 @@ void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor
     e.w.current_session = wt.type.session_id();
   if (wt.request) {
     e.state = worker_state_t::busy;
+    if (wt.request->command == "configure_lm" && wt.type.what() != checkout_type::kind::session)
+      e.pending_lm = wt.request->args;
     wt.promise.delegate(client, execute_atom::value, std::move(*wt.request));
     return;
   }
@@ -1148,7 +1230,8 @@ pool_status make_status(pool_actor_t* self) {
       case worker_state_t::busy:
       case worker_state_t::leased:
       case worker_state_t::checking:
-      case worker_state_t::degraded: ++s.busy; break;
+      case worker_state_t::degraded:
+      case worker_state_t::configuring: ++s.busy; break;
       case worker_state_t::removing:
       case worker_state_t::stopping: ++s.removing; break;
     }

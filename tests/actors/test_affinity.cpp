@@ -2,6 +2,7 @@
 // strict_fail_fast, with hits, misses and rebinds counted in the status.
 #include <csignal>
 #include <future>
+#include <set>
 
 #include <doctest/doctest.h>
 
@@ -146,4 +147,43 @@ TEST_CASE("every mode rebinds when the session's worker is gone") {
     CHECK(r.served_by() != victim.id);
     CHECK(pool.status().affinity_rebinds == 1);
   }
+}
+
+TEST_CASE("one LM configuration per pool: configure_lm reaches every worker and every replacement") {
+  test_pool pool;  // 2 workers, mock LM "mock/mock"
+  REQUIRE(pool.wait_for_pool_ready());
+  auto r = pool.execute("configure_lm", {{"provider", "mock"}, {"model", "pool-model"}});
+  REQUIRE(r.ok());
+  // Both workers answer with the new LM, whichever serves.
+  std::set<std::string> seen;
+  for (int i = 0; i < 6; ++i) {
+    auto p = pool.execute("ping");
+    REQUIRE(p.ok());
+    CHECK(p.value()["lm"] == "mock/pool-model");
+    seen.insert(p.served_by());
+  }
+  CHECK(seen.size() == 2);
+  // A replacement is configured before it serves anything.
+  auto victim = pool.status().workers.at(0);
+  REQUIRE(::kill(victim.pid, SIGKILL) == 0);
+  REQUIRE(pool.wait_for([&](const pool_status& s) {
+    if (s.idle != 2)
+      return false;
+    for (auto& w : s.workers)
+      if (w.id == victim.id)
+        return false;
+    return true;
+  }));
+  for (int i = 0; i < 4; ++i) {
+    auto p = pool.execute("ping");
+    REQUIRE(p.ok());
+    CHECK(p.value()["lm"] == "mock/pool-model");
+  }
+  // A refused configuration is the caller's error and changes nothing.
+  auto bad = pool.execute("configure_lm", {{"provider", "no-such-provider"}});
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().category == error_category::python_error);
+  auto p = pool.execute("ping");
+  REQUIRE(p.ok());
+  CHECK(p.value()["lm"] == "mock/pool-model");
 }
