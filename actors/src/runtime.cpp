@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 #include <variant>
@@ -15,6 +16,7 @@
 #include "dspex/actors/pool_actor.hpp"
 #include "dspex/actors/runtime_access.hpp"
 #include "dspex/actors/service.hpp"
+#include "dspex/actors/session_actor.hpp"
 #include "dspex/actors/supervisor.hpp"
 #include "dspex/actors/system_config.hpp"
 #include "dspex/backoff.hpp"
@@ -22,12 +24,6 @@
 #include "dspex/logging.hpp"
 
 namespace dspex::detail {
-
-/// What the pool client needs to know of a call beyond the call itself.
-struct client_call_options {
-  std::optional<bool> idempotent;
-  std::optional<std::size_t> max_attempts;
-};
 
 /// Shared by a runtime object and its pool client: what runtime::status and
 /// runtime::checkout read without a round trip through the client.
@@ -48,8 +44,6 @@ struct client_shared {
 };
 
 } // namespace dspex::detail
-
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::client_call_options)
 
 namespace dspex {
 
@@ -141,6 +135,7 @@ struct pending_call {
   std::optional<circuit_permit> permit;
   caf::actor_addr pool;     ///< where the attempt in flight went
   call_phase phase = call_phase::waiting;
+  std::string served_by;    ///< the worker that answered the last attempt (outcome::served_by)
 };
 
 struct pool_client_state {
@@ -156,6 +151,20 @@ struct pool_client_state {
   std::deque<std::uint64_t> parked;  ///< waiting for a pool, in arrival order
   std::vector<caf::response_promise> ready_waiters;
   std::optional<error> gave_up;
+  // The session layer (issue 5): the current session registry (the root's
+  // child "sessions"), the session requests waiting for it, and how many
+  // were forwarded and not yet answered.
+  caf::actor sessions;
+  std::vector<std::pair<session_request, completion>> sessions_parked;
+  struct session_op_entry {
+    completion done;
+    caf::actor_addr registry;  ///< where it went: its end fails it
+  };
+  std::unordered_map<std::uint64_t, session_op_entry> session_ops;  ///< forwarded, not yet answered
+  std::uint64_t next_session_op = 1;
+  // Anonymous programs: create_program's definitions by (session_id, id), so
+  // an anonymous execute_program carries program_data and any worker serves it.
+  std::map<std::pair<std::string, std::string>, nlohmann::json> anonymous_programs;
   std::uint64_t next_id = 1;
   std::uint64_t seed_base = 0;
   bool closing = false;   ///< runtime::stop began: no retries, no new attempts
@@ -214,13 +223,15 @@ void finish(pool_client_t* self, std::uint64_t id, outcome o) {
   auto done = std::move(it->second.done);
   st.calls.erase(it);
   run_callback(done, std::move(o));
-  if (st.stopping && st.calls.empty())
+  if (st.stopping && st.calls.empty() && st.session_ops.empty())
     self->quit();
 }
 
 void fail_final(pool_client_t* self, std::uint64_t id, error e) {
   auto& pc = self->state.calls.at(id);
-  finish(self, id, outcome::failure(with_call_context(std::move(e), pc)));
+  auto o = outcome::failure(with_call_context(std::move(e), pc));
+  o.set_served_by(pc.served_by);  // e.g. a python_error: the session learns its worker
+  finish(self, id, std::move(o));
 }
 
 void arm_circuit_tick(pool_client_t* self, circuit_breaker::time_point at) {
@@ -247,6 +258,12 @@ void handle_failure(pool_client_t* self, std::uint64_t id, const error& err) {
   if (st.closing) {
     d.why = retry_reason::not_retryable;
     d.reason = "the runtime is stopping";
+  } else if (pc.c.affinity == affinity_mode::strict_fail_fast
+             && pc.c.type.what() == checkout_type::kind::session
+             && err.category == error_category::resource_error && err.type == "worker_busy") {
+    // The caller asked to fail at once when its session's worker is busy.
+    d.why = retry_reason::not_retryable;
+    d.reason = "strict_fail_fast: the session's worker is busy";
   } else {
     d = pc.policy->decide(err, pc.attempt, clock_type::now(), pc.c.deadline, pc.idempotent);
   }
@@ -310,6 +327,7 @@ void on_answer(pool_client_t* self, std::uint64_t id, std::size_t attempt, outco
     return;
   auto& pc = it->second;
   pc.pool = caf::actor_addr{};
+  pc.served_by = o.served_by();
   settle_permit(self, pc, o);
   if (o) {
     finish(self, id, std::move(o));
@@ -358,7 +376,7 @@ void dispatch(pool_client_t* self, std::uint64_t id) {
   pc.pool = st.pool.address();
   // The args are copied only when another attempt may need them.
   call c{pc.c.command, pc.max_attempts > 1 ? pc.c.args : std::move(pc.c.args), pc.c.deadline,
-         pc.c.type, pc.c.block};
+         pc.c.type, pc.c.block, pc.c.preferred_worker, pc.c.affinity};
   auto attempt = pc.attempt;
   // No CAF timeout: the pool and the worker answer every call by its
   // deadline, and a lost answer (the pool died) is caught by the down
@@ -406,6 +424,8 @@ void fail_waiting(pool_client_t* self, const error& err, bool parked_only) {
   st.ready_waiters.clear();
 }
 
+void fail_sessions_parked(pool_client_t* self, const error& err);
+
 // The root supervisor gave up (or ended otherwise, outside stop): every call
 // fails at once from now on.
 void root_gone(pool_client_t* self, error err) {
@@ -418,6 +438,7 @@ void root_gone(pool_client_t* self, error err) {
     st.shared->gave_up = st.gave_up;
   }
   fail_waiting(self, *st.gave_up, true);
+  fail_sessions_parked(self, *st.gave_up);
 }
 
 void set_pool(pool_client_t* self, caf::actor pool) {
@@ -445,6 +466,119 @@ void set_pool(pool_client_t* self, caf::actor pool) {
   }
 }
 
+// -- the session layer's front door (issue 5) ------------------------------------------------
+//
+// Session requests go caller → client → the current session registry (the
+// root's child "sessions"); the registry's sessions send their calls back
+// through the client (execute_atom), so they too use the current pool, with
+// retries and the circuit breaker. While the registry restarts, requests wait
+// for the new one (parked); once the root gave up or stop began they fail.
+
+void session_op_done(pool_client_t* self, std::uint64_t op, outcome o) {
+  auto& st = self->state;
+  auto it = st.session_ops.find(op);
+  if (it == st.session_ops.end())
+    return;
+  auto done = std::move(it->second.done);
+  st.session_ops.erase(it);
+  run_callback(done, std::move(o));
+  if (st.stopping && st.calls.empty() && st.session_ops.empty())
+    self->quit();
+}
+
+void forward_session_op(pool_client_t* self, session_request r, completion done) {
+  auto& st = self->state;
+  if (st.closing) {
+    run_callback(done, outcome::failure(stopping_error(r.c.command)));
+    return;
+  }
+  if (st.gave_up) {
+    run_callback(done, outcome::failure(*st.gave_up));
+    return;
+  }
+  if (!st.sessions) {
+    st.sessions_parked.emplace_back(std::move(r), std::move(done));
+    return;
+  }
+  auto op = st.next_session_op++;
+  st.session_ops.emplace(op, pool_client_state::session_op_entry{std::move(done),
+                                                                 st.sessions.address()});
+  auto command = r.c.command;
+  auto session_id = r.session_id;
+  self->request(st.sessions, caf::infinite, session_op_atom::value, std::move(r))
+    .then([=](outcome& o) { session_op_done(self, op, std::move(o)); },
+          [=](caf::error& e) {
+            nlohmann::json ctx{{"session_id", session_id}};
+            if (!command.empty())
+              ctx["command"] = command;
+            auto err = e == caf::sec::request_receiver_down
+                         ? make_error(error_category::resource_error, "sessions_unavailable",
+                                      "the session layer terminated while serving the request",
+                                      std::move(ctx))
+                         : make_error(error_category::system_error, "actor_error",
+                                      self->system().render(e), std::move(ctx));
+            session_op_done(self, op, outcome::failure(std::move(err)));
+          });
+}
+
+void fail_sessions_parked(pool_client_t* self, const error& err) {
+  auto parked = std::move(self->state.sessions_parked);
+  self->state.sessions_parked.clear();
+  for (auto& [r, done] : parked)
+    run_callback(done, outcome::failure(err));
+}
+
+void set_sessions(pool_client_t* self, caf::actor registry) {
+  auto& st = self->state;
+  if (!registry || registry == st.sessions)
+    return;
+  st.sessions = registry;
+  self->monitor(registry);
+  auto parked = std::move(st.sessions_parked);
+  st.sessions_parked.clear();
+  for (auto& [r, done] : parked)
+    forward_session_op(self, std::move(r), std::move(done));
+}
+
+// Anonymous programs (issue 5): create_program remembers the definition,
+// execute_program carries it (program_data) unless the caller did, so an
+// anonymous program runs on any worker; delete_program forgets it.
+void remember_anonymous(pool_client_t* self, call& c, completion& done) {
+  if (!c.args.is_object())
+    return;
+  auto sid = c.args.value("session_id", nlohmann::json("anonymous"));
+  std::string session = sid.is_string() ? sid.get<std::string>() : sid.dump();
+  auto& store = self->state.anonymous_programs;
+  if (c.command == "execute_program") {
+    auto pid = c.args.value("program_id", nlohmann::json(nullptr));
+    if (pid.is_string() && !c.args.contains("program_data")) {
+      auto it = store.find({session, pid.get<std::string>()});
+      if (it != store.end())
+        c.args["program_data"] = it->second;
+    }
+    return;
+  }
+  if (c.command == "delete_program") {
+    auto pid = c.args.value("program_id", nlohmann::json(nullptr));
+    if (pid.is_string())
+      store.erase({session, pid.get<std::string>()});
+    return;
+  }
+  if (c.command != "create_program")
+    return;
+  auto pid = c.args.value("id", nlohmann::json(nullptr));
+  if (!pid.is_string())
+    return;
+  auto def = c.args;
+  def.erase("session_id");
+  done = completion{[self, key = std::make_pair(session, pid.get<std::string>()),
+                     def = std::move(def), inner = std::move(done.fn)](outcome o) {
+    if (o)
+      self->state.anonymous_programs[key] = def;
+    inner(std::move(o));
+  }};
+}
+
 // The root or a pool (current or former) terminated. Calls in flight on a
 // pool lost their answer: they fail as on a dead worker (retried if idempotent).
 void on_down(pool_client_t* self, const caf::down_msg& dm) {
@@ -461,6 +595,26 @@ void on_down(pool_client_t* self, const caf::down_msg& dm) {
     }
     return;
   }
+  // A session registry (current or former) terminated: the root restarts it
+  // (child_restarted brings the new one). Requests it had taken have no
+  // answer coming: they fail now.
+  std::vector<std::uint64_t> ops;
+  for (auto& [op, entry] : st.session_ops)
+    if (entry.registry == dm.source)
+      ops.push_back(op);
+  bool was_registry = st.sessions && st.sessions.address() == dm.source;
+  if (was_registry)
+    st.sessions = nullptr;
+  for (auto op : ops)
+    session_op_done(self, op,
+                    outcome::failure(
+                      st.closing ? stopping_error("")
+                                 : make_error(error_category::resource_error,
+                                              "sessions_unavailable",
+                                              "the session layer terminated while serving the "
+                                              "request: " + self->system().render(dm.reason))));
+  if (was_registry || !ops.empty())
+    return;
   if (st.pool && st.pool.address() == dm.source) {
     st.pool = nullptr;
     std::lock_guard<std::mutex> guard{st.shared->mtx};
@@ -523,6 +677,8 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       pc.idempotent = resolve_idempotent(c.command, opts.idempotent);
       pc.max_attempts = std::max<std::size_t>(opts.max_attempts.value_or(st.retry.max_attempts), 1);
       pc.seed = st.seed_base ^ (id * 0x9E3779B97F4A7C15ull);
+      if (c.type.what() == checkout_type::kind::anonymous)
+        remember_anonymous(self, c, done);
       pc.c = std::move(c);
       pc.done = std::move(done);
       start_attempt(self, id);
@@ -559,6 +715,8 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       auto child_id = e.fields.value("child_id", std::string{});
       if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "pool")
         set_pool(self, std::move(child));
+      if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "sessions")
+        set_sessions(self, child);
       if (e.to == "gave_up")
         root_gone(self, e.err ? *e.err
                               : make_error(error_category::resource_error, "supervisor_gave_up",
@@ -584,14 +742,19 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       auto& st = self->state;
       st.closing = true;
       fail_waiting(self, stopping_error(""), false);
+      fail_sessions_parked(self, stopping_error(""));
     },
     [=](stop_atom) {
       auto& st = self->state;
       st.closing = true;
       st.stopping = true;
       fail_waiting(self, stopping_error(""), false);
-      if (st.calls.empty())
+      fail_sessions_parked(self, stopping_error(""));
+      if (st.calls.empty() && st.session_ops.empty())
         self->quit();
+    },
+    [=](session_op_atom, session_request& r, completion& done) {
+      forward_session_op(self, std::move(r), std::move(done));
     },
   };
 }
@@ -666,7 +829,10 @@ outcome lease::execute(const std::string& command, nlohmann::json args, call_opt
     return outcome::failure(make_error(error_category::system_error, "invalid_request",
                                        "args must be a JSON object", {{"command", command}}));
   auto timeout = options.timeout.value_or(std::chrono::milliseconds{30'000});
-  call c{command, std::move(args), clock_type::now() + timeout};
+  call c;
+  c.command = command;
+  c.args = std::move(args);
+  c.deadline = clock_type::now() + timeout;
   outcome result;
   caf::scoped_actor self{*impl_->system};
   self->request(impl_->grant.worker, caller_timeout(c), execute_atom::value,
@@ -726,7 +892,77 @@ struct runtime::impl {
       return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
                                          "the runtime is stopped", {{"command", command}}));
     auto timeout = options.timeout.value_or(config.pool.request_timeout);
-    return call{command, std::move(args), clock_type::now() + timeout};
+    call c;
+    c.command = command;
+    c.args = std::move(args);
+    c.deadline = clock_type::now() + timeout;
+    return c;
+  }
+
+  // A session request: validated, with its deadline (op execute) and affinity.
+  std::variant<session_request, outcome> make_session_request(
+    session_op op, const std::string& session_id, const std::string& command, nlohmann::json args,
+    const session_call_options& options) const {
+    const char* what = op == session_op::execute ? command.c_str()
+                       : op == session_op::end   ? "end_session"
+                       : op == session_op::info  ? "get_session_info"
+                                                 : "list_sessions";
+    if (op != session_op::list && session_id.empty())
+      return outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                         "session_id must not be empty", {{"command", what}}));
+    session_request r;
+    r.op = op;
+    r.session_id = session_id;
+    if (op == session_op::execute) {
+      call_options co;
+      co.timeout = options.timeout;
+      auto made = make_call(command, std::move(args), co);
+      if (auto* early = std::get_if<outcome>(&made)) {
+        auto o = std::move(*early);
+        if (!o) {
+          auto e = o.error();
+          e.context["session_id"] = session_id;
+          return outcome::failure(std::move(e));
+        }
+        return o;
+      }
+      r.c = std::move(std::get<call>(made));
+      r.c.args["session_id"] = session_id;
+      r.c.type = checkout_type::session(session_id);
+      r.c.affinity = options.affinity.value_or(
+        affinity_mode_from_string(config.session.affinity).value_or(affinity_mode::hint));
+      r.opts = detail::client_call_options{options.idempotent, options.max_attempts};
+    } else {
+      if (stopped)
+        return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
+                                           "the runtime is stopped", {{"command", what}}));
+      r.c.command = what;
+      r.c.deadline = clock_type::now() + config.pool.request_timeout;
+    }
+    return r;
+  }
+
+  // Sends a session request through the client and blocks for its outcome
+  // (bounded: its deadline, the end's cleanup, and the margin).
+  outcome session_blocking(std::variant<session_request, outcome> made) {
+    if (auto* early = std::get_if<outcome>(&made))
+      return std::move(*early);
+    auto& r = std::get<session_request>(made);
+    auto command = r.c.command;
+    if (in_async_callback)
+      return outcome::failure(blocking_in_callback(command));
+    auto bound = r.c.deadline + reply_margin;
+    if (r.op == session_op::end)
+      bound += std::chrono::seconds{5};  // the workers' cleanup_session
+    auto promise = std::make_shared<std::promise<outcome>>();
+    auto future = promise->get_future();
+    caf::anon_send(client, session_op_atom::value, std::move(r),
+                   completion{[promise](outcome o) { promise->set_value(std::move(o)); }});
+    if (future.wait_until(bound) != std::future_status::ready)
+      return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
+                                         "no reply from the session layer in time",
+                                         {{"command", command}}));
+    return future.get();
   }
 
   // The error of a lease or a status query while there is no pool.
@@ -803,10 +1039,21 @@ std::unique_ptr<runtime> runtime::start(settings config) {
       config.worker.shutdown_grace + config.worker.kill_grace + std::chrono::seconds{2});
     children.push_back(std::move(pool));
   }
-  // Issue 5: the session layer becomes the second child here, after "pool"
-  // (children start in order and stop in reverse order, so sessions start
-  // once the pool exists and stop before it); with rest_for_one, a pool
-  // restart would then restart the sessions too.
+  // Issue 5: the session layer is the second child, after "pool" (children
+  // start in order and stop in reverse order, so sessions start once the
+  // pool exists and stop before it). one_for_one: a pool restart keeps the
+  // sessions (their calls go through the client, which always uses the
+  // current pool, and their programs travel with every execute_program).
+  {
+    child_spec sessions;
+    sessions.id = "sessions";
+    sessions.restart = restart_type::permanent;
+    sessions.start = [cfg = p->shared_config, client = p->client](caf::event_based_actor* sup) {
+      return spawn_linked_session_registry(sup, cfg, client);
+    };
+    sessions.shutdown_timeout = std::chrono::seconds{2};
+    children.push_back(std::move(sessions));
+  }
   p->root = spawn_supervisor(sys, std::move(flags), std::move(children));
   caf::anon_send(p->client, watch_root_atom::value, p->root);
 
@@ -869,6 +1116,51 @@ std::future<outcome> runtime::execute_anonymous_async(const std::string& command
   execute_anonymous_async(command, std::move(args), options,
                           [promise](outcome o) { promise->set_value(std::move(o)); });
   return future;
+}
+
+outcome runtime::execute_in_session(const std::string& session_id, const std::string& command,
+                                    nlohmann::json args, session_call_options options) {
+  return impl_->session_blocking(impl_->make_session_request(
+    session_op::execute, session_id, command, std::move(args), options));
+}
+
+void runtime::execute_in_session_async(const std::string& session_id, const std::string& command,
+                                       nlohmann::json args, session_call_options options,
+                                       std::function<void(outcome)> done) {
+  auto made = impl_->make_session_request(session_op::execute, session_id, command,
+                                          std::move(args), options);
+  if (auto* early = std::get_if<outcome>(&made)) {
+    done(std::move(*early));
+    return;
+  }
+  caf::anon_send(impl_->client, session_op_atom::value,
+                 std::move(std::get<session_request>(made)), completion{std::move(done)});
+}
+
+std::future<outcome> runtime::execute_in_session_async(const std::string& session_id,
+                                                       const std::string& command,
+                                                       nlohmann::json args,
+                                                       session_call_options options) {
+  auto promise = std::make_shared<std::promise<outcome>>();
+  auto future = promise->get_future();
+  execute_in_session_async(session_id, command, std::move(args), options,
+                           [promise](outcome o) { promise->set_value(std::move(o)); });
+  return future;
+}
+
+outcome runtime::end_session(const std::string& session_id) {
+  return impl_->session_blocking(
+    impl_->make_session_request(session_op::end, session_id, {}, nullptr, {}));
+}
+
+outcome runtime::get_session_info(const std::string& session_id) {
+  return impl_->session_blocking(
+    impl_->make_session_request(session_op::info, session_id, {}, nullptr, {}));
+}
+
+outcome runtime::list_sessions() {
+  return impl_->session_blocking(
+    impl_->make_session_request(session_op::list, {}, {}, nullptr, {}));
 }
 
 std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type,

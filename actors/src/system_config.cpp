@@ -129,6 +129,16 @@ void system_config::bind_options() {
     .add(values_.circuit.success_threshold, "success_threshold",
          "probe successes that close the circuit (default 2)");
 
+  caf::config_option_adder session{custom_options_, "session"};
+  add_duration(session, [](s_t& s) -> auto& { return s.session.ttl; }, "ttl",
+               "idle time after which a session expires; every call refreshes it (default 3600s)");
+  add_duration(session, [](s_t& s) -> auto& { return s.session.sweep_interval; }, "sweep_interval",
+               "how often expired sessions are swept (default 60s)");
+  session.add(values_.session.max_sessions, "max_sessions",
+              "live sessions; beyond it a new session fails with too_many_sessions (default 10000)")
+    .add(values_.session.affinity, "affinity",
+         "hint, strict_queue or strict_fail_fast: how a session sticks to its worker (default hint)");
+
   caf::config_option_adder lm{custom_options_, "lm"};
   lm.add(values_.lm.provider, "provider",
          "LM applied to every worker before it serves; empty for none (default mock)")

@@ -69,6 +69,11 @@ nlohmann::json to_json(const settings& s) {
       {"open_timeout", ms(s.circuit.open_timeout)},
       {"half_open_probes", s.circuit.half_open_probes},
       {"success_threshold", s.circuit.success_threshold}}},
+    {"session",
+     {{"ttl", ms(s.session.ttl)},
+      {"sweep_interval", ms(s.session.sweep_interval)},
+      {"max_sessions", s.session.max_sessions},
+      {"affinity", s.session.affinity}}},
     {"lm", {{"provider", s.lm.provider}, {"model", s.lm.model}, {"temperature", s.lm.temperature}}},
     {"log", {{"level", s.log_level}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
@@ -158,6 +163,18 @@ std::optional<error> settings::validate() const {
     return bad("circuit.half_open_probes", "must be at least 1");
   if (circuit.success_threshold < 1)
     return bad("circuit.success_threshold", "must be at least 1");
+  if (!positive(session.ttl))
+    return bad("session.ttl", "must be positive");
+  if (!positive(session.sweep_interval))
+    return bad("session.sweep_interval", "must be positive");
+  if (session.max_sessions < 1 || session.max_sessions > 10'000'000)
+    return bad("session.max_sessions",
+               fmt::format("must be between 1 and 10000000 (got {})", session.max_sessions));
+  if (session.affinity != "hint" && session.affinity != "strict_queue"
+      && session.affinity != "strict_fail_fast")
+    return bad("session.affinity",
+               fmt::format("must be 'hint', 'strict_queue' or 'strict_fail_fast' (got '{}')",
+                           session.affinity));
   if (worker.python.empty())
     return bad("worker.python", "must name an interpreter");
   if (find_executable(worker.python).empty())

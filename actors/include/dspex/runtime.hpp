@@ -46,6 +46,19 @@ struct call_options {
   std::optional<std::size_t> max_attempts = std::nullopt;
 };
 
+/// Per-call options of a session call (execute_in_session).
+struct session_call_options {
+  /// Deadline for this call, the wait behind the session's earlier calls and
+  /// the pool's queue included; default pool.request_timeout.
+  std::optional<std::chrono::milliseconds> timeout;
+  /// How strictly this call sticks to the session's worker; default
+  /// session.affinity (see affinity_mode in dspex/checkout.hpp).
+  std::optional<affinity_mode> affinity = std::nullopt;
+  /// As call_options::idempotent and max_attempts (retries through the pool client).
+  std::optional<bool> idempotent = std::nullopt;
+  std::optional<std::size_t> max_attempts = std::nullopt;
+};
+
 /// Options of an explicit checkout.
 struct checkout_options {
   /// How long to wait for a worker; default pool.request_timeout.
@@ -120,6 +133,42 @@ public:
   std::future<outcome> execute_anonymous_async(const std::string& command,
                                                nlohmann::json args = nullptr,
                                                call_options options = {});
+
+  // -- sessions (README "Sessions") -------------------------------------------------
+
+  /// Runs `command` in session `session_id` (created on first use; beyond
+  /// session.max_sessions: session_error/too_many_sessions). A session's calls
+  /// run one at a time in the order they were made; sessions run in parallel.
+  /// `args.session_id` is set to `session_id`. create_program stores the
+  /// program's definition in the session; execute_program carries it
+  /// (`program_data`), so any worker can serve it (programs survive worker
+  /// death); list_programs, get_program_info and delete_program are answered
+  /// by the session from its own state. Never throws.
+  outcome execute_in_session(const std::string& session_id, const std::string& command,
+                             nlohmann::json args = nullptr, session_call_options options = {});
+
+  /// Asynchronous forms (the callback runs once, on a runtime thread).
+  std::future<outcome> execute_in_session_async(const std::string& session_id,
+                                                const std::string& command,
+                                                nlohmann::json args = nullptr,
+                                                session_call_options options = {});
+  void execute_in_session_async(const std::string& session_id, const std::string& command,
+                                nlohmann::json args, session_call_options options,
+                                std::function<void(outcome)> done);
+
+  /// Ends a session: waits for its call in flight, fails its queued calls
+  /// (session_error/session_ended), sends cleanup_session to every worker that
+  /// served it, and answers {"session_id","status":"ended","operations",
+  /// "workers_cleaned":[...],...}. Unknown id: session_error/session_not_found.
+  outcome end_session(const std::string& session_id);
+
+  /// {"session_id","created_at","last_accessed","expires_at" (epoch seconds),
+  /// "operations","preferred_worker","workers","programs","program_count",
+  /// "pending","affinity"}; unknown id: session_error/session_not_found.
+  outcome get_session_info(const std::string& session_id);
+
+  /// {"sessions":[info...],"total_count":N}, sorted by session id.
+  outcome list_sessions();
 
   /// Checks a worker out for a sequence of requests (see `lease`).
   std::variant<std::unique_ptr<lease>, error> checkout(

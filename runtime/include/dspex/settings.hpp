@@ -73,6 +73,14 @@ struct settings {
     std::size_t success_threshold = 2; ///< circuit.success_threshold: probe successes that close it
   } circuit;
 
+  /// Sessions (execute_in_session): one actor per session, see README "Sessions".
+  struct session_settings {
+    ms ttl{3'600'000};                 ///< session.ttl: idle time after which a session expires (sliding)
+    ms sweep_interval{60'000};         ///< session.sweep_interval: how often expired sessions are swept
+    std::size_t max_sessions = 10'000; ///< session.max_sessions: live sessions; beyond it session_error/too_many_sessions
+    std::string affinity = "hint";     ///< session.affinity: hint, strict_queue or strict_fail_fast (per call overridable)
+  } session;
+
   struct worker_settings {
     std::string python = "python3";    ///< worker.python: interpreter, looked up in PATH
     std::string script = DSPEX_DEFAULT_WORKER_SCRIPT;  ///< worker.script

@@ -1,0 +1,736 @@
+#include "dspex/actors/session_actor.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <set>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "dspex/logging.hpp"
+
+namespace dspex {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+using session_reply_atom = caf::atom_constant<caf::atom("sessreply")>;  // (tag, outcome): the pool client's answer
+using session_qtmo_atom = caf::atom_constant<caf::atom("sessqtmo")>;    // (seq): a queued call's deadline
+using session_sweep_atom = caf::atom_constant<caf::atom("sesssweep")>;  // registry: sweep expired sessions
+
+double epoch_now() {
+  using namespace std::chrono;
+  return duration_cast<duration<double>>(system_clock::now().time_since_epoch()).count();
+}
+
+error session_err(std::string type, std::string message, const std::string& session_id,
+                  const std::string& command = {}) {
+  nlohmann::json ctx{{"session_id", session_id}};
+  if (!command.empty())
+    ctx["command"] = command;
+  return make_error(error_category::session_error, std::move(type), std::move(message),
+                    std::move(ctx));
+}
+
+// The worker's own error shape for a command answered by the session.
+outcome python_failure(const std::string& message, const std::string& session_id,
+                       const std::string& command) {
+  return outcome::failure(make_error(error_category::python_error, "command_failed", message,
+                                     {{"session_id", session_id}, {"command", command}}));
+}
+
+// -- the session actor --------------------------------------------------------------------
+
+struct program_entry {
+  nlohmann::json definition;  ///< the create_program args (session_id removed)
+  double created_at = 0;
+  std::uint64_t execution_count = 0;
+  nlohmann::json last_executed = nullptr;
+  std::uint64_t order = 0;  ///< creation order, for listing
+};
+
+struct queued_call {
+  std::uint64_t seq = 0;
+  call c;
+  detail::client_call_options opts;
+  caf::response_promise rp;
+};
+
+enum class flight_kind { none, user, stale_delete, barrier };
+
+struct flight {
+  flight_kind kind = flight_kind::none;
+  queued_call q;                        ///< user / stale_delete: the caller's call
+  std::unordered_set<std::uint64_t> tags;  ///< pool calls whose answers are awaited
+  int recoveries = 0;                   ///< stale-cache recoveries of a create_program
+  nlohmann::json results = nlohmann::json::array();  ///< barrier: one entry per answer
+  std::unordered_map<std::uint64_t, std::string> targets;  ///< barrier: tag -> the worker asked
+  bool end_after = false;               ///< barrier: end the session when done
+};
+
+struct session_state {
+  std::string id;
+  std::shared_ptr<const settings> config;
+  caf::actor client;
+  affinity_mode default_affinity = affinity_mode::hint;
+  double created_at = 0;
+  double last_accessed = 0;
+  std::uint64_t operations = 0;
+  std::string preferred_worker;
+  std::set<std::string> workers;  ///< every worker that served this session
+  std::map<std::string, program_entry> programs;
+  std::uint64_t program_order = 0;
+  std::deque<queued_call> queue;
+  flight in_flight;
+  std::uint64_t next_seq = 1;
+  std::uint64_t next_tag = 1;
+  bool ending = false;
+  std::vector<caf::response_promise> end_waiters;
+
+  static inline const char* name = "dspex.session";
+};
+
+using session_actor_t = caf::stateful_actor<session_state>;
+
+void run_next(session_actor_t* self);
+
+nlohmann::json program_summary(const session_state& st, const std::string& id,
+                               const program_entry& p) {
+  return {{"id", id},
+          {"created_at", p.created_at},
+          {"execution_count", p.execution_count},
+          {"last_executed", p.last_executed},
+          {"signature", p.definition.value("signature", nlohmann::json::object())},
+          {"session_id", st.id}};
+}
+
+nlohmann::json session_info(session_actor_t* self) {
+  auto& st = self->state;
+  std::vector<std::pair<std::uint64_t, std::string>> ids;
+  for (auto& [id, p] : st.programs)
+    ids.emplace_back(p.order, id);
+  std::sort(ids.begin(), ids.end());
+  auto programs = nlohmann::json::array();
+  for (auto& [order, id] : ids)
+    programs.push_back(id);
+  auto ttl_s = std::chrono::duration<double>(st.config->session.ttl).count();
+  std::size_t pending = st.queue.size()
+                        + (st.in_flight.kind == flight_kind::user
+                               || st.in_flight.kind == flight_kind::stale_delete
+                             ? 1
+                             : 0);
+  return {{"session_id", st.id},
+          {"created_at", st.created_at},
+          {"last_accessed", st.last_accessed},
+          {"expires_at", st.last_accessed + ttl_s},
+          {"operations", st.operations},
+          {"preferred_worker",
+           st.preferred_worker.empty() ? nlohmann::json(nullptr) : nlohmann::json(st.preferred_worker)},
+          {"workers", nlohmann::json(st.workers)},
+          {"programs", std::move(programs)},
+          {"program_count", st.programs.size()},
+          {"pending", pending},
+          {"affinity", to_string(st.default_affinity)}};
+}
+
+// Sends one call through the pool client; its answer comes back as
+// (session_reply_atom, tag, outcome) and is awaited by the flight.
+std::uint64_t send_to_pool(session_actor_t* self, call c, detail::client_call_options opts) {
+  auto& st = self->state;
+  auto tag = st.next_tag++;
+  st.in_flight.tags.insert(tag);
+  c.type = checkout_type::session(st.id);
+  if (!c.args.is_object())
+    c.args = nlohmann::json::object();
+  c.args["session_id"] = st.id;
+  auto me = self->address();
+  self->send(st.client, execute_atom::value, std::move(c),
+             completion{[me, tag](outcome o) {
+               if (auto a = caf::actor_cast<caf::actor>(me))
+                 caf::anon_send(a, session_reply_atom::value, tag, std::move(o));
+             }},
+             std::move(opts));
+  return tag;
+}
+
+// A call for one given worker (preferred, with `mode`): cleanups and deletes.
+call worker_call(std::string command, nlohmann::json args,
+                 const std::string& worker, affinity_mode mode,
+                 std::chrono::milliseconds timeout) {
+  call c;
+  c.command = std::move(command);
+  c.args = std::move(args);
+  c.deadline = clock_type::now() + timeout;
+  c.preferred_worker = worker;
+  c.affinity = mode;
+  return c;
+}
+
+std::chrono::milliseconds cleanup_timeout(const session_state& st) {
+  return std::min<std::chrono::milliseconds>(st.config->pool.request_timeout,
+                                             std::chrono::seconds{5});
+}
+
+// Starts a barrier: `command` to every worker that served the session.
+// Returns false when there is no worker to ask.
+bool start_barrier(session_actor_t* self, const std::string& command, nlohmann::json args,
+                   bool end_after) {
+  auto& st = self->state;
+  st.in_flight = flight{};
+  st.in_flight.kind = flight_kind::barrier;
+  st.in_flight.end_after = end_after;
+  if (st.workers.empty())
+    return false;
+  for (auto& w : st.workers) {
+    auto tag = send_to_pool(
+      self, worker_call(command, args, w, affinity_mode::strict_queue, cleanup_timeout(st)),
+      detail::client_call_options{true, 1});
+    st.in_flight.targets[tag] = w;
+  }
+  return true;
+}
+
+void finish_end(session_actor_t* self, nlohmann::json results) {
+  auto& st = self->state;
+  std::uint64_t removed = 0;
+  for (auto& r : results)
+    removed += r.value("programs_removed", std::uint64_t{0});
+  nlohmann::json summary{{"session_id", st.id},
+                         {"status", "ended"},
+                         {"operations", st.operations},
+                         {"programs", st.programs.size()},
+                         {"workers_cleaned", std::move(results)},
+                         {"worker_programs_removed", removed}};
+  for (auto& rp : st.end_waiters)
+    rp.deliver(outcome::success(summary));
+  st.end_waiters.clear();
+  log().info("event=session_ended session={} operations={}", st.id, st.operations);
+  self->quit();
+}
+
+void begin_end(session_actor_t* self) {
+  auto& st = self->state;
+  for (auto& q : st.queue)
+    q.rp.deliver(outcome::failure(session_err(
+      "session_ended", "the session ended before this call ran", st.id, q.c.command)));
+  st.queue.clear();
+  if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), true))
+    finish_end(self, nlohmann::json::array());
+}
+
+// The call in flight is over: next call, or the end.
+void flight_done(session_actor_t* self) {
+  auto& st = self->state;
+  st.in_flight = flight{};
+  if (st.ending)
+    begin_end(self);
+  else
+    run_next(self);
+}
+
+void note_served(session_state& st, const outcome& o) {
+  if (!o.served_by().empty()) {
+    st.preferred_worker = o.served_by();
+    st.workers.insert(o.served_by());
+  }
+}
+
+// Sends the user call in flight to the pool (possibly again, after a stale
+// cache was removed).
+void send_user_call(session_actor_t* self) {
+  auto& st = self->state;
+  auto c = st.in_flight.q.c;
+  c.preferred_worker = st.preferred_worker;
+  if (c.command == "execute_program" && !c.args.contains("program_data")) {
+    auto pid = c.args.value("program_id", nlohmann::json(nullptr));
+    if (pid.is_string()) {
+      auto it = st.programs.find(pid.get<std::string>());
+      if (it != st.programs.end())
+        c.args["program_data"] = it->second.definition;
+    }
+  }
+  send_to_pool(self, std::move(c), st.in_flight.q.opts);
+}
+
+// Answers the commands the session serves from its own state; false for the
+// others (sent to a worker).
+bool answer_locally(session_actor_t* self, queued_call& q) {
+  auto& st = self->state;
+  const auto& cmd = q.c.command;
+  auto program_id = [&]() -> std::optional<std::string> {
+    auto v = q.c.args.value("program_id", nlohmann::json(nullptr));
+    if (v.is_string() && !v.get<std::string>().empty())
+      return v.get<std::string>();
+    return std::nullopt;
+  };
+  if (cmd == "list_programs") {
+    std::vector<std::pair<std::uint64_t, std::string>> ids;
+    for (auto& [id, p] : st.programs)
+      ids.emplace_back(p.order, id);
+    std::sort(ids.begin(), ids.end());
+    auto list = nlohmann::json::array();
+    for (auto& [order, id] : ids)
+      list.push_back(program_summary(st, id, st.programs.at(id)));
+    auto n = list.size();
+    q.rp.deliver(outcome::success({{"programs", std::move(list)}, {"total_count", n}}));
+    return true;
+  }
+  if (cmd == "get_program_info" || cmd == "delete_program") {
+    auto id = program_id();
+    if (!id) {
+      q.rp.deliver(python_failure("Missing required argument: program_id", st.id, cmd));
+      return true;
+    }
+    auto it = st.programs.find(*id);
+    if (it == st.programs.end()) {
+      q.rp.deliver(python_failure("Program not found: " + *id, st.id, cmd));
+      return true;
+    }
+    if (cmd == "get_program_info") {
+      auto& p = it->second;
+      q.rp.deliver(outcome::success(
+        {{"program_id", *id},
+         {"signature", p.definition.value("signature", nlohmann::json::object())},
+         {"created_at", p.created_at},
+         {"execution_count", p.execution_count},
+         {"last_executed", p.last_executed}}));
+      return true;
+    }
+    st.programs.erase(it);
+    q.rp.deliver(outcome::success({{"program_id", *id}, {"status", "deleted"}}));
+    // Workers that cached the program must forget it, or a later program
+    // with the same id would run the old definition there: the session's
+    // next call waits for that (the caller already has its answer).
+    if (!start_barrier(self, "delete_program", {{"program_id", *id}}, false))
+      st.in_flight = flight{};
+    return true;
+  }
+  if (cmd == "cleanup_session") {
+    // The session's programs go, here and on every worker that served it
+    // (the session's next call waits for the workers).
+    auto n = st.programs.size();
+    st.programs.clear();
+    q.rp.deliver(outcome::success(
+      {{"status", "cleaned"}, {"session_id", st.id}, {"programs_removed", n}}));
+    if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), false))
+      st.in_flight = flight{};
+    return true;
+  }
+  if (cmd == "create_program") {
+    auto v = q.c.args.value("id", nlohmann::json(nullptr));
+    if (v.is_string() && st.programs.count(v.get<std::string>())) {
+      q.rp.deliver(python_failure("Program already exists: " + v.get<std::string>(), st.id, cmd));
+      return true;
+    }
+  }
+  return false;
+}
+
+void run_next(session_actor_t* self) {
+  auto& st = self->state;
+  while (st.in_flight.kind == flight_kind::none && !st.queue.empty()) {
+    auto q = std::move(st.queue.front());
+    st.queue.pop_front();
+    if (clock_type::now() >= q.c.deadline) {
+      q.rp.deliver(outcome::failure(make_error(
+        error_category::timeout_error, "checkout_timeout",
+        "the deadline passed while the call waited behind the session's earlier calls",
+        {{"session_id", st.id}, {"command", q.c.command}})));
+      continue;
+    }
+    if (answer_locally(self, q))
+      continue;  // (delete_program may have started its worker fan-out: the loop ends)
+    st.in_flight = flight{};
+    st.in_flight.kind = flight_kind::user;
+    st.in_flight.q = std::move(q);
+    send_user_call(self);
+  }
+}
+
+void on_user_reply(session_actor_t* self, outcome o) {
+  auto& st = self->state;
+  auto& fl = st.in_flight;
+  note_served(st, o);
+  st.last_accessed = epoch_now();
+  const auto& cmd = fl.q.c.command;
+  if (cmd == "create_program") {
+    auto id = fl.q.c.args.value("id", nlohmann::json(nullptr));
+    if (o && id.is_string()) {
+      program_entry p;
+      p.definition = fl.q.c.args;
+      p.definition.erase("session_id");
+      p.created_at = epoch_now();
+      p.order = st.program_order++;
+      st.programs[id.get<std::string>()] = std::move(p);
+    } else if (!o && o.error().category == error_category::python_error && id.is_string()
+               && o.error().message.rfind("Program already exists", 0) == 0
+               && !o.served_by().empty() && fl.recoveries < 2) {
+      // That worker still caches an earlier program of this id (deleted in
+      // the session, or a former session of the same id): drop it there and
+      // create again.
+      ++fl.recoveries;
+      fl.kind = flight_kind::stale_delete;
+      send_to_pool(self,
+                   worker_call("delete_program", {{"program_id", id}}, o.served_by(),
+                               affinity_mode::strict_queue, cleanup_timeout(st)),
+                   detail::client_call_options{true, 1});
+      return;
+    }
+  } else if (cmd == "execute_program" && o) {
+    auto id = fl.q.c.args.value("program_id", nlohmann::json(nullptr));
+    if (id.is_string()) {
+      auto it = st.programs.find(id.get<std::string>());
+      if (it != st.programs.end()) {
+        ++it->second.execution_count;
+        it->second.last_executed = epoch_now();
+      }
+    }
+  }
+  fl.q.rp.deliver(std::move(o));
+  flight_done(self);
+}
+
+caf::behavior session_actor(session_actor_t* self, std::string id,
+                            std::shared_ptr<const settings> config, caf::actor client) {
+  auto& st = self->state;
+  st.id = std::move(id);
+  st.config = std::move(config);
+  st.client = std::move(client);
+  st.default_affinity = affinity_mode_from_string(st.config->session.affinity)
+                          .value_or(affinity_mode::hint);
+  st.created_at = st.last_accessed = epoch_now();
+  return {
+    [=](session_call_atom, call& c, detail::client_call_options& opts) -> caf::result<outcome> {
+      auto& st = self->state;
+      if (st.ending)
+        return outcome::failure(session_err("session_ended", "the session is ending", st.id,
+                                            c.command));
+      ++st.operations;
+      st.last_accessed = epoch_now();
+      auto rp = self->make_response_promise<outcome>();
+      queued_call q{st.next_seq++, std::move(c), std::move(opts), rp};
+      bool must_wait = st.in_flight.kind != flight_kind::none || !st.queue.empty();
+      if (must_wait) {
+        auto left = q.c.deadline - clock_type::now();
+        auto delay = left > clock_type::duration::zero()
+                       ? std::chrono::duration_cast<std::chrono::milliseconds>(left)
+                           + std::chrono::milliseconds{1}
+                       : std::chrono::milliseconds{0};
+        self->delayed_send(self, delay, session_qtmo_atom::value, q.seq);
+      }
+      st.queue.push_back(std::move(q));
+      run_next(self);
+      return rp;
+    },
+    [=](session_qtmo_atom, std::uint64_t seq) {
+      auto& st = self->state;
+      auto it = std::find_if(st.queue.begin(), st.queue.end(),
+                             [&](const queued_call& q) { return q.seq == seq; });
+      if (it == st.queue.end())
+        return;
+      it->rp.deliver(outcome::failure(make_error(
+        error_category::timeout_error, "checkout_timeout",
+        "the deadline passed while the call waited behind the session's earlier calls",
+        {{"session_id", st.id}, {"command", it->c.command}})));
+      st.queue.erase(it);
+    },
+    [=](session_reply_atom, std::uint64_t tag, outcome& o) {
+      auto& st = self->state;
+      auto& fl = st.in_flight;
+      if (!fl.tags.erase(tag))
+        return;
+      switch (fl.kind) {
+        case flight_kind::user:
+          on_user_reply(self, std::move(o));
+          break;
+        case flight_kind::stale_delete:
+          fl.kind = flight_kind::user;
+          send_user_call(self);
+          break;
+        case flight_kind::barrier: {
+          nlohmann::json r{{"worker_id", fl.targets[tag]}, {"served_by", o.served_by()},
+                           {"ok", o.ok()}};
+          if (o)
+            r["programs_removed"] = o.value().value("programs_removed", 0);
+          else
+            r["error"] = o.error().describe();
+          fl.results.push_back(std::move(r));
+          if (fl.tags.empty()) {
+            if (fl.end_after) {
+              auto results = std::move(fl.results);
+              finish_end(self, std::move(results));
+            } else {
+              flight_done(self);
+            }
+          }
+          break;
+        }
+        case flight_kind::none:
+          break;
+      }
+    },
+    [=](session_info_atom) -> outcome { return outcome::success(session_info(self)); },
+    [=](session_end_atom) -> caf::result<outcome> {
+      auto& st = self->state;
+      auto rp = self->make_response_promise<outcome>();
+      st.end_waiters.push_back(rp);
+      if (!st.ending) {
+        st.ending = true;
+        if (st.in_flight.kind == flight_kind::none)
+          begin_end(self);
+        // else: the call (or delete fan-out) in flight finishes first (flight_done).
+      }
+      return rp;
+    },
+  };
+}
+
+// -- the registry ---------------------------------------------------------------------------
+
+struct session_entry {
+  caf::actor actor;
+  clock_type::time_point last_used;
+  std::size_t in_flight = 0;  ///< calls forwarded and not yet answered
+};
+
+struct registry_state {
+  std::shared_ptr<const settings> config;
+  caf::actor client;
+  caf::actor_addr parent;
+  std::unordered_map<std::string, session_entry> sessions;
+  /// Requests forwarded to sessions and not yet answered: a session that
+  /// dies takes its response promises with it (CAF 0.17 sends nothing then).
+  struct pending_request {
+    caf::actor_addr session;
+    caf::response_promise rp;
+    std::string session_id;
+    std::string command;
+  };
+  std::unordered_map<std::uint64_t, pending_request> pending;
+  std::uint64_t next_pending = 1;
+
+  static inline const char* name = "dspex.sessions";
+};
+
+using registry_t = caf::stateful_actor<registry_state>;
+
+outcome from_session_error(registry_t* self, const caf::error& e, const std::string& session_id,
+                           const std::string& command) {
+  nlohmann::json ctx{{"session_id", session_id}};
+  if (!command.empty())
+    ctx["command"] = command;
+  if (e == caf::sec::request_receiver_down)
+    return outcome::failure(make_error(error_category::session_error, "session_ended",
+                                       "the session ended while the call was on its way",
+                                       std::move(ctx)));
+  return outcome::failure(make_error(error_category::system_error, "actor_error",
+                                     self->system().render(e), std::move(ctx)));
+}
+
+void end_entry(registry_t* self, const std::string& id, std::optional<caf::response_promise> rp) {
+  auto& st = self->state;
+  auto it = st.sessions.find(id);
+  if (it == st.sessions.end())
+    return;
+  auto actor = it->second.actor;
+  st.sessions.erase(it);  // a new call with this id starts a new session
+  auto req = self->request(actor, caf::infinite, session_end_atom::value);
+  if (rp) {
+    auto p = *rp;
+    req.then([p](outcome& o) mutable { p.deliver(std::move(o)); },
+             [=](caf::error& e) mutable { p.deliver(from_session_error(self, e, id, "end_session")); });
+  } else {
+    req.then([](outcome&) {}, [](caf::error&) {});
+  }
+}
+
+void sweep(registry_t* self) {
+  auto& st = self->state;
+  auto now = clock_type::now();
+  std::vector<std::string> expired;
+  for (auto& [id, e] : st.sessions)
+    if (e.in_flight == 0 && now - e.last_used >= st.config->session.ttl)
+      expired.push_back(id);
+  for (auto& id : expired) {
+    log().info("event=session_expired session={}", id);
+    end_entry(self, id, std::nullopt);
+  }
+  self->delayed_send(self, st.config->session.sweep_interval, session_sweep_atom::value);
+}
+
+caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings> config,
+                               caf::actor client, caf::actor_addr parent) {
+  auto& st = self->state;
+  st.config = std::move(config);
+  st.client = std::move(client);
+  st.parent = std::move(parent);
+  // Sessions are linked: they die with the registry, and the registry hears
+  // of each session's end through its exit handler.
+  self->set_exit_handler([=](caf::exit_msg& msg) {
+    auto& st = self->state;
+    if (msg.source != st.parent) {
+      // A session ended (end_session, expiry, or a failure): forget it if it
+      // is still registered, and fail what it had not answered.
+      std::vector<std::uint64_t> lost;
+      for (auto& [n, p] : st.pending)
+        if (p.session == msg.source)
+          lost.push_back(n);
+      for (auto n : lost) {
+        auto p = std::move(st.pending.at(n));
+        st.pending.erase(n);
+        p.rp.deliver(outcome::failure(session_err(
+          "session_ended", "the session ended before it answered", p.session_id, p.command)));
+      }
+      for (auto it = st.sessions.begin(); it != st.sessions.end(); ++it)
+        if (it->second.actor.address() == msg.source) {
+          if (msg.reason)
+            log().warn("event=session_failed session={} reason=\"{}\"", it->first,
+                       self->system().render(msg.reason));
+          st.sessions.erase(it);
+          break;
+        }
+      return;
+    }
+    // The supervisor: every session goes with the registry.
+    for (auto& [id, e] : st.sessions)
+      self->send_exit(e.actor, caf::exit_reason::kill);
+    st.sessions.clear();
+    self->quit(msg.reason);
+  });
+  self->delayed_send(self, st.config->session.sweep_interval, session_sweep_atom::value);
+  return {
+    [=](session_op_atom, session_request& r) -> caf::result<outcome> {
+      auto& st = self->state;
+      auto rp = self->make_response_promise();
+      switch (r.op) {
+        case session_op::execute: {
+          auto it = st.sessions.find(r.session_id);
+          if (it == st.sessions.end()) {
+            if (st.sessions.size() >= st.config->session.max_sessions) {
+              auto err = session_err("too_many_sessions",
+                                     "session.max_sessions (" + std::to_string(st.config->session.max_sessions)
+                                       + ") sessions are live; end one or wait for one to expire",
+                                     r.session_id, r.c.command);
+              err.context["max_sessions"] = st.config->session.max_sessions;
+              rp.deliver(outcome::failure(std::move(err)));
+              return rp;
+            }
+            auto actor = self->spawn<caf::linked>(session_actor, r.session_id, st.config, st.client);
+            it = st.sessions.emplace(r.session_id, session_entry{actor, clock_type::now(), 0}).first;
+          }
+          auto& e = it->second;
+          ++e.in_flight;
+          e.last_used = clock_type::now();
+          auto actor = e.actor;
+          auto id = r.session_id;
+          auto command = r.c.command;
+          auto settle = [=] {
+            auto& st = self->state;
+            auto i = st.sessions.find(id);
+            if (i != st.sessions.end() && i->second.actor == actor) {
+              if (i->second.in_flight > 0)
+                --i->second.in_flight;
+              i->second.last_used = clock_type::now();
+            }
+          };
+          auto n = st.next_pending++;
+          st.pending.emplace(n, registry_state::pending_request{actor.address(), rp, id, command});
+          auto answer = [=](outcome o) {
+            settle();
+            auto& st = self->state;
+            auto i = st.pending.find(n);
+            if (i == st.pending.end())
+              return;
+            auto p = std::move(i->second.rp);
+            st.pending.erase(i);
+            p.deliver(std::move(o));
+          };
+          self->request(actor, caf::infinite, session_call_atom::value, std::move(r.c), r.opts)
+            .then([=](outcome& o) { answer(std::move(o)); },
+                  [=](caf::error& err) { answer(from_session_error(self, err, id, command)); });
+          return rp;
+        }
+        case session_op::end: {
+          if (!st.sessions.count(r.session_id)) {
+            rp.deliver(outcome::failure(
+              session_err("session_not_found", "no such session: " + r.session_id, r.session_id)));
+            return rp;
+          }
+          end_entry(self, r.session_id, rp);
+          return rp;
+        }
+        case session_op::info: {
+          auto it = st.sessions.find(r.session_id);
+          if (it == st.sessions.end()) {
+            rp.deliver(outcome::failure(
+              session_err("session_not_found", "no such session: " + r.session_id, r.session_id)));
+            return rp;
+          }
+          auto id = r.session_id;
+          self->request(it->second.actor, caf::infinite, session_info_atom::value)
+            .then([=](outcome& o) mutable { rp.deliver(std::move(o)); },
+                  [=](caf::error&) mutable {  // it ended meanwhile
+                    rp.deliver(outcome::failure(
+                      session_err("session_not_found", "no such session: " + id, id)));
+                  });
+          return rp;
+        }
+        case session_op::list: {
+          struct gather {
+            caf::response_promise rp;
+            nlohmann::json sessions = nlohmann::json::array();
+            std::size_t left = 0;
+            void done() {
+              std::sort(sessions.begin(), sessions.end(),
+                        [](const nlohmann::json& a, const nlohmann::json& b) {
+                          return a.value("session_id", "") < b.value("session_id", "");
+                        });
+              auto n = sessions.size();
+              rp.deliver(outcome::success({{"sessions", std::move(sessions)}, {"total_count", n}}));
+            }
+          };
+          auto g = std::make_shared<gather>();
+          g->rp = rp;
+          g->left = st.sessions.size();
+          if (g->left == 0) {
+            g->done();
+            return rp;
+          }
+          for (auto& [id, e] : st.sessions)
+            self->request(e.actor, caf::infinite, session_info_atom::value)
+              .then(
+                [g](outcome& o) {
+                  if (o)
+                    g->sessions.push_back(o.value());
+                  if (--g->left == 0)
+                    g->done();
+                },
+                [g](caf::error&) {
+                  if (--g->left == 0)
+                    g->done();
+                });
+          return rp;
+        }
+      }
+      return rp;
+    },
+    [=](session_sweep_atom) { sweep(self); },
+  };
+}
+
+} // namespace
+
+caf::actor spawn_linked_session_registry(caf::event_based_actor* supervisor,
+                                         std::shared_ptr<const settings> config,
+                                         caf::actor client) {
+  return supervisor->spawn<caf::linked>(session_registry, std::move(config), std::move(client),
+                                        supervisor->address());
+}
+
+} // namespace dspex
