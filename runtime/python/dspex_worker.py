@@ -624,13 +624,18 @@ class Worker:
         program_id = args.get("program_id")
         check_program_id(program_id)
         program = self.programs.get((session_id, program_id))
+        program_data = args.get("program_data")
+        if program_data is not None:
+            # The definition the caller carries wins over a cached copy: a
+            # program re-created elsewhere with another signature must not run
+            # its stale version here.
+            wanted = Program.from_definition(program_data, session_id, program_id)
+            if (program is None or program.signature.definition != wanted.signature.definition
+                    or program.program_type != wanted.program_type):
+                program = wanted
+                self.programs[(session_id, program_id)] = program
         if program is None:
-            program_data = args.get("program_data")
-            if program_data is None:
-                raise CommandError(f"Program not found: {program_id}")
-            # Rebuild from the definition the caller carries, so any worker can serve it.
-            program = Program.from_definition(program_data, session_id, program_id)
-            self.programs[(session_id, program_id)] = program
+            raise CommandError(f"Program not found: {program_id}")
         if self.lm is None:
             raise CommandError("No LM is loaded.")
         inputs = args.get("inputs")

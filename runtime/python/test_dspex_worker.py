@@ -655,6 +655,20 @@ class CommandTests(WorkerTestCase):
         self.assertEqual((listing["total_count"], listing["programs"][0]["execution_count"]), (1, 1))
         fresh.ok("execute_program", {"program_id": "shared", "inputs": {"question": "q"}}, session_id="s1")
 
+    def test_program_data_wins_over_a_stale_cached_program(self):
+        worker = self.start_with_lm()
+        self.create(worker, "p", session_id="s1")
+        other = {"id": "p", "program_type": "predict",
+                 "signature": {"inputs": [{"name": "text"}], "outputs": [{"name": "label"}]}}
+        result = worker.ok("execute_program", {"program_id": "p", "inputs": {"text": "t"},
+                                               "program_data": other}, session_id="s1")
+        self.assertEqual(list(result["outputs"].keys()), ["label"])
+        # The same definition again keeps the cached program (and its count).
+        worker.ok("execute_program", {"program_id": "p", "inputs": {"text": "t"},
+                                      "program_data": other}, session_id="s1")
+        info = worker.ok("get_program_info", {"program_id": "p"}, session_id="s1")
+        self.assertEqual(info["execution_count"], 2)
+
     def test_program_data_with_program_id_key_and_errors(self):
         worker = self.start_with_lm()
         data = {"program_id": "x", "signature": QA_SIGNATURE}
