@@ -169,6 +169,8 @@ std::vector<std::string> storm_violations(const storm_run_report& r,
                             *r.full_size_ms, opts.full_size_limit.count()));
   if (!python_left.empty())
     v.push_back(fmt::format("{} Python process(es) left after stop", python_left.size()));
+  if (r.workload.programs_lost > 0)
+    v.push_back(fmt::format("{} session program(s) lost", r.workload.programs_lost));
   if (r.kills.empty() && opts.storm.cycles > 0 && opts.storm.kills_per_cycle > 0)
     v.push_back("the storm killed no worker (no live worker pid found)");
   return v;
@@ -191,6 +193,8 @@ void print_storm_summary(const storm_run_report& r, const storm_run_options& opt
   for (auto& [key, n] : w.errors)
     out << fmt::format("  {:>6}  {}\n", n, key);
   out << fmt::format("{:<28}{}\n", "unstructured failures", w.unstructured);
+  out << fmt::format("{:<28}{} in {} sessions\n", "session programs lost", w.programs_lost,
+                     w.sessions);
   if (r.full_size_ms)
     out << fmt::format("{:<28}{:.1f} ms after the storm (limit {} ms){}\n", "time to full size",
                        *r.full_size_ms, opts.full_size_limit.count(),

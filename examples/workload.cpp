@@ -70,10 +70,13 @@ private:
 
 // execute_* never throw by contract; a throw is counted, not propagated, so
 // the workload (and a storm around it) always completes.
-outcome timed(runtime& rt, tally& t, const std::string& command, nlohmann::json args) {
+// `session`: the call runs in that session (empty: anonymously).
+outcome timed(runtime& rt, tally& t, const std::string& session, const std::string& command,
+              nlohmann::json args) {
   auto start = clock_type::now();
   try {
-    auto o = rt.execute_anonymous(command, std::move(args));
+    auto o = session.empty() ? rt.execute_anonymous(command, std::move(args))
+                             : rt.execute_in_session(session, command, std::move(args));
     t.add(o, clock_type::now() - start);
     return o;
   } catch (const std::exception& e) {
@@ -111,15 +114,23 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
   tally t;
   auto started = clock_type::now();
 
-  // Phase 1: programs. Executions carry the definition (program_data), so
-  // any worker can serve any program.
+  // One session per caller: it creates its own programs, then executes them
+  // (the session adds each program's definition, so any worker can serve
+  // it, whichever worker died), and at the end lists them: a session that
+  // lists fewer programs than it created lost some.
   std::vector<nlohmann::json> defs;
-  for (std::size_t i = 0; i < opts.programs; ++i) {
+  for (std::size_t i = 0; i < opts.programs; ++i)
     defs.push_back(program_definition(i));
-    timed(rt, t, "create_program", defs.back());
-  }
+  const auto sessions = std::max<std::size_t>(1, opts.concurrency);
+  auto session_name = [](std::size_t c) { return fmt::format("session-{}", c); };
 
-  // Phase 2: executions from concurrent callers.
+  // Phase 1: each session creates its programs (counted when created).
+  std::vector<std::size_t> created(sessions, 0);
+  for (std::size_t c = 0; c < sessions; ++c)
+    for (auto& def : defs)
+      created[c] += timed(rt, t, session_name(c), "create_program", def) ? 1 : 0;
+
+  // Phase 2: executions from concurrent callers, one session each.
   std::atomic<std::size_t> next{0};
   std::atomic<std::size_t> done{0};
   const auto run_until = clock_type::now() + opts.min_duration;
@@ -128,14 +139,14 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
     return i < opts.requests || clock_type::now() < run_until;
   };
   std::vector<std::thread> callers;
-  for (std::size_t c = 0; c < std::max<std::size_t>(1, opts.concurrency); ++c)
-    callers.emplace_back([&] {
+  for (std::size_t c = 0; c < sessions; ++c)
+    callers.emplace_back([&, c] {
+      auto session = session_name(c);
       for (auto i = next++; more(i); i = next++) {
         const auto& def = defs.empty() ? program_definition(0) : defs[i % defs.size()];
-        timed(rt, t, "execute_program",
+        timed(rt, t, session, "execute_program",
               {{"program_id", def["id"]},
-               {"inputs", {{"question", fmt::format("What is {} + {}?", i, i)}}},
-               {"program_data", def}});
+               {"inputs", {{"question", fmt::format("What is {} + {}?", i, i)}}}});
         ++done;
       }
     });
@@ -173,14 +184,26 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
   if (opts.progress)
     show(done.load());
 
-  // Phase 3: list programs (seed Fix 3's shape).
-  auto listed = timed(rt, t, "list_programs", nlohmann::json::object());
+  // Phase 3: every session lists its programs (seed Fix 3's shape).
+  std::size_t listed_total = 0;
+  std::size_t programs_lost = 0;
+  for (std::size_t c = 0; c < sessions; ++c) {
+    auto listed = timed(rt, t, session_name(c), "list_programs", nlohmann::json::object());
+    auto n = listed ? listed.value().value("total_count", std::size_t{0}) : std::size_t{0};
+    listed_total += n;
+    programs_lost += created[c] - std::min(created[c], n);
+  }
+  std::size_t created_total = 0;
+  for (auto n : created)
+    created_total += n;
   auto elapsed = std::chrono::duration<double>(clock_type::now() - started).count();
 
   // Summary.
   std::lock_guard<std::mutex> guard{t.mtx};
   auto& r = t.result;
   r.executions = done.load();
+  r.sessions = sessions;
+  r.programs_lost = programs_lost;
   r.elapsed_s = elapsed;
   auto total = t.latencies.count();
   out << "\n== dspex run summary ==\n";
@@ -198,10 +221,11 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
   out << fmt::format("{:<28}{:.1f} us\n", "latency p99", t.latencies.percentile_us(99));
   out << fmt::format("{:<28}{:.0f} req/s\n", "throughput", elapsed > 0 ? total / elapsed : 0.0);
   out << fmt::format("{:<28}{:.2f} s\n", "wall time", elapsed);
-  if (listed)
-    out << fmt::format("{:<28}{} (on the worker that answered)\n", "list_programs total_count",
-                       listed.value().value("total_count", 0));
+  out << fmt::format("{:<28}{} sessions, {} programs listed of {} created, {} lost\n",
+                     "sessions", sessions, listed_total, created_total, programs_lost);
   auto st = rt.status();
+  out << fmt::format("{:<28}{} hits, {} misses, {} rebinds\n", "session affinity",
+                     st.affinity_hits, st.affinity_misses, st.affinity_rebinds);
   out << fmt::format("{:<28}size {}, idle {}, busy {}, starting {}, queued {}, replaced {}, "
                      "recycled {}, health {}, circuit {}\n",
                      "pool", st.size, st.idle, st.busy, st.starting, st.queued, st.replaced,

@@ -1,5 +1,7 @@
-// The main job's workload: create programs, execute them from concurrent
-// callers, list programs; with progress and a summary table.
+// The main job's workload: one session per concurrent caller creates its
+// programs, executes them, and lists them; with progress and a summary table
+// (affinity hits, misses and rebinds, and programs lost: none, even when
+// workers are killed meanwhile).
 #pragma once
 
 #include <chrono>
@@ -36,6 +38,8 @@ struct workload_result {
   std::size_t unstructured = 0;
   std::vector<std::string> unstructured_examples;  ///< the first few, described
   double elapsed_s = 0;
+  std::size_t sessions = 0;       ///< one per concurrent caller
+  std::size_t programs_lost = 0;  ///< programs a session created but no longer listed at the end
 
   std::size_t failed() const;  ///< structured and unstructured failures
 };

@@ -255,7 +255,14 @@ void send_user_call(session_actor_t* self) {
         c.args["program_data"] = it->second.definition;
     }
   }
-  send_to_pool(self, std::move(c), st.in_flight.q.opts);
+  auto opts = st.in_flight.q.opts;
+  if (c.command == "create_program" && !opts.idempotent) {
+    // Safe to run again when its worker died before answering: the program
+    // existed only in that worker, and the session (not the worker) holds
+    // the definition. So a create is not lost to a worker's death.
+    opts.idempotent = true;
+  }
+  send_to_pool(self, std::move(c), opts);
 }
 
 // Answers the commands the session serves from its own state; false for the

@@ -61,6 +61,8 @@ TEST_CASE("crash storm: 2 SIGKILLs every 25 ms for 30 cycles during the workload
   // category; killed workers cost requests, so some did fail.
   const auto& w = report.workload;
   CHECK(w.unstructured == 0);
+  CHECK(w.sessions > 0);
+  CHECK(w.programs_lost == 0);  // killing workers loses no session's programs
   for (auto& e : w.unstructured_examples)
     MESSAGE("unstructured outcome: ", e);
   CHECK(w.ok + w.failed() == w.requests);
