@@ -83,6 +83,9 @@ struct session_state {
   double last_accessed = 0;
   std::uint64_t operations = 0;
   std::string preferred_worker;
+  /// The session's own LM (a configure_lm in the session), sent with each of
+  /// its executions so it holds on whichever worker serves it; null: the pool's.
+  nlohmann::json lm_override;
   std::set<std::string> workers;  ///< every worker that served this session
   std::map<std::string, program_entry> programs;
   std::uint64_t program_order = 0;
@@ -136,7 +139,8 @@ nlohmann::json session_info(session_actor_t* self) {
           {"programs", std::move(programs)},
           {"program_count", st.programs.size()},
           {"pending", pending},
-          {"affinity", to_string(st.default_affinity)}};
+          {"affinity", to_string(st.default_affinity)},
+          {"lm", st.lm_override}};
 }
 
 // Sends one call through the pool client; its answer comes back as
@@ -255,6 +259,9 @@ void send_user_call(session_actor_t* self) {
         c.args["program_data"] = it->second.definition;
     }
   }
+  if (c.command == "execute_program" && !st.lm_override.is_null()
+      && !c.args.contains("lm_override"))
+    c.args["lm_override"] = st.lm_override;
   auto opts = st.in_flight.q.opts;
   if (c.command == "create_program" && !opts.idempotent) {
     // Safe to run again when its worker died before answering: the program
@@ -327,6 +334,25 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
       {{"status", "cleaned"}, {"session_id", st.id}, {"programs_removed", n}}));
     if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), false))
       st.in_flight = flight{};
+    return true;
+  }
+  if (cmd == "configure_lm") {
+    // A session's LM override: kept here (a worker's LM is shared by every
+    // session it serves) and carried by each execution of the session.
+    auto provider = q.c.args.value("provider", nlohmann::json(nullptr));
+    if (!provider.is_string() || provider.get<std::string>().empty()) {
+      q.rp.deliver(python_failure("Missing required argument: provider", st.id, cmd));
+      return true;
+    }
+    auto lm = q.c.args;
+    lm.erase("session_id");
+    st.lm_override = lm;
+    q.rp.deliver(outcome::success({{"status", "configured"},
+                                   {"scope", "session"},
+                                   {"session_id", st.id},
+                                   {"provider", provider},
+                                   {"model", lm.value("model", nlohmann::json(nullptr))},
+                                   {"temperature", lm.value("temperature", 0.7)}}));
     return true;
   }
   if (cmd == "create_program") {

@@ -411,6 +411,7 @@ class Worker:
         self._dspy_available = None
         self._request_id = 0
         self._ballast = []  # memory kept alive by the test command `alloc`
+        self._session_lms = {}  # lm_override spec (JSON text) -> LM
         self._failing_pings = 0  # set by the test command `fail_pings`
 
         self.handlers = {
@@ -576,6 +577,26 @@ class Worker:
         }
 
     def cmd_configure_lm(self, args):
+        lm = self.make_lm(args)
+        self.lm = lm
+        self.log(f"LM configured: {lm.describe()} (temperature {lm.temperature})")
+        return {"status": "configured", "provider": lm.provider, "model": lm.model,
+                "temperature": lm.temperature}
+
+    def session_lm(self, spec):
+        """The LM of a session's override (`lm_override` in execute_program), built once per spec."""
+        if not isinstance(spec, dict):
+            raise CommandError("lm_override must be an object")
+        key = json.dumps(spec, sort_keys=True)
+        lm = self._session_lms.get(key)
+        if lm is None:
+            lm = self.make_lm(spec)
+            if len(self._session_lms) >= 64:
+                self._session_lms.clear()
+            self._session_lms[key] = lm
+        return lm
+
+    def make_lm(self, args):
         provider = args.get("provider")
         if not isinstance(provider, str) or not provider:
             raise CommandError("Missing required argument: provider")
@@ -596,9 +617,7 @@ class Worker:
             if not self.dspy_available:
                 raise CommandError(f"DSPy is not available: cannot configure provider {provider}")
             lm = DSPyLM(provider, model, temperature, args.get("api_key"))
-        self.lm = lm
-        self.log(f"LM configured: {lm.describe()} (temperature {temperature})")
-        return {"status": "configured", "provider": provider, "model": lm.model, "temperature": temperature}
+        return lm
 
     def cmd_create_program(self, args):
         session_id = self.session_of(args)
@@ -636,7 +655,10 @@ class Worker:
                 self.programs[(session_id, program_id)] = program
         if program is None:
             raise CommandError(f"Program not found: {program_id}")
-        if self.lm is None:
+        # A session's own LM (its configure_lm override) travels with each
+        # execution, so it holds on whichever worker serves the session.
+        lm = self.session_lm(args["lm_override"]) if args.get("lm_override") is not None else self.lm
+        if lm is None:
             raise CommandError("No LM is loaded.")
         inputs = args.get("inputs")
         if inputs is None:
@@ -651,11 +673,12 @@ class Worker:
                 values[field.name] = inputs[field.ident]
             else:
                 raise CommandError(f"Missing required input field: {field.name}")
-        outputs = self.lm.run(program, values)
+        outputs = lm.run(program, values)
         program.execution_count += 1
         program.last_executed = time.time()
         # execution_time is epoch seconds at completion, as in the original bridge.
-        return {"program_id": program_id, "outputs": outputs, "execution_time": program.last_executed}
+        return {"program_id": program_id, "outputs": outputs, "execution_time": program.last_executed,
+                "lm": lm.describe()}
 
     def cmd_list_programs(self, args):
         session_id = self.session_of(args)

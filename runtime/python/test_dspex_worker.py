@@ -580,7 +580,7 @@ class CommandTests(WorkerTestCase):
         self.create(worker, "p1")
         before = time.time()
         result = worker.ok("execute_program", {"program_id": "p1", "inputs": {"question": "2+2?"}})
-        self.assertEqual(set(result), {"program_id", "outputs", "execution_time"})
+        self.assertEqual(set(result), {"program_id", "outputs", "execution_time", "lm"})
         self.assertEqual(result["program_id"], "p1")
         self.assertEqual(list(result["outputs"]), ["answer"])
         self.assertRegex(result["outputs"]["answer"], r"^mock answer [0-9a-f]{8}$")
@@ -668,6 +668,19 @@ class CommandTests(WorkerTestCase):
                                       "program_data": other}, session_id="s1")
         info = worker.ok("get_program_info", {"program_id": "p"}, session_id="s1")
         self.assertEqual(info["execution_count"], 2)
+
+    def test_lm_override_runs_one_execution_on_the_sessions_lm(self):
+        worker = self.start_with_lm()
+        self.create(worker, "p", session_id="s1")
+        args = {"program_id": "p", "inputs": {"question": "q"}}
+        self.assertEqual(worker.ok("execute_program", args, session_id="s1")["lm"], "mock/mock")
+        override = dict(args, lm_override={"provider": "mock", "model": "session-model"})
+        self.assertEqual(worker.ok("execute_program", override, session_id="s1")["lm"],
+                         "mock/session-model")
+        # The worker's own LM is unchanged.
+        self.assertEqual(worker.ok("execute_program", args, session_id="s1")["lm"], "mock/mock")
+        bad = dict(args, lm_override={"model": "x"})
+        self.assertIn("provider", worker.error("execute_program", bad, session_id="s1"))
 
     def test_program_data_with_program_id_key_and_errors(self):
         worker = self.start_with_lm()

@@ -205,6 +205,35 @@ TEST_CASE("a session's programs survive the death of the worker that created the
   stop_and_check_no_children(*rt);
 }
 
+TEST_CASE("a session's own LM holds on whichever worker serves it; other sessions keep the pool's") {
+  auto rt = start_runtime(test_settings(2));
+  auto conf = rt->execute_in_session("lm-a", "configure_lm",
+                                     {{"provider", "mock"}, {"model", "session-model"}});
+  REQUIRE_MESSAGE(conf, describe(conf));
+  CHECK(conf.value().at("scope") == "session");
+  REQUIRE(rt->execute_in_session("lm-a", "create_program", program_def("p"), generous()));
+  REQUIRE(rt->execute_in_session("lm-b", "create_program", program_def("p"), generous()));
+  auto a = rt->execute_in_session("lm-a", "execute_program", run_args("p", "q"), generous());
+  REQUIRE_MESSAGE(a, describe(a));
+  CHECK(a.value().at("lm") == "mock/session-model");
+  auto b = rt->execute_in_session("lm-b", "execute_program", run_args("p", "q"), generous());
+  REQUIRE_MESSAGE(b, describe(b));
+  CHECK(b.value().at("lm") == "mock/mock");  // the pool's LM: the override is the session's only
+  // The session moves to another worker: its LM goes with it.
+  kill_worker_and_wait(*rt, a.served_by());
+  auto moved = rt->execute_in_session("lm-a", "execute_program", run_args("p", "q"), generous());
+  REQUIRE_MESSAGE(moved, describe(moved));
+  CHECK(moved.served_by() != a.served_by());
+  CHECK(moved.value().at("lm") == "mock/session-model");
+  auto info = rt->get_session_info("lm-a");
+  REQUIRE(info);
+  CHECK(info.value().at("lm").at("model") == "session-model");
+  auto bad = rt->execute_in_session("lm-a", "configure_lm", {{"model", "x"}});
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().category == error_category::python_error);
+  stop_and_check_no_children(*rt);
+}
+
 TEST_CASE("operations counts every call; one call at a time per session, sessions in parallel") {
   auto rt = start_runtime(test_settings(2));
   REQUIRE(rt->execute_in_session("ops", "ping"));
