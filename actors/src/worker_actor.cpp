@@ -202,6 +202,21 @@ void quit_worker(worker_actor_t* self, caf::error reason, const std::string& why
   self->quit(std::move(reason));
 }
 
+// The request in flight (if any) fails with resource_error/worker_stopping:
+// the worker is going away on purpose, not because the process broke.
+void fail_in_flight_stopping(worker_actor_t* self, const std::string& what) {
+  auto& st = self->state;
+  if (!st.in_flight)
+    return;
+  auto req = std::move(*st.in_flight);
+  st.in_flight.reset();
+  auto ctx = worker_context(self);
+  ctx["command"] = req.command;
+  req.promise.deliver(outcome::failure(make_error(error_category::resource_error,
+                                                  "worker_stopping",
+                                                  "worker " + st.cfg.id + " " + what, ctx)));
+}
+
 // Quits with a reason the owner sees; the request in flight, if any, gets
 // `err` first, so no caller is ever left waiting on a dead worker.
 void fail_worker(worker_actor_t* self, worker_exit code, error err) {
@@ -470,15 +485,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       return;
     auto& st = self->state;
     auto why = "exit: " + self->system().render(msg.reason);
-    if (st.in_flight) {
-      auto req = std::move(*st.in_flight);
-      st.in_flight.reset();
-      auto ctx = worker_context(self);
-      ctx["command"] = req.command;
-      req.promise.deliver(outcome::failure(make_error(
-        error_category::resource_error, "worker_stopping",
-        "worker " + st.cfg.id + " is terminating (" + why + ")", ctx)));
-    }
+    fail_in_flight_stopping(self, "is terminating (" + why + ")");
     if (st.child)
       st.child->kill();
     quit_worker(self, std::move(msg.reason), why);
@@ -661,15 +668,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                       && (st.phase == worker_phase::ready || st.phase == worker_phase::degraded);
       if (!set_phase(self, worker_phase::stopping, "stop"))
         st.phase = worker_phase::stopping;  // cannot be refused from these phases
-      if (st.in_flight) {
-        auto req = std::move(*st.in_flight);
-        st.in_flight.reset();
-        auto ctx = worker_context(self);
-        ctx["command"] = req.command;
-        req.promise.deliver(outcome::failure(make_error(
-          error_category::resource_error, "worker_stopping",
-          "worker " + st.cfg.id + " is stopping", ctx)));
-      }
+      fail_in_flight_stopping(self, "is stopping");
       const auto& w = st.cfg.config->worker;
       if (was_idle)
         st.child->send(encode_request(st.next_request_id++, "shutdown", nullptr),

@@ -29,12 +29,6 @@ using namespace dspex::testing;
 
 namespace {
 
-std::unique_ptr<runtime> start_runtime(settings s) {
-  auto rt = runtime::start(std::move(s));
-  REQUIRE(wait_for_status(*rt, full_and_idle).ok);
-  return rt;
-}
-
 // Waits until exactly one worker is busy and returns its pid.
 int busy_worker_pid(runtime& rt) {
   auto w = wait_for_status(rt, [](const pool_status& s) {
@@ -70,11 +64,6 @@ std::optional<event> first(const event_recorder& rec, const event_recorder::pred
     if (match(e))
       return e;
   return std::nullopt;
-}
-
-void stop_and_check_no_children(runtime& rt) {
-  rt.stop();
-  CHECK(wait_no_children(::getpid(), 10s).empty());
 }
 
 } // namespace

@@ -33,17 +33,6 @@ using namespace dspex::testing;
 
 namespace {
 
-std::unique_ptr<runtime> start_runtime(settings s) {
-  auto rt = runtime::start(std::move(s));
-  REQUIRE(wait_for_status(*rt, full_and_idle).ok);
-  return rt;
-}
-
-void stop_and_check_no_children(runtime& rt) {
-  rt.stop();
-  CHECK(wait_no_children(::getpid(), 10s).empty());
-}
-
 nlohmann::json program_def(const std::string& id, const std::string& output = "answer") {
   return {{"id", id},
           {"signature",

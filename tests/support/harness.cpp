@@ -2,6 +2,10 @@
 
 #include <thread>
 
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
 namespace dspex::testing {
 
 settings test_settings(std::size_t pool_size) {
@@ -30,6 +34,17 @@ status_wait wait_for_status(runtime& rt, const std::function<bool(const pool_sta
       return w;
     std::this_thread::sleep_for(5ms);
   }
+}
+
+std::unique_ptr<runtime> start_runtime(settings s) {
+  auto rt = runtime::start(std::move(s));
+  REQUIRE(wait_for_status(*rt, full_and_idle).ok);
+  return rt;
+}
+
+void stop_and_check_no_children(runtime& rt) {
+  rt.stop();
+  CHECK(wait_no_children(::getpid(), 10s).empty());
 }
 
 bool full_and_idle(const pool_status& s) {

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,12 @@ struct status_wait {
 };
 status_wait wait_for_status(runtime& rt, const std::function<bool(const pool_status&)>& pred,
                             std::chrono::milliseconds timeout = 15s);
+
+/// Starts a runtime and waits until every worker is idle (fails the test otherwise).
+std::unique_ptr<runtime> start_runtime(settings s);
+
+/// Stops the runtime and checks that no child process is left (through /proc).
+void stop_and_check_no_children(runtime& rt);
 
 /// The pool is back at full size with every worker idle.
 bool full_and_idle(const pool_status& s);
