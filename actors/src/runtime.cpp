@@ -214,17 +214,28 @@ void publish(pool_client_t* self, event e) {
   self->state.events->publish(e);
 }
 
-// Answers the call and forgets it.
-void finish(pool_client_t* self, std::uint64_t id, outcome o) {
+// A stopping client quits once nothing is pending.
+void quit_when_drained(pool_client_t* self) {
   auto& st = self->state;
-  auto it = st.calls.find(id);
-  if (it == st.calls.end())
-    return;
-  auto done = std::move(it->second.done);
-  st.calls.erase(it);
-  run_callback(done, std::move(o));
   if (st.stopping && st.calls.empty() && st.session_ops.empty())
     self->quit();
+}
+
+// Answers the entry `id` of `pending` (calls or session operations) and forgets it.
+template <class Pending>
+void answer_and_forget(pool_client_t* self, Pending& pending, std::uint64_t id, outcome o) {
+  auto it = pending.find(id);
+  if (it == pending.end())
+    return;
+  auto done = std::move(it->second.done);
+  pending.erase(it);
+  run_callback(done, std::move(o));
+  quit_when_drained(self);
+}
+
+// Answers the call and forgets it.
+void finish(pool_client_t* self, std::uint64_t id, outcome o) {
+  answer_and_forget(self, self->state.calls, id, std::move(o));
 }
 
 void fail_final(pool_client_t* self, std::uint64_t id, error e) {
@@ -475,15 +486,7 @@ void set_pool(pool_client_t* self, caf::actor pool) {
 // for the new one (parked); once the root gave up or stop began they fail.
 
 void session_op_done(pool_client_t* self, std::uint64_t op, outcome o) {
-  auto& st = self->state;
-  auto it = st.session_ops.find(op);
-  if (it == st.session_ops.end())
-    return;
-  auto done = std::move(it->second.done);
-  st.session_ops.erase(it);
-  run_callback(done, std::move(o));
-  if (st.stopping && st.calls.empty() && st.session_ops.empty())
-    self->quit();
+  answer_and_forget(self, self->state.session_ops, op, std::move(o));
 }
 
 void forward_session_op(pool_client_t* self, session_request r, completion done) {
@@ -750,8 +753,7 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       st.stopping = true;
       fail_waiting(self, stopping_error(""), false);
       fail_sessions_parked(self, stopping_error(""));
-      if (st.calls.empty() && st.session_ops.empty())
-        self->quit();
+      quit_when_drained(self);
     },
     [=](session_op_atom, session_request& r, completion& done) {
       forward_session_op(self, std::move(r), std::move(done));

@@ -8,84 +8,12 @@
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/worker_actor.hpp"
 #include "support/harness.hpp"
+#include "support/worker_fixture.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
 
 namespace {
-
-struct worker_fixture {
-  caf::actor_system_config cfg;
-  caf::actor_system sys{cfg};
-  std::unique_ptr<caf::scoped_actor> self = std::make_unique<caf::scoped_actor>(sys);
-  caf::actor worker;
-  int pid = 0;
-
-  ~worker_fixture() {
-    if (worker) {
-      (*self)->send_exit(worker, caf::exit_reason::kill);
-      await_down();
-    }
-    self.reset();
-  }
-
-  void start(settings s, const std::string& id = "tw1") {
-    worker = spawn_worker(sys, worker_config{id, std::make_shared<const settings>(s), *self});
-    (*self)->monitor(worker);
-  }
-
-  // Waits for the ready notification; 0 when the worker went down instead.
-  int await_ready() {
-    bool done = false;
-    while (!done) {
-      (*self)->receive(
-        [&](worker_ready_atom, const std::string&, int p) {
-          pid = p;
-          done = true;
-        },
-        [&](caf::down_msg& dm) {
-          down_reason = dm.reason;
-          worker = nullptr;
-          done = true;
-        },
-        caf::after(std::chrono::seconds{20}) >> [&] { done = true; });
-    }
-    return pid;
-  }
-
-  outcome execute(const std::string& command, nlohmann::json args,
-                  std::chrono::milliseconds timeout = std::chrono::seconds{10}) {
-    outcome result;
-    call c{command, std::move(args), std::chrono::steady_clock::now() + timeout};
-    (*self)
-      ->request(worker, caf::duration{timeout + std::chrono::seconds{5}}, execute_atom::value,
-                std::move(c))
-      .receive([&](outcome& o) { result = std::move(o); },
-               [&](caf::error& e) {
-                 result = outcome::failure(make_error(error_category::system_error, "test",
-                                                      caf::to_string(e)));
-               });
-    return result;
-  }
-
-  // Waits for the worker's down message (skipping checkins); returns its reason.
-  caf::error await_down() {
-    bool done = false;
-    while (!done && worker) {
-      (*self)->receive([&](caf::down_msg& dm) { down_reason = dm.reason; done = true; },
-                       [&](checkin_atom, const std::string&, const checkin_status&) {},
-                       [&](worker_gone_atom, const std::string&) {
-                         (*self)->send(worker, release_atom::value);
-                       },
-                       [&](worker_ready_atom, const std::string&, int) {},
-                       caf::after(std::chrono::seconds{20}) >> [&] { done = true; });
-    }
-    worker = nullptr;
-    return down_reason;
-  }
-
-  caf::error down_reason;
-};
 
 worker_exit exit_code(const caf::error& reason) {
   REQUIRE(reason.category() == worker_exit_category);

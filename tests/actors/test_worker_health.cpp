@@ -11,73 +11,18 @@
 #include "dspex/actors/worker_actor.hpp"
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
+#include "support/worker_fixture.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
 
 namespace {
 
-constexpr auto hang_catch = std::chrono::seconds{20};  // only ever catches a hang
+constexpr auto hang_catch = worker_fixture::hang_catch;
 
-struct health_fixture {
-  caf::actor_system_config cfg;
-  caf::actor_system sys{cfg};
-  std::unique_ptr<caf::scoped_actor> self = std::make_unique<caf::scoped_actor>(sys);
-  std::shared_ptr<event_bus> bus = std::make_shared<event_bus>();
-  std::unique_ptr<event_recorder> events = std::make_unique<event_recorder>(*bus);
-  caf::actor worker;
-  int pid = 0;
-  caf::error down_reason;
-
-  ~health_fixture() {
-    if (worker) {
-      (*self)->send_exit(worker, caf::exit_reason::kill);
-      await_down();
-    }
-    events.reset();
-    self.reset();
-  }
-
-  void start(settings s, const std::string& id = "hw1") {
-    worker_config wc{id, std::make_shared<const settings>(s), *self};
-    wc.events = bus;
-    worker = spawn_worker(sys, std::move(wc));
-    (*self)->monitor(worker);
-  }
-
-  int await_ready() {
-    bool done = false;
-    while (!done) {
-      (*self)->receive(
-        [&](worker_ready_atom, const std::string&, int p) {
-          pid = p;
-          done = true;
-        },
-        [&](caf::down_msg& dm) {
-          down_reason = dm.reason;
-          worker = nullptr;
-          done = true;
-        },
-        caf::after(hang_catch) >> [&] { done = true; });
-    }
-    return pid;
-  }
-
-  static outcome test_failure(const caf::error& e) {
-    return outcome::failure(make_error(error_category::system_error, "test", caf::to_string(e)));
-  }
-
-  outcome execute(const std::string& command, nlohmann::json args,
-                  std::chrono::milliseconds timeout = std::chrono::seconds{10}) {
-    outcome result;
-    call c{command, std::move(args), std::chrono::steady_clock::now() + timeout};
-    (*self)
-      ->request(worker, caf::duration{timeout + std::chrono::seconds{5}}, execute_atom::value,
-                std::move(c))
-      .receive([&](outcome& o) { result = std::move(o); },
-               [&](caf::error& e) { result = test_failure(e); });
-    return result;
-  }
+// The worker fixture plus the health check and lifecycle messages.
+struct health_fixture : worker_fixture {
+  void start(settings s, const std::string& id = "hw1") { worker_fixture::start(std::move(s), id); }
 
   outcome health_check() {
     outcome result;
@@ -106,23 +51,6 @@ struct health_fixture {
       (*self)->receive([&](checkin_atom, const std::string&, const checkin_status&) { ++n; },
                        caf::after(std::chrono::milliseconds{0}) >> [&] { more = false; });
     return n;
-  }
-
-  // Waits for the worker's down message, releasing it when it reports its
-  // process gone; returns its exit reason.
-  caf::error await_down() {
-    bool done = false;
-    while (!done && worker) {
-      (*self)->receive([&](caf::down_msg& dm) { down_reason = dm.reason; done = true; },
-                       [&](checkin_atom, const std::string&, const checkin_status&) {},
-                       [&](worker_gone_atom, const std::string&) {
-                         (*self)->send(worker, release_atom::value);
-                       },
-                       [&](worker_ready_atom, const std::string&, int) {},
-                       caf::after(hang_catch) >> [&] { done = true; });
-    }
-    worker = nullptr;
-    return down_reason;
   }
 
   // Waits for (worker_gone_atom) without releasing.
@@ -311,7 +239,7 @@ TEST_CASE("a worker whose pings fail goes degraded, refuses work, and a passing 
       ->request(f.worker, caf::duration{hang_catch}, execute_atom::value, std::uint64_t{7},
                 call{"ping", nullptr, std::chrono::steady_clock::now() + std::chrono::seconds{5}})
       .receive([&](outcome& o) { leased = std::move(o); },
-               [&](caf::error& e) { leased = health_fixture::test_failure(e); });
+               [&](caf::error& e) { leased = test_failure(e); });
     REQUIRE_FALSE(leased.ok());
     CHECK(leased.error().type == "worker_not_ready");
     (*f.self)->send(f.worker, lease_atom::value, std::uint64_t{0});
@@ -414,7 +342,7 @@ TEST_CASE("a health check on a busy worker answers worker_busy and leaves the re
     CHECK(r.error().context["state"] == "busy");
     outcome slept;
     std::move(req).receive([&](outcome& o) { slept = std::move(o); },
-                           [&](caf::error& e) { slept = health_fixture::test_failure(e); });
+                           [&](caf::error& e) { slept = test_failure(e); });
     REQUIRE(slept.ok());
     CHECK(slept.value()["slept_ms"] == 1500);
     CHECK(f.drain_checkins() == 1);
@@ -439,13 +367,13 @@ TEST_CASE("messages in the wrong state never crash the worker nor make invalid t
                                       std::chrono::steady_clock::now() + std::chrono::seconds{5}});
     outcome r;
     std::move(hc).receive([&](outcome& o) { r = std::move(o); },
-                          [&](caf::error& e) { r = health_fixture::test_failure(e); });
+                          [&](caf::error& e) { r = test_failure(e); });
     REQUIRE_FALSE(r.ok());
     CHECK(r.error().type == "worker_busy");
     CHECK(r.error().context["state"] == "initializing");
     outcome early;
     std::move(ex).receive([&](outcome& o) { early = std::move(o); },
-                          [&](caf::error& e) { early = health_fixture::test_failure(e); });
+                          [&](caf::error& e) { early = test_failure(e); });
     REQUIRE_FALSE(early.ok());
     CHECK(early.error().type == "worker_not_ready");
     CHECK(early.error().context["state"] == "initializing");
