@@ -14,16 +14,45 @@ when configure_lm names a provider other than the built-in "mock" LM.
 
 Command line:
     python3 dspex_worker.py [--mode pool-worker|standalone] [--worker-id ID]
+                            [--max-frame-bytes N] [--max-json-depth N]
                             [--lm mock] [--test-commands] [--test-init MODE]
+
+The runtime passes `--max-frame-bytes <pool.max_frame_bytes> --max-json-depth
+<pool.max_json_depth>` to every worker; both are accepted in every mode.
+
+* --max-frame-bytes N (default 16777216 = 16 MiB, at most 4294967295): the
+  largest frame body in both directions.  A request frame announcing more is a
+  protocol violation (exit 2); a reply that would be larger is replaced by an
+  error reply "Reply too large: ..." to the same request.
+* --max-json-depth N (default 128, 1..10000): nesting bound, counted as the
+  runtime counts it (a scalar is 0 deep, `[]` and `{}` 1, `[[1]]` 2).
+  - Requests: `args` may nest N levels, as the runtime allows its callers, so
+    the whole request text (the envelope object adds one level) may nest N + 1.
+    A deeper request is not decoded at all; it gets the ordinary error reply
+    "Invalid request: JSON nested deeper than N levels ..." and the worker
+    keeps serving.  Depth is measured on the bytes before decoding, without
+    recursion: a frame with at most N + 1 bytes '[' or '{' (nearly every
+    request) costs one C-speed pass; only a frame with more is scanned
+    exactly ('[' and '{' outside strings, in bounded chunks).
+  - Replies: the runtime treats a reply nested deeper than N as a protocol
+    violation, so a result that would make one (or that cannot be encoded at
+    all, e.g. RecursionError) is replaced by "Reply not encodable as JSON: ..."
+    with the request's id.
+  A RecursionError while decoding, handling or encoding is an error reply,
+  never an exit.  When a request cannot be decoded (invalid UTF-8 or JSON, too
+  deep), its id is recovered from the prefix `{"id":<digits>,` that the
+  runtime always writes first; otherwise the reply has id 0.
 
 Exit statuses: 0 on EOF or after `shutdown` (or when the runtime closed our
 stdout), 1 on EOF inside a frame, 2 on an invalid frame header (zero length or
-more than MAX_FRAME_BYTES), 3 for `--test-init exit`.
+more than --max-frame-bytes) or an invalid command line, 3 for
+`--test-init exit`.
 """
 
 import argparse
 import hashlib
 import importlib.util
+import itertools
 import json
 import keyword
 import os
@@ -35,7 +64,10 @@ import threading
 import time
 import traceback
 
-MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_FRAME_BYTES = 16 * 1024 * 1024  # default of --max-frame-bytes (pool.max_frame_bytes)
+FRAME_BYTES_LIMIT = 0xFFFFFFFF  # what a 4-byte header can announce
+MAX_JSON_DEPTH = 128  # default of --max-json-depth (pool.max_json_depth)
+JSON_DEPTH_LIMIT = 10000  # the largest --max-json-depth accepted (the runtime caps at 1000)
 DEFAULT_TEMPERATURE = 0.7
 MIB = 1024 * 1024
 
@@ -117,6 +149,71 @@ class FrameChannel:
 
     def write_frame(self, body):
         self.write_raw(_HEADER.pack(len(body)) + body)
+
+
+# --------------------------------------------------------------------------- JSON depth
+
+
+_NOT_OPENERS = bytes(c for c in range(256) if c not in b"[{")  # translate(): keep only [ and {
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+_DEPTH_CHUNK = 64 * 1024  # bounds the temporary objects of an exact scan
+# The runtime writes every request as {"id":<digits>,... (encode_request); JSON whitespace tolerated.
+_WS = rb"[ \t\n\r]*"  # JSON whitespace
+_REQUEST_ID_PREFIX = re.compile(
+    _WS + rb"\{" + _WS + rb'"id"' + _WS + rb":" + _WS + rb"(0|[1-9][0-9]{0,19})" + _WS + rb",")
+
+
+def json_text_depth(text, limit=None):
+    """Nesting depth of JSON text (bytes): '[' and '{' outside strings, escapes honoured.
+
+    For well-formed JSON this is the runtime's json_text_depth.  No recursion
+    and no per-byte Python loop: escape pairs are dropped, each chunk is split
+    at '"' (every other piece is outside a string) and the brackets left are
+    summed with itertools.accumulate.  Ill-formed text still gets a number
+    (closers are not clamped at 0); it is never below the depth a decoder
+    reaches before it rejects the text.  Like the runtime's, it stops once the
+    depth exceeds limit and then returns limit + 1.
+    """
+    if b"\\" in text:
+        # Backslashes only occur inside strings; pairing them from the left is
+        # how a decoder reads escapes, so what is left of \" is not a delimiter.
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    depth = deepest = 0
+    in_string = False
+    for start in range(0, len(text), _DEPTH_CHUNK):
+        pieces = text[start:start + _DEPTH_CHUNK].split(b'"')
+        outside = b"".join(pieces[1 if in_string else 0::2])
+        if len(pieces) % 2 == 0:  # an odd number of quotes in this chunk
+            in_string = not in_string
+        steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+        if steps:
+            deepest = max(deepest, max(itertools.accumulate(memoryview(steps).cast("b"), initial=depth)))
+            depth += len(steps) - 2 * steps.count(b"\xff")
+            if limit is not None and deepest > limit:
+                return limit + 1
+    return deepest
+
+
+def json_deeper_than(text, limit):
+    """True when JSON text (bytes) nests more than limit levels.
+
+    The hot path: a text of at most limit bytes, or with at most limit bytes
+    '[' or '{' anywhere, cannot be deeper (one C-speed pass, no allocation
+    beyond the few openers); only other texts are scanned exactly.
+    """
+    if len(text) <= limit or len(text.translate(None, _NOT_OPENERS)) <= limit:
+        return False
+    return json_text_depth(text, limit) > limit
+
+
+def request_id_of(body):
+    """The id of a request that cannot be decoded, from its prefix {"id":<digits>, (else 0)."""
+    match = _REQUEST_ID_PREFIX.match(body, 0, 64)
+    if match is None:
+        return 0
+    request_id = int(match.group(1))
+    return request_id if request_id <= 0xFFFFFFFFFFFFFFFF else 0
 
 
 # --------------------------------------------------------------------------- signatures
@@ -397,10 +494,12 @@ class DSPyLM:
 
 
 class Worker:
-    def __init__(self, worker_id, mode, channel, test_commands=False, test_init=None, lm=None):
+    def __init__(self, worker_id, mode, channel, test_commands=False, test_init=None, lm=None,
+                 max_json_depth=MAX_JSON_DEPTH):
         self.worker_id = worker_id
         self.mode = mode
         self.channel = channel
+        self.max_json_depth = max_json_depth  # of args and of a whole reply (see the module docstring)
         self.test_init = test_init if test_commands else None
         self.lm = lm
         self.programs = {}  # (session_id, program_id) -> Program
@@ -480,24 +579,44 @@ class Worker:
             error = None
             if len(body) > self.channel.max_frame_bytes:
                 error = f"Reply too large: {len(body)} bytes exceeds {self.channel.max_frame_bytes}"
+            elif json_deeper_than(body, self.max_json_depth):
+                # The runtime would take this reply for a protocol violation and drop the worker.
+                error = f"Reply not encodable as JSON: nested deeper than {self.max_json_depth} levels"
         except (TypeError, ValueError) as e:  # e.g. an LM output that is not JSON-serialisable
             error = f"Reply not encodable as JSON: {e}"
+        except RecursionError as e:  # a result nested too deep for the encoder
+            error = f"Reply not encodable as JSON: nested too deep ({e})"
         if error is not None:
             self.log(error)
             self.error_count += 1
-            body = _encode_json({"id": reply.get("id", 0), "success": False, "error": error,
-                                 "timestamp": time.time()}).encode("utf-8")
+            try:
+                body = _encode_json({"id": reply.get("id", 0), "success": False, "error": error,
+                                     "timestamp": time.time()}).encode("utf-8")
+            except (TypeError, ValueError, RecursionError):  # an id that is itself not encodable
+                body = _encode_json({"id": 0, "success": False, "error": error,
+                                     "timestamp": time.time()}).encode("utf-8")
         self.channel.write_frame(body)
+
+    def invalid_request(self, body, message):
+        """The error reply to a request that cannot be decoded (its id from its prefix, else 0)."""
+        self.command_count += 1
+        self.error_count += 1
+        self.log(f"invalid request of {len(body)} bytes: {message}")
+        return {"id": request_id_of(body), "success": False, "error": message, "timestamp": time.time()}
 
     def handle_frame(self, body):
         """Decode one request and run it; returns the reply object (or None)."""
+        # args may nest max_json_depth levels; the request object around them adds one.
+        if json_deeper_than(body, self.max_json_depth + 1):
+            return self.invalid_request(
+                body, f"Invalid request: JSON nested deeper than {self.max_json_depth} levels "
+                      f"(args, as counted for --max-json-depth / pool.max_json_depth)")
         try:
             request = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            self.command_count += 1
-            self.error_count += 1
-            self.log(f"invalid JSON request: {e}")
-            return {"id": 0, "success": False, "error": f"Invalid JSON: {e}", "timestamp": time.time()}
+            return self.invalid_request(body, f"Invalid JSON: {e}")
+        except RecursionError as e:  # not expected within the depth bound; never an exit
+            return self.invalid_request(body, f"Invalid request: JSON nested too deep to decode ({e})")
         if not isinstance(request, dict):
             self.command_count += 1
             self.error_count += 1
@@ -837,7 +956,34 @@ def parse_args(argv):
                              "(the next count pings fail)")
     parser.add_argument("--test-init", choices=("hang", "exit", "traceback", "error"), default=None,
                         help="make the start fail (only with --test-commands)")
+    parser.add_argument("--max-frame-bytes", type=bounded_int(1, FRAME_BYTES_LIMIT), default=MAX_FRAME_BYTES,
+                        metavar="N",
+                        help=f"largest frame body in both directions (1..{FRAME_BYTES_LIMIT}, default "
+                             f"{MAX_FRAME_BYTES}; the runtime passes pool.max_frame_bytes): a larger request "
+                             "frame is a protocol violation (exit 2), a larger reply becomes the error reply "
+                             "'Reply too large'")
+    parser.add_argument("--max-json-depth", type=bounded_int(1, JSON_DEPTH_LIMIT), default=MAX_JSON_DEPTH,
+                        metavar="N",
+                        help=f"deepest JSON nesting (1..{JSON_DEPTH_LIMIT}, default {MAX_JSON_DEPTH}; the "
+                             "runtime passes pool.max_json_depth): a request whose args nest deeper gets the "
+                             "error reply 'Invalid request: JSON nested deeper than N levels', a reply nested "
+                             "deeper becomes 'Reply not encodable as JSON'; the worker keeps serving")
     return parser.parse_args(argv)
+
+
+def bounded_int(low, high):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high} (got {value})")
+        return value
+
+    return parse
 
 
 def reset_signals():
@@ -888,11 +1034,14 @@ def main(argv=None):
         log("test-init hang: never answering")
         threading.Event().wait()
 
+    # Room for the deepest request and its reply in the C JSON codec, which
+    # counts against the recursion limit (Python 3.11: 1000 by default).
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 2 * options.max_json_depth + 100))
     in_fd, out_fd = claim_stdio()
-    channel = FrameChannel(in_fd, out_fd)
+    channel = FrameChannel(in_fd, out_fd, max_frame_bytes=options.max_frame_bytes)
     lm = MockLM() if options.lm == "mock" else None
     worker = Worker(worker_id, options.mode, channel, test_commands=options.test_commands,
-                    test_init=test_init, lm=lm)
+                    test_init=test_init, lm=lm, max_json_depth=options.max_json_depth)
     log(f"started (mode={options.mode}, pid={os.getpid()}"
         f"{', lm=' + lm.describe() if lm else ''}{', test-commands' if options.test_commands else ''})")
     try:

@@ -60,6 +60,41 @@ def tearDownModule():
         worker.close()
 
 
+def nested(depth, leaf="1"):
+    """JSON text of a value `depth` levels deep (built as text: json.dumps would recurse)."""
+    half = depth // 2
+    return "[" * half + '{"k":' * (depth - half) + leaf + "}" * (depth - half) + "]" * half
+
+
+def runtime_request(request_id, command, args_text):
+    """A request frame body exactly as the runtime encodes it (encode_request: id first, compact)."""
+    return ('{"id":%d,"command":"%s","args":%s,"timestamp":"2026-11-26T14:00:00.000000Z"}'
+            % (request_id, command, args_text)).encode("utf-8")
+
+
+def reference_text_depth(text):
+    """The runtime's json_text_depth (json_limits.cpp), byte by byte, for comparison."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+            continue
+        if c == 0x22:
+            in_string = True
+        elif c in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in b"]}" and depth > 0:
+            depth -= 1
+    return deepest
+
+
 class WorkerProcess:
     """A worker subprocess and a framed-protocol client with read timeouts."""
 
@@ -91,7 +126,9 @@ class WorkerProcess:
         self.proc.stdin.flush()
 
     def send(self, obj):
-        body = json.dumps(obj).encode("utf-8")
+        self.send_body(json.dumps(obj).encode("utf-8"))
+
+    def send_body(self, body):
         self.send_raw(struct.pack(">I", len(body)) + body)
 
     def close_stdin(self):
@@ -323,6 +360,43 @@ class PureFunctionTests(unittest.TestCase):
             self.assertIsNone(channel.read_frame())  # EOF at a frame boundary
         finally:
             channel.close()
+
+
+    def test_json_text_depth_counts_like_the_runtime(self):
+        long_string = json.dumps("[{" * 40000 + '\\"' * 30000)  # spans the 64 KiB scan chunks
+        texts = [
+            b"1", b'"[[["', b"[]", b"{}", b"[[1]]", b'{"a":{"b":[1,{"c":[]}]}}',
+            b'["\\\\", "\\"[[", "]", {"x": "\\\\\\"{{"}]',
+            json.dumps({"s": "\u00e9\u2028 [{", "l": [[["\\"]]]}, ensure_ascii=False).encode(),
+            ("[" + long_string + ", [[" + long_string + "]]]").encode(),
+            ("[" * 300 + "]" * 300).encode(), nested(5000).encode(),
+        ]
+        for text in texts:
+            with self.subTest(text=text[:60]):
+                self.assertEqual(dw.json_text_depth(text), reference_text_depth(text))
+        self.assertEqual(dw.json_text_depth(nested(5000).encode(), limit=10), 11)  # stops past the limit
+        self.assertEqual(dw.json_text_depth(b"[[1]]", limit=10), 2)
+        self.assertFalse(dw.json_deeper_than(b"[[1]]", 2))
+        self.assertTrue(dw.json_deeper_than(b"[[[1]]]", 2))
+        self.assertFalse(dw.json_deeper_than(b'["[[[[[[[[[[", [], {}, [], {}, []]', 2))  # many openers, shallow
+        self.assertTrue(dw.json_deeper_than(nested(5000).encode(), 128))
+
+    def test_request_id_of_an_undecodable_body(self):
+        cases = {
+            b'{"id":42,"command":"ping","args":{': 42,
+            b'{"id": 7, "command": "ping", "args": [[[': 7,  # json.dumps spacing
+            b'{"id":0,"command"': 0,
+            b'{"id":18446744073709551615,"command"': 2**64 - 1,
+            b'{"id":18446744073709551616,"command"': 0,  # not a uint64
+            b'{"id":007,"command"': 0,  # not JSON
+            b'{"id":-3,"command"': 0,
+            b'{"id":12': 0,  # no comma: not the runtime's prefix
+            b'{"command":"ping","id":5,': 0,  # id not first
+            b"\xff\xfe": 0,
+        }
+        for body, expected in cases.items():
+            with self.subTest(body=body):
+                self.assertEqual(dw.request_id_of(body), expected)
 
 
 # =========================================================================== protocol
@@ -765,6 +839,162 @@ class CommandTests(WorkerTestCase):
         text = worker.stderr_text()
         self.assertIn("stray print from a handler", text)
         self.assertIn("Traceback", text)
+
+
+# =========================================================================== limits (depth, frame size)
+
+
+class LimitTests(WorkerTestCase):
+    def send_runtime_request(self, worker, request_id, command, args_text):
+        worker.send_body(runtime_request(request_id, command, args_text))
+        return worker.read_reply()
+
+    def test_deep_request_is_an_error_reply_with_its_id(self):
+        """Args nested 5000 deep used to kill the worker (RecursionError in json.loads)."""
+        worker = self.start()
+        args = '{"session_id":"s1","program_id":"p1","inputs":{"question":%s}}' % nested(5000, '"q"')
+        for request_id in (41, 42):  # a retry onto the same worker is answered too
+            reply = self.send_runtime_request(worker, request_id, "execute_program", args)
+            self.assertEqual((reply["id"], reply["success"]), (request_id, False), reply)
+            self.assertTrue(reply["error"].startswith("Invalid request: JSON nested deeper than 128 levels"),
+                            reply)
+        # Not first in the body, the id cannot be recovered without decoding: id 0.
+        worker.send_body(('{"command":"ping","args":{"x":%s},"id":43}' % nested(5000)).encode())
+        reply = worker.read_reply()
+        self.assertEqual((reply["id"], reply["success"]), (0, False), reply)
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+        stats = worker.ok("get_stats")
+        self.assertEqual((stats["command_count"], stats["error_count"]), (6, 3))
+        self.assertIsNone(worker.proc.poll())
+
+    def test_depth_bound_counts_args_as_the_runtime_does(self):
+        """--max-json-depth N: args may nest N levels ({} is 1), as pool.max_json_depth allows."""
+        worker = self.start("--max-json-depth", "10")
+        ok = self.send_runtime_request(worker, 5, "ping", '{"session_id":"a","x":%s}' % nested(9))
+        self.assertEqual((ok["id"], ok["success"]), (5, True), ok)
+        deep = self.send_runtime_request(worker, 6, "ping", '{"session_id":"a","x":%s}' % nested(10))
+        self.assertEqual((deep["id"], deep["success"]), (6, False), deep)
+        self.assertTrue(deep["error"].startswith("Invalid request: JSON nested deeper than 10 levels"), deep)
+        # Brackets inside strings do not count; many shallow containers are fine (the exact scan).
+        shallow = json.dumps({"session_id": "a", "text": '[{"\\' * 500,
+                              "rows": [{"n": [i]} for i in range(300)]})
+        reply = self.send_runtime_request(worker, 7, "ping", shallow)
+        self.assertEqual((reply["id"], reply["success"]), (7, True), reply)
+
+    def test_undecodable_request_keeps_its_id_from_the_prefix(self):
+        worker = self.start()
+        for request_id, body in ((17, b'{"id":17,"command":"ping","args":{'),  # truncated JSON
+                                 (18, b'{"id":18,"command":"\xff\xfe"}'),  # not UTF-8
+                                 (19, b'{"id": 19, "command": ping}')):  # json.dumps spacing, bad JSON
+            with self.subTest(body=body):
+                worker.send_body(body)
+                reply = worker.read_reply()
+                self.assertEqual((reply["id"], reply["success"]), (request_id, False), reply)
+        worker.send_body(b'{not json')
+        self.assertEqual(worker.read_reply()["id"], 0)
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+
+    def test_reply_deeper_than_the_bound_is_an_error_reply(self):
+        """The runtime drops a worker whose reply nests deeper than max_json_depth: never send one."""
+        worker = self.start("--test-commands", "--max-json-depth", "10")
+        # echo: the reply {"result": args} is one level deeper than args, two deeper than x.
+        fits = self.send_runtime_request(worker, 3, "echo", '{"session_id":"a","x":%s}' % nested(8))
+        self.assertEqual((fits["id"], fits["success"]), (3, True), fits)
+        # args 10 deep are a valid request, but their echo would be 11 deep.
+        reply = self.send_runtime_request(worker, 4, "echo", '{"session_id":"a","x":%s}' % nested(9))
+        self.assertEqual((reply["id"], reply["success"]), (4, False), reply)
+        self.assertEqual(reply["error"], "Reply not encodable as JSON: nested deeper than 10 levels")
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+        self.assertIn("Reply not encodable as JSON", worker.stderr_text(settle=0.2))
+
+    def test_recursion_error_anywhere_is_an_error_reply(self):
+        """RecursionError while decoding, handling or encoding: an error reply, never an exit."""
+        code = ("import sys, dspex_worker as d\n"
+                "d.json_deeper_than = lambda text, limit: False  # as if the bound were missed\n"
+                "def recurse(self, args):\n"
+                "    return recurse(self, args)\n"
+                "def too_deep(self, args):\n"
+                "    value = []\n"
+                "    for _ in range(100000):\n"
+                "        value = [value]\n"
+                "    return value\n"
+                "d.Worker.cmd_list_programs = recurse\n"
+                "d.Worker.cmd_get_program_info = too_deep\n"
+                "sys.exit(d.main(sys.argv[1:]))\n")
+        worker = self.start(launcher=[sys.executable, "-c", code])
+        reply = self.send_runtime_request(worker, 8, "ping", '{"session_id":"a","x":%s}' % nested(5000))
+        self.assertEqual((reply["id"], reply["success"]), (8, False), reply)
+        self.assertTrue(reply["error"].startswith("Invalid request: JSON nested too deep to decode"), reply)
+        self.assertTrue(worker.error("list_programs").startswith("RecursionError: maximum recursion depth"))
+        reply = worker.request("get_program_info", request_id=9)
+        self.assertEqual((reply["id"], reply["success"]), (9, False), reply)
+        self.assertTrue(reply["error"].startswith("Reply not encodable as JSON: nested too deep"), reply)
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+        worker.close_stdin()
+        self.assertEqual(worker.wait(), 0)
+
+    def test_max_json_depth_1000_is_served_in_full(self):
+        """The runtime's largest bound: everything within it is decoded and encoded (recursion limit)."""
+        worker = self.start("--test-commands", "--max-json-depth", "1000")
+        ok = self.send_runtime_request(worker, 1, "ping", '{"session_id":"a","x":%s}' % nested(999))
+        self.assertEqual((ok["id"], ok["success"]), (1, True), ok)
+        worker.send_body(runtime_request(2, "echo", '{"session_id":"a","x":%s}' % nested(998)))
+        body = worker.read_frame_body()  # 1000 deep: more than this process's json.loads takes
+        self.assertTrue(body.startswith(b'{"id":2,"success":true,"result":{'), body[:80])
+        self.assertEqual(dw.json_text_depth(body), 1000)
+        deep = self.send_runtime_request(worker, 3, "ping", '{"session_id":"a","x":%s}' % nested(1000))
+        self.assertTrue(deep["error"].startswith("Invalid request: JSON nested deeper than 1000 levels"), deep)
+
+    def test_max_frame_bytes_above_16_mib(self):
+        """A request over the old hard-coded 16 MiB used to kill the worker; its reply is allowed too."""
+        worker = self.start("--test-commands", "--max-frame-bytes", str(24 * 1024 * 1024))
+        blob = "x" * (17 * 1024 * 1024)
+        reply = worker.request("echo", {"blob": blob}, timeout=30)
+        self.assertIs(reply["success"], True)
+        self.assertEqual(reply["result"]["blob"], blob)
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+
+    def test_max_frame_bytes_below_default(self):
+        worker = self.start("--test-commands", "--max-frame-bytes", "4096")
+        self.assertEqual(len(worker.ok("echo", {"blob": "y" * 3000})["blob"]), 3000)
+        # The request fits (2 bytes per "é"), its reply does not (escaped as \u00e9, 6 bytes).
+        reply = self.send_runtime_request(worker, 77, "echo", '{"session_id":"a","blob":"%s"}' % ("é" * 1500))
+        self.assertEqual((reply["id"], reply["success"]), (77, False), reply)
+        self.assertRegex(reply["error"], r"^Reply too large: \d+ bytes exceeds 4096$")
+        self.assertEqual(worker.ok("ping")["status"], "ok")
+        worker.send_raw(struct.pack(">I", 4097))
+        self.assertEqual(worker.wait(), 2)
+        self.assertIn("exceeds max_frame_bytes 4096", worker.stderr_text())
+
+    def test_limit_flags_in_every_mode(self):
+        limits = ("--max-frame-bytes", "16777216", "--max-json-depth", "128")
+        variants = [dict(mode="pool-worker"), dict(mode="standalone"), dict(mode=None, worker_id=None)]
+        for kw in variants:
+            with self.subTest(**kw):
+                worker = self.start(*limits, **kw)
+                self.assertEqual(worker.ok("ping")["status"], "ok")
+        worker = self.start("--test-commands", "--test-init", "error", *limits, init=False)
+        self.assertEqual(worker.init()["error"], "init refused (test-init error)")
+        worker = self.start("--lm", "mock", *limits, "--test-commands")
+        self.assertEqual(worker.ok("ping")["lm"], "mock/mock")
+
+    def test_limit_flags_help_and_validation(self):
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        done = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
+                              timeout=READ_TIMEOUT, env=env)
+        self.assertEqual(done.returncode, 0)
+        self.assertIn("--max-frame-bytes N", done.stdout)
+        self.assertIn("--max-json-depth N", done.stdout)
+        self.assertIn("--max-frame-bytes", dw.__doc__)
+        self.assertIn("--max-json-depth", dw.__doc__)
+        for flag, value in (("--max-json-depth", "0"), ("--max-json-depth", "10001"), ("--max-json-depth", "x"),
+                            ("--max-frame-bytes", "0"), ("--max-frame-bytes", str(2**32)),
+                            ("--max-frame-bytes", "-5")):
+            with self.subTest(flag=flag, value=value):
+                done = subprocess.run([sys.executable, SCRIPT, flag, value], capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL, timeout=READ_TIMEOUT, env=env)
+                self.assertEqual(done.returncode, 2)
+                self.assertIn(flag, done.stderr)
 
 
 # =========================================================================== test-only commands
