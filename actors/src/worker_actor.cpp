@@ -297,7 +297,7 @@ void handle_start_frame(worker_actor_t* self, const std::string& payload) {
                               {{"provider", lm.provider},
                                {"model", lm.model},
                                {"temperature", lm.temperature}});
-    if (!st.child->send(req, st.cfg.config->pool.init_timeout))
+    if (!st.child->send(req))
       fail_worker(self, worker_exit::init_failed,
                   make_error(error_category::initialization_error, "init_failed",
                              "cannot write to worker " + st.cfg.id, worker_context(self)));
@@ -400,7 +400,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
   }
   auto rp = self->make_response_promise();
   auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
-  if (!st.child->send(payload, write_budget)) {
+  if (!st.child->send(payload)) {
     // No whole request reached the process, so nothing ran: a call that
     // came through the pool goes back to it and is served by the next worker.
     st.cfg.health->pipes_open = false;
@@ -438,7 +438,7 @@ caf::result<outcome> start_health_check(worker_actor_t* self) {
   auto id = st.next_request_id++;
   auto payload = encode_request(id, "ping", {{"health_check", true}});
   auto rp = self->make_response_promise();
-  if (!st.child->send(payload, timeout)) {
+  if (!st.child->send(payload)) {
     st.cfg.health->pipes_open = false;
     auto ctx = worker_context(self);
     ctx["command"] = "ping";
@@ -463,7 +463,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   st.cfg = std::move(cfg);
   st.lifecycle = worker_lifecycle{st.cfg.id, clock_type::now()};  // spawn → initializing
   const auto& conf = *st.cfg.config;
-  child_spec spec{conf.worker.python, conf.worker_args(st.cfg.id, st.cfg.mode), st.cfg.id,
+  process_spec spec{conf.worker.python, conf.worker_args(st.cfg.id, st.cfg.mode), st.cfg.id,
                   conf.pool.max_frame_bytes};
   try {
     st.child = child_process::spawn(
@@ -492,7 +492,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   });
   auto ping = encode_request(init_request_id, "ping",
                              {{"initialization", true}, {"worker_id", st.cfg.id}});
-  if (!st.child->send(ping, conf.pool.init_timeout)) {
+  if (!st.child->send(ping)) {
     fail_worker(self, worker_exit::init_failed,
                 make_error(error_category::initialization_error, "init_failed",
                            "cannot write the init ping to worker " + st.cfg.id,
@@ -671,8 +671,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       fail_in_flight_stopping(self, "is stopping");
       const auto& w = st.cfg.config->worker;
       if (was_idle)
-        st.child->send(encode_request(st.next_request_id++, "shutdown", nullptr),
-                       std::chrono::milliseconds{100});
+        st.child->send(encode_request(st.next_request_id++, "shutdown", nullptr));
       st.child->stop(w.shutdown_grace, w.kill_grace);
     },
   };

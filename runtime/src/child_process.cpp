@@ -1,11 +1,15 @@
 // One supervised child process: spawn, framed stdin/stdout, logged stderr,
-// pidfd exit detection, stop sequence and reaping, all on one I/O thread.
+// pidfd exit detection, stop sequence and reaping, all on one I/O thread; and
+// the child's guardian, which kills its process group if the runtime dies.
 //
 // Measured facts this file relies on (ARCHITECTURE.md, "Child processes"):
 // - PR_SET_PDEATHSIG is tied to the spawning *thread*: the I/O thread spawns
 //   the child and lives until the child is reaped.
 // - Boost.Process 1.74 pipes are inheritable, so every fd is created here with
-//   O_CLOEXEC and the child is spawned with bp::limit_handles.
+//   O_CLOEXEC, and the child marks every fd >= 3 close-on-exec itself right
+//   before exec (close_range). Not bp::limit_handles: Boost 1.74's is one
+//   global const object whose mutable vector every spawn overwrites, so two
+//   spawns on two threads corrupt the heap.
 // - EOF on stdout can precede the exit: the exit is detected with a pidfd.
 // - Reaping order: waitid(WNOWAIT) -> killpg -> waitpid, so the group is
 //   signalled while its leader is still an unreaped zombie (pid not reusable).
@@ -13,23 +17,28 @@
 #include "dspex/child_process.hpp"
 
 #include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#ifndef CLOSE_RANGE_CLOEXEC
+#include <linux/close_range.h>
+#endif
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <future>
 #include <mutex>
 #include <optional>
@@ -40,8 +49,8 @@
 #include <boost/process/args.hpp>
 #include <boost/process/child.hpp>
 #include <boost/process/exe.hpp>
+#include <boost/process/error.hpp>
 #include <boost/process/extend.hpp>
-#include <boost/process/handles.hpp>
 
 #include "dspex/logging.hpp"
 
@@ -87,7 +96,9 @@ using clock = std::chrono::steady_clock;
 constexpr std::size_t read_chunk = 16 * 1024;
 /// Reads per readiness event before going back to poll (fairness between fds).
 constexpr int reads_per_wakeup = 4;
-/// A stderr line longer than this is logged in pieces of this size.
+/// Writes of queued stdin bytes per readiness event (each fills the pipe at most).
+constexpr int writes_per_wakeup = 4;
+/// A stderr line longer than this (raw bytes) is logged in pieces of about this size.
 constexpr std::size_t max_stderr_line = 64 * 1024;
 
 std::string errno_text(int err) {
@@ -162,23 +173,46 @@ const char* to_string(failed_step s) {
   return "?";
 }
 
+/// The soft RLIMIT_NOFILE as an fd bound (async-signal-safe).
+int fd_limit() noexcept {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > INT_MAX)
+    return 65536;
+  return static_cast<int>(rl.rlim_cur);
+}
+
+/// Marks every fd >= `lowest` close-on-exec. Runs in a forked child:
+/// async-signal-safe. close_range(CLOSE_RANGE_CLOEXEC) needs Linux 5.11; on
+/// older kernels (ENOSYS, or EINVAL for the flag) fd by fd up to the limit.
+void cloexec_from(int lowest) noexcept {
+  if (::close_range(static_cast<unsigned>(lowest), ~0U, CLOSE_RANGE_CLOEXEC) == 0)
+    return;
+  for (int fd = lowest, end = fd_limit(); fd < end; ++fd) {
+    int flags = ::fcntl(fd, F_GETFD);
+    if (flags >= 0 && !(flags & FD_CLOEXEC))
+      ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+  }
+}
+
+/// Closes every fd >= `lowest` (async-signal-safe; close_range needs 5.9).
+void close_from(int lowest) noexcept {
+  if (::close_range(static_cast<unsigned>(lowest), ~0U, 0) == 0)
+    return;
+  for (int fd = lowest, end = fd_limit(); fd < end; ++fd)
+    ::close(fd);
+}
+
 /// Boost.Process initializer for everything the child does between fork and
-/// exec. It also reports exec failures itself: bp::limit_handles closes
-/// Boost's internal error pipe in the child (Boost 1.74 does not list it as a
-/// used handle), so with limit_handles Boost would report a failed exec as a
-/// success. Our report pipe is close-on-exec: EOF means exec succeeded.
-struct child_setup : bp::extend::handler, bp::extend::uses_handles {
+/// exec, and for learning the pid of a child whose exec failed. Exec failures
+/// are reported through our own close-on-exec report pipe (EOF means exec
+/// succeeded), which also carries the failures of the steps before exec.
+struct child_setup : bp::extend::handler {
   int stdin_src;   ///< child end of the stdin pipe (read end)
   int stdout_sink; ///< child end of the stdout pipe (write end)
   int stderr_sink; ///< child end of the stderr pipe (write end)
   int report_sink; ///< write end of the report pipe
   pid_t parent;    ///< getpid() of the runtime, to detect an already dead parent
-
-  /// Kept open by bp::limit_handles (everything else is closed in the child).
-  std::array<int, 7> get_used_handles() const {
-    return {{STDIN_FILENO, STDOUT_FILENO, STDERR_FILENO, stdin_src, stdout_sink, stderr_sink,
-             report_sink}};
-  }
+  pid_t* forked;   ///< parent side: the pid Boost forked, also when it reports an error
 
   // Runs in the forked child: async-signal-safe calls only.
   [[noreturn]] void fail(failed_step step, int err) const {
@@ -209,6 +243,12 @@ struct child_setup : bp::extend::handler, bp::extend::uses_handles {
     if (::dup2(stdin_src, STDIN_FILENO) < 0 || ::dup2(stdout_sink, STDOUT_FILENO) < 0
         || ::dup2(stderr_sink, STDERR_FILENO) < 0)
       fail(failed_step::dup2, errno);
+    // Nothing else may reach the program: not the runtime's fds that a library
+    // opened without O_CLOEXEC, nor a sibling's pipe that another thread's
+    // spawn created between pipe() and fcntl(FD_CLOEXEC) (Boost's own error
+    // pipe is such a one). Close-on-exec rather than closed: Boost's error
+    // pipe and our report pipe must work until exec.
+    cloexec_from(3);
   }
 
   template <class Executor>
@@ -216,7 +256,160 @@ struct child_setup : bp::extend::handler, bp::extend::uses_handles {
     int msg[2] = {static_cast<int>(failed_step::exec), ec.value()};
     (void)!::write(report_sink, msg, sizeof msg);
   }
+
+  // Parent side: Boost forgets the pid of a child whose exec failed, but that
+  // child must still be reaped.
+  template <class Executor>
+  void on_error(Executor& e, const std::error_code&) const {
+    *forked = e.pid;
+  }
+  template <class Executor>
+  void on_success(Executor& e) const {
+    *forked = e.pid;
+  }
 };
+
+// -- the guardian ---------------------------------------------------------------
+
+/// The fd the guardian watches (the read end of its pipe).
+constexpr int guardian_watch_fd = 3;
+
+/// The guardian's whole life, in a process forked from the multi-threaded
+/// runtime: async-signal-safe system calls only (no malloc, no logging, no
+/// C++ library). Never returns.
+[[noreturn]] void guardian_main(int watch, pid_t pgid) noexcept {
+  // First thing: hold nothing of the runtime. A sibling's pipe kept open here
+  // would keep that sibling from ever seeing EOF.
+  if (watch != guardian_watch_fd && ::dup2(watch, guardian_watch_fd) < 0)
+    ::_exit(1); // cannot watch: leave without touching the group
+  close_from(guardian_watch_fd + 1);
+  for (int fd = 0; fd < guardian_watch_fd; ++fd)
+    ::close(fd); // nothing to read or write: no stdio
+  (void)!::chdir("/"); // pins no directory (or mount) of the runtime
+  ::prctl(PR_SET_NAME, "dspex-guard", 0, 0, 0);
+  ::prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0); // already cleared by fork; it must outlive the runtime
+  // A Ctrl-C or a SIGTERM to the runtime's process group must not end the
+  // guardian before the runtime: it is what cleans up after the runtime.
+  struct sigaction ign {};
+  ign.sa_handler = SIG_IGN;
+  sigemptyset(&ign.sa_mask);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE})
+    ::sigaction(sig, &ign, nullptr);
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+
+  for (;;) {
+    char byte;
+    ssize_t n = ::read(guardian_watch_fd, &byte, 1);
+    if (n > 0)
+      ::_exit(0); // disarmed: the runtime reaps the child itself
+    if (n == 0) {
+      // EOF without a disarm: the runtime is gone. Its child may have been
+      // killed by PDEATHSIG already; what it started has not.
+      ::killpg(pgid, SIGKILL);
+      ::_exit(0);
+    }
+    if (errno != EINTR)
+      ::_exit(1); // cannot happen; never kill the group on a doubt
+  }
+}
+
+/// A guardian as seen by the runtime.
+struct guardian {
+  pid_t pid = -1;
+  int arm_fd = -1; ///< write end of its pipe (O_CLOEXEC); only the runtime holds it
+};
+
+/// Forks the guardian of process group `pgid`. On failure returns an empty
+/// guardian and sets errno.
+guardian start_guardian(pid_t pgid) {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0)
+    return {};
+  pid_t pid = ::fork();
+  if (pid == 0)
+    guardian_main(p[0], pgid);
+  int err = errno;
+  ::close(p[0]);
+  if (pid < 0) {
+    ::close(p[1]);
+    errno = err;
+    return {};
+  }
+  return {pid, p[1]};
+}
+
+// -- stderr lines as valid UTF-8 ---------------------------------------------
+
+/// Length of an incomplete UTF-8 sequence at the end of `s` (0 when it ends
+/// on a character boundary), so a line cut at the size cap is not cut inside
+/// a character.
+std::size_t incomplete_utf8_tail(std::string_view s) {
+  for (std::size_t i = 1; i <= 3 && i <= s.size(); ++i) {
+    auto c = static_cast<unsigned char>(s[s.size() - i]);
+    if ((c & 0xC0) == 0x80)
+      continue; // continuation byte: look further back for the lead
+    std::size_t need = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 1;
+    return need > i && c <= 0xF4 ? i : 0;
+  }
+  return 0;
+}
+
+/// `line` as valid UTF-8 without control characters other than tab: each
+/// maximal invalid subpart becomes U+FFFD (Unicode's recommended practice,
+/// what Python's "replace" does); C0 controls, DEL and C1 controls are dropped.
+std::string sanitize_line(std::string_view line) {
+  auto plain = [](unsigned char c) { return (c >= 0x20 && c < 0x7F) || c == '\t'; };
+  if (std::all_of(line.begin(), line.end(), [&](char c) { return plain(static_cast<unsigned char>(c)); }))
+    return std::string(line); // the common case: printable ASCII
+  static constexpr char replacement[] = "\xEF\xBF\xBD"; // U+FFFD
+  std::string out;
+  out.reserve(line.size());
+  const auto* p = reinterpret_cast<const unsigned char*>(line.data());
+  const std::size_t n = line.size();
+  std::size_t i = 0;
+  while (i < n) {
+    unsigned char c = p[i];
+    if (c < 0x80) {
+      if (plain(c))
+        out += static_cast<char>(c);
+      ++i;
+      continue;
+    }
+    // Well-formed sequences (Unicode, table 3-7): the lead byte decides the
+    // length and the range of the second byte; later bytes are 80..BF.
+    std::size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c == 0xE0) { len = 3; lo = 0xA0; }
+    else if (c >= 0xE1 && c <= 0xEC) len = 3;
+    else if (c == 0xED) { len = 3; hi = 0x9F; } // no surrogates
+    else if (c >= 0xEE && c <= 0xEF) len = 3;
+    else if (c == 0xF0) { len = 4; lo = 0x90; } // no overlong forms
+    else if (c >= 0xF1 && c <= 0xF3) len = 4;
+    else if (c == 0xF4) { len = 4; hi = 0x8F; } // nothing above U+10FFFF
+    std::size_t good = 1; // bytes of a valid prefix, the lead included
+    if (len > 0) {
+      while (good < len && i + good < n) {
+        unsigned char b = p[i + good];
+        if (good == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF))
+          break;
+        ++good;
+      }
+    }
+    if (len == 0 || good < len) {
+      out += replacement; // one per maximal subpart
+      i += good;
+      continue;
+    }
+    bool c1_control = c == 0xC2 && p[i + 1] <= 0x9F; // U+0080..U+009F
+    if (!c1_control)
+      out.append(line.data() + i, len);
+    i += len;
+  }
+  return out;
+}
 
 /// Calls into the observer; an exception escaping it must not kill the I/O
 /// thread (that would std::terminate the runtime), so it is logged.
@@ -237,7 +430,7 @@ void notify(const std::string& label, const char* what, F&& f) {
 /// thread keeps it alive when the owner destroys the child_process from an
 /// observer callback.
 struct io_state {
-  io_state(child_spec s, std::shared_ptr<child_observer> o)
+  io_state(process_spec s, std::shared_ptr<child_observer> o)
     : spec(std::move(s)), observer(std::move(o)), decoder(spec.max_frame_bytes) {
     wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd < 0)
@@ -245,6 +438,7 @@ struct io_state {
   }
 
   ~io_state() {
+    close_fd(guard.arm_fd);
     close_fd(stdin_fd);
     close_fd(stdout_fd);
     close_fd(stderr_fd);
@@ -255,13 +449,20 @@ struct io_state {
   io_state(const io_state&) = delete;
   io_state& operator=(const io_state&) = delete;
 
-  const child_spec spec;
+  const process_spec spec;
   const std::shared_ptr<child_observer> observer;
   pid_t pid = -1; // set before spawn() returns, constant afterwards
 
-  // Owned by the senders, guarded by send_mtx.
+  // stdin, guarded by send_mtx. Only the I/O thread opens and closes stdin_fd
+  // (so the fd it polls can never be closed and reused under it); senders
+  // write to it while nothing is queued, the I/O thread writes the queue.
   std::mutex send_mtx;
   int stdin_fd = -1;
+  bool stdin_accepting = false;     // send() may write or queue a frame
+  bool stdin_close_wanted = false;  // close once the queue is written
+  std::deque<std::string> pending;  // whole frames, the front one partly written
+  std::size_t pending_off = 0;      // bytes of pending.front() already written
+  std::atomic<bool> stdin_pending{false}; // !pending.empty(), read by the I/O thread unlocked
 
   // Guards signalling against reaping: a reaped pid is never signalled.
   std::mutex signal_mtx;
@@ -277,6 +478,7 @@ struct io_state {
   int wake_fd = -1;
 
   // Touched by the I/O thread only (and by spawn_child before spawn() returns).
+  guardian guard;
   int stdout_fd = -1;
   int stderr_fd = -1;
   int pid_fd = -1;
@@ -304,9 +506,72 @@ struct io_state {
     (void)!::write(wake_fd, &one, sizeof one);
   }
 
+  // -- stdin --
+
+  /// No frame is accepted any more; what is queued is still written, then
+  /// the I/O thread closes stdin. Any thread.
+  void request_stdin_close() {
+    {
+      std::lock_guard<std::mutex> lk(send_mtx);
+      if (stdin_close_wanted)
+        return;
+      stdin_accepting = false;
+      stdin_close_wanted = true;
+    }
+    wake();
+  }
+
+  /// Closes stdin now and drops the queue. I/O thread, send_mtx held.
+  void close_stdin_locked() {
+    stdin_accepting = false;
+    stdin_close_wanted = true;
+    pending.clear(); // frees the frames
+    pending_off = 0;
+    stdin_pending.store(false);
+    close_fd(stdin_fd);
+  }
+
   void close_stdin() {
     std::lock_guard<std::mutex> lk(send_mtx);
-    close_fd(stdin_fd);
+    close_stdin_locked();
+  }
+
+  /// Writes queued bytes while the pipe takes them; closes stdin when asked
+  /// and nothing is left, or when a write fails. I/O thread only.
+  void service_stdin() {
+    std::lock_guard<std::mutex> lk(send_mtx);
+    if (stdin_fd < 0)
+      return;
+    for (int i = 0; i < writes_per_wakeup && !pending.empty();) {
+      const std::string& frame = pending.front();
+      ssize_t n = ::write(stdin_fd, frame.data() + pending_off, frame.size() - pending_off);
+      if (n > 0) {
+        ++i;
+        pending_off += static_cast<std::size_t>(n);
+        if (pending_off == frame.size()) {
+          pending.pop_front();
+          pending_off = 0;
+        }
+        continue;
+      }
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        break; // full again: poll for POLLOUT
+      // EPIPE (the child closed its stdin or exited) or another error. Part
+      // of a frame may be in the pipe: stdin can never carry a frame again.
+      const int err = errno;
+      log().warn("[{}] write to stdin failed ({} of {} bytes of a frame written, {} frame(s) "
+                 "queued): {}; closing stdin",
+                 label(), pending_off, frame.size(), pending.size(), errno_text(err));
+      close_stdin_locked();
+      return;
+    }
+    if (pending.empty()) {
+      stdin_pending.store(false);
+      if (stdin_close_wanted)
+        close_fd(stdin_fd); // after the last queued byte: EOF for the child
+    }
   }
 
   // -- spawning (on the I/O thread) --
@@ -354,15 +619,19 @@ struct io_state {
       throw spawn_error(program + ": " + e.what());
     }
 
-    child_setup setup{{}, {}, child_in, child_out, child_err, report_sink, ::getpid()};
+    pid_t forked = -1;
+    child_setup setup{{}, child_in, child_out, child_err, report_sink, ::getpid(), &forked};
+    std::error_code boost_error; // reported here instead of thrown, so `forked` is reaped
     try {
-      bp::child c(bp::exe = exe, bp::args = spec.args, setup, bp::limit_handles);
-      pid = c.id();
-      c.detach(); // we own the pid and reap it ourselves
+      bp::child c(bp::exe = exe, bp::args = spec.args, setup, boost_error);
+      if (!boost_error)
+        c.detach(); // we own the pid and reap it ourselves
     } catch (const std::exception& e) {
-      cleanup();
-      throw spawn_error(program + ": " + e.what());
+      if (!boost_error)
+        boost_error = std::make_error_code(std::errc::io_error);
+      log().error("[{}] spawn of {} threw: {}", label(), exe, e.what());
     }
+    pid = forked;
 
     // The parent's copies of the child ends must go now, or EOF never comes.
     close_fd(child_in);
@@ -381,20 +650,31 @@ struct io_state {
         break;
     }
     close_fd(report_src);
-    if (got > 0) {
-      int status = 0;
-      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    if (got > 0 || boost_error || pid <= 0) {
+      if (pid > 0) {
+        // Without a report the exec may have succeeded (Boost failed on its
+        // side only): end the child before waiting for it.
+        if (got == 0 && ::killpg(pid, SIGKILL) != 0)
+          ::kill(pid, SIGKILL);
+        int status = 0;
+        while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+        }
       }
       {
         std::lock_guard<std::mutex> lk(signal_mtx);
         reaped = true;
       }
       cleanup();
-      auto step = static_cast<failed_step>(msg[0]);
-      std::string reason = errno_text(msg[1]);
-      if (step == failed_step::exec)
-        throw spawn_error(program + ": " + reason);
-      throw spawn_error(program + ": " + to_string(step) + ": " + reason);
+      if (got == sizeof msg) {
+        auto step = static_cast<failed_step>(msg[0]);
+        std::string reason = errno_text(msg[1]);
+        if (step == failed_step::exec)
+          throw spawn_error(program + ": " + reason);
+        throw spawn_error(program + ": " + to_string(step) + ": " + reason);
+      }
+      // No report from the child: Boost failed before or at the fork.
+      throw spawn_error(program + ": " + (boost_error ? boost_error.message()
+                                                      : std::string("spawn failed")));
     }
 
     pid_fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
@@ -411,7 +691,37 @@ struct io_state {
       cleanup();
       throw spawn_error(program + ": pidfd_open: " + errno_text(err));
     }
+    {
+      std::lock_guard<std::mutex> lk(send_mtx);
+      stdin_accepting = true;
+    }
+
+    // Right after the spawn, from this thread, before anyone can be told the
+    // pid: the guardian of the new process group.
+    guard = start_guardian(pid);
+    if (guard.pid < 0) {
+      const int err = errno;
+      log().warn("[{}] cannot start the guardian ({}); pid {} runs without one: its "
+                 "process group would survive a SIGKILL of the runtime",
+                 label(), errno_text(err), pid);
+    }
     log().info("[{}] spawned pid {} ({})", label(), pid, exe);
+  }
+
+  /// Disarms the guardian (it exits without touching the group) and reaps it.
+  void release_guardian() {
+    if (guard.pid < 0)
+      return;
+    char byte = 0;
+    while (::write(guard.arm_fd, &byte, 1) < 0 && errno == EINTR) {
+    }
+    close_fd(guard.arm_fd);
+    int ws = 0;
+    while (::waitpid(guard.pid, &ws, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(ws) || WEXITSTATUS(ws) != 0)
+      log().warn("[{}] guardian {} ended abnormally (status {:#x})", label(), guard.pid, ws);
+    guard.pid = -1;
   }
 
   // -- stdout --
@@ -444,12 +754,20 @@ struct io_state {
 
   // -- stderr --
 
-  void emit_stderr_line() {
-    log().info("[{}] {}", label(), stderr_line);
-    notify(label(), "on_stderr_line", [&] { observer->on_stderr_line(stderr_line); });
+  /// Logs and reports stderr_line, sanitised (see child_observer::on_stderr_line),
+  /// keeping its last `carry` bytes for the next line.
+  void emit_stderr_line(std::size_t carry = 0) {
+    std::string carried = stderr_line.substr(stderr_line.size() - carry);
+    stderr_line.resize(stderr_line.size() - carry);
+    // The bytes are the child's: invalid UTF-8 would make a JSON encoder throw
+    // downstream, and a CR or ESC could forge log lines.
+    std::string line = sanitize_line(stderr_line);
+    log().info("[{}] {}", label(), line);
+    notify(label(), "on_stderr_line", [&] { observer->on_stderr_line(line); });
     stderr_line.clear();
     if (stderr_line.capacity() > 4096)
       std::string().swap(stderr_line); // give a long line's memory back
+    stderr_line = std::move(carried);
   }
 
   void on_stderr_bytes(const char* data, std::size_t n) {
@@ -461,7 +779,10 @@ struct io_state {
       if (len > room) {
         stderr_line.append(rest.data(), room);
         rest.remove_prefix(room);
-        emit_stderr_line(); // over the cap: flush the piece, go on with the rest
+        // Over the cap: flush the piece, go on with the rest; a character
+        // cut at the cap goes whole into the next piece (at most 3 bytes, so
+        // the next piece still has room).
+        emit_stderr_line(incomplete_utf8_tail(stderr_line));
         continue;
       }
       stderr_line.append(rest.data(), len);
@@ -525,12 +846,13 @@ struct io_state {
   void on_wake() {
     std::uint64_t count = 0;
     (void)!::read(wake_fd, &count, sizeof count);
+    service_stdin(); // a first queued frame, or a close request
     std::lock_guard<std::mutex> lk(cmd_mtx);
     if (stop_requested && phase == stop_phase::none) {
       phase = stop_phase::grace;
       deadline = clock::now() + shutdown_grace;
-      log().debug("[{}] stop: stdin closed, waiting up to {} ms for the exit", label(),
-                  shutdown_grace.count());
+      log().debug("[{}] stop: stdin closed (after the queued frames), waiting up to {} ms for "
+                  "the exit", label(), shutdown_grace.count());
     }
   }
 
@@ -556,10 +878,13 @@ struct io_state {
 
   void run() {
     for (;;) {
-      pollfd fds[4] = {{stdout_fd, POLLIN, 0},
+      // stdin only while bytes are queued (a negative fd is ignored by poll).
+      const bool draining = stdin_pending.load() && stdin_fd >= 0;
+      pollfd fds[5] = {{stdout_fd, POLLIN, 0},
                        {stderr_fd, POLLIN, 0},
                        {pid_fd, POLLIN, 0},
-                       {wake_fd, POLLIN, 0}};
+                       {wake_fd, POLLIN, 0},
+                       {draining ? stdin_fd : -1, POLLOUT, 0}};
       timespec ts{};
       timespec* timeout = nullptr; // idle: no timer at all
       if (deadline) {
@@ -570,7 +895,7 @@ struct io_state {
           std::chrono::duration_cast<std::chrono::nanoseconds>(left - secs).count());
         timeout = &ts;
       }
-      int r = ::ppoll(fds, 4, timeout, nullptr);
+      int r = ::ppoll(fds, 5, timeout, nullptr);
       if (r < 0) {
         if (errno == EINTR)
           continue;
@@ -582,6 +907,8 @@ struct io_state {
       }
       if (fds[3].revents)
         on_wake();
+      if (fds[4].revents)
+        service_stdin(); // room again, or POLLERR: the write says EPIPE
       if (fds[0].revents)
         read_stdout(reads_per_wakeup);
       if (fds[1].revents)
@@ -606,6 +933,10 @@ struct io_state {
     while ((rc = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT)) < 0
            && errno == EINTR) {
     }
+    const int wait_err = errno;
+    // The guardian goes first: disarmed, it exits without a kill, and it must
+    // never signal the group once the leader is reaped (the id could be reused).
+    release_guardian();
     if (rc == 0) {
       // The leader is a zombie: its pid (= the group id) cannot be reused yet.
       signal_group(SIGKILL); // grandchildren left in the group
@@ -624,7 +955,7 @@ struct io_state {
       // ECHILD: somebody else reaped it (SIGCHLD set to SIG_IGN, or a
       // waitpid(-1) elsewhere). The pid may be reused: never signal it again.
       log().error("[{}] cannot reap pid {}: {} (was it reaped elsewhere?)", label(), pid,
-                  errno_text(errno));
+                  errno_text(wait_err));
       std::lock_guard<std::mutex> lk(signal_mtx);
       reaped = true;
       status = exit_status{false, -1};
@@ -660,7 +991,7 @@ struct child_process::impl {
 
 child_process::child_process(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 
-std::unique_ptr<child_process> child_process::spawn(child_spec spec,
+std::unique_ptr<child_process> child_process::spawn(process_spec spec,
                                                     std::shared_ptr<child_observer> observer) {
   if (!observer)
     throw std::invalid_argument("child_process::spawn: no observer");
@@ -729,13 +1060,18 @@ const std::string& child_process::label() const noexcept { return impl_->state->
 
 bool child_process::exited() const noexcept { return impl_->state->exited.load(); }
 
-bool child_process::send(std::string_view payload, std::chrono::milliseconds timeout) {
+bool child_process::send(std::string_view payload) {
   std::string frame = encode_frame(payload);
   io_state& st = *impl_->state;
   std::lock_guard<std::mutex> lk(st.send_mtx);
-  if (st.stdin_fd < 0)
+  if (!st.stdin_accepting || st.stdin_fd < 0)
     return false;
-  const auto deadline = clock::now() + timeout;
+  if (!st.pending.empty()) {
+    // Behind the queue, never beside it: frames must not interleave. The I/O
+    // thread is already waiting for room.
+    st.pending.push_back(std::move(frame));
+    return true;
+  }
   std::size_t off = 0;
   while (off < frame.size()) {
     ssize_t n = ::write(st.stdin_fd, frame.data() + off, frame.size() - off);
@@ -745,40 +1081,35 @@ bool child_process::send(std::string_view payload, std::chrono::milliseconds tim
     }
     if (n < 0 && errno == EINTR)
       continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      auto left = deadline - clock::now();
-      if (left > clock::duration::zero()) {
-        auto secs = std::chrono::duration_cast<std::chrono::seconds>(left);
-        timespec ts{static_cast<time_t>(secs.count()),
-                    static_cast<long>(
-                      std::chrono::duration_cast<std::chrono::nanoseconds>(left - secs).count())};
-        pollfd pfd{st.stdin_fd, POLLOUT, 0};
-        int r = ::ppoll(&pfd, 1, &ts, nullptr);
-        if (r > 0 || (r < 0 && errno == EINTR))
-          continue; // writable, or broken (the next write says EPIPE)
-      }
-      if (off > 0) {
-        // Half a frame is in the pipe: stdin can never carry a frame again.
-        log().warn("[{}] send: timed out after {} of {} bytes; closing stdin", st.label(), off,
-                   frame.size());
-        close_fd(st.stdin_fd);
-      } else {
-        log().debug("[{}] send: timed out, stdin stayed full", st.label());
-      }
-      return false;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+      break; // the pipe is full: the I/O thread writes the rest
+    // EPIPE (the child closed its stdin or exited) or another error: stdin
+    // is done; the I/O thread closes it (it alone closes the fd it polls).
+    int err = errno;
+    st.stdin_accepting = false;
+    st.stdin_close_wanted = true;
+    st.wake();
+    if (off == 0) {
+      log().debug("[{}] send: {}; stdin closed", st.label(), errno_text(err));
+      return false; // nothing of this frame reached the process
     }
-    // EPIPE (the child closed its stdin or exited) or another error.
-    log().debug("[{}] send: {}; closing stdin", st.label(), errno_text(errno));
-    close_fd(st.stdin_fd);
-    return false;
+    log().warn("[{}] send: {} after {} of {} bytes; stdin closed", st.label(), errno_text(err),
+               off, frame.size());
+    return true; // part of it did: the owner learns the end through on_exit
   }
+  if (off == frame.size())
+    return true;
+  st.pending.push_back(std::move(frame));
+  st.pending_off = off;
+  st.stdin_pending.store(true);
+  st.wake(); // poll stdin for POLLOUT from now on
   return true;
 }
 
 void child_process::stop(std::chrono::milliseconds shutdown_grace,
                          std::chrono::milliseconds kill_grace) {
   io_state& st = *impl_->state;
-  st.close_stdin();
+  st.request_stdin_close();
   {
     std::lock_guard<std::mutex> lk(st.cmd_mtx);
     if (st.stop_requested)

@@ -2,9 +2,17 @@
 //
 // Each child_process owns one I/O thread. That thread spawns the child (so the
 // child's parent-death signal is tied to a thread that lives exactly as long
-// as the child is supervised), reads stdout frames and stderr lines, detects
-// the exit through a pidfd, runs the stop sequence and reaps. The owner talks
-// to it through send/stop/kill; the thread reports through child_observer.
+// as the child is supervised), writes what send() could not write at once,
+// reads stdout frames and stderr lines, detects the exit through a pidfd, runs
+// the stop sequence and reaps. The owner talks to it through send/stop/kill;
+// the thread reports through child_observer.
+//
+// PR_SET_PDEATHSIG only kills the child itself when the runtime dies; what
+// the child started (same process group) would survive. So each child also
+// gets a guardian: a tiny forked process ("dspex-guard") that blocks on a pipe
+// whose only write end the runtime holds. When that pipe reports EOF without
+// having been disarmed (the runtime died, even by SIGKILL), the guardian kills
+// the child's whole process group.
 #pragma once
 
 #include <sys/types.h>
@@ -20,7 +28,8 @@
 
 namespace dspex {
 
-struct child_spec {
+/// What to run. (Named process_spec: dspex::child_spec is the supervisor's.)
+struct process_spec {
   std::string program;            ///< looked up in PATH when it has no '/'
   std::vector<std::string> args;  ///< arguments after the program name
   std::string label;              ///< worker id, used in every log line
@@ -54,7 +63,13 @@ public:
   /// The stdout stream broke the framing rules (reported once; later stdout
   /// bytes are discarded). The owner is expected to kill the child.
   virtual void on_protocol_error(protocol_error err) = 0;
-  /// One stderr line without its newline (already logged with the label).
+  /// One stderr line without its newline, already logged with the label.
+  /// Always valid UTF-8: each invalid sequence is replaced by U+FFFD (one per
+  /// maximal invalid subpart, as Python's "replace"), and control characters
+  /// other than tab (C0, DEL, C1: CR, ESC, NUL, ...) are removed, so a line
+  /// can be put into JSON as is and cannot forge log lines or terminal
+  /// escapes. A line over 64 KiB (raw bytes) comes in pieces, each cut at a
+  /// character boundary.
   virtual void on_stderr_line(std::string_view line);
   virtual void on_exit(exit_status status) = 0;
 };
@@ -63,15 +78,21 @@ class child_process {
 public:
   /// Starts the I/O thread, which spawns the child with Boost.Process in its
   /// own process group, with PR_SET_PDEATHSIG(SIGKILL), stdin/stdout/stderr
-  /// bound to close-on-exec pipes and no other fd inherited. Blocks until the
-  /// exec succeeded or failed; on failure throws spawn_error.
-  static std::unique_ptr<child_process> spawn(child_spec spec,
+  /// bound to pipes and no other fd inherited (every fd >= 3 is made
+  /// close-on-exec in the child right before exec, so spawns on several
+  /// threads at once are safe), then forks the child's guardian. Blocks until
+  /// the exec succeeded or failed; on failure throws spawn_error.
+  /// @note When the guardian cannot be forked, a warning is logged and the
+  ///       child runs without one (its grandchildren would then survive a
+  ///       SIGKILL of the runtime).
+  static std::unique_ptr<child_process> spawn(process_spec spec,
                                               std::shared_ptr<child_observer> observer);
 
   /// kill() if not yet reaped (even during a stop sequence: wait for on_exit
-  /// first for a graceful end), then joins the I/O thread, so the child is
-  /// reaped and on_exit delivered when this returns. Called from an observer
-  /// callback (on the I/O thread itself), it detaches instead of joining.
+  /// first for a graceful end), then joins the I/O thread, so the child and
+  /// its guardian are reaped and on_exit delivered when this returns. Called
+  /// from an observer callback (on the I/O thread itself), it detaches
+  /// instead of joining.
   ~child_process();
 
   child_process(const child_process&) = delete;
@@ -80,18 +101,33 @@ public:
   pid_t pid() const noexcept;
   const std::string& label() const noexcept;
 
-  /// Writes one frame (header + payload) to the child's stdin. Thread-safe.
-  /// Returns false when stdin is closed or broken, or when the whole frame
-  /// could not be written within `timeout` (the pipe stayed full). A timeout
-  /// that left part of the frame in the pipe also closes stdin (the stream is
-  /// broken: the owner is expected to kill the child). Throws
-  /// std::invalid_argument for an empty payload (see encode_frame). Senders
-  /// and stop() wait for a send in progress (they share one mutex).
-  bool send(std::string_view payload, std::chrono::milliseconds timeout);
+  /// Sends one frame (header + payload) to the child's stdin without ever
+  /// blocking the calling thread. Thread-safe. What fits into the pipe now is
+  /// written at once; the rest of the frame is queued and written by the I/O
+  /// thread as the child reads. Frames are written whole and in the order of
+  /// the send() calls, never interleaved.
+  /// @returns false only when nothing of this frame reached the process:
+  ///          stdin is already closed (stop() was called, the child exited, an
+  ///          earlier write failed) or the first write failed (EPIPE: the child
+  ///          closed its stdin). The caller may then hand the request to
+  ///          another process. True means the frame was written or queued; a
+  ///          later write failure (EPIPE while draining the queue) closes stdin
+  ///          and is logged, and the owner learns of it through on_exit, or
+  ///          through its own deadline for the reply (it then kills the child).
+  /// @note Memory: queued bytes are the frames the child has not read yet;
+  ///       nothing bounds them but the owner. The worker actor has one request
+  ///       in flight per worker (plus a final `shutdown`), so in practice the
+  ///       queue holds at most about one frame, freed as soon as it is written.
+  /// @throws std::invalid_argument for an empty payload (see encode_frame).
+  bool send(std::string_view payload);
 
-  /// Graceful stop, asynchronous: closes stdin, waits up to `shutdown_grace`
-  /// for the exit, then SIGTERM to the process group, waits `kill_grace`, then
-  /// SIGKILL; always reaps. on_exit reports the end. Idempotent.
+  /// Graceful stop, asynchronous: no frame is accepted any more (send()
+  /// returns false); frames already queued are still written, then stdin is
+  /// closed (so a last `shutdown` request arrives whole before EOF). The
+  /// shutdown_grace starts at once, queued bytes or not: up to it for the
+  /// exit, then SIGTERM to the process group, `kill_grace`, then SIGKILL, so
+  /// the sequence stays bounded even if the child never reads. Always reaps;
+  /// on_exit reports the end. Idempotent.
   void stop(std::chrono::milliseconds shutdown_grace, std::chrono::milliseconds kill_grace);
 
   /// SIGKILL to the process group now, asynchronous; on_exit follows. Idempotent.
