@@ -1,6 +1,10 @@
 #include "support/scripted_contract.hpp"
 
+#include <cstdlib>
+#include <iostream>
+
 #include <caf/all.hpp>
+#include <doctest/doctest.h>
 
 #include "dspex/actors/messages.hpp"
 
@@ -15,6 +19,19 @@ const char* name_of(step::callback cb) {
     case step::callback::handle_checkin: return "handle_checkin";
     case step::callback::handle_info: return "handle_info";
     case step::callback::handle_ping: return "handle_ping";
+    case step::callback::terminate_worker: return "terminate_worker";
+  }
+  return "?";
+}
+
+const char* name_of(step::action a) {
+  switch (a) {
+    case step::action::ok: return "ok";
+    case step::action::remove: return "remove";
+    case step::action::skip: return "skip";
+    case step::action::fail: return "fail";
+    case step::action::async: return "async";
+    case step::action::raise: return "raise";
   }
   return "?";
 }
@@ -117,12 +134,68 @@ caf::actor spawn_fake_worker(caf::event_based_actor* pool, const std::string& id
   return pool->spawn<caf::linked>(fake_worker, id, caf::actor{pool}, announce_ready);
 }
 
-scripted_contract::scripted_contract(bool async_start) : async_start_(async_start) {
+std::string step::describe() const {
+  std::string out = name_of(cb);
+  out += " " + (worker_id.empty() ? std::string{"*"} : worker_id);
+  if (!detail.empty())
+    out += " " + detail;
+  if (cb != callback::terminate_worker)
+    out += std::string{" -> "} + name_of(act);
+  return out;
+}
+
+namespace {
+
+bool matches(const step& s, step::callback cb, const std::string& worker_id,
+             const std::string& detail) {
+  return s.cb == cb && (s.worker_id.empty() || s.worker_id == worker_id)
+         && (s.detail.empty() || s.detail == detail);
+}
+
+// The default reporter: doctest failures on the test thread; anywhere else
+// doctest is not safe (and the test may be over), so the process fails.
+void report_default(std::thread::id owner, const std::vector<std::string>& problems) {
+  if (std::this_thread::get_id() == owner) {
+    for (auto& p : problems)
+      FAIL_CHECK("scripted contract: " << p);
+    return;
+  }
+  std::cerr << "scripted contract destroyed off the test thread with problems never verified:\n";
+  for (auto& p : problems)
+    std::cerr << "  " << p << "\n";
+  std::cerr << std::flush;
+  std::abort();
+}
+
+} // namespace
+
+scripted_contract::scripted_contract(bool async_start)
+  : async_start_(async_start), owner_(std::this_thread::get_id()) {
+}
+
+scripted_contract::~scripted_contract() {
+  auto left = verify();
+  if (left.empty())
+    return;
+  if (reporter_)
+    reporter_(left);
+  else
+    report_default(owner_, left);
 }
 
 void scripted_contract::expect(step s) {
   std::lock_guard<std::mutex> guard{mtx_};
   script_.push_back(std::move(s));
+}
+
+void scripted_contract::expect(std::initializer_list<step> steps) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  script_.insert(script_.end(), steps.begin(), steps.end());
+}
+
+void scripted_contract::allow(step pattern) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  allowed_.push_back(std::move(pattern));
 }
 
 std::vector<std::string> scripted_contract::calls() const {
@@ -135,13 +208,36 @@ void scripted_contract::clear_calls() {
   calls_.clear();
 }
 
-std::vector<std::string> scripted_contract::unmet() const {
-  std::lock_guard<std::mutex> guard{mtx_};
-  auto out = mismatches_;
+std::vector<std::string> scripted_contract::problems_locked() const {
+  auto out = unscripted_;
   for (auto& s : script_)
-    out.push_back(std::string{"never ran: "} + name_of(s.cb) + " "
-                  + (s.worker_id.empty() ? "*" : s.worker_id));
+    out.push_back("scripted step never ran: " + s.describe());
   return out;
+}
+
+std::vector<std::string> scripted_contract::problems() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  return problems_locked();
+}
+
+std::vector<std::string> scripted_contract::verify() {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto out = problems_locked();
+  unscripted_.clear();
+  script_.clear();
+  return out;
+}
+
+void scripted_contract::on_failure(failure_reporter r) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  reporter_ = std::move(r);
+}
+
+bool check_script(scripted_contract& contract) {
+  auto problems = contract.verify();
+  for (auto& p : problems)
+    FAIL_CHECK("scripted contract: " << p);
+  return problems.empty();
 }
 
 caf::actor scripted_contract::worker(const std::string& worker_id) const {
@@ -152,31 +248,32 @@ caf::actor scripted_contract::worker(const std::string& worker_id) const {
   return nullptr;
 }
 
-// Takes the next scripted step if it is for this callback (and worker);
-// a step for another callback stays queued and the mismatch is recorded.
+// The next scripted step if it matches, else a standing allowance, else an
+// unscripted call: recorded (failed at verification) and answered with the
+// default. A scripted step that does not match stays next in line.
 std::optional<step::action> scripted_contract::next(step::callback cb,
                                                     const std::string& worker_id,
+                                                    const std::string& detail,
                                                     std::string call) {
   std::lock_guard<std::mutex> guard{mtx_};
-  calls_.push_back(std::move(call));
-  if (script_.empty())
-    return std::nullopt;
-  auto& s = script_.front();
-  if (s.cb != cb)
-    return std::nullopt;  // a later callback is scripted; this one takes the default
-  if (!s.worker_id.empty() && s.worker_id != worker_id) {
-    mismatches_.push_back(std::string{"expected "} + name_of(cb) + " " + s.worker_id + ", got "
-                          + worker_id);
+  calls_.push_back(call);
+  if (!script_.empty() && matches(script_.front(), cb, worker_id, detail)) {
+    auto act = script_.front().act;
     script_.pop_front();
-    return std::nullopt;
+    return act;
   }
-  auto act = s.act;
-  script_.pop_front();
-  return act;
+  for (auto& a : allowed_)
+    if (matches(a, cb, worker_id, detail))
+      return a.act;
+  unscripted_.push_back("unscripted call: " + call
+                        + (script_.empty() ? std::string{" (nothing scripted left)"}
+                                           : " (next scripted: " + script_.front().describe()
+                                               + ")"));
+  return std::nullopt;
 }
 
 init_result scripted_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
-  auto act = next(step::callback::init_worker, w.id, "init_worker " + w.id);
+  auto act = next(step::callback::init_worker, w.id, {}, "init_worker " + w.id);
   if (act == step::action::raise)
     throw std::runtime_error("scripted init_worker exception");
   if (act == step::action::fail)
@@ -195,8 +292,9 @@ init_result scripted_contract::init_worker(pool_worker& w, caf::event_based_acto
 
 checkout_result scripted_contract::handle_checkout(const checkout_type& type,
                                                    const caller_info& caller, pool_worker& w) {
-  auto act = next(step::callback::handle_checkout, w.id,
-                  "handle_checkout " + w.id + " " + type.to_string()
+  auto detail = type.to_string();
+  auto act = next(step::callback::handle_checkout, w.id, detail,
+                  "handle_checkout " + w.id + " " + detail
                     + (caller.alive ? "" : " (caller dead)"));
   switch (act.value_or(step::action::ok)) {
     case step::action::remove:
@@ -211,8 +309,9 @@ checkout_result scripted_contract::handle_checkout(const checkout_type& type,
 }
 
 keep_or_remove scripted_contract::handle_checkin(const checkin_status& status, pool_worker& w) {
-  auto act = next(step::callback::handle_checkin, w.id,
-                  "handle_checkin " + w.id + " " + name_of(status.what));
+  std::string detail = name_of(status.what);
+  auto act = next(step::callback::handle_checkin, w.id, detail,
+                  "handle_checkin " + w.id + " " + detail);
   switch (act.value_or(step::action::ok)) {
     case step::action::remove:
       return keep_or_remove::remove(scripted_error("checkin_remove", w.id));
@@ -224,7 +323,7 @@ keep_or_remove scripted_contract::handle_checkin(const checkin_status& status, p
 }
 
 keep_or_remove scripted_contract::handle_info(const caf::message&, pool_worker& w) {
-  auto act = next(step::callback::handle_info, w.id, "handle_info " + w.id);
+  auto act = next(step::callback::handle_info, w.id, {}, "handle_info " + w.id);
   switch (act.value_or(step::action::ok)) {
     case step::action::remove:
       return keep_or_remove::remove(scripted_error("info_remove", w.id));
@@ -236,7 +335,7 @@ keep_or_remove scripted_contract::handle_info(const caf::message&, pool_worker& 
 }
 
 keep_or_remove scripted_contract::handle_ping(pool_worker& w) {
-  auto act = next(step::callback::handle_ping, w.id, "handle_ping " + w.id);
+  auto act = next(step::callback::handle_ping, w.id, {}, "handle_ping " + w.id);
   switch (act.value_or(step::action::ok)) {
     case step::action::remove:
       return keep_or_remove::remove(scripted_error("ping_remove", w.id));
@@ -248,10 +347,8 @@ keep_or_remove scripted_contract::handle_ping(pool_worker& w) {
 }
 
 void scripted_contract::terminate_worker(const error& reason, pool_worker& w) {
-  {
-    std::lock_guard<std::mutex> guard{mtx_};
-    calls_.push_back("terminate_worker " + w.id + " " + reason.type);
-  }
+  next(step::callback::terminate_worker, w.id, reason.type,
+       "terminate_worker " + w.id + " " + reason.type);
   if (w.handle)
     caf::anon_send(w.handle, stop_atom::value);
 }
