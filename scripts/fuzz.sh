@@ -102,8 +102,9 @@ for t in "${targets[@]}"; do
     status[$t]=ok
     if ((merge)); then
       # Minimise committed + new into a fresh directory, then replace the committed corpus with it.
+      # Edges only (-use_counters=0): hit counts would keep thousands of files.
       merged=$(mktemp -d)
-      nice -n 10 "$bin" -merge=1 "$merged" "$corpus" "$scratch" >>"$log" 2>&1
+      nice -n 10 "$bin" -merge=1 -use_counters=0 "$merged" "$corpus" "$scratch" >>"$log" 2>&1
       rm -rf "$corpus"
       mkdir -p "$corpus"
       cp "$merged"/* "$corpus"/ 2>/dev/null || true
