@@ -155,12 +155,14 @@ void crash_storm::run() {
     auto n = std::min(opts_.kills_per_cycle, live.size());
     std::vector<crash_storm_kill> done;
     std::size_t refused = 0;
+    std::bernoulli_distribution stop_it{std::clamp(opts_.stop_fraction, 0.0, 1.0)};
     for (std::size_t i = 0; i < n; ++i) {
-      if (::kill(live[i].pid, SIGKILL) != 0) {
+      int sig = stop_it(rng_) ? SIGSTOP : SIGKILL;
+      if (::kill(live[i].pid, sig) != 0) {
         ++refused;
         continue;
       }
-      done.push_back({cycle, live[i].pid, live[i].id, live[i].state, clock_type::now()});
+      done.push_back({cycle, live[i].pid, live[i].id, live[i].state, sig, clock_type::now()});
     }
     std::lock_guard<std::mutex> guard{mtx_};
     pids_seen_.insert(seen.begin(), seen.end());

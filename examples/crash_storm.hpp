@@ -1,8 +1,8 @@
-// A crash storm: real SIGKILLs to a running pool's workers, on a thread of
-// its own, while something else uses the pool. Shared by `dspex run --storm`
+// A crash storm: real SIGKILLs (and some SIGSTOPs) to a running pool's
+// workers, on a thread of its own, while something else uses the pool. Shared by `dspex run --storm`
 // and tests/actors/test_crash_storm.cpp (library dspex_workload).
 //
-//   dspex::crash_storm storm{*rt, {}};   // 30 cycles, every 25 ms, 2 kills each
+//   dspex::crash_storm storm{*rt, {}};   // 40 cycles, every 25 ms, 3 hits each
 //   storm.start();
 //   ... use the pool ...
 //   storm.wait();                        // or storm.stop() to end it early
@@ -11,9 +11,12 @@
 // Each cycle reads the pool's real status right before killing (a pid is
 // reused only after its process was reaped, and the pool reaps only dead
 // workers), keeps the workers with a live process (pid != 0, not removing or
-// stopping, /proc shows it running the worker script, not a zombie), and
-// sends SIGKILL with ::kill to `kills_per_cycle` distinct ones chosen at
-// random. A cycle with fewer candidates kills what there is.
+// stopping, /proc shows it running the worker script, not a zombie) in any
+// other state: starting, configuring its LM, idle, busy, leased; and sends
+// SIGKILL with ::kill to `kills_per_cycle` distinct ones chosen at random,
+// SIGSTOP instead to a `stop_fraction` of them (the pool must find and
+// replace stopped processes itself). A cycle with fewer candidates hits what
+// there is.
 #pragma once
 
 #include <sys/types.h>
@@ -35,9 +38,10 @@ namespace dspex {
 class runtime;
 
 struct crash_storm_options {
-  std::size_t cycles = 30;
+  std::size_t cycles = 40;
   std::chrono::milliseconds interval{25};  ///< from the start of one cycle to the next
-  std::size_t kills_per_cycle = 2;
+  std::size_t kills_per_cycle = 3;
+  double stop_fraction = 0.1;  ///< share of the hits that are SIGSTOP instead of SIGKILL
   /// Only processes whose /proc/<pid>/cmdline contains this are killed
   /// (guards against a pid that changed hands); empty = the runtime's
   /// worker.script.
@@ -50,6 +54,7 @@ struct crash_storm_kill {
   int pid = 0;
   std::string worker_id;
   std::string state;  ///< the worker's state in the status read before the kill
+  int signal = 0;     ///< SIGKILL or SIGSTOP
   std::chrono::steady_clock::time_point at;
 };
 

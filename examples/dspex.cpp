@@ -5,6 +5,7 @@
 //             [--config-file=PATH] [--pool.size=8 ...any setting...]
 //   dspex config [--config-file=PATH] [overrides]   print the effective settings
 //   dspex help                                       keys, defaults and commands
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -30,12 +31,16 @@ void print_help(std::ostream& out) {
          "commands:\n"
          "  run      start the pool, run a workload, print a summary\n"
          "           --requests=N (400) --concurrency=N (8) --programs=N (8) --quiet\n"
-         "           --storm: SIGKILL random workers while the workload runs, then check\n"
+         "           --storm: SIGKILL (and SIGSTOP some) random workers in any state while the\n"
+         "             workload runs, then check\n"
          "             that every request succeeded or failed with a structured error, the\n"
          "             pool is back at full size within 1000 ms, and no Python process is\n"
          "             left after stop (exit 4 otherwise); the workload runs at least the\n"
          "             storm's duration + 500 ms\n"
-         "           --storm-cycles=N (30) --storm-interval-ms=N (25) --storm-kills=N (2 per cycle)\n"
+         "           --storm-cycles=N (40) --storm-interval-ms=N (25) --storm-kills=N (3 per cycle)\n"
+         "           --storm-stop-percent=N (10: share of the hits that are SIGSTOP; the pool\n"
+         "             finds stopped processes at its maintenance tick, so --storm lowers\n"
+         "             pool.health_interval to 100ms unless it is set explicitly)\n"
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
@@ -49,9 +54,10 @@ void print_help(std::ostream& out) {
 struct run_options {
   dspex::workload_options workload;
   bool storm = false;
-  std::size_t storm_cycles = 30;
+  std::size_t storm_cycles = 40;
   std::size_t storm_interval_ms = 25;
-  std::size_t storm_kills = 2;
+  std::size_t storm_kills = 3;
+  std::size_t storm_stop_percent = 10;
 };
 
 // Takes the options that belong to `run` itself out of `args`.
@@ -79,7 +85,8 @@ bool take_run_options(std::vector<std::string>& args, run_options& run, std::str
         || take("programs", opts.programs))
       continue;
     if (take("storm-cycles", run.storm_cycles) || take("storm-interval-ms", run.storm_interval_ms)
-        || take("storm-kills", run.storm_kills)) {
+        || take("storm-kills", run.storm_kills)
+        || take("storm-stop-percent", run.storm_stop_percent)) {
       run.storm = true;
       continue;
     }
@@ -96,6 +103,8 @@ bool take_run_options(std::vector<std::string>& args, run_options& run, std::str
   args.swap(rest);
   if (bad.empty() && run.storm && run.storm_interval_ms == 0)
     bad = "--storm-interval-ms must be at least 1";
+  if (bad.empty() && run.storm_stop_percent > 100)
+    bad = "--storm-stop-percent must be between 0 and 100";
   return bad.empty();
 }
 
@@ -130,6 +139,16 @@ int main(int argc, char** argv) {
     return exit_usage;
   }
   auto& config = std::get<dspex::settings>(loaded);
+  // A stopped worker is found at the pool's maintenance tick (half of
+  // pool.health_interval): a storm that stops workers needs a short one.
+  auto health_interval_given = std::any_of(args.begin(), args.end(), [](const std::string& a) {
+    return a.rfind("--pool.health_interval=", 0) == 0;
+  });
+  if (opts.storm && opts.storm_stop_percent > 0 && !health_interval_given
+      && config.pool.health_interval > std::chrono::milliseconds{100}) {
+    config.pool.health_interval = std::chrono::milliseconds{100};
+    std::cerr << "dspex: storm: pool.health_interval lowered to 100ms to find stopped workers\n";
+  }
   if (command == "config") {
     std::cout << dspex::to_json(config).dump(2) << "\n";
     return exit_ok;
@@ -144,8 +163,10 @@ int main(int argc, char** argv) {
       storm.storm.cycles = opts.storm_cycles;
       storm.storm.interval = std::chrono::milliseconds{opts.storm_interval_ms};
       storm.storm.kills_per_cycle = opts.storm_kills;
-      std::cerr << fmt::format("dspex: crash storm: {} cycles, every {} ms, {} SIGKILL(s) each\n",
-                               opts.storm_cycles, opts.storm_interval_ms, opts.storm_kills);
+      storm.storm.stop_fraction = static_cast<double>(opts.storm_stop_percent) / 100.0;
+      std::cerr << fmt::format(
+        "dspex: crash storm: {} cycles, every {} ms, {} hit(s) each ({}% SIGSTOP)\n",
+        opts.storm_cycles, opts.storm_interval_ms, opts.storm_kills, opts.storm_stop_percent);
       auto report = dspex::run_storm(*rt, storm, std::cout, std::cerr);
       rt->stop();  // reaps every child: the check below is for what it missed
       auto left = dspex::python_processes_left(config.worker.script, report.worker_pids);

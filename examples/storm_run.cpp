@@ -1,5 +1,7 @@
 #include "storm_run.hpp"
 
+#include <csignal>
+
 #include <algorithm>
 #include <mutex>
 #include <ostream>
@@ -7,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "dspex/proc_stats.hpp"
 #include "dspex/runtime.hpp"
 
 namespace dspex {
@@ -61,8 +64,10 @@ bool at_full_size(const pool_status& st, const std::string& worker_script,
   if (st.idle + st.busy < st.size || st.starting != 0 || st.removing != 0
       || st.workers.size() < st.size)
     return false;
+  // A stopped process (SIGSTOP) runs nothing: it must have been replaced.
   return std::all_of(st.workers.begin(), st.workers.end(), [&](const worker_info& w) {
-    return w.pid > 0 && killed.count(w.pid) == 0 && process_runs(w.pid, worker_script);
+    return w.pid > 0 && killed.count(w.pid) == 0 && process_runs(w.pid, worker_script)
+           && process_state_letter(w.pid) != std::optional<char>{'T'};
   });
 }
 
@@ -180,9 +185,20 @@ void print_storm_summary(const storm_run_report& r, const storm_run_options& opt
                          const std::vector<pid_t>& python_left, std::ostream& out) {
   const auto& w = r.workload;
   out << "\n== crash storm ==\n";
+  std::size_t stops = 0;
+  std::map<std::string, std::size_t> by_state;
+  for (auto& k : r.kills) {
+    stops += k.signal == SIGSTOP ? 1 : 0;
+    ++by_state[k.state];
+  }
   out << fmt::format("{:<28}{} in {} cycles of {} ms, up to {} per cycle ({} short cycles, {} refused)\n",
-                     "kills (SIGKILL)", r.kills.size(), r.cycles_run, opts.storm.interval.count(),
+                     "hits", r.kills.size(), r.cycles_run, opts.storm.interval.count(),
                      opts.storm.kills_per_cycle, r.short_cycles, r.failed_kills);
+  out << fmt::format("{:<28}{} SIGKILL, {} SIGSTOP\n", "signals", r.kills.size() - stops, stops);
+  std::string states;
+  for (auto& [state, n] : by_state)
+    states += fmt::format("{}{} {}", states.empty() ? "" : ", ", n, state);
+  out << fmt::format("{:<28}{}\n", "workers hit while", states);
   out << fmt::format("{:<28}{:.0f} ms\n", "storm duration", r.storm_ms);
   std::string live;
   for (auto n : r.live_per_cycle)

@@ -1,5 +1,10 @@
 #include "dspex/config.hpp"
 
+#include <iterator>
+#include <sstream>
+
+#include "dspex/json_limits.hpp"
+
 #include <algorithm>
 #include <fstream>
 
@@ -69,14 +74,37 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
   for (auto& a : args)
     if (a.rfind("--config-file=", 0) == 0)
       path = a.substr(14);
-  std::ifstream ini{path};
-  if (!ini)
+  std::ifstream file{path};
+  if (!file)
     return config_error("config_file_unreadable", "cannot read config file '" + path + "'",
                         {{"key", "config-file"}, {"path", path}});
+  std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  // Checked before CAF sees them (found by fuzz_config): CAF's INI parser
+  // recurses once per '[' or '{' (100k of them overflow the stack), and text
+  // that is not UTF-8 would make every later dump() of the settings throw.
+  constexpr std::size_t max_config_nesting = 32;
+  if (!valid_utf8(text))
+    return config_error("invalid_setting", "the config file '" + sanitize_utf8(path)
+                                             + "' is not valid UTF-8",
+                        {{"path", sanitize_utf8(path)}});
+  if (json_text_depth(text, max_config_nesting) > max_config_nesting)
+    return config_error("invalid_setting",
+                        "the config file '" + path + "' nests lists or maps more than "
+                          + std::to_string(max_config_nesting) + " levels deep",
+                        {{"path", path}});
   std::vector<std::string> cli;
-  for (auto& a : args)
+  for (auto& a : args) {
+    if (!valid_utf8(a))
+      return config_error("invalid_setting",
+                          "argument '" + sanitize_utf8(a) + "' is not valid UTF-8",
+                          {{"argument", sanitize_utf8(a)}});
+    if (json_text_depth(a, max_config_nesting) > max_config_nesting)
+      return config_error("invalid_setting", "argument nests lists or maps too deeply",
+                          {{"argument", a.substr(0, 64)}});
     if (a.rfind("--config-file=", 0) != 0)
       cli.push_back(a);
+  }
+  std::istringstream ini{text};
   system_config cfg;
   if (auto err = cfg.parse(cli, ini))
     return parse_failure(err, path);

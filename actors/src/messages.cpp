@@ -7,7 +7,8 @@ namespace dspex {
 
 caf::error make_exit_reason(worker_exit code, const error& detail) {
   return caf::error{static_cast<std::uint8_t>(code), worker_exit_category,
-                    caf::make_message(detail.to_json().dump())};
+                    caf::make_message(detail.to_json().dump(
+                      -1, ' ', false, nlohmann::json::error_handler_t::replace))};
 }
 
 std::optional<error> decode_exit_reason(const caf::error& reason) {

@@ -1,5 +1,7 @@
 #include "dspex/actors/pool_actor.hpp"
 
+#include <sys/random.h>
+
 #include <algorithm>
 #include <chrono>
 #include <deque>
@@ -14,6 +16,7 @@
 #include "dspex/backoff.hpp"
 #include "dspex/logging.hpp"
 #include "dspex/proc_stats.hpp"
+#include "dspex/secrets.hpp"
 
 namespace dspex {
 
@@ -53,6 +56,7 @@ struct worker_entry {
   std::uint64_t lease = 0;         ///< the lease it is out under, if leased
   std::uint64_t recycle_after = 0; ///< requests before recycling (max_requests with jitter); 0 = never
   std::uint32_t health_failures = 0;  ///< failed health pings in a row
+  bool seen_stopped = false;  ///< its process was in state T (stopped) at the last tick
   clock_type::time_point rss_checked_at{};
   std::uint64_t lm_generation = 0;  ///< the pool LM configuration it has (0: the settings' one)
   std::optional<nlohmann::json> pending_lm;  ///< a configure_lm call it is running for a caller
@@ -91,7 +95,6 @@ struct pool_state {
   std::optional<clock_type::time_point> queue_timer_due;
   std::map<std::uint64_t, lease_record> leases;
   std::map<caf::actor_addr, std::size_t> monitored;  ///< callers and how many entries name them
-  std::mt19937_64 lease_ids{std::random_device{}()};
   std::uint64_t next_worker = 1;
   std::uint64_t replaced = 0;
   std::uint64_t start_failures = 0;
@@ -502,21 +505,29 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   end_lease(self, e);
   st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), e.w.id), st.idle.end());
   auto was_starting = e.state == worker_state_t::starting;
+  // Crash-loop guard: a process killed by a signal from outside (an
+  // operator, a storm, the OOM killer) says nothing about whether workers
+  // can start: it counts neither as a start failure nor as a worker that
+  // died before serving anyone, so it costs no backoff. Its removal is
+  // published as worker_removed (cause external_signal), never as
+  // worker_start_failed.
+  auto external = reason.context.is_object()
+                  && reason.context.value("cause", std::string{}) == "external_signal";
   e.state = worker_state_t::removing;
   if (!e.counted_as_removed) {
     e.counted_as_removed = true;
-    if (start_failure || was_starting) {
+    if ((start_failure || was_starting) && !external) {
       note_start_failure(self, e.w.id, reason);
     } else if (reason.type == "overflow_retired" || reason.type == "recycled") {
       retire(self, e);  // not a failure: demand went away, or a limit was reached
     } else {
       ++st.replaced;
-      if (e.w.stats.checkouts == 0)
+      if (e.w.stats.checkouts == 0 && !external)
         ++st.consecutive_young_removals;
       retire(self, e);
     }
   }
-  if (!start_failure && !was_starting) {
+  if ((!start_failure && !was_starting) || external) {
     auto ev = make_event(reason.type == "recycled" ? event_kind::worker_recycled
                                                    : event_kind::worker_removed,
                          e.w.id, reason.message);
@@ -617,7 +628,7 @@ void adopt_lm(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
   st.lm_args = std::move(args);
   e.lm_generation = ++st.lm_generation;
   log().info("pool: LM configuration {} adopted from {}; every worker applies it before it serves",
-             st.lm_args.dump(), e.w.id);
+             redacted(st.lm_args).dump(), e.w.id);
   auto idle_ids = std::vector<std::string>(st.idle.begin(), st.idle.end());
   st.idle.clear();
   for (auto& id : idle_ids) {
@@ -757,12 +768,32 @@ void arm_maintenance(pool_actor_t* self) {
   self->delayed_send(self, period, maintenance_atom::value);
 }
 
+// A process stopped by a signal (SIGSTOP; state T in /proc) answers nothing
+// and would hold its slot (and any request on it) until a deadline: seen
+// stopped on two ticks in a row, whatever the worker's state, it is killed
+// by its worker actor and replaced. Two ticks, so a stop/continue in
+// between (job control, a quick inspection) costs nothing.
+void reap_stopped_processes(pool_actor_t* self) {
+  for (auto& [id, e] : self->state.workers) {
+    if (e.w.pid <= 0 || e.state == worker_state_t::removing
+        || e.state == worker_state_t::stopping || !e.w.handle)
+      continue;
+    auto stopped = process_state_letter(e.w.pid) == std::optional<char>{'T'};
+    if (stopped && e.seen_stopped) {
+      log().warn("[{}] process {} is stopped (SIGSTOP): killing it", id, e.w.pid);
+      self->send(e.w.handle, process_stopped_atom::value);
+    }
+    e.seen_stopped = stopped;
+  }
+}
+
 // Idle workers: recycled when over a limit, pinged when idle for
 // pool.health_interval; degraded workers are pinged at every tick.
 void maintain(pool_actor_t* self) {
   auto& st = self->state;
   auto now = clock_type::now();
   const auto& pc = st.config->pool;
+  reap_stopped_processes(self);
   std::vector<std::string> ids;
   for (auto& [id, e] : st.workers)
     if (e.state == worker_state_t::idle || e.state == worker_state_t::degraded)
@@ -898,6 +929,25 @@ void count_affinity(pool_actor_t* self, const worker_entry& e, const waiter& wt)
     ++st.affinity_misses;
 }
 
+// A lease id is a capability: the worker serves whoever names it. So it
+// comes from the kernel's CSPRNG (not from a seeded mt19937_64, whose next
+// values follow from a few observed ones), is never 0, and is never reused
+// while a lease is open. Checkin also checks the sender (see checkin_atom).
+std::uint64_t new_lease_id(const std::map<std::uint64_t, lease_record>& open) {
+  for (;;) {
+    std::uint64_t id = 0;
+    auto got = ::getrandom(&id, sizeof id, 0);
+    if (got != static_cast<ssize_t>(sizeof id)) {
+      // getrandom cannot fail for 8 bytes once the pool is initialised;
+      // if it does, random_device reads the same kernel source.
+      std::random_device rd;
+      id = (std::uint64_t{rd()} << 32) ^ rd();
+    }
+    if (id != 0 && open.count(id) == 0)
+      return id;
+  }
+}
+
 void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor& client) {
   auto& st = self->state;
   count_affinity(self, e, wt);
@@ -914,7 +964,7 @@ void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor
     return;
   }
   e.state = worker_state_t::leased;
-  auto lease = st.lease_ids() | 1;  // never 0
+  auto lease = new_lease_id(st.leases);
   e.lease = lease;
   st.leases[lease] = lease_record{e.w.id, wt.caller, wt.token};
   watch_caller(self, wt.caller);
@@ -1353,6 +1403,13 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       auto it = st.leases.find(lease);
       if (it == st.leases.end())
         return false;  // revoked or unknown: nothing to do, and no crash
+      // Only the holder checks in (the lease's holder actor sends it): a
+      // lease id learnt elsewhere cannot end somebody else's lease.
+      if (it->second.holder != caf::actor_cast<caf::actor_addr>(self->current_sender())) {
+        log().warn("pool: checkin of a lease of worker {} by an actor that does not hold it",
+                   it->second.worker_id);
+        return false;
+      }
       auto wit = st.workers.find(it->second.worker_id);
       unwatch_caller(self, it->second.holder);
       st.leases.erase(it);
@@ -1399,6 +1456,13 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         return;
       finish_checkin(self, it->second, status);
     },
+    [=](worker_spawned_atom, const std::string& id, int pid) {
+      // Shown in the status while the worker starts (so an operator, or a
+      // storm, can find the process before it is ready).
+      auto it = self->state.workers.find(id);
+      if (it != self->state.workers.end() && it->second.state == worker_state_t::starting)
+        it->second.w.pid = pid;
+    },
     [=](worker_ready_atom, const std::string& id, int pid) {
       auto& st = self->state;
       auto it = st.workers.find(id);
@@ -1414,16 +1478,14 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       make_idle(self, e);
       dispatch(self);
     },
-    [=](worker_gone_atom, const std::string& id) {
+    [=](worker_gone_atom, const std::string& id, error& gone) {
       auto& st = self->state;
       auto it = st.workers.find(id);
       if (it == st.workers.end())
         return;
       auto& e = it->second;
-      auto gone = make_error(error_category::communication_error, "worker_exited",
-                             "worker " + id + " lost its process", {{"worker_id", id}});
       if (e.state == worker_state_t::idle) {
-        auto msg = caf::make_message(worker_gone_atom::value, id);
+        auto msg = caf::make_message(worker_gone_atom::value, id, gone);
         auto res = guarded(id, "handle_info",
                            [&](std::string) { return keep_or_remove::remove(gone); },
                            [&] { return st.contract->handle_info(msg, e.w); });

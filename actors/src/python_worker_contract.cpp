@@ -76,6 +76,10 @@ keep_or_remove python_worker_contract::handle_checkin(const checkin_status& stat
 }
 
 keep_or_remove python_worker_contract::handle_info(const caf::message& msg, pool_worker& w) {
+  // (worker_gone_atom, id, error): the worker says why (exit, protocol
+  // violation, timeout); that error is the removal's reason.
+  if (msg.match_elements<worker_gone_atom, std::string, error>())
+    return keep_or_remove::remove(msg.get_as<error>(2));
   if (msg.match_element<worker_gone_atom>(0))
     return keep_or_remove::remove(make_error(error_category::communication_error,
                                              "worker_exited",

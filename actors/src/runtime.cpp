@@ -5,22 +5,29 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <list>
 #include <mutex>
+#include <shared_mutex>
+#include <thread>
 #include <unordered_map>
 #include <variant>
 
 #include <caf/all.hpp>
+#include <caf/logger.hpp>
 
 #include "dspex/actors/events_actor.hpp"
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/pool_actor.hpp"
 #include "dspex/actors/runtime_access.hpp"
+#include "dspex/actors/runtime_thread.hpp"
 #include "dspex/actors/service.hpp"
 #include "dspex/actors/session_actor.hpp"
 #include "dspex/actors/supervisor.hpp"
 #include "dspex/actors/system_config.hpp"
 #include "dspex/backoff.hpp"
 #include "dspex/circuit_breaker.hpp"
+#include "dspex/json_limits.hpp"
+#include "dspex/program_store.hpp"
 #include "dspex/logging.hpp"
 
 namespace dspex::detail {
@@ -43,7 +50,27 @@ struct client_shared {
   }
 };
 
+/// What every public call holds while it touches the actor system, and what
+/// stop() closes before the system goes: a call racing stop() either runs
+/// on a live system or fails with pool_stopping, never on a destroyed one.
+/// Shared with leases, which may outlive their runtime.
+struct api_gate {
+  std::shared_timed_mutex mtx;
+  bool closed = false;  ///< written under the exclusive lock, read under a shared one
+};
+
+/// Continuations of a lease's checkout and checkin (local only).
+struct checkout_sink {
+  std::function<void(checkout_reply)> fn;
+};
+struct checkin_sink {
+  std::function<void(bool)> fn;
+};
+
 } // namespace dspex::detail
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::checkout_sink)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::checkin_sink)
 
 namespace dspex {
 
@@ -86,12 +113,44 @@ void run_callback(const completion& done, outcome o) {
   in_async_callback = false;
 }
 
+// CAF 0.17 pins the actor system's logger in a thread-local of every thread
+// that spawns an actor or creates a scoped_actor, and ~actor_system() waits
+// until every such thread lets go of it: forever, if that thread lives on
+// while stop() runs on another one (measured: a stop begun in a callback
+// hung on the main thread's earlier status()). Public calls that spawn or
+// use a scoped_actor on the caller's thread let go before they return.
+struct release_caf_thread_state {
+  release_caf_thread_state() = default;
+  release_caf_thread_state(const release_caf_thread_state&) = delete;
+  release_caf_thread_state& operator=(const release_caf_thread_state&) = delete;
+  ~release_caf_thread_state() { caf::logger::set_current_actor_system(nullptr); }
+};
+
+// A blocking call on a runtime thread (an asynchronous callback, an event
+// handler, an actor) would wait for work that very thread has to do.
+bool must_not_block() noexcept {
+  return in_async_callback || on_runtime_thread();
+}
+
 error blocking_in_callback(const std::string& what) {
   return make_error(error_category::system_error, "blocking_in_callback",
                     "a blocking " + what
-                      + " from an asynchronous callback would wait forever; use "
-                        "execute_anonymous_async",
+                      + " from a runtime thread (an asynchronous callback, an event handler "
+                        "or an actor) would wait forever; use the asynchronous form",
                     {{"command", what}});
+}
+
+// Waits for a future a runtime thread fulfils, bounded by `bound`. A promise
+// dropped unanswered (its actor terminated) is an error too, never a throw.
+template <class T, class OnMissing>
+T await_bounded(std::future<T>& future, clock_type::time_point bound, OnMissing on_missing) {
+  if (future.wait_until(bound) != std::future_status::ready)
+    return on_missing(false);
+  try {
+    return future.get();
+  } catch (const std::future_error&) {
+    return on_missing(true);  // broken_promise
+  }
 }
 
 // -- the pool client ------------------------------------------------------------------------
@@ -164,7 +223,7 @@ struct pool_client_state {
   std::uint64_t next_session_op = 1;
   // Anonymous programs: create_program's definitions by (session_id, id), so
   // an anonymous execute_program carries program_data and any worker serves it.
-  std::map<std::pair<std::string, std::string>, nlohmann::json> anonymous_programs;
+  std::optional<program_store> anonymous_programs;  ///< sized from session.max_anonymous_programs
   std::uint64_t next_id = 1;
   std::uint64_t seed_base = 0;
   bool closing = false;   ///< runtime::stop began: no retries, no new attempts
@@ -212,6 +271,29 @@ error stopping_error(const std::string& command) {
 void publish(pool_client_t* self, event e) {
   e.source = "client";
   self->state.events->publish(e);
+}
+
+// No exception escapes a handler of the client: it holds every pending
+// call, and an actor whose handler throws quits, which would leave every
+// later call unanswered. What threw is logged; the caller of the call being
+// handled gets system_error/internal_error (see internal_error below).
+template <class F>
+bool guarded(const char* what, F&& f) noexcept {
+  try {
+    f();
+    return true;
+  } catch (const std::exception& e) {
+    log().error("pool client: {} threw: {}", what, e.what());
+  } catch (...) {
+    log().error("pool client: {} threw", what);
+  }
+  return false;
+}
+
+error internal_error(const std::string& command) {
+  return make_error(error_category::system_error, "internal_error",
+                    "the runtime failed to handle the call (logged); nothing else is affected",
+                    {{"command", command}});
 }
 
 // A stopping client quits once nothing is pending.
@@ -551,14 +633,12 @@ void remember_anonymous(pool_client_t* self, call& c, completion& done) {
     return;
   auto sid = c.args.value("session_id", nlohmann::json("anonymous"));
   std::string session = sid.is_string() ? sid.get<std::string>() : sid.dump();
-  auto& store = self->state.anonymous_programs;
+  auto& store = *self->state.anonymous_programs;
   if (c.command == "execute_program") {
     auto pid = c.args.value("program_id", nlohmann::json(nullptr));
-    if (pid.is_string() && !c.args.contains("program_data")) {
-      auto it = store.find({session, pid.get<std::string>()});
-      if (it != store.end())
-        c.args["program_data"] = it->second;
-    }
+    if (pid.is_string() && !c.args.contains("program_data"))
+      if (const auto* def = store.find({session, pid.get<std::string>()}))
+        c.args["program_data"] = *def;
     return;
   }
   if (c.command == "delete_program") {
@@ -577,7 +657,7 @@ void remember_anonymous(pool_client_t* self, call& c, completion& done) {
   done = completion{[self, key = std::make_pair(session, pid.get<std::string>()),
                      def = std::move(def), inner = std::move(done.fn)](outcome o) {
     if (o)
-      self->state.anonymous_programs[key] = def;
+      self->state.anonymous_programs->put(key, def);
     inner(std::move(o));
   }};
 }
@@ -650,6 +730,7 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
   st.events = std::move(events);
   st.shared = std::move(shared);
   st.retry = make_retry_settings(*config);
+  st.anonymous_programs.emplace(config->session.max_anonymous_programs);
   st.seed_base = static_cast<std::uint64_t>(clock_type::now().time_since_epoch().count())
                  ^ reinterpret_cast<std::uintptr_t>(self);
   if (config->circuit.enabled) {
@@ -671,27 +752,48 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
         arm_circuit_tick(self, t.at + open_timeout);
     });
   }
-  self->set_down_handler([=](caf::down_msg& dm) { on_down(self, dm); });
+  self->set_down_handler([=](caf::down_msg& dm) { guarded("down", [&] { on_down(self, dm); }); });
+  // The last line of defence (every handler above is guarded): log it.
+  self->set_exception_handler([](caf::scheduled_actor*, std::exception_ptr& ptr) -> caf::error {
+    try {
+      std::rethrow_exception(ptr);
+    } catch (const std::exception& e) {
+      log().critical("pool client terminated by an exception: {}", e.what());
+    } catch (...) {
+      log().critical("pool client terminated by an exception");
+    }
+    return caf::exit_reason::unhandled_exception;
+  });
   return {
     [=](execute_atom, call& c, completion& done, detail::client_call_options& opts) {
       auto& st = self->state;
       auto id = st.next_id++;
-      auto& pc = st.calls[id];
-      pc.idempotent = resolve_idempotent(c.command, opts.idempotent);
-      pc.max_attempts = std::max<std::size_t>(opts.max_attempts.value_or(st.retry.max_attempts), 1);
-      pc.seed = st.seed_base ^ (id * 0x9E3779B97F4A7C15ull);
-      if (c.type.what() == checkout_type::kind::anonymous)
-        remember_anonymous(self, c, done);
-      pc.c = std::move(c);
-      pc.done = std::move(done);
-      start_attempt(self, id);
+      auto command = c.command;
+      if (guarded("execute", [&] {
+            auto& pc = st.calls[id];
+            pc.idempotent = resolve_idempotent(c.command, opts.idempotent);
+            pc.max_attempts =
+              std::max<std::size_t>(opts.max_attempts.value_or(st.retry.max_attempts), 1);
+            pc.seed = st.seed_base ^ (id * 0x9E3779B97F4A7C15ull);
+            if (c.type.what() == checkout_type::kind::anonymous)
+              remember_anonymous(self, c, done);
+            pc.c = std::move(c);
+            pc.done = std::move(done);
+            start_attempt(self, id);
+          }))
+        return;
+      if (st.calls.count(id))
+        finish(self, id, outcome::failure(internal_error(command)));
+      else if (done.fn)
+        run_callback(done, outcome::failure(internal_error(command)));
     },
     [=](client_retry_atom, std::uint64_t id, std::size_t attempt) {
       auto it = self->state.calls.find(id);
       if (it == self->state.calls.end() || it->second.attempt != attempt
           || it->second.phase != call_phase::waiting)
         return;
-      start_attempt(self, id);
+      if (!guarded("retry", [&] { start_attempt(self, id); }) && self->state.calls.count(id))
+        finish(self, id, outcome::failure(internal_error(it->second.c.command)));
     },
     [=](park_timeout_atom, std::uint64_t id, std::size_t attempt) {
       auto& st = self->state;
@@ -756,32 +858,107 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       quit_when_drained(self);
     },
     [=](session_op_atom, session_request& r, completion& done) {
-      forward_session_op(self, std::move(r), std::move(done));
+      auto command = r.c.command;
+      auto keep = done;  // forward_session_op takes `done`; this copy answers if it throws
+      if (!guarded("session_op", [&] { forward_session_op(self, std::move(r), std::move(done)); })
+          && keep.fn)
+        run_callback(keep, outcome::failure(internal_error(command)));
     },
   };
 }
 
 // The identity of one lease holder: the pool monitors it, so destroying a
-// lease (this actor exits) revokes it. It also waits for the grant, and if
-// its own wait ends first it tells the pool, as NimblePool's client does.
-caf::behavior lease_holder(caf::event_based_actor* self, caf::actor pool) {
+// lease (this actor exits) revokes it. Everything a lease does goes through
+// it, so that the public calls wait on a bounded future instead of holding
+// a scoped actor on the system: the checkout (if its own wait ends first it
+// tells the pool, as NimblePool's client does), the lease's requests to its
+// worker, and the checkin (the pool accepts a checkin only from the holder).
+// When the pool goes, the holder quits: whatever it still waited for is
+// answered by the dropped promise (await_bounded turns it into an error).
+// What a holder still has to answer when its pool goes: the pending
+// continuations are answered by the holder itself (CAF 0.17 keeps a quit
+// actor's response handlers until the actor object dies, and the caller
+// holds a handle to it while it waits).
+struct lease_holder_state {
+  std::optional<detail::checkout_sink> checkout;
+  std::map<std::uint64_t, completion> executes;
+  std::uint64_t next_execute = 1;
+
+  static inline const char* name = "dspex.lease_holder";
+};
+
+using lease_holder_t = caf::stateful_actor<lease_holder_state>;
+
+caf::behavior lease_holder(lease_holder_t* self, caf::actor pool) {
   self->monitor(pool);
-  self->set_down_handler([=](caf::down_msg&) { self->quit(); });  // pool gone: lease over
+  self->set_down_handler([=](caf::down_msg&) {
+    // The pool is gone: the lease is over, and whatever waited is told so.
+    auto& st = self->state;
+    if (st.checkout) {
+      auto sink = std::move(*st.checkout);
+      st.checkout.reset();
+      sink.fn(checkout_reply{std::nullopt,
+                             make_error(error_category::resource_error, "pool_unavailable",
+                                        "the pool terminated while the checkout waited; try again")});
+    }
+    auto executes = std::move(st.executes);
+    st.executes.clear();
+    for (auto& [id, done] : executes)
+      done.fn(outcome::failure(make_error(error_category::resource_error, "lease_revoked",
+                                          "the lease ended: its pool terminated during the request")));
+    self->quit();
+  });
   return {
-    [=](checkout_atom, checkout_request& req) -> caf::result<checkout_reply> {
-      auto rp = self->make_response_promise();
+    [=](checkout_atom, checkout_request& req, detail::checkout_sink& done) {
       auto token = req.token;
       auto left = std::max(req.deadline - clock_type::now(), clock_type::duration::zero());
       auto timeout = caf::duration{
         std::chrono::duration_cast<std::chrono::milliseconds>(left) + reply_margin};
+      self->state.checkout = std::move(done);
+      auto answer = [=](checkout_reply reply) {
+        auto& st = self->state;
+        if (!st.checkout)
+          return;
+        auto sink = std::move(*st.checkout);
+        st.checkout.reset();
+        sink.fn(std::move(reply));
+      };
       self->request(pool, timeout, checkout_atom::value, std::move(req))
-        .then([=](checkout_reply& reply) mutable { rp.deliver(std::move(reply)); },
-              [=](caf::error& e) mutable {
+        .then([=](checkout_reply& reply) { answer(std::move(reply)); },
+              [=](caf::error& e) {
                 self->send(pool, cancel_atom::value, token);
-                rp.deliver(checkout_reply{
-                  std::nullopt, from_caf_error(self->system(), e, "checkout").error()});
+                answer(checkout_reply{std::nullopt,
+                                      from_caf_error(self->system(), e, "checkout").error()});
               });
-      return rp;
+    },
+    [=](execute_atom, caf::actor& worker, std::uint64_t lease, call& c, completion& done) {
+      auto command = c.command;
+      auto id = self->state.next_execute++;
+      self->state.executes.emplace(id, std::move(done));
+      auto answer = [=](outcome o) {
+        auto& st = self->state;
+        auto it = st.executes.find(id);
+        if (it == st.executes.end())
+          return;
+        auto fn = std::move(it->second.fn);
+        st.executes.erase(it);
+        fn(std::move(o));
+      };
+      self->request(worker, caller_timeout(c), execute_atom::value, lease, std::move(c))
+        .then([=](outcome& o) { answer(std::move(o)); },
+              [=](caf::error& e) { answer(from_caf_error(self->system(), e, command)); });
+    },
+    [=](checkin_atom, std::uint64_t lease, checkin_status& status, detail::checkin_sink& done) {
+      self->request(pool, caf::duration{std::chrono::seconds{10}}, checkin_atom::value, lease,
+                    std::move(status))
+        .then([=](bool known) {
+                done.fn(known);
+                self->quit();
+              },
+              [=](caf::error&) {
+                done.fn(false);
+                self->quit();
+              });
     },
     [=](stop_atom) { self->quit(); },
   };
@@ -790,11 +967,10 @@ caf::behavior lease_holder(caf::event_based_actor* self, caf::actor pool) {
 } // namespace
 
 struct lease::impl {
-  caf::actor_system* system = nullptr;
-  caf::actor pool;
   caf::actor holder;
   lease_grant grant;
-  std::shared_ptr<std::atomic<bool>> runtime_stopped;
+  std::shared_ptr<detail::api_gate> gate;
+  request_limits limits;
   bool checked_in = false;
 };
 
@@ -802,7 +978,8 @@ lease::lease(std::unique_ptr<impl> p) : impl_(std::move(p)) {
 }
 
 lease::~lease() {
-  if (!impl_->checked_in && !*impl_->runtime_stopped)
+  std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
+  if (!impl_->checked_in && !impl_->gate->closed)
     caf::anon_send_exit(impl_->holder, caf::exit_reason::user_shutdown);
 }
 
@@ -819,48 +996,56 @@ outcome lease::execute(const std::string& command, nlohmann::json args, call_opt
     return outcome::failure(make_error(error_category::resource_error, type, message,
                                        {{"command", command}, {"worker_id", worker_id()}}));
   };
-  if (*impl_->runtime_stopped)
-    return fail("pool_stopping", "the runtime is stopped");
-  if (in_async_callback)
+  if (must_not_block())
     return outcome::failure(blocking_in_callback(command));
   if (impl_->checked_in)
     return fail("not_lease_holder", "the lease was checked in");
+  if (auto invalid = validate_request(command, args, impl_->limits))
+    return outcome::failure(std::move(*invalid));
   if (args.is_null())
     args = nlohmann::json::object();
-  if (!args.is_object())
-    return outcome::failure(make_error(error_category::system_error, "invalid_request",
-                                       "args must be a JSON object", {{"command", command}}));
   auto timeout = options.timeout.value_or(std::chrono::milliseconds{30'000});
   call c;
   c.command = command;
   c.args = std::move(args);
   c.deadline = clock_type::now() + timeout;
-  outcome result;
-  caf::scoped_actor self{*impl_->system};
-  self->request(impl_->grant.worker, caller_timeout(c), execute_atom::value,
-                impl_->grant.lease_id, std::move(c))
-    .receive([&](outcome& o) { result = std::move(o); },
-             [&](caf::error& e) { result = from_caf_error(*impl_->system, e, command); });
-  return result;
+  auto bound = c.deadline + reply_margin;
+  auto promise = std::make_shared<std::promise<outcome>>();
+  auto future = promise->get_future();
+  {
+    std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
+    if (impl_->gate->closed)
+      return fail("pool_stopping", "the runtime is stopped");
+    caf::anon_send(impl_->holder, execute_atom::value, impl_->grant.worker, impl_->grant.lease_id,
+                   std::move(c), completion{[promise](outcome o) { promise->set_value(std::move(o)); }});
+  }
+  return await_bounded(future, bound, [&](bool dropped) {
+    return dropped ? fail("lease_revoked", "the lease ended (its pool terminated) during the request")
+                   : outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
+                                                 "no reply from the leased worker in time",
+                                                 {{"command", command}}));
+  });
 }
 
 bool lease::checkin(checkin_status status) {
-  if (impl_->checked_in || *impl_->runtime_stopped)
+  if (impl_->checked_in)
     return false;
-  if (in_async_callback) {
-    log().error("lease::checkin from an asynchronous callback: the lease is revoked instead");
+  if (must_not_block()) {
+    log().error("lease::checkin from a runtime thread: the lease is revoked instead");
     return false;  // the holder dies with the lease object: revoked, not lost
   }
-  impl_->checked_in = true;
-  bool known = false;
+  auto promise = std::make_shared<std::promise<bool>>();
+  auto future = promise->get_future();
   {
-    caf::scoped_actor self{*impl_->system};
-    self->request(impl_->pool, caf::duration{std::chrono::seconds{10}}, checkin_atom::value,
-                  impl_->grant.lease_id, std::move(status))
-      .receive([&](bool k) { known = k; }, [&](caf::error&) {});
+    std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
+    if (impl_->gate->closed)
+      return false;
+    impl_->checked_in = true;
+    caf::anon_send(impl_->holder, checkin_atom::value, impl_->grant.lease_id, std::move(status),
+                   detail::checkin_sink{[promise](bool known) { promise->set_value(known); }});
   }
-  caf::anon_send(impl_->holder, stop_atom::value);
-  return known;
+  return await_bounded(future, clock_type::now() + std::chrono::seconds{10} + reply_margin,
+                       [](bool) { return false; });
 }
 
 struct runtime::impl {
@@ -876,29 +1061,52 @@ struct runtime::impl {
   std::shared_ptr<detail::client_shared> shared = std::make_shared<detail::client_shared>();
   caf::actor root;    // the root supervisor "dspex.root"
   caf::actor client;  // the pool client: every execute_anonymous goes through it
+  // Set first by stop(): new calls fail fast without touching the gate.
   std::atomic<bool> stopped{false};
-  // Shared with leases, which may be destroyed after stop().
-  std::shared_ptr<std::atomic<bool>> stopped_flag = std::make_shared<std::atomic<bool>>(false);
+  // Closed by stop() before the system goes (see api_gate); shared with leases.
+  std::shared_ptr<detail::api_gate> gate = std::make_shared<detail::api_gate>();
+  // stop() runs once; whoever calls it later waits for that one run.
+  std::once_flag stop_once;
+  std::promise<void> stop_done;
+  std::shared_future<void> stop_finished = stop_done.get_future().share();
+
+  request_limits limits() const {
+    request_limits l;
+    l.max_json_depth = config.pool.max_json_depth;
+    return l;
+  }
+
+  error stopping_error(const std::string& command) const {
+    return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped",
+                      {{"command", command}});
+  }
 
   // Validates the arguments of one call and fixes its deadline.
   std::variant<call, outcome> make_call(const std::string& command, nlohmann::json args,
                                         const call_options& options) const {
+    if (auto invalid = validate_request(command, args, limits()))
+      return outcome::failure(std::move(*invalid));
     if (args.is_null())
       args = nlohmann::json::object();
-    if (!args.is_object() || command.empty())
-      return outcome::failure(make_error(
-        error_category::system_error, "invalid_request",
-        command.empty() ? "command must not be empty" : "args must be a JSON object",
-        {{"command", command}}));
     if (stopped)
-      return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
-                                         "the runtime is stopped", {{"command", command}}));
+      return outcome::failure(stopping_error(command));
     auto timeout = options.timeout.value_or(config.pool.request_timeout);
     call c;
     c.command = command;
     c.args = std::move(args);
     c.deadline = clock_type::now() + timeout;
     return c;
+  }
+
+  // Sends one message to the pool client while the system is sure to live.
+  // False once stop() closed the gate.
+  template <class... Ts>
+  bool send_to_client(Ts&&... xs) {
+    std::shared_lock<std::shared_timed_mutex> lk{gate->mtx};
+    if (gate->closed)
+      return false;
+    caf::anon_send(client, std::forward<Ts>(xs)...);
+    return true;
   }
 
   // A session request: validated, with its deadline (op execute) and affinity.
@@ -909,9 +1117,11 @@ struct runtime::impl {
                        : op == session_op::end   ? "end_session"
                        : op == session_op::info  ? "get_session_info"
                                                  : "list_sessions";
-    if (op != session_op::list && session_id.empty())
-      return outcome::failure(make_error(error_category::system_error, "invalid_request",
-                                         "session_id must not be empty", {{"command", what}}));
+    if (op != session_op::list && (session_id.empty() || !valid_utf8(session_id)))
+      return outcome::failure(make_error(
+        error_category::system_error, "invalid_request",
+        session_id.empty() ? "session_id must not be empty" : "session_id is not valid UTF-8",
+        {{"command", what}, {"reason", session_id.empty() ? "empty_session_id" : "invalid_utf8"}}));
     session_request r;
     r.op = op;
     r.session_id = session_id;
@@ -936,8 +1146,7 @@ struct runtime::impl {
       r.opts = detail::client_call_options{options.idempotent, options.max_attempts};
     } else {
       if (stopped)
-        return outcome::failure(make_error(error_category::resource_error, "pool_stopping",
-                                           "the runtime is stopped", {{"command", what}}));
+        return outcome::failure(stopping_error(what));
       r.c.command = what;
       r.c.deadline = clock_type::now() + config.pool.request_timeout;
     }
@@ -951,20 +1160,83 @@ struct runtime::impl {
       return std::move(*early);
     auto& r = std::get<session_request>(made);
     auto command = r.c.command;
-    if (in_async_callback)
+    if (must_not_block())
       return outcome::failure(blocking_in_callback(command));
     auto bound = r.c.deadline + reply_margin;
     if (r.op == session_op::end)
       bound += std::chrono::seconds{5};  // the workers' cleanup_session
     auto promise = std::make_shared<std::promise<outcome>>();
     auto future = promise->get_future();
-    caf::anon_send(client, session_op_atom::value, std::move(r),
-                   completion{[promise](outcome o) { promise->set_value(std::move(o)); }});
-    if (future.wait_until(bound) != std::future_status::ready)
+    if (!send_to_client(session_op_atom::value, std::move(r),
+                        completion{[promise](outcome o) { promise->set_value(std::move(o)); }}))
+      return outcome::failure(stopping_error(command));
+    return await_bounded(future, bound, [&](bool) {
       return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                          "no reply from the session layer in time",
                                          {{"command", command}}));
-    return future.get();
+    });
+  }
+
+  // The stop itself (see runtime::stop for the thread it runs on).
+  void run_stop() {
+    auto& sys = *system;
+    // No retries and no new attempts from now on; calls waiting for a retry
+    // or for a pool fail with resource_error/pool_stopping.
+    caf::anon_send(client, closing_atom::value);
+    // Service detection: no longer "dspexpool" (and a registry entry must not
+    // outlive the system: ~actor_system() would wait for it forever).
+    unregister_pool(sys);
+    const auto& w = config.worker;
+    // The root stops its children in reverse start order, each bounded by its
+    // shutdown_timeout (the pool's: both graces + 2 s); the margin covers
+    // reaping and message hops.
+    auto bound = caf::duration{w.shutdown_grace + w.kill_grace + std::chrono::seconds{2}
+                               + reply_margin};
+    {
+      caf::scoped_actor self{sys};
+      self->monitor(root);  // a root that already gave up: down at once
+      bool stopped_cleanly = false;
+      self->request(root, bound, supervisor_stop_atom::value)
+        .receive([&](bool) { stopped_cleanly = true; },
+                 [&](caf::error& e) {
+                   if (e != caf::sec::request_receiver_down)
+                     log().error("the root supervisor did not stop in time ({}); killing it",
+                                 sys.render(e));
+                 });
+      if (!stopped_cleanly)
+        self->send_exit(root, caf::exit_reason::kill);  // it kills its children
+      self->receive([](caf::down_msg&) {},
+                    caf::after(bound) >> [&] { log().error("the root supervisor did not terminate"); });
+      // No public call touches the system from here on: the ones under way
+      // (each bounded) finish first, later ones see the gate closed.
+      {
+        std::unique_lock<std::shared_timed_mutex> lk{gate->mtx};
+        gate->closed = true;
+      }
+      // Every call has its answer now (or fails on the pool's down); the
+      // client quits once it passed the last one on.
+      self->monitor(client);
+      self->send(client, stop_atom::value);
+      self->receive([](caf::down_msg&) {},
+                    caf::after(bound) >> [&] {
+                      log().error("the pool client did not finish its calls");
+                      self->send_exit(client, caf::exit_reason::kill);
+                    });
+    }
+    // A restart racing with the unregistration above may have registered a
+    // pool again; its entry goes with the pool, but leave nothing to chance.
+    unregister_services(sys);
+    {
+      std::lock_guard<std::mutex> guard{shared->mtx};
+      shared->pool = nullptr;
+    }
+    root = nullptr;
+    client = nullptr;
+    // ~actor_system() blocks while any actor lives; every actor of ours is
+    // gone or going now (workers die with the pool, lease holders with it).
+    log().debug("runtime stop: {} actors still running", sys.registry().running());
+    system.reset();
+    stop_done.set_value();
   }
 
   // The error of a lease or a status query while there is no pool.
@@ -976,18 +1248,21 @@ struct runtime::impl {
   }
 };
 
-runtime::runtime(std::unique_ptr<impl> p) : impl_(std::move(p)) {
+runtime::runtime(std::shared_ptr<impl> p) : impl_(std::move(p)) {
 }
 
 runtime::~runtime() {
+  // From a runtime thread, stop() continues on a thread of its own, which
+  // holds the impl until it is done (see runtime::stop).
   stop();
 }
 
 std::unique_ptr<runtime> runtime::start(settings config) {
   if (auto err = config.validate())
     throw start_error(*err);
+  release_caf_thread_state release;
   set_log_level(config.log_level);
-  auto p = std::make_unique<impl>();
+  auto p = std::make_shared<impl>();
   p->config = config;
   p->shared_config = std::make_shared<const settings>(config);
   p->system_cfg = std::make_unique<system_config>(config);
@@ -1082,7 +1357,7 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto made = impl_->make_call(command, std::move(args), options);
   if (auto* early = std::get_if<outcome>(&made))
     return std::move(*early);
-  if (in_async_callback)
+  if (must_not_block())
     return outcome::failure(blocking_in_callback(command));
   auto& c = std::get<call>(made);
   // Through the runtime's long-lived caller actor: a scoped_actor per call
@@ -1090,13 +1365,14 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto bound = c.deadline + reply_margin;
   auto promise = std::make_shared<std::promise<outcome>>();
   auto future = promise->get_future();
-  caf::anon_send(impl_->client, execute_atom::value, std::move(c),
-                 completion{[promise](outcome o) { promise->set_value(std::move(o)); }},
-                 detail::client_call_options{options.idempotent, options.max_attempts});
-  if (future.wait_until(bound) != std::future_status::ready)
+  if (!impl_->send_to_client(execute_atom::value, std::move(c),
+                             completion{[promise](outcome o) { promise->set_value(std::move(o)); }},
+                             detail::client_call_options{options.idempotent, options.max_attempts}))
+    return outcome::failure(impl_->stopping_error(command));
+  return await_bounded(future, bound, [&](bool) {
     return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                        "no reply from the pool in time", {{"command", command}}));
-  return future.get();
+  });
 }
 
 void runtime::execute_anonymous_async(const std::string& command, nlohmann::json args,
@@ -1106,9 +1382,10 @@ void runtime::execute_anonymous_async(const std::string& command, nlohmann::json
     done(std::move(*early));
     return;
   }
-  caf::anon_send(impl_->client, execute_atom::value, std::move(std::get<call>(made)),
-                 completion{std::move(done)},
-                 detail::client_call_options{options.idempotent, options.max_attempts});
+  completion comp{std::move(done)};
+  if (!impl_->send_to_client(execute_atom::value, std::move(std::get<call>(made)), std::move(comp),
+                             detail::client_call_options{options.idempotent, options.max_attempts}))
+    comp.fn(outcome::failure(impl_->stopping_error(command)));
 }
 
 std::future<outcome> runtime::execute_anonymous_async(const std::string& command,
@@ -1135,8 +1412,10 @@ void runtime::execute_in_session_async(const std::string& session_id, const std:
     done(std::move(*early));
     return;
   }
-  caf::anon_send(impl_->client, session_op_atom::value,
-                 std::move(std::get<session_request>(made)), completion{std::move(done)});
+  completion comp{std::move(done)};
+  if (!impl_->send_to_client(session_op_atom::value, std::move(std::get<session_request>(made)),
+                             std::move(comp)))
+    comp.fn(outcome::failure(impl_->stopping_error(command)));
 }
 
 std::future<outcome> runtime::execute_in_session_async(const std::string& session_id,
@@ -1168,47 +1447,68 @@ outcome runtime::list_sessions() {
 std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type,
                                                              checkout_options options) {
   if (impl_->stopped)
-    return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped");
-  if (in_async_callback)
+    return impl_->stopping_error("checkout");
+  if (must_not_block())
     return blocking_in_callback("checkout");
   static std::atomic<std::uint64_t> next_token{1};
+  release_caf_thread_state release;  // the holder is spawned on this thread
   auto timeout = options.timeout.value_or(impl_->config.pool.request_timeout);
-  auto pool = impl_->shared->current_pool();
-  if (!pool)
-    return impl_->no_pool_error();
-  checkout_request req{std::move(type), next_token++, clock_type::now() + timeout, options.block};
-  auto holder = impl_->system->spawn(lease_holder, pool);
-  checkout_reply reply{std::nullopt, {}};
+  auto deadline = clock_type::now() + timeout;
+  auto promise = std::make_shared<std::promise<checkout_reply>>();
+  auto future = promise->get_future();
+  caf::actor holder;
+  caf::actor pool;
   {
-    caf::scoped_actor self{*impl_->system};
-    self->request(holder, caf::infinite, checkout_atom::value, std::move(req))
-      .receive([&](checkout_reply& r) { reply = std::move(r); },
-               [&](caf::error& e) {
-                 reply.err = from_caf_error(*impl_->system, e, "checkout").error();
-               });
+    std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
+    if (impl_->gate->closed)
+      return impl_->stopping_error("checkout");
+    pool = impl_->shared->current_pool();
+    if (!pool)
+      return impl_->no_pool_error();
+    holder = impl_->system->spawn(lease_holder, pool);
+    caf::anon_send(holder, checkout_atom::value,
+                   checkout_request{std::move(type), next_token++, deadline, options.block},
+                   detail::checkout_sink{
+                     [promise](checkout_reply r) { promise->set_value(std::move(r)); }});
   }
+  // Bounded: the holder answers by the deadline, or quits when the pool
+  // goes (a restart while the checkout waits), which drops the promise.
+  auto reply = await_bounded(future, deadline + reply_margin, [&](bool dropped) {
+    return checkout_reply{
+      std::nullopt,
+      dropped ? make_error(error_category::resource_error, "pool_unavailable",
+                           "the pool terminated while the checkout waited; try again")
+              : make_error(error_category::timeout_error, "caller_timeout",
+                           "no answer to the checkout in time")};
+  });
   if (!reply.grant) {
-    caf::anon_send(holder, stop_atom::value);
+    std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
+    if (!impl_->gate->closed)
+      caf::anon_send(holder, stop_atom::value);
     return reply.err;
   }
   auto p = std::make_unique<lease::impl>();
-  p->system = impl_->system.get();
-  p->pool = pool;
   p->holder = holder;
   p->grant = std::move(*reply.grant);
-  p->runtime_stopped = impl_->stopped_flag;
+  p->gate = impl_->gate;
+  p->limits = impl_->limits();
   return std::make_unique<lease>(std::move(p));
 }
 
 pool_status runtime::status() {
   pool_status result;
-  if (impl_->stopped || in_async_callback)
+  if (impl_->stopped || must_not_block())
+    return result;
+  std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
+  if (impl_->gate->closed)
     return result;
   auto pool = impl_->shared->current_pool();
   if (!pool) {
     result.size = impl_->config.pool.size;
     result.health = impl_->shared->gave_up_error() ? "unavailable" : "restarting";
   } else {
+    // Bounded (10 s); stop() waits for it before the system goes.
+    release_caf_thread_state release;
     caf::scoped_actor self{*impl_->system};
     self->request(pool, caf::duration{std::chrono::seconds{10}}, status_atom::value)
       .receive([&](pool_status& s) { result = std::move(s); },
@@ -1231,59 +1531,23 @@ event_bus& runtime::events() noexcept {
 }
 
 void runtime::stop() {
-  if (impl_->stopped.exchange(true))
-    return;
-  *impl_->stopped_flag = true;
-  auto& sys = *impl_->system;
-  // No retries and no new attempts from now on; calls waiting for a retry
-  // or for a pool fail with resource_error/pool_stopping.
-  caf::anon_send(impl_->client, closing_atom::value);
-  // Service detection: no longer "dspexpool" (and a registry entry must not
-  // outlive the system: ~actor_system() would wait for it forever).
-  unregister_pool(sys);
-  const auto& w = impl_->config.worker;
-  // The root stops its children in reverse start order, each bounded by its
-  // shutdown_timeout (the pool's: both graces + 2 s); the margin covers
-  // reaping and message hops.
-  auto bound = caf::duration{w.shutdown_grace + w.kill_grace + std::chrono::seconds{2}
-                             + reply_margin};
-  {
-    caf::scoped_actor self{sys};
-    self->monitor(impl_->root);  // a root that already gave up: down at once
-    bool stopped_cleanly = false;
-    self->request(impl_->root, bound, supervisor_stop_atom::value)
-      .receive([&](bool) { stopped_cleanly = true; },
-               [&](caf::error& e) {
-                 if (e != caf::sec::request_receiver_down)
-                   log().error("the root supervisor did not stop in time ({}); killing it",
-                               sys.render(e));
-               });
-    if (!stopped_cleanly)
-      self->send_exit(impl_->root, caf::exit_reason::kill);  // it kills its children
-    self->receive([](caf::down_msg&) {},
-                  caf::after(bound) >> [&] { log().error("the root supervisor did not terminate"); });
-    // Every call has its answer now (or fails on the pool's down); the
-    // client quits once it passed the last one on.
-    self->monitor(impl_->client);
-    self->send(impl_->client, stop_atom::value);
-    self->receive([](caf::down_msg&) {},
-                  caf::after(bound) >> [&] {
-                    log().error("the pool client did not finish its calls");
-                    self->send_exit(impl_->client, caf::exit_reason::kill);
-                  });
-  }
-  // A restart racing with the unregistration above may have registered a
-  // pool again; its entry goes with the pool, but leave nothing to chance.
-  unregister_services(sys);
-  {
-    std::lock_guard<std::mutex> guard{impl_->shared->mtx};
-    impl_->shared->pool = nullptr;
-  }
-  impl_->root = nullptr;
-  impl_->client = nullptr;
-  // ~actor_system() blocks while any actor lives; every actor of ours is gone
-  // or going now (workers die with the pool, lease holders with their pool).
-  impl_->system.reset();
+  auto p = impl_;
+  // On a runtime thread the stop cannot wait for the actors it stops (that
+  // thread may be the one they need): it runs on a thread of its own, which
+  // keeps the impl alive, and this call returns at once. Anywhere else it
+  // runs here, and a second caller waits for the first one's run.
+  bool here = !must_not_block();
+  std::call_once(p->stop_once, [&] {
+    p->stopped = true;
+    if (here) {
+      p->run_stop();
+      return;
+    }
+    log().info("runtime::stop() called on a runtime thread: stopping on a thread of its own");
+    std::thread([p] { p->run_stop(); }).detach();
+  });
+  if (here)
+    p->stop_finished.wait();
 }
 
 const settings& runtime::config() const noexcept {

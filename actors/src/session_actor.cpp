@@ -13,6 +13,7 @@
 #include <caf/all.hpp>
 
 #include "dspex/logging.hpp"
+#include "dspex/secrets.hpp"
 
 namespace dspex {
 
@@ -140,7 +141,7 @@ nlohmann::json session_info(session_actor_t* self) {
           {"program_count", st.programs.size()},
           {"pending", pending},
           {"affinity", to_string(st.default_affinity)},
-          {"lm", st.lm_override}};
+          {"lm", redacted(st.lm_override)}};
 }
 
 // Sends one call through the pool client; its answer comes back as

@@ -6,10 +6,28 @@
 #include <caf/atom.hpp>
 #include <caf/config_option_adder.hpp>
 #include <caf/settings.hpp>
+#include <caf/thread_hook.hpp>
+
+#include "dspex/actors/runtime_thread.hpp"
 
 namespace dspex {
 
 namespace {
+
+thread_local bool runtime_thread = false;
+
+/// Marks every thread the actor system starts (see runtime_thread.hpp).
+class runtime_thread_marker final : public caf::thread_hook {
+public:
+  void init(caf::actor_system&) override {
+  }
+  void thread_started() override {
+    runtime_thread = true;
+  }
+  void thread_terminates() override {
+    runtime_thread = false;
+  }
+};
 
 template <class Duration>
 caf::timespan to_timespan(Duration d) {
@@ -22,8 +40,13 @@ settings::ms to_ms(caf::timespan t) {
 
 } // namespace
 
+bool on_runtime_thread() noexcept {
+  return runtime_thread;
+}
+
 system_config::system_config() {
   bind_options();
+  add_thread_hook<runtime_thread_marker>();
   // Our default differs from CAF's: work stealing costs ~70-90 us per round
   // trip on two cores (ARCHITECTURE.md). INI and CLI can still override it.
   set("scheduler.policy", caf::atom("sharing"));
@@ -31,6 +54,7 @@ system_config::system_config() {
 
 system_config::system_config(const settings& s) : values_(s) {
   bind_options();
+  add_thread_hook<runtime_thread_marker>();
   set("scheduler.policy", caf::atom_from_string(s.scheduler_policy));
   // CAF 0.17 starts max(4, cores) scheduler threads. Actors here only route
   // messages; the work is in the Python processes and the I/O threads. Half
@@ -59,7 +83,9 @@ void system_config::bind_options() {
   add_duration(pool, [](s_t& s) -> auto& { return s.pool.request_timeout; }, "request_timeout",
                "default deadline of one call, queueing included (default 30s)");
   pool.add(values_.pool.max_frame_bytes, "max_frame_bytes",
-           "largest frame accepted from a worker (default 16777216)")
+           "largest frame in either direction (default 16777216)")
+    .add(values_.pool.max_json_depth, "max_json_depth",
+         "deepest JSON nesting of a reply or of a caller's args (default 128)")
     .add(values_.pool.max_overflow, "max_overflow",
          "extra workers started on demand beyond size (default 0)");
   add_duration(pool, [](s_t& s) -> auto& { return s.pool.overflow_idle_delay; },
@@ -137,7 +163,9 @@ void system_config::bind_options() {
   session.add(values_.session.max_sessions, "max_sessions",
               "live sessions; beyond it a new session fails with too_many_sessions (default 10000)")
     .add(values_.session.affinity, "affinity",
-         "hint, strict_queue or strict_fail_fast: how a session sticks to its worker (default hint)");
+         "hint, strict_queue or strict_fail_fast: how a session sticks to its worker (default hint)")
+    .add(values_.session.max_anonymous_programs, "max_anonymous_programs",
+         "anonymous program definitions kept; the least recently used go first (default 10000)");
 
   caf::config_option_adder lm{custom_options_, "lm"};
   lm.add(values_.lm.provider, "provider",

@@ -1,5 +1,6 @@
 #include "dspex/actors/worker_actor.hpp"
 
+#include <csignal>
 #include <chrono>
 #include <optional>
 
@@ -101,8 +102,25 @@ struct worker_state {
   // would wake its timer thread on every round trip.
   std::optional<clock_type::time_point> timer_due;
   std::string last_stderr_line;
+  bool killed_child = false;  ///< we sent the child SIGKILL (else a signal came from outside)
   caf::error exit_reason;  ///< kept while `gone`, until the owner releases us
   std::uint64_t lease = 0; ///< the lease whose holder may send requests; 0 = none
+
+  worker_state() = default;
+  worker_state(const worker_state&) = delete;
+  worker_state& operator=(const worker_state&) = delete;
+
+  /// Runs on every termination, an untrappable `kill` included (CAF destroys
+  /// the state in on_exit): a caller whose request is in flight gets an
+  /// answer instead of waiting for its own deadline (or forever).
+  ~worker_state() {
+    if (!in_flight || !in_flight->promise.pending())
+      return;
+    in_flight->promise.deliver(outcome::failure(make_error(
+      error_category::communication_error, "worker_exited",
+      "worker " + cfg.id + " terminated with the request in flight",
+      {{"worker_id", cfg.id}, {"command", in_flight->command}})));
+  }
 
   static inline const char* name = "dspex.worker";
 };
@@ -202,6 +220,31 @@ void quit_worker(worker_actor_t* self, caf::error reason, const std::string& why
   self->quit(std::move(reason));
 }
 
+// Our own SIGKILL, remembered so that the exit it causes is not taken for a
+// signal from outside (see external_signal).
+void kill_child(worker_actor_t* self) {
+  auto& st = self->state;
+  st.killed_child = true;
+  if (st.child)
+    st.child->kill();
+}
+
+// A signal that ended the child without our asking, and that the process
+// cannot have raised itself by crashing: somebody outside killed it (an
+// operator, a storm, the OOM killer). The pool does not count such a death
+// against its crash-loop guard (see pool_actor: crash-loop guard).
+bool external_signal(const worker_state& st, const exit_status& status) {
+  if (!status.signaled || st.killed_child)
+    return false;
+  switch (status.code) {
+    case SIGSEGV: case SIGABRT: case SIGBUS: case SIGFPE: case SIGILL: case SIGSYS:
+    case SIGTRAP: case SIGXCPU: case SIGXFSZ:
+      return false;  // the process crashed by itself
+    default:
+      return true;
+  }
+}
+
 // The request in flight (if any) fails with resource_error/worker_stopping:
 // the worker is going away on purpose, not because the process broke.
 void fail_in_flight_stopping(worker_actor_t* self, const std::string& what) {
@@ -230,7 +273,7 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
   }
   log().warn("[{}] removed: {}", st.cfg.id, err.describe());
   if (st.child)
-    st.child->kill();
+    kill_child(self);
   auto reason = make_exit_reason(code, err);
   if (st.phase == worker_phase::ready || st.phase == worker_phase::busy
       || st.phase == worker_phase::degraded) {
@@ -238,7 +281,7 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
     st.exit_reason = std::move(reason);
     if (!set_phase(self, worker_phase::gone, err.type, &err))
       st.phase = worker_phase::gone;  // cannot be refused from these phases; never stay serving
-    self->send(st.cfg.owner, worker_gone_atom::value, st.cfg.id);
+    self->send(st.cfg.owner, worker_gone_atom::value, st.cfg.id, err);
     return;
   }
   quit_worker(self, std::move(reason), err.type, &err);
@@ -269,7 +312,7 @@ std::string start_failure_detail(worker_actor_t* self, const std::string& what) 
 void handle_start_frame(worker_actor_t* self, const std::string& payload) {
   auto& st = self->state;
   auto expected = st.phase == worker_phase::starting ? init_request_id : st.configure_request_id;
-  auto parsed = parse_reply(payload, expected);
+  auto parsed = parse_reply(payload, expected, st.cfg.config->pool.max_json_depth);
   if (auto* perr = std::get_if<protocol_error>(&parsed)) {
     fail_worker(self, worker_exit::init_failed,
                 make_error(error_category::initialization_error, "init_failed",
@@ -315,7 +358,7 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
                            worker_context(self)));
     return;
   }
-  auto parsed = parse_reply(payload, st.in_flight->id);
+  auto parsed = parse_reply(payload, st.in_flight->id, st.cfg.config->pool.max_json_depth);
   if (auto* perr = std::get_if<protocol_error>(&parsed)) {
     auto ctx = worker_context(self);
     ctx["protocol_error"] = to_string(perr->code);
@@ -398,6 +441,21 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
     return outcome::failure(make_error(error_category::system_error, "invalid_request", e.what(),
                                        worker_context(self)));
   }
+  if (payload.size() > st.cfg.config->pool.max_frame_bytes) {
+    // The worker would take it for a broken stream and exit (and a retry
+    // would do the same to the next one): refused here, nothing sent.
+    auto ctx = worker_context(self);
+    ctx["command"] = c.command;
+    ctx["reason"] = "too_large";
+    ctx["bytes"] = payload.size();
+    ctx["max_frame_bytes"] = st.cfg.config->pool.max_frame_bytes;
+    check_in_now();
+    return outcome::failure(make_error(
+      error_category::system_error, "invalid_request",
+      "the request is " + std::to_string(payload.size()) + " bytes; pool.max_frame_bytes is "
+        + std::to_string(st.cfg.config->pool.max_frame_bytes),
+      ctx));
+  }
   auto rp = self->make_response_promise();
   auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
   if (!st.child->send(payload)) {
@@ -476,6 +534,9 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   }
   st.cfg.health->process_alive = true;
   st.cfg.health->pipes_open = true;
+  // The pid is known from now on (status, and whoever must find the process).
+  self->send(st.cfg.owner, worker_spawned_atom::value, st.cfg.id,
+             static_cast<int>(st.child->pid()));
   self->attach_functor([health = st.cfg.health] { health->actor_alive = false; });
   // As CAF's default (quit on any reason but normal), with the lifecycle
   // ending in terminated first. exit_reason::kill cannot be trapped: that
@@ -487,18 +548,16 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     auto why = "exit: " + self->system().render(msg.reason);
     fail_in_flight_stopping(self, "is terminating (" + why + ")");
     if (st.child)
-      st.child->kill();
+      kill_child(self);
     quit_worker(self, std::move(msg.reason), why);
   });
   auto ping = encode_request(init_request_id, "ping",
                              {{"initialization", true}, {"worker_id", st.cfg.id}});
-  if (!st.child->send(ping)) {
-    fail_worker(self, worker_exit::init_failed,
-                make_error(error_category::initialization_error, "init_failed",
-                           "cannot write the init ping to worker " + st.cfg.id,
-                           worker_context(self)));
-    return {};
-  }
+  // A process that cannot take the init ping has closed its stdin or died:
+  // its exit (with its last stderr line, the useful part) or the init
+  // timeout ends the start, so the failure names the real cause.
+  if (!st.child->send(ping))
+    log().debug("[{}] the init ping could not be written; waiting for the exit", st.cfg.id);
   self->delayed_send(self, conf.pool.init_timeout, init_timeout_atom::value);
 
   return {
@@ -530,6 +589,17 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       return start_request(self, c, false);
     },
     [=](health_check_atom) -> caf::result<outcome> { return start_health_check(self); },
+    [=](process_stopped_atom) {
+      auto& st = self->state;
+      if (st.phase == worker_phase::gone || st.phase == worker_phase::stopping)
+        return;
+      fail_worker(self, worker_exit::health_timeout,
+                  make_error(error_category::health_check_error, "process_stopped",
+                             "worker " + st.cfg.id
+                               + "'s process was stopped (SIGSTOP) from outside and could "
+                                 "answer nothing; it was killed and will be replaced",
+                             worker_context(self)));
+    },
     [=](lifecycle_atom) -> lifecycle_history {
       const auto& h = self->state.lifecycle.history();
       return lifecycle_history(h.begin(), h.end());
@@ -565,7 +635,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       if (st.phase == worker_phase::gone)
         return;
       if (st.phase == worker_phase::stopping) {
-        st.child->kill();
+        kill_child(self);
         return;
       }
       auto ctx = worker_context(self);
@@ -596,6 +666,18 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       }
       auto ctx = worker_context(self);
       ctx["exit"] = status.describe();
+      auto external = external_signal(st, status);
+      if (external)
+        ctx["cause"] = "external_signal";
+      if (external && (st.phase == worker_phase::starting || st.phase == worker_phase::configuring)) {
+        // Not a start failure: the process was starting fine when it was killed.
+        fail_worker(self, worker_exit::killed_at_start,
+                    make_error(error_category::initialization_error, "killed_at_start",
+                               "worker " + st.cfg.id + " was killed during start ("
+                                 + status.describe() + ", not sent by the runtime)",
+                               ctx));
+        return;
+      }
       if (st.phase == worker_phase::starting || st.phase == worker_phase::configuring) {
         fail_worker(self, worker_exit::init_failed,
                     make_error(error_category::initialization_error, "init_failed",

@@ -192,14 +192,16 @@ const std::vector<retry_rule>& default_retry_rules() {
     {c::communication_error, "send_failed", r::safe},
     {c::resource_error, "worker_not_ready", r::safe},
     {c::resource_error, "worker_busy", r::safe},
-    {c::resource_error, "worker_stopping", r::safe},
     {c::connection_error, "", r::safe},
     // The worker had the request and then died, broke the protocol or hung:
     // it may have run, so only an idempotent command may run again.
     {c::communication_error, "worker_exited", r::idempotent_only},
+    // A worker stopped (pool stop, recycling) with the request already written.
+    {c::resource_error, "worker_stopping", r::idempotent_only},
     {c::communication_error, "protocol_violation", r::idempotent_only},
     {c::communication_error, "garbled", r::idempotent_only},
     {c::timeout_error, "request_timeout", r::idempotent_only},
+    {c::health_check_error, "process_stopped", r::idempotent_only},
     {c::system_error, "worker_exited", r::idempotent_only},  // the pool's fallback reason for a dead worker actor
     // The worker answered success:false: it is healthy and the same input
     // would fail the same way.

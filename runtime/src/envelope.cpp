@@ -55,11 +55,17 @@ std::string preview(std::string_view payload) {
   return out;
 }
 
+/// Bound on the text of a non-string `error` member kept in a reply.
+constexpr std::size_t max_error_text = 4096;
+
 /// A member's JSON text for an error message, bounded in length.
-std::string short_dump(const json& value) {
-  constexpr std::size_t max_len = 64;
+std::string short_dump(const json& value, std::size_t max_len = 64) {
   std::string text = value.dump();
   if (text.size() > max_len) {
+    // Never inside a UTF-8 character (found by fuzz_reply_envelope): the
+    // text goes into errors that are dumped as JSON later.
+    while (max_len > 0 && (static_cast<unsigned char>(text[max_len]) & 0xC0) == 0x80)
+      --max_len;
     text.resize(max_len);
     text += "...";
   }
@@ -102,7 +108,17 @@ std::string encode_request(std::uint64_t id, std::string_view command, nlohmann:
 }
 
 std::variant<reply, protocol_error> parse_reply(std::string_view payload,
-                                               std::optional<std::uint64_t> expected_id) {
+                                               std::optional<std::uint64_t> expected_id,
+                                               std::size_t max_json_depth) {
+  // nlohmann stops at a NUL outside a string, so "{...}\0junk" would pass;
+  // valid JSON text never contains one.
+  if (payload.find('\0') != std::string_view::npos)
+    return make_error(protocol_errc::bad_json,
+                      fmt::format("reply of {} bytes contains a NUL byte", payload.size()));
+  if (json_text_depth(payload, max_json_depth) > max_json_depth)
+    return make_error(protocol_errc::too_deep,
+                      fmt::format("reply of {} bytes is nested more than {} levels deep",
+                                  payload.size(), max_json_depth));
   json j = json::parse(payload.begin(), payload.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded())
     return make_error(protocol_errc::bad_json,
@@ -146,7 +162,7 @@ std::variant<reply, protocol_error> parse_reply(std::string_view payload,
     else if (it->is_string())
       r.error = std::move(it->get_ref<std::string&>());
     else
-      r.error = it->dump();
+      r.error = short_dump(*it, max_error_text);
   }
   return r;
 }

@@ -90,7 +90,10 @@ std::string event::describe() const {
   if (err)
     out += " error=\"" + err->describe() + "\"";
   for (auto& [k, v] : fields.items())
-    out += " " + k + "=" + (v.is_string() ? v.get<std::string>() : v.dump());
+    // Replace, never throw: a field may carry bytes a worker sent.
+    out += " " + k + "="
+           + (v.is_string() ? v.get<std::string>()
+                            : v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   return out;
 }
 

@@ -51,6 +51,7 @@ const char* to_string(protocol_errc code) noexcept {
     case protocol_errc::missing_id: return "missing_id";
     case protocol_errc::missing_success: return "missing_success";
     case protocol_errc::mismatched_id: return "mismatched_id";
+    case protocol_errc::too_deep: return "too_deep";
   }
   return "unknown_protocol_error";
 }

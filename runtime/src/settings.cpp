@@ -32,6 +32,7 @@ nlohmann::json to_json(const settings& s) {
       {"init_timeout", ms(s.pool.init_timeout)},
       {"request_timeout", ms(s.pool.request_timeout)},
       {"max_frame_bytes", s.pool.max_frame_bytes},
+      {"max_json_depth", s.pool.max_json_depth},
       {"max_overflow", s.pool.max_overflow},
       {"overflow_idle_delay", ms(s.pool.overflow_idle_delay)},
       {"lazy", s.pool.lazy},
@@ -73,7 +74,8 @@ nlohmann::json to_json(const settings& s) {
      {{"ttl", ms(s.session.ttl)},
       {"sweep_interval", ms(s.session.sweep_interval)},
       {"max_sessions", s.session.max_sessions},
-      {"affinity", s.session.affinity}}},
+      {"affinity", s.session.affinity},
+      {"max_anonymous_programs", s.session.max_anonymous_programs}}},
     {"lm", {{"provider", s.lm.provider}, {"model", s.lm.model}, {"temperature", s.lm.temperature}}},
     {"log", {{"level", s.log_level}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
@@ -113,6 +115,9 @@ std::optional<error> settings::validate() const {
   if (pool.max_frame_bytes < 64 || pool.max_frame_bytes > (std::size_t{1} << 30))
     return bad("pool.max_frame_bytes",
                fmt::format("must be between 64 and 1073741824 (got {})", pool.max_frame_bytes));
+  if (pool.max_json_depth < 2 || pool.max_json_depth > max_json_depth_limit)
+    return bad("pool.max_json_depth", fmt::format("must be between 2 and {} (got {})",
+                                                  max_json_depth_limit, pool.max_json_depth));
   if (pool.max_overflow > 1024)
     return bad("pool.max_overflow", fmt::format("must be between 0 and 1024 (got {})", pool.max_overflow));
   if (pool.overflow_idle_delay.count() < 0)
@@ -170,6 +175,10 @@ std::optional<error> settings::validate() const {
   if (session.max_sessions < 1 || session.max_sessions > 10'000'000)
     return bad("session.max_sessions",
                fmt::format("must be between 1 and 10000000 (got {})", session.max_sessions));
+  if (session.max_anonymous_programs < 1 || session.max_anonymous_programs > 10'000'000)
+    return bad("session.max_anonymous_programs",
+               fmt::format("must be between 1 and 10000000 (got {})",
+                           session.max_anonymous_programs));
   if (session.affinity != "hint" && session.affinity != "strict_queue"
       && session.affinity != "strict_fail_fast")
     return bad("session.affinity",
@@ -210,7 +219,16 @@ std::optional<error> settings::validate() const {
 
 std::vector<std::string> settings::worker_args(const std::string& worker_id,
                                                const std::string& mode) const {
-  std::vector<std::string> args{worker.script, "--mode", mode, "--worker-id", worker_id};
+  // The worker enforces the same frame and nesting bounds on what it reads.
+  std::vector<std::string> args{worker.script,
+                                "--mode",
+                                mode,
+                                "--worker-id",
+                                worker_id,
+                                "--max-frame-bytes",
+                                std::to_string(pool.max_frame_bytes),
+                                "--max-json-depth",
+                                std::to_string(pool.max_json_depth)};
   if (worker.test_commands)
     args.emplace_back("--test-commands");
   args.insert(args.end(), worker.extra_args.begin(), worker.extra_args.end());

@@ -13,18 +13,23 @@
 
 #include <doctest/doctest.h>
 
+#include <csignal>
+
 #include "storm_run.hpp"
 #include "support/harness.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
 
-TEST_CASE("crash storm: 2 SIGKILLs every 25 ms for 30 cycles during the workload") {
+TEST_CASE("crash storm: 3 hits every 25 ms for 40 cycles (SIGKILL, 10% SIGSTOP) on workers in "
+          "every state during the workload") {
   auto config = test_settings(4);
+  // Stopped processes are found at the maintenance tick (half of it).
+  config.pool.health_interval = 100ms;
   auto rt = runtime::start(config);
   REQUIRE(wait_for_status(*rt, full_and_idle, 10s).ok);
 
-  storm_run_options opts;  // 30 cycles, 25 ms, 2 kills, limit 1000 ms
+  storm_run_options opts;  // 40 cycles, 25 ms, 3 hits, 10% SIGSTOP, limit 1000 ms
   opts.workload.progress = false;
   opts.workload.requests = 200;
   opts.workload.concurrency = 8;
@@ -42,14 +47,23 @@ TEST_CASE("crash storm: 2 SIGKILLs every 25 ms for 30 cycles during the workload
 
   // The storm ran every cycle and killed what it found: 2 per cycle, fewer
   // only in cycles that found fewer live worker processes.
-  CHECK(report.cycles_run == 30);
+  CHECK(report.cycles_run == 40);
   REQUIRE(report.live_per_cycle.size() == report.cycles_run);
   std::size_t expected_kills = 0;
   for (auto live : report.live_per_cycle)
-    expected_kills += std::min<std::size_t>(2, live);
+    expected_kills += std::min<std::size_t>(3, live);
   CHECK(report.kills.size() + report.failed_kills == expected_kills);
   CHECK(report.failed_kills == 0);
-  CHECK(report.kills.size() > 0);
+  // At least 60 hits in about a second, starting workers among them (the
+  // pool shows a worker's pid from its spawn on), and some SIGSTOPs.
+  CHECK(report.kills.size() >= 60);
+  std::size_t starting = 0, stopped = 0;
+  for (auto& k : report.kills) {
+    starting += k.state == "starting" ? 1 : 0;
+    stopped += k.signal == SIGSTOP ? 1 : 0;
+  }
+  CHECK(starting > 0);
+  CHECK(stopped > 0);
   std::set<std::pair<std::size_t, int>> per_cycle;
   for (auto& k : report.kills) {
     CHECK_MESSAGE(per_cycle.insert({k.cycle, k.pid}).second, "pid ", k.pid,

@@ -725,8 +725,8 @@ private:
     // The deadline (at most 1 ms after `sent`) passes on the clock; the pool is still.
     std::this_thread::sleep_until(sent + milliseconds{3});
     if (freed)
-      caf::anon_send(pool_->pool(), checkin_atom::value, m_.leases[*freed].grant.lease_id,
-                     checkin_status::ok());
+      callers_[m_.leases[*freed].caller]->checkin_async(m_.leases[*freed].grant,
+                                                         checkin_status::ok());
     resume();
     expect_error(c, callers_[c]->await_checkout(hang), error_category::timeout_error,
                  "checkout_timeout", "a checkout whose deadline passed while the pool was held");
@@ -753,8 +753,8 @@ private:
       // Queued (or, on a slow machine, already timed out: the expectation holds either way).
       pool_->wait_for([](const pool_status& s) { return s.queued == 1; }, deadline);
       hold();
-      caf::anon_send(pool_->pool(), checkin_atom::value, m_.leases[*freed].grant.lease_id,
-                     checkin_status::ok());
+      callers_[m_.leases[*freed].caller]->checkin_async(m_.leases[*freed].grant,
+                                                         checkin_status::ok());
       std::this_thread::sleep_until(sent + deadline + milliseconds{3});
       resume();
     }

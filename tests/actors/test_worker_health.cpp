@@ -58,7 +58,7 @@ struct health_fixture : worker_fixture {
     bool gone = false;
     bool done = false;
     while (!done)
-      (*self)->receive([&](worker_gone_atom, const std::string&) { gone = done = true; },
+      (*self)->receive([&](worker_gone_atom, const std::string&, const dspex::error&) { gone = done = true; },
                        [&](checkin_atom, const std::string&, const checkin_status&) {},
                        caf::after(hang_catch) >> [&] { done = true; });
     return gone;

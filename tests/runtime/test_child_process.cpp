@@ -1067,7 +1067,18 @@ TEST_CASE_FIXTURE(no_leftovers, "no grandchild survives a SIGKILL of the runtime
 TEST_CASE_FIXTURE(no_leftovers, "each child has a guardian holding nothing but its own pipe") {
   auto [rec_a, a] = start("/bin/cat", {}, "a");
   auto [rec_b, b] = start("/bin/cat", {}, "b");
-  auto guards = guardians();
+  // A guardian names itself and closes what it inherited first thing after
+  // its fork, but that runs on its own schedule: wait for it (bounded).
+  std::vector<pid_t> guards;
+  auto settled = [&] {
+    guards = guardians();
+    return guards.size() == 2
+           && std::all_of(guards.begin(), guards.end(),
+                          [](pid_t g) { return fd_numbers(g) == std::set<int>{3}; });
+  };
+  for (auto until = std::chrono::steady_clock::now() + hang_bound;
+       !settled() && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(5ms);
   REQUIRE(guards.size() == 2);
   auto pipes_a = pipes_of(a->pid());
   auto pipes_b = pipes_of(b->pid());

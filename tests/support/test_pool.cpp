@@ -198,6 +198,10 @@ bool test_caller::checkin(const lease_grant& lease, checkin_status status) {
   return known;
 }
 
+void test_caller::checkin_async(const lease_grant& lease, checkin_status status) {
+  (*self_)->send(pool_.pool(), checkin_atom::value, lease.lease_id, std::move(status));
+}
+
 void test_caller::die() {
   self_.reset();
 }

@@ -105,6 +105,9 @@ public:
 
   /// Checks a lease in; true when the pool knew the lease.
   bool checkin(const lease_grant& lease, checkin_status status = checkin_status::ok());
+  /// Checks `lease` in without waiting for the pool's answer (it may be held).
+  /// Only the holder may check in: this caller must be the one that checked out.
+  void checkin_async(const lease_grant& lease, checkin_status status = checkin_status::ok());
 
   /// Terminates this caller: the pool sees it die.
   void die();

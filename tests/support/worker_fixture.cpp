@@ -57,7 +57,7 @@ caf::error worker_fixture::await_down() {
   while (!done && worker) {
     (*self)->receive([&](caf::down_msg& dm) { down_reason = dm.reason; done = true; },
                      [&](checkin_atom, const std::string&, const checkin_status&) {},
-                     [&](worker_gone_atom, const std::string&) {
+                     [&](worker_gone_atom, const std::string&, const dspex::error&) {
                        (*self)->send(worker, release_atom::value);
                      },
                      [&](worker_ready_atom, const std::string&, int) {},

@@ -193,7 +193,14 @@ public:
 
   /// Graceful, bounded stop: queued callers fail with resource_error, every
   /// worker gets `shutdown`, EOF, then SIGTERM and SIGKILL after the graces;
-  /// all children are reaped and the actor system is shut down. Idempotent.
+  /// all children are reaped and the actor system is shut down. Idempotent:
+  /// a second caller waits for the first one's stop to finish. Safe against
+  /// calls racing it from other threads (they fail with pool_stopping).
+  /// @note On a runtime thread (an asynchronous callback, an event handler,
+  ///       an actor) it cannot wait for the actors it stops: there it begins
+  ///       the stop on a thread of its own and returns at once (the runtime
+  ///       object may even be destroyed there). Calls made after it fail
+  ///       with resource_error/pool_stopping.
   void stop();
 
   const settings& config() const noexcept;
@@ -202,8 +209,8 @@ public:
 
 private:
   friend struct runtime_access;  // the CAF side: dspex/actors/runtime_access.hpp
-  explicit runtime(std::unique_ptr<impl> p);
-  std::unique_ptr<impl> impl_;
+  explicit runtime(std::shared_ptr<impl> p);
+  std::shared_ptr<impl> impl_;  // shared with a stop running on its own thread
 };
 
 } // namespace dspex

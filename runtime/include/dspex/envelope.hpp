@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dspex/framing.hpp"
+#include "dspex/json_limits.hpp"
 
 namespace dspex {
 
@@ -34,7 +35,11 @@ struct reply {
 /// Validates one reply payload as PROTOCOL.md requires: a JSON object with an
 /// unsigned integer `id` and a boolean `success`; when `expected_id` is given,
 /// `id` must equal it (else `mismatched_id`).
+/// @param max_json_depth payload nested deeper is `too_deep`, checked on the
+///        text before parsing, so no deep value is ever built (see json_limits.hpp)
+/// @note A non-string `error` is kept as its JSON text, bounded to 4 KiB.
 std::variant<reply, protocol_error> parse_reply(std::string_view payload,
-                                               std::optional<std::uint64_t> expected_id);
+                                               std::optional<std::uint64_t> expected_id,
+                                               std::size_t max_json_depth = default_max_json_depth);
 
 } // namespace dspex

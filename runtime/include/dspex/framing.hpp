@@ -25,6 +25,7 @@ enum class protocol_errc {
   missing_id,      ///< reply without an unsigned integer `id`
   missing_success, ///< reply without a boolean `success`
   mismatched_id,   ///< reply `id` is not the id of the request in flight
+  too_deep,        ///< payload JSON nested deeper than max_json_depth
 };
 
 /// Stable snake_case name of a protocol error code, e.g. "zero_length".

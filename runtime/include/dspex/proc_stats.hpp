@@ -10,4 +10,8 @@ namespace dspex {
 /// nothing when the process is gone or the line is missing.
 std::optional<std::uint64_t> resident_bytes(int pid);
 
+/// The state letter of /proc/<pid>/stat ('R', 'S', 'T' stopped, 'Z', ...);
+/// nothing when the process is gone.
+std::optional<char> process_state_letter(int pid);
+
 } // namespace dspex

@@ -14,6 +14,7 @@
 
 #include "dspex/error.hpp"
 #include "dspex/framing.hpp"
+#include "dspex/json_limits.hpp"
 
 namespace dspex {
 
@@ -24,7 +25,8 @@ struct settings {
     std::size_t size = 4;              ///< pool.size: workers kept running
     ms init_timeout{10'000};           ///< pool.init_timeout: spawn → init ping reply (and LM configuration)
     ms request_timeout{30'000};        ///< pool.request_timeout: default per-call deadline, queue wait included
-    std::size_t max_frame_bytes = default_max_frame_bytes;  ///< pool.max_frame_bytes
+    std::size_t max_frame_bytes = default_max_frame_bytes;  ///< pool.max_frame_bytes: both directions (the worker gets it too)
+    std::size_t max_json_depth = default_max_json_depth;    ///< pool.max_json_depth: nesting of replies and of a caller's args
     std::size_t max_overflow = 0;      ///< pool.max_overflow: extra workers started on demand
     ms overflow_idle_delay{0};         ///< pool.overflow_idle_delay: idle time before an overflow worker retires
     bool lazy = false;                 ///< pool.lazy: start workers on demand instead of at start
@@ -79,6 +81,7 @@ struct settings {
     ms sweep_interval{60'000};         ///< session.sweep_interval: how often expired sessions are swept
     std::size_t max_sessions = 10'000; ///< session.max_sessions: live sessions; beyond it session_error/too_many_sessions
     std::string affinity = "hint";     ///< session.affinity: hint, strict_queue or strict_fail_fast (per call overridable)
+    std::size_t max_anonymous_programs = 10'000;  ///< session.max_anonymous_programs: definitions of anonymous programs kept (least recently used dropped)
   } session;
 
   struct worker_settings {

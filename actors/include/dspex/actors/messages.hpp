@@ -73,9 +73,10 @@ using hold_atom = caf::atom_constant<caf::atom("hold")>;            // tests: st
 using resume_atom = caf::atom_constant<caf::atom("resume")>;
 
 // -- worker → owner (the pool, or a test) -------------------------------------
+using worker_spawned_atom = caf::atom_constant<caf::atom("wspawned")>;  // (worker_id, pid): the process exists, the start goes on
 using worker_ready_atom = caf::atom_constant<caf::atom("wready")>;  // (worker_id, pid)
 using checkin_atom = caf::atom_constant<caf::atom("checkin")>;      // (worker_id, checkin_status)
-using worker_gone_atom = caf::atom_constant<caf::atom("wgone")>;    // (worker_id): process lost, awaiting release
+using worker_gone_atom = caf::atom_constant<caf::atom("wgone")>;    // (worker_id, error): process lost (why: exit, protocol violation, timeout), awaiting release
 using retry_atom = caf::atom_constant<caf::atom("retry")>;          // (call) → outcome: a checkout handed back unserved
 /// owner → worker: () → outcome. A health ping of an idle worker, bounded by
 /// pool.health_timeout. ok: the ping's reply (worker stays ready);
@@ -85,6 +86,11 @@ using retry_atom = caf::atom_constant<caf::atom("retry")>;          // (call) �
 /// quits with worker_exit::health_timeout. A worker that is not ready (busy,
 /// starting, stopping) answers resource_error/worker_busy and pings nothing.
 using health_check_atom = caf::atom_constant<caf::atom("hcheck")>;
+/// owner → worker: () the worker's process was seen stopped (SIGSTOP, state
+/// T in /proc) on two maintenance ticks in a row: it can answer nothing, so
+/// the worker kills it and quits with worker_exit::health_timeout
+/// (health_check_error/process_stopped; a request in flight gets that error).
+using process_stopped_atom = caf::atom_constant<caf::atom("pstopped")>;
 
 // -- owner → worker -------------------------------------------------------------
 using release_atom = caf::atom_constant<caf::atom("release")>;      // the owner sends no more calls: quit now
@@ -120,6 +126,7 @@ enum class worker_exit : std::uint8_t {
   protocol_violation,   ///< the child broke the wire contract
   request_timeout,      ///< a request passed its deadline: the child was killed
   health_timeout,       ///< a health ping went unanswered: the child was hung and was killed
+  killed_at_start,      ///< a signal from outside ended the child during its start (not a start failure)
 };
 
 caf::error make_exit_reason(worker_exit code, const error& detail);
@@ -135,6 +142,7 @@ bool is_start_failure(const caf::error& reason);
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::call)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::outcome)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::error)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::completion)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkout_type)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::checkout_request)
