@@ -457,13 +457,12 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
       ctx));
   }
   auto rp = self->make_response_promise();
-  auto write_budget = std::chrono::duration_cast<std::chrono::milliseconds>(c.deadline - now);
   if (!st.child->send(payload)) {
     // No whole request reached the process, so nothing ran: a call that
     // came through the pool goes back to it and is served by the next worker.
     st.cfg.health->pipes_open = false;
     auto err = make_error(error_category::communication_error, "send_failed",
-                          "cannot write to worker " + st.cfg.id + " (stdin closed or full)",
+                          "cannot write to worker " + st.cfg.id + " (stdin closed)",
                           worker_context(self));
     fail_worker(self, worker_exit::process_exited, err);
     if (check_in)
@@ -502,7 +501,7 @@ caf::result<outcome> start_health_check(worker_actor_t* self) {
     ctx["command"] = "ping";
     auto err = make_error(error_category::communication_error, "send_failed",
                           "cannot write the health ping to worker " + st.cfg.id
-                            + " (stdin closed or full)",
+                            + " (stdin closed)",
                           ctx);
     fail_worker(self, worker_exit::process_exited, err);
     rp.deliver(outcome::failure(std::move(err)));
