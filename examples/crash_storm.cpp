@@ -7,28 +7,20 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
 #include <memory>
 #include <sstream>
 
+#include "dspex/proc_stats.hpp"
 #include "dspex/runtime.hpp"
 
 namespace dspex {
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    return {};
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
 /// State letter and parent of /proc/<pid>/stat; the command name (field 2)
 /// may contain spaces and ')', so the rest is parsed after the LAST ')'.
 bool read_stat(pid_t pid, char& state, long& ppid) {
-  auto text = read_file("/proc/" + std::to_string(pid) + "/stat");
+  auto text = read_proc_file(pid, "stat").value_or("");
   auto close = text.rfind(')');
   if (close == std::string::npos || close + 2 >= text.size())
     return false;
@@ -57,7 +49,7 @@ bool process_runs(pid_t pid, const std::string& needle) {
   if (pid <= 0 || !read_stat(pid, state, ppid) || state == 'Z' || state == 'X')
     return false;
   // NUL-separated arguments; a zombie's (or kernel thread's) is empty.
-  auto cmdline = read_file("/proc/" + std::to_string(pid) + "/cmdline");
+  auto cmdline = read_proc_file(pid, "cmdline").value_or("");
   std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
   return !cmdline.empty() && (needle.empty() || cmdline.find(needle) != std::string::npos);
 }

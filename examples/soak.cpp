@@ -51,6 +51,7 @@
 #include <fmt/format.h>
 
 #include "dspex/config.hpp"
+#include "dspex/proc_stats.hpp"
 #include "dspex/runtime.hpp"
 
 namespace {
@@ -109,7 +110,7 @@ long status_field(const std::string& status, const char* name) {
 
 resources sample_self() {
   resources r;
-  auto status = read_file("/proc/self/status");
+  auto status = dspex::read_proc_file(::getpid(), "status").value_or("");
   r.rss_kb = status_field(status, "VmRSS");
   r.threads = status_field(status, "Threads");
   long n = 0;
@@ -145,7 +146,7 @@ std::vector<std::string> children_left() {
   std::vector<std::string> left;
   const long self = ::getpid();
   for_each_numeric_entry("/proc", [&](long pid) {
-    auto stat = read_file(fmt::format("/proc/{}/stat", pid));
+    auto stat = dspex::read_proc_file(static_cast<int>(pid), "stat").value_or("");
     auto close = stat.rfind(')');
     if (close == std::string::npos || close + 2 >= stat.size())
       return;
@@ -154,7 +155,7 @@ std::vector<std::string> children_left() {
     long ppid = 0;
     if (!(fields >> state >> ppid) || ppid != self)
       return;
-    auto cmd = read_file(fmt::format("/proc/{}/cmdline", pid));
+    auto cmd = dspex::read_proc_file(static_cast<int>(pid), "cmdline").value_or("");
     std::replace(cmd.begin(), cmd.end(), '\0', ' ');
     left.push_back(fmt::format("pid {} state {} {}", pid, state, cmd));
   });

@@ -1,12 +1,14 @@
 #include "dspex/config.hpp"
 
-#include <iterator>
 #include <sstream>
 
 #include "dspex/json_limits.hpp"
+#include "dspex/text_file.hpp"
 
 #include <algorithm>
-#include <fstream>
+#include <cctype>
+#include <cstdint>
+#include <optional>
 
 #include <caf/actor_system.hpp>
 #include <caf/config_option_set.hpp>
@@ -23,6 +25,42 @@ namespace {
 error config_error(std::string type, std::string message, nlohmann::json ctx = {}) {
   return make_error(error_category::configuration_error, std::move(type), std::move(message),
                     ctx.is_object() ? std::move(ctx) : nlohmann::json::object());
+}
+
+/// The first duration literal in `text` ("<digits><unit>" after '=' or blank)
+/// too long for CAF's timespan (int64 nanoseconds, ~292 years): CAF's parser
+/// wraps it around silently, so "18446744074s" would become 290 ms.
+std::optional<std::string> overflowing_duration(const std::string& text) {
+  static const std::pair<const char*, std::uint64_t> units[] = {
+    {"ns", 1}, {"us", 1000}, {"ms", 1000000}, {"min", 60000000000ULL},
+    {"s", 1000000000ULL}, {"h", 3600000000000ULL}};
+  constexpr auto max_ns = static_cast<std::uint64_t>(INT64_MAX);
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    auto digit = [&](std::size_t k) { return k < text.size() && text[k] >= '0' && text[k] <= '9'; };
+    bool starts = digit(i) && (i == 0 || text[i - 1] == '=' || text[i - 1] == ' '
+                               || text[i - 1] == '\t');
+    if (!starts)
+      continue;
+    std::size_t end = i;
+    std::uint64_t value = 0;
+    bool huge = false;
+    for (; digit(end); ++end) {
+      auto d = static_cast<std::uint64_t>(text[end] - '0');
+      huge = huge || value > (UINT64_MAX - d) / 10;
+      value = huge ? value : value * 10 + d;
+    }
+    for (auto& [name, factor] : units) {
+      auto len = std::char_traits<char>::length(name);
+      bool alnum_after = end + len < text.size() && std::isalnum(static_cast<unsigned char>(text[end + len]));
+      if (text.compare(end, len, name) != 0 || alnum_after)
+        continue;
+      if (huge || value > max_ns / factor)
+        return text.substr(i, end + len - i);
+      break;
+    }
+    i = end;
+  }
+  return std::nullopt;
 }
 
 // CAF renders parser errors as e.g.
@@ -74,11 +112,16 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
   for (auto& a : args)
     if (a.rfind("--config-file=", 0) == 0)
       path = a.substr(14);
-  std::ifstream file{path};
-  if (!file)
-    return config_error("config_file_unreadable", "cannot read config file '" + path + "'",
-                        {{"key", "config-file"}, {"path", path}});
-  std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  // Bounded so that naming /dev/zero or a huge file cannot exhaust memory.
+  constexpr std::size_t max_config_file_bytes = 1 << 20;
+  auto content = read_text_file(path, max_config_file_bytes);
+  if (!content)
+    return config_error("config_file_unreadable",
+                        "cannot read config file '" + sanitize_utf8(path)
+                          + "' (missing, not a regular file, unreadable or over "
+                          + std::to_string(max_config_file_bytes) + " bytes)",
+                        {{"key", "config-file"}, {"path", sanitize_utf8(path)}});
+  const std::string& text = *content;
   // Checked before CAF sees them (found by fuzz_config): CAF's INI parser
   // recurses once per '[' or '{' (100k of them overflow the stack), and text
   // that is not UTF-8 would make every later dump() of the settings throw.
@@ -89,9 +132,9 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                         {{"path", sanitize_utf8(path)}});
   if (json_text_depth(text, max_config_nesting) > max_config_nesting)
     return config_error("invalid_setting",
-                        "the config file '" + path + "' nests lists or maps more than "
+                        "the config file '" + sanitize_utf8(path) + "' nests lists or maps more than "
                           + std::to_string(max_config_nesting) + " levels deep",
-                        {{"path", path}});
+                        {{"path", sanitize_utf8(path)}});
   std::vector<std::string> cli;
   for (auto& a : args) {
     if (!valid_utf8(a))
@@ -103,6 +146,18 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                           {{"argument", a.substr(0, 64)}});
     if (a.rfind("--config-file=", 0) != 0)
       cli.push_back(a);
+  }
+  {
+    std::istringstream lines{text};
+    std::vector<std::string> sources{cli};
+    for (std::string line; std::getline(lines, line);)
+      sources.push_back(line);
+    for (auto& source : sources)
+      if (auto literal = overflowing_duration(source))
+        return config_error("invalid_setting",
+                            "the duration " + *literal + " in '" + source
+                              + "' is out of range (at most about 292 years)",
+                            {{"value", *literal}, {"argument", source}});
   }
   std::istringstream ini{text};
   system_config cfg;

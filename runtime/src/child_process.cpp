@@ -271,25 +271,41 @@ struct child_setup : bp::extend::handler {
 
 // -- the guardian ---------------------------------------------------------------
 
-/// The fd the guardian watches (the read end of its pipe).
-constexpr int guardian_watch_fd = 3;
+/// What the guardian runs: /bin/sh, so that it holds none of the runtime's
+/// memory (a process forked without exec keeps a copy-on-write image of the
+/// runtime, which grows up to the runtime's whole RSS as the runtime writes).
+/// `read` returns 0 on the disarm byte (a newline) and non-zero on EOF, i.e.
+/// when the runtime is gone, even by SIGKILL. Its argv[0] names it in ps and
+/// /proc/<pid>/cmdline; its environment is empty (no secret of the runtime's).
+constexpr const char* guardian_shell = "/bin/sh";
+constexpr const char* guardian_name = "dspex-guard";
+constexpr const char* guardian_script =
+  "IFS= read -r disarm && exit 0\n"
+  "kill -s KILL -- \"-$1\"\n"
+  "exit 0\n";
+constexpr char guardian_disarm = '\n';
+
+/// The fd the guardian watches (the read end of its pipe), its stdin: the
+/// only fd it has.
+constexpr int guardian_watch_fd = 0;
 
 /// The guardian's whole life, in a process forked from the multi-threaded
 /// runtime: async-signal-safe system calls only (no malloc, no logging, no
-/// C++ library). Never returns.
-[[noreturn]] void guardian_main(int watch, pid_t pgid) noexcept {
+/// C++ library). `argv` was built before the fork. Execs the shell; only when
+/// that fails does it watch the pipe itself. Never returns.
+[[noreturn]] void guardian_main(int watch, pid_t pgid, char* const* argv) noexcept {
   // First thing: hold nothing of the runtime. A sibling's pipe kept open here
   // would keep that sibling from ever seeing EOF.
-  if (watch != guardian_watch_fd && ::dup2(watch, guardian_watch_fd) < 0)
+  // dup2 clears close-on-exec; a pipe that already is fd 0 needs it cleared.
+  if (watch != guardian_watch_fd ? ::dup2(watch, guardian_watch_fd) < 0
+                                 : ::fcntl(watch, F_SETFD, 0) < 0)
     ::_exit(1); // cannot watch: leave without touching the group
-  close_from(guardian_watch_fd + 1);
-  for (int fd = 0; fd < guardian_watch_fd; ++fd)
-    ::close(fd); // nothing to read or write: no stdio
+  close_from(guardian_watch_fd + 1); // nothing to write: no stdout, no stderr
   (void)!::chdir("/"); // pins no directory (or mount) of the runtime
-  ::prctl(PR_SET_NAME, "dspex-guard", 0, 0, 0);
   ::prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0); // already cleared by fork; it must outlive the runtime
   // A Ctrl-C or a SIGTERM to the runtime's process group must not end the
   // guardian before the runtime: it is what cleans up after the runtime.
+  // Ignored signals stay ignored across exec.
   struct sigaction ign {};
   ign.sa_handler = SIG_IGN;
   sigemptyset(&ign.sa_mask);
@@ -299,6 +315,11 @@ constexpr int guardian_watch_fd = 3;
   sigemptyset(&none);
   ::sigprocmask(SIG_SETMASK, &none, nullptr);
 
+  char* const no_env[] = {nullptr};
+  ::execve(guardian_shell, argv, no_env);
+
+  // No shell: the same watch in this (copy-on-write) process.
+  ::prctl(PR_SET_NAME, guardian_name, 0, 0, 0);
   for (;;) {
     char byte;
     ssize_t n = ::read(guardian_watch_fd, &byte, 1);
@@ -324,12 +345,17 @@ struct guardian {
 /// Forks the guardian of process group `pgid`. On failure returns an empty
 /// guardian and sets errno.
 guardian start_guardian(pid_t pgid) {
+  // Everything the forked side needs, allocated before the fork.
+  std::string group = std::to_string(pgid);
+  std::string name = guardian_name, dash_c = "-c", script = guardian_script;
+  char* const argv[] = {name.data(), dash_c.data(), script.data(), name.data(), group.data(),
+                        nullptr};
   int p[2];
   if (::pipe2(p, O_CLOEXEC) != 0)
     return {};
   pid_t pid = ::fork();
   if (pid == 0)
-    guardian_main(p[0], pgid);
+    guardian_main(p[0], pgid, argv);
   int err = errno;
   ::close(p[0]);
   if (pid < 0) {
@@ -712,8 +738,7 @@ struct io_state {
   void release_guardian() {
     if (guard.pid < 0)
       return;
-    char byte = 0;
-    while (::write(guard.arm_fd, &byte, 1) < 0 && errno == EINTR) {
+    while (::write(guard.arm_fd, &guardian_disarm, 1) < 0 && errno == EINTR) {
     }
     close_fd(guard.arm_fd);
     int ws = 0;

@@ -1,16 +1,25 @@
 #include "dspex/proc_stats.hpp"
 
-#include <fstream>
-#include <iterator>
 #include <sstream>
 #include <string>
 
+#include "dspex/text_file.hpp"
+
 namespace dspex {
 
-std::optional<std::uint64_t> resident_bytes(int pid) {
+std::optional<std::string> read_proc_file(int pid, const char* entry) {
   if (pid <= 0)
     return std::nullopt;
-  std::ifstream in{"/proc/" + std::to_string(pid) + "/status"};
+  // /proc files are small; the bound only keeps a reader's memory bounded.
+  constexpr std::size_t max_proc_file_bytes = 1 << 20;
+  return read_text_file("/proc/" + std::to_string(pid) + "/" + entry, max_proc_file_bytes);
+}
+
+std::optional<std::uint64_t> resident_bytes(int pid) {
+  auto text = read_proc_file(pid, "status");
+  if (!text)
+    return std::nullopt;
+  std::istringstream in{*text};
   std::string line;
   while (std::getline(in, line)) {
     if (line.rfind("VmRSS:", 0) != 0)
@@ -25,10 +34,10 @@ std::optional<std::uint64_t> resident_bytes(int pid) {
 }
 
 std::optional<char> process_state_letter(int pid) {
-  if (pid <= 0)
+  auto stat = read_proc_file(pid, "stat");
+  if (!stat)
     return std::nullopt;
-  std::ifstream in{"/proc/" + std::to_string(pid) + "/stat"};
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string& text = *stat;
   // The command name (field 2) may contain ')' and spaces: the state is the
   // first field after the last ')'.
   auto close = text.rfind(')');

@@ -72,11 +72,27 @@ TEST_CASE("bad values are rejected with the key's name") {
   CHECK(error_of({"--log.level=\"loud\""}).find("log.level") != std::string::npos);
   CHECK(error_of({"--scheduler.policy=fastest"}).find("scheduler.policy") != std::string::npos);
   CHECK(error_of({"--lm.temperature=9.5"}).find("lm.temperature") != std::string::npos);
+  // CAF wraps an int64-nanosecond overflow around (this was 290 ms).
+  CHECK(error_of({"--pool.init_timeout=18446744074s"}).find("pool.init_timeout=18446744074s")
+        != std::string::npos);
+  CHECK(error_of({"--pool.health_interval=99999999999999999999999h"}).find("out of range")
+        != std::string::npos);
+  // The longest that fits is still accepted, and read as written.
+  auto longest = load({"--pool.max_age=2562047h"});
+  REQUIRE(std::holds_alternative<settings>(longest));
+  CHECK(std::get<settings>(longest).pool.max_age == std::chrono::hours{2562047});
 }
 
 TEST_CASE("an unknown option and an unreadable config file are errors") {
   CHECK(error_of({"--pool.sise=3"}).find("pool.sise") != std::string::npos);
   CHECK(error_of({"--config-file=/nonexistent/dspex.ini"}).find("/nonexistent/dspex.ini")
+        != std::string::npos);
+  // A directory opens but cannot be read: refused, not thrown (EISDIR out of
+  // std::istreambuf_iterator used to escape load_settings).
+  CHECK(error_of({"--config-file=/tmp"}).find("cannot read config file '/tmp'")
+        != std::string::npos);
+  // Larger than any config file: refused before it is read whole.
+  CHECK(error_of({"--config-file=/dev/zero"}).find("cannot read config file")
         != std::string::npos);
 }
 
@@ -99,6 +115,8 @@ TEST_CASE("a config file with a bad value, a misspelled key or bad syntax is rej
   CHECK(error_of_file("[pool]\nsize=0\n").find("pool.size") != std::string::npos);
   CHECK(error_of_file("[pool]\nsise=3\n").find("pool.sise") != std::string::npos);
   CHECK(error_of_file("[lm]\nprovider=mock\n").find("line 2") != std::string::npos);
+  CHECK(error_of_file("[pool]\ninit_timeout = 300000000000min\n").find("out of range")
+        != std::string::npos);
 }
 
 TEST_CASE("the settings documentation lists every group") {

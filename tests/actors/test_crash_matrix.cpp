@@ -45,6 +45,7 @@
 
 #include <doctest/doctest.h>
 
+#include "dspex/proc_stats.hpp"
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
 #include "support/test_pool.hpp"
@@ -171,24 +172,10 @@ std::string payload(std::size_t n) {
   return s;
 }
 
+/// A regular file's text (the dspex program's captured output).
 std::string read_text(const std::string& path) {
   std::ifstream in(path);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-/// /proc/<pid>/cmdline with the NULs as spaces ("" when gone).
-std::string cmdline(pid_t pid) {
-  auto text = read_text("/proc/" + std::to_string(pid) + "/cmdline");
-  std::replace(text.begin(), text.end(), '\0', ' ');
-  return text;
-}
-
-/// /proc/<pid>/comm without its newline ("" when gone).
-std::string comm(pid_t pid) {
-  auto text = read_text("/proc/" + std::to_string(pid) + "/comm");
-  if (!text.empty() && text.back() == '\n')
-    text.pop_back();
-  return text;
 }
 
 /// "pid state comm [cmdline]" of each process, for failure messages.
@@ -204,7 +191,7 @@ std::string describe_processes(const std::vector<pid_t>& pids) {
 
 /// A field of /proc/<pid>/status as a number (-1 when missing).
 long status_field(pid_t pid, const std::string& key) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::istringstream in(read_proc_file(pid, "status").value_or(""));
   std::string line;
   while (std::getline(in, line))
     if (line.rfind(key + ":", 0) == 0)
@@ -226,7 +213,8 @@ std::optional<pipe_fill> request_pipe_fill(pid_t pid) {
     auto target = fs::read_symlink(ent.path(), ec);
     if (ec || target.string().rfind("pipe:", 0) != 0)
       continue;
-    auto info = read_text(dir + "/fdinfo/" + ent.path().filename().string());
+    const std::string entry = "fdinfo/" + ent.path().filename().string();
+    auto info = read_proc_file(pid, entry.c_str()).value_or("");
     auto at = info.find("flags:");
     if (at == std::string::npos)
       continue;
@@ -864,7 +852,9 @@ TEST_CASE("crash_matrix 11: the dspex program SIGKILLed under load leaves no wor
   REQUIRE(loaded);
   REQUIRE(process_state(dspex).has_value());
   REQUIRE(process_state(dspex) != 'Z');  // still running the workload
-  guardians = children_named(dspex, "dspex-guard");
+  for (auto pid : child_pids(dspex))
+    if (is_guardian(pid))
+      guardians.push_back(pid);
   all.insert(all.end(), guardians.begin(), guardians.end());
   MESSAGE("dspex " << dspex << ", workers " << workers.size() << ", grandchildren "
                    << grandchildren.size() << ", guardians " << guardians.size());

@@ -377,10 +377,7 @@ TEST_CASE("the bridge restarts its worker after SIGKILL") {
   auto children = child_pids(::getpid());
   std::size_t workers = 0;
   for (auto pid : children) {
-    std::ifstream comm{"/proc/" + std::to_string(pid) + "/comm"};
-    std::string name;
-    std::getline(comm, name);
-    workers += name == "dspex-guard" ? 0 : 1;
+    workers += is_guardian(pid) ? 0 : 1;
   }
   CHECK(workers == 1);
 }

@@ -1,12 +1,13 @@
 #include "support/proc.hpp"
 
+#include "dspex/proc_stats.hpp"
+
 #include <dirent.h>
 #include <limits.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
 #include <memory>
 #include <sstream>
 #include <thread>
@@ -19,10 +20,10 @@ namespace {
 /// (state, ppid, ...). The name (field 2) is in parentheses and may itself
 /// contain spaces and ')', so everything is parsed after the LAST ')'.
 std::optional<std::string> stat_tail(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  if (!in)
+  auto stat = read_proc_file(pid, "stat");
+  if (!stat)
     return std::nullopt;
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string& text = *stat;
   auto close = text.rfind(')');
   if (close == std::string::npos || close + 2 >= text.size())
     return std::nullopt;
@@ -96,6 +97,24 @@ std::vector<pid_t> wait_no_children(pid_t parent, std::chrono::milliseconds time
     return left.empty();
   });
   return left;
+}
+
+std::string comm(pid_t pid) {
+  auto text = read_proc_file(pid, "comm").value_or("");
+  if (!text.empty() && text.back() == '\n')
+    text.pop_back();
+  return text;
+}
+
+std::string cmdline(pid_t pid) {
+  auto text = read_proc_file(pid, "cmdline").value_or("");
+  std::replace(text.begin(), text.end(), '\0', ' ');
+  return text;
+}
+
+bool is_guardian(pid_t pid) {
+  // The shell it runs shows as "sh" in comm; its fallback names itself.
+  return cmdline(pid).rfind("dspex-guard ", 0) == 0 || comm(pid) == "dspex-guard";
 }
 
 std::vector<std::string> open_fd_targets(pid_t pid) {

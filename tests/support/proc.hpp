@@ -28,6 +28,15 @@ bool wait_gone(pid_t pid, std::chrono::milliseconds timeout);
 /// Waits until `parent` has no child left; returns the ones still there.
 std::vector<pid_t> wait_no_children(pid_t parent, std::chrono::milliseconds timeout);
 
+/// /proc/<pid>/comm without its newline ("" when the process is gone).
+std::string comm(pid_t pid);
+
+/// /proc/<pid>/cmdline with its NULs as spaces ("" when the process is gone).
+std::string cmdline(pid_t pid);
+
+/// True when `pid` is a child process's guardian (argv[0] "dspex-guard").
+bool is_guardian(pid_t pid);
+
 /// The fds a process has open, as the targets of /proc/<pid>/fd/* (e.g. "pipe:[123]").
 std::vector<std::string> open_fd_targets(pid_t pid);
 

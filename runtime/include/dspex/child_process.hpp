@@ -9,10 +9,10 @@
 //
 // PR_SET_PDEATHSIG only kills the child itself when the runtime dies; what
 // the child started (same process group) would survive. So each child also
-// gets a guardian: a tiny forked process ("dspex-guard") that blocks on a pipe
-// whose only write end the runtime holds. When that pipe reports EOF without
-// having been disarmed (the runtime died, even by SIGKILL), the guardian kills
-// the child's whole process group.
+// gets a guardian: a tiny /bin/sh process (argv[0] "dspex-guard") that blocks
+// on a pipe whose only write end the runtime holds. When that pipe reports EOF
+// without having been disarmed (the runtime died, even by SIGKILL), the
+// guardian kills the child's whole process group.
 #pragma once
 
 #include <sys/types.h>

@@ -3,8 +3,14 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace dspex {
+
+/// The whole text of /proc/<pid>/<entry> ("stat", "status", "comm", ...);
+/// nothing when the process is gone or the file cannot be read (see
+/// read_text_file: never throws, also when the process is reaped meanwhile).
+std::optional<std::string> read_proc_file(int pid, const char* entry);
 
 /// Resident set size of `pid` in bytes (VmRSS of /proc/<pid>/status);
 /// nothing when the process is gone or the line is missing.
