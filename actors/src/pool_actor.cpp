@@ -12,6 +12,7 @@
 #include <caf/all.hpp>
 
 #include "dspex/actors/messages.hpp"
+#include "deadline_timer.hpp"
 #include "dspex/actors/python_worker_contract.hpp"
 #include "dspex/backoff.hpp"
 #include "dspex/logging.hpp"
@@ -92,7 +93,7 @@ struct pool_state {
   // below all of them: a retried caller goes first, it has waited longest.
   std::uint64_t next_ticket = std::uint64_t{1} << 40;
   std::uint64_t next_retry_ticket = (std::uint64_t{1} << 40) - 1;
-  std::optional<clock_type::time_point> queue_timer_due;
+  detail::deadline_timer queue_timer;  ///< the earliest queued caller's deadline
   std::map<std::uint64_t, lease_record> leases;
   std::map<caf::actor_addr, std::size_t> monitored;  ///< callers and how many entries name them
   std::uint64_t next_worker = 1;
@@ -238,12 +239,7 @@ error callback_failed(const std::string& worker_id, const char* callback) {
 }
 
 void arm_queue_timer(pool_actor_t* self, clock_type::time_point due) {
-  auto& st = self->state;
-  if (st.queue_timer_due && *st.queue_timer_due <= due)
-    return;
-  st.queue_timer_due = due;
-  auto delay = std::max(due - clock_type::now(), clock_type::duration::zero());
-  self->delayed_send(self, delay, queue_timeout_atom::value);
+  self->state.queue_timer.arm(self, due, queue_timeout_atom::value);
 }
 
 // -- events and pool health ---------------------------------------------------------------
@@ -1501,9 +1497,10 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       }
       dispatch(self);
     },
-    [=](queue_timeout_atom) {
+    [=](queue_timeout_atom, std::uint64_t generation) {
       auto& st = self->state;
-      st.queue_timer_due.reset();
+      if (!st.queue_timer.fired(generation))
+        return;
       auto now = clock_type::now();
       std::optional<clock_type::time_point> next;
       for (auto it = st.queue.begin(); it != st.queue.end();) {

@@ -13,6 +13,7 @@
 #include <caf/all.hpp>
 
 #include "dspex/logging.hpp"
+#include "deadline_timer.hpp"
 #include "dspex/secrets.hpp"
 
 namespace dspex {
@@ -22,7 +23,7 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 
 using session_reply_atom = caf::atom_constant<caf::atom("sessreply")>;  // (tag, outcome): the pool client's answer
-using session_qtmo_atom = caf::atom_constant<caf::atom("sessqtmo")>;    // (seq): a queued call's deadline
+using session_qtmo_atom = caf::atom_constant<caf::atom("sessqtmo")>;    // (timer generation): the earliest queued call's deadline
 using session_sweep_atom = caf::atom_constant<caf::atom("sesssweep")>;  // registry: sweep expired sessions
 
 double epoch_now() {
@@ -91,6 +92,7 @@ struct session_state {
   std::map<std::string, program_entry> programs;
   std::uint64_t program_order = 0;
   std::deque<queued_call> queue;
+  detail::deadline_timer queue_timer;  ///< the earliest queued call's deadline
   flight in_flight;
   std::uint64_t next_seq = 1;
   std::uint64_t next_tag = 1;
@@ -450,29 +452,34 @@ caf::behavior session_actor(session_actor_t* self, std::string id,
       auto rp = self->make_response_promise<outcome>();
       queued_call q{st.next_seq++, std::move(c), std::move(opts), rp};
       bool must_wait = st.in_flight.kind != flight_kind::none || !st.queue.empty();
-      if (must_wait) {
-        auto left = q.c.deadline - clock_type::now();
-        auto delay = left > clock_type::duration::zero()
-                       ? std::chrono::duration_cast<std::chrono::milliseconds>(left)
-                           + std::chrono::milliseconds{1}
-                       : std::chrono::milliseconds{0};
-        self->delayed_send(self, delay, session_qtmo_atom::value, q.seq);
-      }
+      // Just past the deadline, so that the call has expired when it fires.
+      if (must_wait)
+        st.queue_timer.arm(self, q.c.deadline + std::chrono::milliseconds{1},
+                           session_qtmo_atom::value);
       st.queue.push_back(std::move(q));
       run_next(self);
       return rp;
     },
-    [=](session_qtmo_atom, std::uint64_t seq) {
+    [=](session_qtmo_atom, std::uint64_t generation) {
       auto& st = self->state;
-      auto it = std::find_if(st.queue.begin(), st.queue.end(),
-                             [&](const queued_call& q) { return q.seq == seq; });
-      if (it == st.queue.end())
+      if (!st.queue_timer.fired(generation))
         return;
-      it->rp.deliver(outcome::failure(make_error(
-        error_category::timeout_error, "checkout_timeout",
-        "the deadline passed while the call waited behind the session's earlier calls",
-        {{"session_id", st.id}, {"command", it->c.command}})));
-      st.queue.erase(it);
+      auto now = clock_type::now();
+      std::optional<clock_type::time_point> next;
+      for (auto it = st.queue.begin(); it != st.queue.end();) {
+        if (it->c.deadline > now) {
+          next = next ? std::min(*next, it->c.deadline) : it->c.deadline;
+          ++it;
+          continue;
+        }
+        it->rp.deliver(outcome::failure(make_error(
+          error_category::timeout_error, "checkout_timeout",
+          "the deadline passed while the call waited behind the session's earlier calls",
+          {{"session_id", st.id}, {"command", it->c.command}})));
+        it = st.queue.erase(it);
+      }
+      if (next)
+        st.queue_timer.arm(self, *next + std::chrono::milliseconds{1}, session_qtmo_atom::value);
     },
     [=](session_reply_atom, std::uint64_t tag, outcome& o) {
       auto& st = self->state;

@@ -7,6 +7,7 @@
 #include <caf/all.hpp>
 
 #include "dspex/actors/messages.hpp"
+#include "deadline_timer.hpp"
 #include "dspex/child_process.hpp"
 #include "dspex/envelope.hpp"
 #include "dspex/logging.hpp"
@@ -100,7 +101,7 @@ struct worker_state {
   std::optional<in_flight_request> in_flight;
   // One timer per worker, re-armed lazily: arming CAF's clock per request
   // would wake its timer thread on every round trip.
-  std::optional<clock_type::time_point> timer_due;
+  detail::deadline_timer request_timer;  ///< the in-flight request's deadline
   std::string last_stderr_line;
   bool killed_child = false;  ///< we sent the child SIGKILL (else a signal came from outside)
   caf::error exit_reason;  ///< kept while `gone`, until the owner releases us
@@ -288,12 +289,7 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
 }
 
 void arm_timer(worker_actor_t* self, clock_type::time_point due) {
-  auto& st = self->state;
-  if (st.timer_due && *st.timer_due <= due)
-    return; // a timer at or before `due` is pending; it re-arms itself if needed
-  st.timer_due = due;
-  auto delay = std::max(due - clock_type::now(), clock_type::duration::zero());
-  self->delayed_send(self, delay, request_timeout_atom::value);
+  self->state.request_timer.arm(self, due, request_timeout_atom::value);
 }
 
 void become_ready(worker_actor_t* self) {
@@ -557,7 +553,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   // timeout ends the start, so the failure names the real cause.
   if (!st.child->send(ping))
     log().debug("[{}] the init ping could not be written; waiting for the exit", st.cfg.id);
-  self->delayed_send(self, conf.pool.init_timeout, init_timeout_atom::value);
+  detail::send_later(self, conf.pool.init_timeout, caf::make_message(init_timeout_atom::value));
 
   return {
     [=](execute_atom, call& c) -> caf::result<outcome> {
@@ -702,9 +698,10 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                                + " ms",
                              worker_context(self)));
     },
-    [=](request_timeout_atom) {
+    [=](request_timeout_atom, std::uint64_t generation) {
       auto& st = self->state;
-      st.timer_due.reset();
+      if (!st.request_timer.fired(generation))
+        return;
       if (!st.in_flight)  // only ever set in busy, or in degraded for a recovery ping
         return;
       if (st.in_flight->deadline > clock_type::now()) {

@@ -103,10 +103,10 @@ using child_broken_atom = caf::atom_constant<caf::atom("cbroken")>; // (protocol
 using child_stderr_atom = caf::atom_constant<caf::atom("cstderr")>; // (line)
 using child_exit_atom = caf::atom_constant<caf::atom("cexit")>;     // (signaled, code)
 using init_timeout_atom = caf::atom_constant<caf::atom("inittmo")>;
-using request_timeout_atom = caf::atom_constant<caf::atom("reqtmo")>;  // (request id)
+using request_timeout_atom = caf::atom_constant<caf::atom("reqtmo")>;  // (timer generation)
 
 // -- pool timers (internal) ------------------------------------------------------
-using queue_timeout_atom = caf::atom_constant<caf::atom("queuetmo")>;  // (ticket)
+using queue_timeout_atom = caf::atom_constant<caf::atom("queuetmo")>;  // (timer generation)
 using restart_atom = caf::atom_constant<caf::atom("restart")>;
 using retire_atom = caf::atom_constant<caf::atom("retire")>;        // (worker_id): overflow idle delay over
 using maintenance_atom = caf::atom_constant<caf::atom("maintain")>; // health checks and recycling of idle workers

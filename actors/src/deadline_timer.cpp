@@ -1,0 +1,78 @@
+#include "deadline_timer.hpp"
+
+#include <mutex>
+
+#include <caf/actor_cast.hpp>
+#include <caf/actor_clock.hpp>
+#include <caf/mailbox_element.hpp>
+#include <caf/actor_registry.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
+
+namespace dspex::detail {
+
+namespace {
+
+using timer_wake_atom = caf::atom_constant<caf::atom("tmrwake")>;
+
+/// The relay's name in the system's registry (one relay per actor system).
+constexpr caf::atom_value relay_name = caf::atom("dspextimer");
+
+using link_to_atom = caf::atom_constant<caf::atom("tmrlink")>;
+
+/// Forwards a wake-up to its receiver if the receiver still lives.
+caf::behavior timer_relay(caf::event_based_actor* self) {
+  return {
+    [self](link_to_atom, const caf::strong_actor_ptr& anchor) {
+      self->link_to(anchor);
+    },
+    [](timer_wake_atom, const caf::actor_addr& receiver, caf::message& msg) {
+      if (auto dest = caf::actor_cast<caf::strong_actor_ptr>(receiver))
+        dest->enqueue(nullptr, caf::make_message_id(), std::move(msg), nullptr);
+    },
+  };
+}
+
+caf::actor relay_of(caf::actor_system& sys) {
+  if (auto found = caf::actor_cast<caf::actor>(sys.registry().get(relay_name)))
+    return found;
+  // Serialises the first spawn.
+  static std::mutex spawn_mtx;
+  std::lock_guard<std::mutex> lk(spawn_mtx);
+  auto found = caf::actor_cast<caf::actor>(sys.registry().get(relay_name));
+  if (found)
+    return found;
+  // CAF ends its internal actors first thing at shutdown; linked to one,
+  // the relay ends then too and leaves the registry. A registered actor
+  // that never ended would be destroyed with the registry, after the
+  // scheduler (a crash in local_actor::cleanup). Without that internal
+  // actor: no relay (the caller falls back to delayed_send).
+  auto anchor = sys.registry().get(caf::atom("ConfigServ"));
+  if (!anchor)
+    return {};
+  // Hidden: it does not hold up the system's shutdown.
+  auto relay = sys.spawn<caf::hidden>(timer_relay);
+  auto* sysp = &sys;
+  relay->attach_functor([sysp] { sysp->registry().erase(relay_name); });
+  caf::anon_send(relay, link_to_atom::value, anchor);
+  sys.registry().put(relay_name, relay);
+  return relay;
+}
+
+} // namespace
+
+void send_later(caf::scheduled_actor* self, caf::timespan delay, caf::message msg) {
+  auto relay = relay_of(self->home_system());
+  if (!relay) {
+    auto& clock = self->home_system().clock();
+    clock.schedule_message(clock.now() + delay, caf::actor_cast<caf::strong_actor_ptr>(self),
+                           caf::make_mailbox_element(nullptr, caf::make_message_id(), {},
+                                                     std::move(msg)));
+    return;
+  }
+  // Anonymous: a sender is held by strong reference too.
+  caf::delayed_anon_send(relay, delay, timer_wake_atom::value, self->address(), std::move(msg));
+}
+
+} // namespace dspex::detail
