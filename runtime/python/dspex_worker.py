@@ -861,8 +861,20 @@ class Worker:
         ms = args.get("ms", 0)
         if isinstance(ms, bool) or not isinstance(ms, (int, float)) or ms < 0:
             raise CommandError("ms must be a non-negative number")
-        time.sleep(ms / 1000.0)
-        return {"slept_ms": ms}
+        until_file = args.get("until_file")
+        if until_file is None:
+            time.sleep(ms / 1000.0)
+            return {"slept_ms": ms}
+        # A gate for tests: busy until the caller creates the file (ms bounds
+        # it), so "still busy" never rests on a sleep outlasting the machine.
+        if not isinstance(until_file, str) or not until_file:
+            raise CommandError("until_file must be a non-empty string")
+        deadline = time.monotonic() + ms / 1000.0
+        while not os.path.exists(until_file):
+            if time.monotonic() >= deadline:
+                return {"slept_ms": ms, "released": False}
+            time.sleep(0.002)
+        return {"slept_ms": ms, "released": True}
 
     def test_crash(self, args):
         code = args.get("code", 1)

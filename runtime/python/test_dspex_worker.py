@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -1022,6 +1023,23 @@ class TestOnlyCommandTests(WorkerTestCase):
         result = worker.ok("sleep", {"ms": 200})
         self.assertGreaterEqual(time.monotonic() - start, 0.19)
         self.assertEqual(result, {"slept_ms": 200})
+
+    def test_sleep_until_file(self):
+        worker = self.start("--test-commands")
+        with tempfile.TemporaryDirectory() as scratch:
+            gate = os.path.join(scratch, "gate")
+            # No gate: bounded by ms.
+            self.assertEqual(worker.ok("sleep", {"ms": 20, "until_file": gate}),
+                             {"slept_ms": 20, "released": False})
+            # Busy until the gate exists, long before its minute is up.
+            worker.send({"id": 41, "command": "sleep",
+                         "args": {"session_id": "anonymous", "ms": 60000, "until_file": gate}})
+            open(gate, "w").close()
+            reply = worker.read_reply()
+            self.assertEqual(reply["id"], 41)
+            self.assertEqual(reply["result"], {"slept_ms": 60000, "released": True})
+            self.assertEqual(worker.error("sleep", {"ms": 1, "until_file": 3}),
+                             "until_file must be a non-empty string")
 
     def test_crash_before_reply(self):
         worker = self.start("--test-commands")

@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include "support/test_pool.hpp"
+#include "support/worker_gate.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
@@ -33,9 +34,9 @@ std::future<outcome> async(test_pool& pool, call c) {
   return f;
 }
 
-// Makes `id` busy with a long sleep; returns the future of that sleep.
-std::future<outcome> occupy(test_pool& pool, const std::string& id, std::chrono::milliseconds ms) {
-  auto f = async(pool, session_call("sleep", {{"ms", ms.count()}}, id, affinity_mode::strict_queue));
+// Makes `id` busy until `gate` opens; returns the future of that call.
+std::future<outcome> occupy(test_pool& pool, const std::string& id, const worker_gate& gate) {
+  auto f = async(pool, session_call("sleep", gate.sleep_args(), id, affinity_mode::strict_queue));
   REQUIRE(pool.wait_for([&](const pool_status& s) {
     for (auto& w : s.workers)
       if (w.id == id)
@@ -69,10 +70,12 @@ TEST_CASE("hint: a busy session worker means another idle worker serves (a miss)
   REQUIRE(pool.wait_for_pool_ready());
   auto ids = pool.status().workers;
   auto mine = ids.at(0).id;
-  auto busy = occupy(pool, mine, 1500ms);
+  worker_gate gate;
+  auto busy = occupy(pool, mine, gate);
   auto r = pool.execute(session_call("ping", {}, mine, affinity_mode::hint));
   REQUIRE(r.ok());
   CHECK(r.served_by() != mine);
+  gate.open();
   CHECK(busy.get().ok());
   CHECK(pool.status().affinity_misses == 1);
 }
@@ -81,12 +84,17 @@ TEST_CASE("strict_queue: waits for the session's worker even when another is idl
   test_pool pool;
   REQUIRE(pool.wait_for_pool_ready());
   auto mine = pool.status().workers.at(0).id;
-  auto busy = occupy(pool, mine, 500ms);
-  auto r = pool.execute(session_call("ping", {}, mine, affinity_mode::strict_queue));
+  worker_gate gate;
+  auto busy = occupy(pool, mine, gate);
+  auto strict = async(pool, session_call("ping", {}, mine, affinity_mode::strict_queue));
+  // It waits (queued) although the other worker is idle, until its own is free.
+  REQUIRE(pool.wait_for([](const pool_status& s) { return s.queued == 1 && s.idle == 1; }));
+  CHECK(strict.wait_for(0s) != std::future_status::ready);
+  gate.open();
+  auto r = strict.get();
   REQUIRE(r.ok());
   CHECK(r.served_by() == mine);
-  // It waited: the sleep had finished when the ping was served.
-  CHECK(busy.wait_for(0s) == std::future_status::ready);
+  CHECK(busy.get().ok());
   // Other callers were not held up behind it meanwhile (no head-of-line blocking).
   auto st = pool.status();
   CHECK(st.affinity_misses == 0);
@@ -97,13 +105,15 @@ TEST_CASE("strict_queue: a caller behind a waiting strict call is served by the 
   REQUIRE(pool.wait_for_pool_ready());
   auto ws = pool.status().workers;
   auto mine = ws.at(0).id;
-  auto busy = occupy(pool, mine, 1500ms);
+  worker_gate gate;
+  auto busy = occupy(pool, mine, gate);
   auto strict = async(pool, session_call("ping", {}, mine, affinity_mode::strict_queue));
   REQUIRE(pool.wait_for([](const pool_status& s) { return s.queued == 1; }));
   auto other = pool.execute("ping");  // anonymous, after the strict call
   REQUIRE(other.ok());
   CHECK(other.served_by() == ws.at(1).id);
   CHECK(strict.wait_for(0s) != std::future_status::ready);  // still waiting for its worker
+  gate.open();
   auto sr = strict.get();
   REQUIRE(sr.ok());
   CHECK(sr.served_by() == mine);
@@ -114,13 +124,15 @@ TEST_CASE("strict_fail_fast: a busy session worker fails the call at once with w
   test_pool pool;
   REQUIRE(pool.wait_for_pool_ready());
   auto mine = pool.status().workers.at(0).id;
-  auto busy = occupy(pool, mine, 1500ms);
+  worker_gate gate;
+  auto busy = occupy(pool, mine, gate);
   auto r = pool.execute(session_call("ping", {}, mine, affinity_mode::strict_fail_fast, 10s));
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().category == error_category::resource_error);
   CHECK(r.error().type == "worker_busy");
   CHECK(r.error().context.value("session_id", "") == "s1");
   CHECK(r.error().context.value("worker_id", "") == mine);
+  gate.open();
   CHECK(busy.get().ok());
   // Idle again: served by it.
   auto again = pool.execute(session_call("ping", {}, mine, affinity_mode::strict_fail_fast));

@@ -8,6 +8,7 @@
 #include <doctest/doctest.h>
 
 #include "support/harness.hpp"
+#include "support/worker_gate.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
@@ -50,7 +51,8 @@ TEST_CASE("concurrent pings are spread across the workers") {
 TEST_CASE("callers beyond the idle workers wait and are served in FIFO order") {
   auto rt = start_pool(1);
   // Hold the only worker so that every following call queues.
-  auto holder = rt->execute_anonymous_async("sleep", {{"ms", 1500}});
+  worker_gate gate;
+  auto holder = rt->execute_anonymous_async("sleep", gate.sleep_args());
   REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
   constexpr int n = 10;
   std::vector<std::future<outcome>> calls;
@@ -58,6 +60,7 @@ TEST_CASE("callers beyond the idle workers wait and are served in FIFO order") {
     calls.push_back(rt->execute_anonymous_async("get_stats"));
   auto queued = wait_for_status(*rt, [](const pool_status& s) { return s.queued == n; });
   CHECK(queued.ok);
+  gate.open();
   REQUIRE(holder.get().ok());
   // command_count counts the worker's commands: served in submission order,
   // each call sees a strictly larger count than the one submitted before it.
@@ -76,13 +79,15 @@ TEST_CASE("callers beyond the idle workers wait and are served in FIFO order") {
 
 TEST_CASE("a caller whose deadline passes while queued gets a timeout and no worker is lost") {
   auto rt = start_pool(1);
-  auto holder = rt->execute_anonymous_async("sleep", {{"ms", 1000}});
+  worker_gate gate;
+  auto holder = rt->execute_anonymous_async("sleep", gate.sleep_args());
   REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
   auto r = rt->execute_anonymous("ping", nullptr, call_options{300ms});
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().category == error_category::timeout_error);
   CHECK(r.error().type == "checkout_timeout");
   CHECK(rt->status().queued == 0);
+  gate.open();
   REQUIRE(holder.get().ok());
   auto after = wait_for_status(*rt, full_and_idle);
   CHECK(after.ok);

@@ -21,6 +21,7 @@
 #include "dspex/actors/pool_actor.hpp"
 #include "dspex/actors/service.hpp"
 #include "support/harness.hpp"
+#include "support/worker_gate.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
@@ -311,7 +312,8 @@ TEST_CASE("the bridge serves calls through one standalone worker") {
 TEST_CASE("the bridge queues concurrent callers in FIFO order, each with its deadline") {
   fixture f;
   auto bridge = f.start_bridge();
-  auto holder = f.execute_async(bridge, "sleep", {{"ms", 2000}});
+  worker_gate gate;  // the only worker stays busy until every caller is queued
+  auto holder = f.execute_async(bridge, "sleep", gate.sleep_args());
   REQUIRE(f.wait_status(bridge, [](const pool_status& s) { return s.busy == 1; }));
   constexpr int n = 8;
   std::vector<std::future<outcome>> calls;
@@ -329,6 +331,7 @@ TEST_CASE("the bridge queues concurrent callers in FIFO order, each with its dea
   REQUIRE_FALSE(late.ok());
   CHECK(late.error().category == error_category::timeout_error);
   CHECK(late.error().type == "checkout_timeout");
+  gate.open();
   REQUIRE(holder.get().ok());
   long last = -1;
   for (auto& c : calls) {

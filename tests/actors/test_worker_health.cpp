@@ -12,6 +12,7 @@
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
 #include "support/worker_fixture.hpp"
+#include "support/worker_gate.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
@@ -330,12 +331,14 @@ TEST_CASE("a health check on a busy worker answers worker_busy and leaves the re
     health_fixture f;
     f.start(test_settings());
     REQUIRE(f.await_ready() > 0);
-    // Both messages are in the worker's mailbox long before the process
-    // could answer the 1.5 s sleep: the check finds the worker busy.
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{10};
+    // The sleep lasts until the gate opens, after the check: the check
+    // finds the worker busy.
+    worker_gate gate;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{60};
     auto req = (*f.self)->request(f.worker, caf::duration{hang_catch}, execute_atom::value,
-                                  call{"sleep", {{"ms", 1500}}, deadline});
+                                  call{"sleep", gate.sleep_args(), deadline});
     auto r = f.health_check();
+    gate.open();
     REQUIRE_FALSE(r.ok());
     CHECK(r.error().category == error_category::resource_error);
     CHECK(r.error().type == "worker_busy");
@@ -344,7 +347,7 @@ TEST_CASE("a health check on a busy worker answers worker_busy and leaves the re
     std::move(req).receive([&](outcome& o) { slept = std::move(o); },
                            [&](caf::error& e) { slept = test_failure(e); });
     REQUIRE(slept.ok());
-    CHECK(slept.value()["slept_ms"] == 1500);
+    CHECK(slept.value()["released"] == true);
     CHECK(f.drain_checkins() == 1);
     CHECK(f.events->count(transition("ready", "busy", "health_check")) == 0);
     // Idle again: now the check runs.
