@@ -8,7 +8,6 @@
 #include <csignal>
 #include <cstdlib>
 #include <memory>
-#include <sstream>
 
 #include "dspex/proc_stats.hpp"
 #include "dspex/runtime.hpp"
@@ -16,17 +15,6 @@
 namespace dspex {
 
 namespace {
-
-/// State letter and parent of /proc/<pid>/stat; the command name (field 2)
-/// may contain spaces and ')', so the rest is parsed after the LAST ')'.
-bool read_stat(pid_t pid, char& state, long& ppid) {
-  auto text = read_proc_file(pid, "stat").value_or("");
-  auto close = text.rfind(')');
-  if (close == std::string::npos || close + 2 >= text.size())
-    return false;
-  std::istringstream fields(text.substr(close + 2));
-  return static_cast<bool>(fields >> state >> ppid);
-}
 
 template <class F>
 void for_each_pid(F&& f) {
@@ -44,9 +32,8 @@ void for_each_pid(F&& f) {
 } // namespace
 
 bool process_runs(pid_t pid, const std::string& needle) {
-  char state = 0;
-  long ppid = 0;
-  if (pid <= 0 || !read_stat(pid, state, ppid) || state == 'Z' || state == 'X')
+  auto stat = read_process_stat(pid);
+  if (!stat || stat->state == 'Z' || stat->state == 'X')
     return false;
   // NUL-separated arguments; a zombie's (or kernel thread's) is empty.
   auto cmdline = read_proc_file(pid, "cmdline").value_or("");
@@ -59,9 +46,8 @@ std::vector<pid_t> python_processes_left(const std::string& worker_script,
   std::set<pid_t> left;
   const auto self = ::getpid();
   for_each_pid([&](pid_t pid) {
-    char state = 0;
-    long ppid = 0;
-    if (read_stat(pid, state, ppid) && ppid == self)
+    auto stat = read_process_stat(pid);
+    if (stat && stat->ppid == self)
       left.insert(pid);  // zombies count: not reaped is not gone
   });
   for (int pid : known_pids)

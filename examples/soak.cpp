@@ -57,6 +57,7 @@
 #include "dspex/config.hpp"
 #include "dspex/proc_stats.hpp"
 #include "dspex/runtime.hpp"
+#include "workload.hpp"
 
 namespace {
 
@@ -150,15 +151,10 @@ std::vector<std::string> children_left() {
   std::vector<std::string> left;
   const long self = ::getpid();
   for_each_numeric_entry("/proc", [&](long pid) {
-    auto stat = dspex::read_proc_file(static_cast<int>(pid), "stat").value_or("");
-    auto close = stat.rfind(')');
-    if (close == std::string::npos || close + 2 >= stat.size())
+    auto stat = dspex::read_process_stat(static_cast<int>(pid));
+    if (!stat || stat->ppid != self)
       return;
-    std::istringstream fields(stat.substr(close + 2));
-    char state = 0;
-    long ppid = 0;
-    if (!(fields >> state >> ppid) || ppid != self)
-      return;
+    const char state = stat->state;
     auto cmd = dspex::read_proc_file(static_cast<int>(pid), "cmdline").value_or("");
     std::replace(cmd.begin(), cmd.end(), '\0', ' ');
     left.push_back(fmt::format("pid {} state {} {}", pid, state, cmd));
@@ -168,13 +164,6 @@ std::vector<std::string> children_left() {
 
 // ---------------------------------------------------------------------------------
 // Outcomes
-
-/// A structured error: a known category, a type, a message and an object context.
-bool is_structured(const dspex::error& e) {
-  return dspex::category_from_string(dspex::to_string(e.category)).has_value()
-         && static_cast<int>(e.category) <= static_cast<int>(dspex::error_category::configuration_error)
-         && !e.type.empty() && !e.message.empty() && e.context.is_object();
-}
 
 struct tally {
   std::uint64_t calls = 0;
@@ -198,7 +187,7 @@ struct tally {
   }
 
   void add_error(const dspex::error& e) {
-    if (!is_structured(e)) {
+    if (!dspex::is_structured(e)) {
       add_unstructured(e.to_json().dump());
       return;
     }
@@ -233,17 +222,6 @@ struct tally {
 
 // ---------------------------------------------------------------------------------
 // Callers
-
-nlohmann::json program_definition(const std::string& id) {
-  return {{"id", id},
-          {"program_type", "predict"},
-          {"signature",
-           {{"name", "QuestionAnswer"},
-            {"description", "Answer a question with a confidence"},
-            {"inputs", {{{"name", "question"}, {"type", "str"}}}},
-            {"outputs",
-             {{{"name", "answer"}, {"type", "str"}}, {{"name", "confidence"}, {"type", "float"}}}}}}};
-}
 
 /// The call budget shared by every caller: one ticket per runtime call.
 struct budget {
@@ -330,7 +308,7 @@ private:
     if (!created_) {
       // Once per session. If it failed, the session is ended at the next
       // step and a new one starts (never "Program already exists").
-      created_ = ok(in_session("create_program", program_definition("soak-program")));
+      created_ = ok(in_session("create_program", dspex::demo_program_definition("soak-program")));
       in_gen_ = created_ ? 1 : rotate_after_;
       return;
     }
@@ -355,7 +333,7 @@ private:
       return call([&] { return rt_.execute_anonymous(command, std::move(args)); }, tally);
     };
     if (!created_) {
-      created_ = ok(anonymous("create_program", program_definition(program_id_)));
+      created_ = ok(anonymous("create_program", dspex::demo_program_definition(program_id_)));
       if (created_)
         in_gen_ = 1;
       else

@@ -19,14 +19,7 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 
 nlohmann::json program_definition(std::size_t i) {
-  return {{"id", fmt::format("demo-{}", i)},
-          {"program_type", "predict"},
-          {"signature",
-           {{"name", "QuestionAnswer"},
-            {"description", "Answer a question with a confidence"},
-            {"inputs", {{{"name", "question"}, {"type", "str"}}}},
-            {"outputs",
-             {{{"name", "answer"}, {"type", "str"}}, {{"name", "confidence"}, {"type", "float"}}}}}}};
+  return demo_program_definition(fmt::format("demo-{}", i));
 }
 
 struct tally {
@@ -89,6 +82,17 @@ outcome timed(runtime& rt, tally& t, const std::string& session, const std::stri
 }
 
 } // namespace
+
+nlohmann::json demo_program_definition(const std::string& id) {
+  return {{"id", id},
+          {"program_type", "predict"},
+          {"signature",
+           {{"name", "QuestionAnswer"},
+            {"description", "Answer a question with a confidence"},
+            {"inputs", {{{"name", "question"}, {"type", "str"}}}},
+            {"outputs",
+             {{{"name", "answer"}, {"type", "str"}}, {{"name", "confidence"}, {"type", "float"}}}}}}};
+}
 
 std::size_t workload_result::failed() const {
   std::size_t n = unstructured;

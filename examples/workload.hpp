@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 namespace dspex {
 
 class runtime;
@@ -43,6 +45,10 @@ struct workload_result {
 
   std::size_t failed() const;  ///< structured and unstructured failures
 };
+
+/// The demo DSPy program (predict, QuestionAnswer: question -> answer,
+/// confidence) under the id `id`: what the workload and the soak create.
+nlohmann::json demo_program_definition(const std::string& id);
 
 /// A structured error: a known category, a type and a message.
 bool is_structured(const error& e);

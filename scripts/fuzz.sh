@@ -44,25 +44,10 @@ for n in "$seconds" ${runs:+"$runs"}; do
   [[ $n =~ ^[0-9]+$ ]] || { echo "fuzz.sh: '$n' is not a number" >&2; exit 2; }
 done
 
-# -- packages: the project's own (as scripts/bootstrap.sh) plus clang and libFuzzer
-packages=(clang-14 libclang-rt-14-dev g++ cmake make python3 ccache libcaf-dev libboost-dev
-          libboost-filesystem-dev libspdlog-dev libfmt-dev nlohmann-json3-dev)
-missing=()
-for p in "${packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
-  fi
-done
-if ((${#missing[@]})); then
-  echo "fuzz.sh: installing ${missing[*]}" >&2
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "fuzz.sh: missing packages and not root; install them with: apt-get install ${missing[*]}" >&2
-    exit 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# -- packages: the project's own plus clang and libFuzzer
+# shellcheck source=scripts/packages.sh
+source "$here/scripts/packages.sh"
+ensure_packages fuzz.sh clang-14 libclang-rt-14-dev "${dspex_packages[@]}"
 
 # -- build
 CC=clang-14 CXX=clang++-14 cmake -S "$here" -B "$build_dir" -DDSPEX_FUZZ=ON \

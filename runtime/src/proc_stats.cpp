@@ -33,17 +33,27 @@ std::optional<std::uint64_t> resident_bytes(int pid) {
   return std::nullopt;
 }
 
-std::optional<char> process_state_letter(int pid) {
+std::optional<process_stat> read_process_stat(int pid) {
   auto stat = read_proc_file(pid, "stat");
   if (!stat)
     return std::nullopt;
-  const std::string& text = *stat;
-  // The command name (field 2) may contain ')' and spaces: the state is the
-  // first field after the last ')'.
-  auto close = text.rfind(')');
-  if (close == std::string::npos || close + 2 >= text.size())
+  // The command name (field 2) may contain ')' and spaces: the fields that
+  // follow are parsed after the last ')'.
+  auto close = stat->rfind(')');
+  if (close == std::string::npos || close + 2 >= stat->size())
     return std::nullopt;
-  return text[close + 2];
+  std::istringstream fields{stat->substr(close + 2)};
+  process_stat out;
+  if (!(fields >> out.state >> out.ppid))
+    return std::nullopt;
+  return out;
+}
+
+std::optional<char> process_state_letter(int pid) {
+  auto stat = read_process_stat(pid);
+  if (!stat)
+    return std::nullopt;
+  return stat->state;
 }
 
 } // namespace dspex

@@ -15,6 +15,7 @@
 #include <doctest/doctest.h>
 
 #include "support/event_recorder.hpp"
+#include "support/scratch_dir.hpp"
 #include "support/test_pool.hpp"
 
 using namespace dspex;
@@ -22,24 +23,6 @@ using namespace dspex::testing;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A private directory for interpreters and scripts a test breaks and fixes.
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    char tmpl[] = "/tmp/dspex-crashloop-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path write(const std::string& name, const std::string& text) const {
-    auto p = path / name;
-    std::ofstream{p} << text;
-    return p;
-  }
-};
 
 settings guarded_settings(std::size_t size) {
   auto s = test_settings(size);
@@ -136,8 +119,6 @@ TEST_CASE("a script that exits at once: every respawn waits out a growing backof
     CAPTURE(i);
     CHECK(scheduled[i].at <= respawns[i].at);
     CHECK(respawns[i].at - scheduled[i].at >= scheduled[i].delay);
-    if (i + 1 < scheduled.size())
-      CHECK(respawns[i].at <= scheduled[i + 1].at);
     if (i > 0)
       CHECK(scheduled[i].delay > scheduled[i - 1].delay);  // growing
   }

@@ -48,6 +48,7 @@
 #include "dspex/proc_stats.hpp"
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
+#include "support/scratch_dir.hpp"
 #include "support/test_pool.hpp"
 
 extern char** environ;
@@ -59,27 +60,6 @@ namespace fs = std::filesystem;
 namespace {
 
 // -- helpers ----------------------------------------------------------------------------
-
-/// A private directory for scripts and interpreters a test writes, breaks or removes.
-struct scratch_dir {
-  fs::path path;
-  scratch_dir() {
-    char tmpl[] = "/tmp/dspex-crashmatrix-XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~scratch_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path write(const std::string& name, const std::string& text, bool executable = false) const {
-    auto p = path / name;
-    std::ofstream{p} << text;
-    if (executable)
-      fs::permissions(p, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec
-                           | fs::perms::others_read | fs::perms::others_exec);
-    return p;
-  }
-};
 
 /// A token no other call of this process ever carries.
 std::string unique_token() {

@@ -42,18 +42,9 @@
 #include "dspex/config.hpp"
 #include "dspex/settings.hpp"
 
+#include "fuzz_check.hpp"
+
 namespace {
-
-[[noreturn]] void fail(const char* what, const std::string& detail = {}) {
-  std::fprintf(stderr, "fuzz_config: invariant violated: %s %s\n", what, detail.c_str());
-  std::abort();
-}
-
-#define CHECK(cond)                                                                                          \
-  do {                                                                                                       \
-    if (!(cond))                                                                                             \
-      fail(#cond);                                                                                           \
-  } while (0)
 
 /// A consumer for CAF's INI grammar that only counts what it is given.
 struct counting_consumer {
@@ -93,7 +84,7 @@ void check_dumpable(const nlohmann::json& j, const char* what) {
     (void)j.dump();
   } catch (const nlohmann::json::type_error& e) {
     if (g_strict_utf8)
-      fail("dump() of", std::string(what) + " threw: " + e.what());
+      dspex::fuzz::fail("dump() of", std::string(what) + " threw: " + e.what());
     (void)j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   }
 }
@@ -103,12 +94,12 @@ std::string g_ini_path;
 
 void write_ini(std::string_view text) {
   if (ftruncate(g_ini_fd, 0) != 0)
-    fail("ftruncate of the memfd failed");
+    dspex::fuzz::fail("ftruncate of the memfd failed");
   std::size_t done = 0;
   while (done < text.size()) {
     const ssize_t n = pwrite(g_ini_fd, text.data() + done, text.size() - done, static_cast<off_t>(done));
     if (n <= 0)
-      fail("pwrite to the memfd failed");
+      dspex::fuzz::fail("pwrite to the memfd failed");
     done += static_cast<std::size_t>(n);
   }
 }
@@ -164,16 +155,16 @@ void run(std::string_view input) {
       const std::string where = "invalid configuration in '" + g_ini_path + "' at line " + std::to_string(ps.line) +
                                 ", column " + std::to_string(ps.column) + " (";
       if (err->message.rfind(where, 0) != 0)
-        fail("INI error position differs from CAF's grammar", "expected prefix: " + where + " got: " + err->message);
+        dspex::fuzz::fail("INI error position differs from CAF's grammar", "expected prefix: " + where + " got: " + err->message);
     }
     return;
   }
   if (!grammar_ok && reads_memfd)
-    fail("load_settings accepted INI text that CAF's grammar rejects");
+    dspex::fuzz::fail("load_settings accepted INI text that CAF's grammar rejects");
   const auto& s = std::get<dspex::settings>(result);
   const auto invalid = s.validate();
   if (invalid)
-    fail("load_settings returned settings that do not validate:", invalid->message);
+    dspex::fuzz::fail("load_settings returned settings that do not validate:", invalid->message);
   check_dumpable(dspex::to_json(s), "to_json(settings)");
 }
 
@@ -182,7 +173,7 @@ void run(std::string_view input) {
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   g_ini_fd = memfd_create("dspex-fuzz-ini", MFD_CLOEXEC);
   if (g_ini_fd < 0)
-    fail("memfd_create failed");
+    dspex::fuzz::fail("memfd_create failed");
   g_ini_path = "/proc/self/fd/" + std::to_string(g_ini_fd);
   const char* strict = std::getenv("DSPEX_FUZZ_STRICT_UTF8");
   g_strict_utf8 = strict && *strict && std::strcmp(strict, "0") != 0;
@@ -197,14 +188,5 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  try {
-    run(std::string_view(reinterpret_cast<const char*>(data), size));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fuzz_config: load_settings threw: %s\n", e.what());
-    std::abort();
-  } catch (...) {
-    std::fprintf(stderr, "fuzz_config: load_settings threw a non-std exception\n");
-    std::abort();
-  }
-  return 0;
+  return dspex::fuzz::run_input([&] { run(std::string_view(reinterpret_cast<const char*>(data), size)); });
 }

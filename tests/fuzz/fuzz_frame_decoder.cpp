@@ -33,20 +33,11 @@
 
 #include "dspex/framing.hpp"
 
+#include "fuzz_check.hpp"
+
 namespace {
 
 constexpr std::size_t kMaxFrameBytes[8] = {0, 1, 2, 5, 16, 255, 4096, dspex::default_max_frame_bytes};
-
-[[noreturn]] void fail(const char* what) {
-  std::fprintf(stderr, "fuzz_frame_decoder: invariant violated: %s\n", what);
-  std::abort();
-}
-
-#define CHECK(cond)                                                                                          \
-  do {                                                                                                       \
-    if (!(cond))                                                                                             \
-      fail(#cond);                                                                                           \
-  } while (0)
 
 std::uint32_t be32(const char* p) {
   const auto* u = reinterpret_cast<const unsigned char*>(p);
@@ -225,11 +216,5 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  try {
-    run(data, size);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fuzz_frame_decoder: unexpected exception: %s\n", e.what());
-    std::abort();
-  }
-  return 0;
+  return dspex::fuzz::run_input([&] { run(data, size); });
 }

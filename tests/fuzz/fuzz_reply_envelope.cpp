@@ -30,20 +30,11 @@
 #include "dspex/envelope.hpp"
 #include "dspex/json_limits.hpp"
 
+#include "fuzz_check.hpp"
+
 namespace {
 
 using json = nlohmann::json;
-
-[[noreturn]] void fail(const char* what) {
-  std::fprintf(stderr, "fuzz_reply_envelope: invariant violated: %s\n", what);
-  std::abort();
-}
-
-#define CHECK(cond)                                                                                          \
-  do {                                                                                                       \
-    if (!(cond))                                                                                             \
-      fail(#cond);                                                                                           \
-  } while (0)
 
 bool is(const dspex::protocol_error& e, const char* name) {
   return std::strcmp(dspex::to_string(e.code), name) == 0;
@@ -121,11 +112,5 @@ void run(std::string_view payload) {
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  try {
-    run(std::string_view(reinterpret_cast<const char*>(data), size));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fuzz_reply_envelope: unexpected exception: %s\n", e.what());
-    std::abort();
-  }
-  return 0;
+  return dspex::fuzz::run_input([&] { run(std::string_view(reinterpret_cast<const char*>(data), size)); });
 }

@@ -40,20 +40,11 @@
 #include "dspex/framing.hpp"
 #include "dspex/json_limits.hpp"
 
+#include "fuzz_check.hpp"
+
 namespace {
 
 using json = nlohmann::json;
-
-[[noreturn]] void fail(const char* what, const std::string& detail = {}) {
-  std::fprintf(stderr, "fuzz_request_validation: invariant violated: %s %s\n", what, detail.c_str());
-  std::abort();
-}
-
-#define CHECK(cond)                                                                                          \
-  do {                                                                                                       \
-    if (!(cond))                                                                                             \
-      fail(#cond);                                                                                           \
-  } while (0)
 
 constexpr std::size_t kBound = dspex::default_max_json_depth;
 constexpr std::size_t kHuge = std::size_t{1} << 20;  // above any depth an input can reach
@@ -234,11 +225,5 @@ void run(std::string_view input) {
 } // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  try {
-    run(std::string_view(reinterpret_cast<const char*>(data), size));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fuzz_request_validation: unexpected exception: %s\n", e.what());
-    std::abort();
-  }
-  return 0;
+  return dspex::fuzz::run_input([&] { run(std::string_view(reinterpret_cast<const char*>(data), size)); });
 }

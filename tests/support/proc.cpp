@@ -9,26 +9,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
-#include <sstream>
 #include <thread>
 
 namespace dspex::testing {
 
 namespace {
-
-/// The fields of /proc/<pid>/stat after the command name: "S 1234 ..."
-/// (state, ppid, ...). The name (field 2) is in parentheses and may itself
-/// contain spaces and ')', so everything is parsed after the LAST ')'.
-std::optional<std::string> stat_tail(pid_t pid) {
-  auto stat = read_proc_file(pid, "stat");
-  if (!stat)
-    return std::nullopt;
-  const std::string& text = *stat;
-  auto close = text.rfind(')');
-  if (close == std::string::npos || close + 2 >= text.size())
-    return std::nullopt;
-  return text.substr(close + 2);
-}
 
 /// Numeric entries of a /proc directory.
 template <class F>
@@ -59,10 +44,7 @@ bool poll_until(std::chrono::milliseconds timeout, Pred&& done) {
 } // namespace
 
 std::optional<char> process_state(pid_t pid) {
-  auto tail = stat_tail(pid);
-  if (!tail || tail->empty())
-    return std::nullopt;
-  return (*tail)[0];
+  return process_state_letter(pid);
 }
 
 bool process_gone(pid_t pid) {
@@ -74,13 +56,8 @@ bool process_gone(pid_t pid) {
 std::vector<pid_t> child_pids(pid_t parent) {
   std::vector<pid_t> out;
   for_each_number("/proc", [&](long pid, const std::string&) {
-    auto tail = stat_tail(static_cast<pid_t>(pid));
-    if (!tail)
-      return; // gone meanwhile
-    std::istringstream fields(*tail);
-    char state = 0;
-    long ppid = -1;
-    if (fields >> state >> ppid && ppid == parent)
+    auto stat = read_process_stat(static_cast<int>(pid));
+    if (stat && stat->ppid == parent) // no stat: gone meanwhile
       out.push_back(static_cast<pid_t>(pid));
   });
   return out;

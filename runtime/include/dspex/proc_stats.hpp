@@ -16,6 +16,15 @@ std::optional<std::string> read_proc_file(int pid, const char* entry);
 /// nothing when the process is gone or the line is missing.
 std::optional<std::uint64_t> resident_bytes(int pid);
 
+/// The fields of /proc/<pid>/stat that supervision and its tests look at.
+struct process_stat {
+  char state = 0;  ///< 'R', 'S', 'T' stopped, 'Z' zombie, 'X' dead, ...
+  long ppid = -1;  ///< the parent's pid
+};
+
+/// /proc/<pid>/stat, parsed; nothing when the process is gone.
+std::optional<process_stat> read_process_stat(int pid);
+
 /// The state letter of /proc/<pid>/stat ('R', 'S', 'T' stopped, 'Z', ...);
 /// nothing when the process is gone.
 std::optional<char> process_state_letter(int pid);
