@@ -4,10 +4,11 @@
 
 #include <caf/actor_cast.hpp>
 #include <caf/actor_clock.hpp>
-#include <caf/mailbox_element.hpp>
 #include <caf/actor_registry.hpp>
 #include <caf/actor_system.hpp>
+#include <caf/system_messages.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/mailbox_element.hpp>
 #include <caf/send.hpp>
 
 namespace dspex::detail {
@@ -19,14 +20,16 @@ using timer_wake_atom = caf::atom_constant<caf::atom("tmrwake")>;
 /// The relay's name in the system's registry (one relay per actor system).
 constexpr caf::atom_value relay_name = caf::atom("dspextimer");
 
-using link_to_atom = caf::atom_constant<caf::atom("tmrlink")>;
-
-/// Forwards a wake-up to its receiver if the receiver still lives.
-caf::behavior timer_relay(caf::event_based_actor* self) {
+/// Forwards a wake-up to its receiver if the receiver still lives; ends
+/// with `anchor` (see relay_of).
+/// @note Spawned with an argument on purpose: CAF 0.17 spawns a function
+///       without arguments by dereferencing a null shared_ptr<tuple<>>
+///       (init_fun_factory.hpp), which UBSan reports.
+caf::behavior timer_relay(caf::event_based_actor* self, const caf::strong_actor_ptr& anchor) {
+  // Monitored, not linked: nothing of the relay's may reach CAF's own actor.
+  self->monitor(anchor);
+  self->set_down_handler([self](caf::down_msg&) { self->quit(); });
   return {
-    [self](link_to_atom, const caf::strong_actor_ptr& anchor) {
-      self->link_to(anchor);
-    },
     [](timer_wake_atom, const caf::actor_addr& receiver, caf::message& msg) {
       if (auto dest = caf::actor_cast<caf::strong_actor_ptr>(receiver))
         dest->enqueue(nullptr, caf::make_message_id(), std::move(msg), nullptr);
@@ -43,8 +46,8 @@ caf::actor relay_of(caf::actor_system& sys) {
   auto found = caf::actor_cast<caf::actor>(sys.registry().get(relay_name));
   if (found)
     return found;
-  // CAF ends its internal actors first thing at shutdown; linked to one,
-  // the relay ends then too and leaves the registry. A registered actor
+  // CAF ends its internal actors first thing at shutdown; watching one, the
+  // relay ends then too and leaves the registry. A registered actor
   // that never ended would be destroyed with the registry, after the
   // scheduler (a crash in local_actor::cleanup). Without that internal
   // actor: no relay (the caller falls back to delayed_send).
@@ -52,10 +55,9 @@ caf::actor relay_of(caf::actor_system& sys) {
   if (!anchor)
     return {};
   // Hidden: it does not hold up the system's shutdown.
-  auto relay = sys.spawn<caf::hidden>(timer_relay);
+  auto relay = sys.spawn<caf::hidden>(timer_relay, anchor);
   auto* sysp = &sys;
   relay->attach_functor([sysp] { sysp->registry().erase(relay_name); });
-  caf::anon_send(relay, link_to_atom::value, anchor);
   sys.registry().put(relay_name, relay);
   return relay;
 }
