@@ -2,7 +2,9 @@
 # libFuzzer fuzzing of the frame decoder, the reply parser, request validation
 # and configuration loading (tests/fuzz/). Installs what is missing (Debian 12,
 # as root), builds with clang + ASan + UBSan into build-fuzz/, and runs each
-# target on a scratch copy of its committed corpus (tests/fuzz/corpus/<target>/).
+# target on a scratch copy of its committed corpus (tests/fuzz/corpus/<target>/),
+# after replaying the corpus and the inputs that once found a bug
+# (tests/fuzz/crashes/<target>/, ctest -L fuzz).
 #
 #   bash scripts/fuzz.sh                     # every target for 30 s
 #   bash scripts/fuzz.sh --seconds 120       # every target for 120 s
@@ -54,6 +56,9 @@ CC=clang-14 CXX=clang++-14 cmake -S "$here" -B "$build_dir" -DDSPEX_FUZZ=ON \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build_dir" --target "${targets[@]}" -j"${DSPEX_FUZZ_JOBS:-$(nproc)}"
 ((build_only)) && exit 0
+
+# -- every committed seed and the inputs that once found a bug (tests/fuzz/crashes/) run clean
+(cd "$build_dir" && ctest --output-on-failure -L fuzz -R "$(IFS='|'; echo "${targets[*]}")")
 
 # -- run
 run_root=$build_dir/runs

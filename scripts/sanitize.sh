@@ -20,7 +20,7 @@ case "$mode" in
       -DDSPEX_SANITIZE=address,undefined >/dev/null
     cmake --build "$build" -j"$(nproc)"
     export ASAN_OPTIONS="detect_odr_violation=2:detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=0:strict_string_checks=1:check_initialization_order=1"
-    export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+    export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:suppressions=$here/tests/sanitizers/ubsan.supp"
     # CAF 0.17 keeps some process-wide singletons (type registry, logger
     # statics) until exit; they are CAF's, not ours.
     export LSAN_OPTIONS="suppressions=$here/tests/sanitizers/lsan.supp:print_suppressions=0"

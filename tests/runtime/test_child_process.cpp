@@ -671,7 +671,7 @@ TEST_CASE_FIXTURE(no_leftovers, "send() never blocks on a child that never reads
   CHECK(sent.get());
 
   // The child has still read nothing: the pipe is full, the rest is queued.
-  CHECK(proc::process_state(child->pid()) == 'S');
+  // (Not its state letter: it may still be between `exec` and its sleep.)
   int peek = ::open(("/proc/" + std::to_string(child->pid()) + "/fd/0").c_str(),
                     O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   REQUIRE(peek >= 0);
