@@ -143,7 +143,7 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                           {{"argument", sanitize_utf8(a)}});
     if (json_text_depth(a, max_config_nesting) > max_config_nesting)
       return config_error("invalid_setting", "argument nests lists or maps too deeply",
-                          {{"argument", a.substr(0, 64)}});
+                          {{"argument", sanitize_utf8(a.substr(0, 64))}});
     if (a.rfind("--config-file=", 0) != 0)
       cli.push_back(a);
   }

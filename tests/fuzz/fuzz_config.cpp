@@ -150,7 +150,13 @@ void run(std::string_view input) {
     CHECK(err->context.is_object());
     CHECK(!err->describe().empty());
     check_dumpable(err->to_json(), "the error");
-    if (!grammar_ok && reads_memfd) {
+    // load_settings refuses some text before CAF parses it: a file or an
+    // argument that is not UTF-8 or nests too deeply, a duration too long
+    // for CAF's timespan. Those errors come first.
+    const auto& m = err->message;
+    const bool refused_before_caf = m.rfind("the config file '", 0) == 0 || m.rfind("argument", 0) == 0
+                                    || m.rfind("the duration ", 0) == 0;
+    if (!grammar_ok && reads_memfd && !refused_before_caf) {
       // CAF reads the INI before the overrides: the INI error comes first.
       const std::string where = "invalid configuration in '" + g_ini_path + "' at line " + std::to_string(ps.line) +
                                 ", column " + std::to_string(ps.column) + " (";

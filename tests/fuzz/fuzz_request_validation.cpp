@@ -93,7 +93,7 @@ void check_depth_functions(std::string_view text, const json* value) {
 
 bool known_reason(const std::string& r) {
   return r == "empty_command" || r == "command_too_long" || r == "invalid_utf8" || r == "not_an_object" ||
-         r == "too_deep" || r == "session_id_not_string";
+         r == "too_deep" || r == "session_id_not_string" || r == "not_json";
 }
 
 std::string check_refusal(const std::optional<dspex::error>& err) {
