@@ -735,9 +735,10 @@ TEST_CASE("shutdown in reverse start order, a child ignoring shutdown killed aft
     for (auto& n : h.rec->notes)
       CHECK(n.rfind("exit_seen:d:", 0) != 0);
   }
-  // b's timeout was waited for in full, and the whole shutdown was bounded.
+  // b's timeout was waited for in full (load only lengthens it), and the
+  // whole shutdown ended (a hang guard, not a speed limit).
   CHECK(elapsed >= 300ms);
-  CHECK(elapsed < 5s);
+  CHECK(elapsed < 30s);
 }
 
 TEST_CASE("shutdown by an exit message: ordered, and the supervisor quits with that reason") {
