@@ -57,14 +57,31 @@ public:
     return true;
   }
 
-  /// True when a wake-up is pending.
-  bool armed() const {
-    return due_.has_value();
-  }
-
 private:
   std::optional<std::chrono::steady_clock::time_point> due_;
   std::uint64_t generation_ = 0;
 };
+
+/// What a wake-up handler does with its queue: every entry whose deadline has
+/// passed is handed to `expire`, then erased.
+/// @param deadline_of the deadline of an entry (a steady_clock time point)
+/// @returns the earliest deadline left, to arm the next wake-up at
+template <class Queue, class DeadlineOf, class Expire>
+std::optional<std::chrono::steady_clock::time_point>
+expire_passed(Queue& queue, DeadlineOf&& deadline_of, Expire&& expire) {
+  const auto now = std::chrono::steady_clock::now();
+  std::optional<std::chrono::steady_clock::time_point> next;
+  for (auto it = queue.begin(); it != queue.end();) {
+    const auto due = deadline_of(*it);
+    if (due > now) {
+      next = next ? std::min(*next, due) : due;
+      ++it;
+      continue;
+    }
+    expire(*it);
+    it = queue.erase(it);
+  }
+  return next;
+}
 
 } // namespace dspex::detail

@@ -1501,19 +1501,12 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       auto& st = self->state;
       if (!st.queue_timer.fired(generation))
         return;
-      auto now = clock_type::now();
-      std::optional<clock_type::time_point> next;
-      for (auto it = st.queue.begin(); it != st.queue.end();) {
-        if (it->second.deadline <= now) {
-          fail_waiter(it->second, timeout_outcome(it->second).error());
-          unwatch_caller(self, it->second.caller);
-          it = st.queue.erase(it);
-        } else {
-          if (!next || it->second.deadline < *next)
-            next = it->second.deadline;
-          ++it;
-        }
-      }
+      auto next = detail::expire_passed(
+        st.queue, [](const auto& entry) { return entry.second.deadline; },
+        [&](auto& entry) {
+          fail_waiter(entry.second, timeout_outcome(entry.second).error());
+          unwatch_caller(self, entry.second.caller);
+        });
       if (next)
         arm_queue_timer(self, *next);
     },

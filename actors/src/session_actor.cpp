@@ -464,20 +464,14 @@ caf::behavior session_actor(session_actor_t* self, std::string id,
       auto& st = self->state;
       if (!st.queue_timer.fired(generation))
         return;
-      auto now = clock_type::now();
-      std::optional<clock_type::time_point> next;
-      for (auto it = st.queue.begin(); it != st.queue.end();) {
-        if (it->c.deadline > now) {
-          next = next ? std::min(*next, it->c.deadline) : it->c.deadline;
-          ++it;
-          continue;
-        }
-        it->rp.deliver(outcome::failure(make_error(
-          error_category::timeout_error, "checkout_timeout",
-          "the deadline passed while the call waited behind the session's earlier calls",
-          {{"session_id", st.id}, {"command", it->c.command}})));
-        it = st.queue.erase(it);
-      }
+      auto next = detail::expire_passed(
+        st.queue, [](const queued_call& q) { return q.c.deadline; },
+        [&](queued_call& q) {
+          q.rp.deliver(outcome::failure(make_error(
+            error_category::timeout_error, "checkout_timeout",
+            "the deadline passed while the call waited behind the session's earlier calls",
+            {{"session_id", st.id}, {"command", q.c.command}})));
+        });
       if (next)
         st.queue_timer.arm(self, *next + std::chrono::milliseconds{1}, session_qtmo_atom::value);
     },
