@@ -27,10 +27,12 @@ struct timer_state {
   int fired = 0;
   int stale = 0;
   caf::actor observer; ///< told (report, fired, stale) after each wake-up
+  int rearm_ms = 0;    ///< after the first wake-up that counts, arm once more this far ahead
 };
 
-caf::behavior timed(caf::stateful_actor<timer_state>* self, caf::actor observer) {
+caf::behavior timed(caf::stateful_actor<timer_state>* self, caf::actor observer, int rearm_ms) {
   self->state.observer = std::move(observer);
+  self->state.rearm_ms = rearm_ms;
   return {
     [self](arm_atom, int millis_from_now) {
       self->state.timer.arm(self, std::chrono::steady_clock::now() + std::chrono::milliseconds{millis_from_now},
@@ -38,7 +40,15 @@ caf::behavior timed(caf::stateful_actor<timer_state>* self, caf::actor observer)
     },
     [self](wake_atom, std::uint64_t generation) {
       auto& st = self->state;
-      (st.timer.fired(generation) ? st.fired : st.stale) += 1;
+      if (st.timer.fired(generation)) {
+        ++st.fired;
+        if (st.rearm_ms > 0)
+          st.timer.arm(self, std::chrono::steady_clock::now() + std::chrono::milliseconds{st.rearm_ms},
+                       wake_atom::value);
+        st.rearm_ms = 0;
+      } else {
+        ++st.stale;
+      }
       self->send(st.observer, report_atom::value, st.fired, st.stale);
     },
   };
@@ -50,7 +60,9 @@ TEST_CASE("a wake-up arrives once; an earlier deadline makes the pending one sta
   caf::actor_system_config cfg;
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};
-  auto a = sys.spawn(timed, caf::actor{self});
+  // After generation 2 fires, the actor arms generation 3 (an hour ahead):
+  // generation 1, arriving while 3 is pending, must still count as stale.
+  auto a = sys.spawn(timed, caf::actor{self}, 3'600'000);
   self->send(a, arm_atom::value, 300); // generation 1
   self->send(a, arm_atom::value, 20);  // earlier: generation 2, 1 is stale now
   self->send(a, arm_atom::value, 100); // later than the pending one: not scheduled
@@ -74,7 +86,7 @@ TEST_CASE("a pending wake-up does not keep a terminated actor alive") {
   caf::actor_addr addr;
   {
     caf::scoped_actor self{sys};
-    auto a = sys.spawn(timed, caf::actor{self});
+    auto a = sys.spawn(timed, caf::actor{self}, 0);
     addr = a.address();
     self->send(a, arm_atom::value, 3'600'000); // an hour from now
     self->monitor(a);
@@ -96,7 +108,7 @@ TEST_CASE("a system shuts down with wake-ups pending (the relay ends with it)") 
     caf::actor_system_config cfg;
     caf::actor_system sys{cfg};
     caf::scoped_actor self{sys};
-    auto a = sys.spawn(timed, caf::actor{self});
+    auto a = sys.spawn(timed, caf::actor{self}, 0);
     self->send(a, arm_atom::value, 3'600'000);
     // The relay exists once the wake-up is scheduled.
     auto until = std::chrono::steady_clock::now() + hang_guard;
