@@ -234,6 +234,19 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
                      "recycled {}, health {}, circuit {}\n",
                      "pool", st.size, st.idle, st.busy, st.starting, st.queued, st.replaced,
                      st.recycled, st.health, st.circuit);
+  // The pool's own accounting (pool_metrics): every call since start, the
+  // pool's view, beside the workload's view above.
+  out << fmt::format("\n{:<12}{:>9}{:>10}{:>10}{:>10}{:>11}{:>10}\n", "pool latency", "calls",
+                     "p50 us", "p90 us", "p99 us", "max us", "mean us");
+  auto latency_row = [&](const char* name, const latency_summary& l) {
+    out << fmt::format("{:<12}{:>9}{:>10.1f}{:>10.1f}{:>10.1f}{:>11.1f}{:>10.1f}\n", name, l.count,
+                       l.p50_us, l.p90_us, l.p99_us, l.max_us, l.mean_us);
+  };
+  latency_row("queue wait", st.metrics.queue_wait);
+  latency_row("run", st.metrics.run);
+  latency_row("total", st.metrics.total);
+  out << fmt::format("{:<28}{:.1f}% of pool.size x wall time; {} calls in flight\n",
+                     "utilisation", st.metrics.utilisation * 100, st.metrics.in_flight);
   out << fmt::format("\n{:<8}{:>8}{:>10}{:>11}{:>10}{:>10}{:>11}  {}\n", "worker", "pid", "state",
                      "checkouts", "ok_in", "error_in", "uptime_s", "");
   auto row = [&](const worker_info& w, const char* note) {

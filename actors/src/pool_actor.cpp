@@ -16,6 +16,7 @@
 #include "dspex/actors/python_worker_contract.hpp"
 #include "dspex/backoff.hpp"
 #include "dspex/logging.hpp"
+#include "dspex/pool_metrics.hpp"
 #include "dspex/proc_stats.hpp"
 #include "dspex/secrets.hpp"
 
@@ -61,6 +62,9 @@ struct worker_entry {
   clock_type::time_point rss_checked_at{};
   std::uint64_t lm_generation = 0;  ///< the pool LM configuration it has (0: the settings' one)
   std::optional<nlohmann::json> pending_lm;  ///< a configure_lm call it is running for a caller
+  /// When it took the call it runs (pool-mediated calls only): its run time
+  /// ends at the checkin.
+  std::optional<clock_type::time_point> running_since;
 };
 
 /// One caller waiting for a worker: a pool-mediated call or a lease request.
@@ -69,6 +73,7 @@ struct waiter {
   std::optional<call> request;      ///< a call to run (execute); empty for a lease request
   std::uint64_t token = 0;          ///< lease requests: the caller's token
   clock_type::time_point deadline;
+  clock_type::time_point arrived = clock_type::now();  ///< its queue wait starts here
   caf::response_promise promise;
   caf::actor_addr caller;
   bool watched = false;  ///< queued callers are monitored; a down_msg drops them
@@ -86,6 +91,7 @@ struct pool_state {
   std::shared_ptr<const settings> config;
   std::shared_ptr<worker_contract> contract;
   std::shared_ptr<event_bus> events;
+  std::shared_ptr<pool_metrics> metrics;  ///< queue waits and run times (make_status)
   std::map<std::string, worker_entry> workers;
   std::deque<std::string> idle;  ///< idle worker ids, oldest checkin first
   std::map<std::uint64_t, waiter> queue;  ///< by ticket: FIFO order
@@ -817,6 +823,10 @@ void maintain(pool_actor_t* self) {
 void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& status) {
   auto& st = self->state;
   update_worker_stats(e, status);
+  if (e.running_since) {
+    st.metrics->worker_ran(clock_type::now() - *e.running_since);
+    e.running_since.reset();
+  }
   if (e.pending_lm) {
     // The worker checks in before its caller sees the reply: the next call
     // of that caller already finds the pool on the new configuration.
@@ -950,10 +960,12 @@ void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor
   st.consecutive_young_removals = 0;
   ++e.w.stats.checkouts;
   e.last_activity = clock_type::now();
+  st.metrics->queue_wait.record(e.last_activity - wt.arrived);
   if (wt.type.what() == checkout_type::kind::session)
     e.w.current_session = wt.type.session_id();
   if (wt.request) {
     e.state = worker_state_t::busy;
+    e.running_since = e.last_activity;
     if (wt.request->command == "configure_lm" && wt.type.what() != checkout_type::kind::session)
       e.pending_lm = wt.request->args;
     wt.promise.delegate(client, execute_atom::value, std::move(*wt.request));
@@ -1294,6 +1306,7 @@ pool_status make_status(pool_actor_t* self) {
   s.affinity_hits = st.affinity_hits;
   s.affinity_misses = st.affinity_misses;
   s.affinity_rebinds = st.affinity_rebinds;
+  s.metrics = st.metrics->summary();
   return s;
 }
 
@@ -1320,9 +1333,11 @@ caf::behavior held_behavior(pool_actor_t* self) {
 
 caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config,
                          std::shared_ptr<worker_contract> contract,
-                         std::shared_ptr<event_bus> events) {
+                         std::shared_ptr<event_bus> events,
+                         std::shared_ptr<pool_metrics> metrics) {
   auto& st = self->state;
   st.config = std::move(config);
+  st.metrics = metrics ? std::move(metrics) : std::make_shared<pool_metrics>(st.config->pool.size);
   st.events = events ? std::move(events) : std::make_shared<event_bus>();
   st.contract = contract ? std::move(contract)
                          : std::make_shared<python_worker_contract>(st.config, "pool-worker",
@@ -1592,16 +1607,18 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
 
 caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
                       std::shared_ptr<worker_contract> contract,
-                      std::shared_ptr<event_bus> events) {
-  return sys.spawn(pool_actor, std::move(config), std::move(contract), std::move(events));
+                      std::shared_ptr<event_bus> events, std::shared_ptr<pool_metrics> metrics) {
+  return sys.spawn(pool_actor, std::move(config), std::move(contract), std::move(events),
+                   std::move(metrics));
 }
 
 caf::actor spawn_linked_pool(caf::event_based_actor* parent,
                              std::shared_ptr<const settings> config,
                              std::shared_ptr<worker_contract> contract,
-                             std::shared_ptr<event_bus> events) {
+                             std::shared_ptr<event_bus> events,
+                             std::shared_ptr<pool_metrics> metrics) {
   return parent->spawn<caf::linked>(pool_actor, std::move(config), std::move(contract),
-                                    std::move(events));
+                                    std::move(events), std::move(metrics));
 }
 
 } // namespace dspex

@@ -24,6 +24,7 @@
 #include "dspex/actors/session_actor.hpp"
 #include "dspex/actors/supervisor.hpp"
 #include "dspex/actors/system_config.hpp"
+#include "dspex/pool_metrics.hpp"
 #include "dspex/backoff.hpp"
 #include "dspex/circuit_breaker.hpp"
 #include "dspex/json_limits.hpp"
@@ -1057,6 +1058,8 @@ struct runtime::impl {
   // The event stream: shared with the pool and its workers (and it outlives
   // the actor system: subscribers may keep using it after stop()).
   std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
+  // Shared with every pool the root starts: it outlives a pool's restart.
+  std::shared_ptr<pool_metrics> metrics;
   // The current pool and what the client knows, for status() and checkout().
   std::shared_ptr<detail::client_shared> shared = std::make_shared<detail::client_shared>();
   caf::actor root;    // the root supervisor "dspex.root"
@@ -1096,6 +1099,15 @@ struct runtime::impl {
     c.args = std::move(args);
     c.deadline = clock_type::now() + timeout;
     return c;
+  }
+
+  // The call's whole time counts from here to its outcome (pool_metrics::total).
+  completion timed(std::function<void(outcome)> done) {
+    metrics->call_started();
+    return completion{[m = metrics, started = clock_type::now(), fn = std::move(done)](outcome o) {
+      m->call_finished(started);
+      fn(std::move(o));
+    }};
   }
 
   // Sends one message to the pool client while the system is sure to live.
@@ -1167,9 +1179,14 @@ struct runtime::impl {
       bound += std::chrono::seconds{5};  // the workers' cleanup_session
     auto promise = std::make_shared<std::promise<outcome>>();
     auto future = promise->get_future();
-    if (!send_to_client(session_op_atom::value, std::move(r),
-                        completion{[promise](outcome o) { promise->set_value(std::move(o)); }}))
-      return outcome::failure(stopping_error(command));
+    std::function<void(outcome)> deliver = [promise](outcome o) {
+      promise->set_value(std::move(o));
+    };
+    auto comp = r.op == session_op::execute ? timed(std::move(deliver)) : completion{std::move(deliver)};
+    if (!send_to_client(session_op_atom::value, std::move(r), comp)) {
+      comp.fn(outcome::failure(stopping_error(command)));
+      return future.get();
+    }
     return await_bounded(future, bound, [&](bool) {
       return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                          "no reply from the session layer in time",
@@ -1265,6 +1282,7 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   auto p = std::make_shared<impl>();
   p->config = config;
   p->shared_config = std::make_shared<const settings>(config);
+  p->metrics = std::make_shared<pool_metrics>(config.pool.size);
   p->system_cfg = std::make_unique<system_config>(config);
   p->system = std::make_unique<caf::actor_system>(*p->system_cfg);
   auto& sys = *p->system;
@@ -1308,8 +1326,9 @@ std::unique_ptr<runtime> runtime::start(settings config) {
     child_spec pool;
     pool.id = "pool";
     pool.restart = restart_type::permanent;
-    pool.start = [cfg = p->shared_config, events = p->events](caf::event_based_actor* sup) {
-      return spawn_linked_pool(sup, cfg, nullptr, events);
+    pool.start = [cfg = p->shared_config, events = p->events,
+                  metrics = p->metrics](caf::event_based_actor* sup) {
+      return spawn_linked_pool(sup, cfg, nullptr, events, metrics);
     };
     // The pool's own stop: workers in parallel, each bounded by its graces.
     pool.shutdown_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -1365,10 +1384,12 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto bound = c.deadline + reply_margin;
   auto promise = std::make_shared<std::promise<outcome>>();
   auto future = promise->get_future();
-  if (!impl_->send_to_client(execute_atom::value, std::move(c),
-                             completion{[promise](outcome o) { promise->set_value(std::move(o)); }},
-                             detail::client_call_options{options.idempotent, options.max_attempts}))
-    return outcome::failure(impl_->stopping_error(command));
+  auto comp = impl_->timed([promise](outcome o) { promise->set_value(std::move(o)); });
+  if (!impl_->send_to_client(execute_atom::value, std::move(c), comp,
+                             detail::client_call_options{options.idempotent, options.max_attempts})) {
+    comp.fn(outcome::failure(impl_->stopping_error(command)));
+    return future.get();
+  }
   return await_bounded(future, bound, [&](bool) {
     return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                        "no reply from the pool in time", {{"command", command}}));
@@ -1382,8 +1403,8 @@ void runtime::execute_anonymous_async(const std::string& command, nlohmann::json
     done(std::move(*early));
     return;
   }
-  completion comp{std::move(done)};
-  if (!impl_->send_to_client(execute_atom::value, std::move(std::get<call>(made)), std::move(comp),
+  auto comp = impl_->timed(std::move(done));
+  if (!impl_->send_to_client(execute_atom::value, std::move(std::get<call>(made)), comp,
                              detail::client_call_options{options.idempotent, options.max_attempts}))
     comp.fn(outcome::failure(impl_->stopping_error(command)));
 }
@@ -1412,9 +1433,9 @@ void runtime::execute_in_session_async(const std::string& session_id, const std:
     done(std::move(*early));
     return;
   }
-  completion comp{std::move(done)};
+  auto comp = impl_->timed(std::move(done));
   if (!impl_->send_to_client(session_op_atom::value, std::move(std::get<session_request>(made)),
-                             std::move(comp)))
+                             comp))
     comp.fn(outcome::failure(impl_->stopping_error(command)));
 }
 
@@ -1515,6 +1536,7 @@ pool_status runtime::status() {
                [&](caf::error& e) { log().warn("status: {}", impl_->system->render(e)); });
   }
   result.circuit = to_string(impl_->shared->circuit.load());
+  result.metrics = impl_->metrics->summary();  // also while the pool restarts
   return result;
 }
 

@@ -35,6 +35,7 @@ nlohmann::json pool_status::to_json() const {
           {"circuit", circuit},
           {"affinity", {{"hits", affinity_hits}, {"misses", affinity_misses},
                         {"rebinds", affinity_rebinds}}},
+          {"metrics", metrics.to_json()},
           {"workers", workers_json}, {"retired", retired_json}};
   if (last_start_failure)
     j["last_start_failure"] = last_start_failure->to_json();

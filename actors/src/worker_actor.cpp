@@ -588,12 +588,17 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       auto& st = self->state;
       if (st.phase == worker_phase::gone || st.phase == worker_phase::stopping)
         return;
+      // A stop comes from outside (an operator, a storm), like a signal
+      // that kills: it says nothing about whether workers can start, so a
+      // worker stopped while starting must cost the pool no backoff.
+      auto ctx = worker_context(self);
+      ctx["cause"] = "external_signal";
       fail_worker(self, worker_exit::health_timeout,
                   make_error(error_category::health_check_error, "process_stopped",
                              "worker " + st.cfg.id
                                + "'s process was stopped (SIGSTOP) from outside and could "
                                  "answer nothing; it was killed and will be replaced",
-                             worker_context(self)));
+                             std::move(ctx)));
     },
     [=](lifecycle_atom) -> lifecycle_history {
       const auto& h = self->state.lifecycle.history();

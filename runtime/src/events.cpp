@@ -1,5 +1,6 @@
 #include "dspex/events.hpp"
 
+#include <algorithm>
 #include <array>
 
 #include "dspex/logging.hpp"
@@ -97,22 +98,51 @@ std::string event::describe() const {
   return out;
 }
 
+struct event_bus::subscription {
+  std::uint64_t id = 0;
+  handler fn;
+  bool removed = false;  ///< unsubscribed: never called again
+  std::size_t running = 0;  ///< calls in progress, on any thread
+};
+
+namespace {
+
+// The subscriptions whose handler this thread is running (innermost last):
+// an unsubscribe from inside a handler must not wait for its own call.
+thread_local std::vector<const void*> running_here;
+
+} // namespace
+
 std::uint64_t event_bus::subscribe(handler h) {
   std::lock_guard<std::mutex> guard{mtx_};
-  auto id = next_id_++;
-  handlers_.emplace_back(id, std::make_shared<handler>(std::move(h)));
+  auto sub = std::make_shared<subscription>();
+  sub->id = next_id_++;
+  sub->fn = std::move(h);
+  handlers_.push_back(sub);
   count_ = handlers_.size();
-  return id;
+  return sub->id;
 }
 
 void event_bus::unsubscribe(std::uint64_t id) {
-  std::lock_guard<std::mutex> guard{mtx_};
-  for (auto it = handlers_.begin(); it != handlers_.end(); ++it)
-    if (it->first == id) {
-      handlers_.erase(it);
-      break;
-    }
+  std::unique_lock<std::mutex> lk{mtx_};
+  auto it = std::find_if(handlers_.begin(), handlers_.end(),
+                         [id](const auto& s) { return s->id == id; });
+  if (it == handlers_.end())
+    return;
+  auto sub = *it;
+  handlers_.erase(it);
   count_ = handlers_.size();
+  sub->removed = true;
+  // A publish that copied the list before this point may still be calling
+  // it: wait for those calls, but not for this thread's own.
+  auto own = static_cast<std::size_t>(
+    std::count(running_here.begin(), running_here.end(), static_cast<const void*>(sub.get())));
+  auto waited = std::chrono::seconds{0};
+  while (!calls_done_.wait_for(lk, std::chrono::seconds{5}, [&] { return sub->running <= own; })) {
+    waited += std::chrono::seconds{5};
+    log().warn("event_bus: unsubscribe({}) has waited {} s for a handler that is still running",
+               id, waited.count());
+  }
 }
 
 bool event_bus::trace_enabled() noexcept {
@@ -125,22 +155,33 @@ void event_bus::publish(const event& e) {
     log().log(level, "{}", e.describe());
   if (!has_subscribers())
     return;
-  std::vector<std::shared_ptr<handler>> copy;
+  std::vector<std::shared_ptr<subscription>> copy;
   {
     std::lock_guard<std::mutex> guard{mtx_};
-    copy.reserve(handlers_.size());
-    for (auto& [id, h] : handlers_)
-      copy.push_back(h);
+    copy = handlers_;
   }
-  // Outside the lock: a handler may subscribe or unsubscribe.
-  for (auto& h : copy) {
+  // Outside the lock: a handler may subscribe or unsubscribe. Each call is
+  // counted, so that unsubscribe can wait for it.
+  for (auto& sub : copy) {
+    {
+      std::lock_guard<std::mutex> guard{mtx_};
+      if (sub->removed)
+        continue;
+      ++sub->running;
+    }
+    running_here.push_back(sub.get());
     try {
-      (*h)(e);
+      sub->fn(e);
     } catch (const std::exception& ex) {
       log().error("an event subscriber threw: {}", ex.what());
     } catch (...) {
       log().error("an event subscriber threw");
     }
+    running_here.pop_back();
+    std::lock_guard<std::mutex> guard{mtx_};
+    --sub->running;
+    if (sub->removed)
+      calls_done_.notify_all();
   }
 }
 

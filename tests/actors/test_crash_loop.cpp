@@ -301,3 +301,40 @@ TEST_CASE("no Python process is left after pools with failing starts stop") {
   CHECK(wait_no_children(::getpid(), 10s).empty());
   CHECK(python_children() == 0);
 }
+
+// A worker stopped (SIGSTOP) while starting is reaped by the maintenance
+// tick like one stopped while serving: the stop came from outside, so it is
+// no start failure and costs the pool no backoff. Counted as one, a storm of
+// stops during starts would empty the pool behind a growing backoff.
+TEST_CASE("a worker stopped while starting is replaced at once, without backoff") {
+  test_pool_options opts;
+  opts.config = guarded_settings(1);
+  opts.config.pool.init_timeout = 60s;           // only the stop ends this start
+  opts.config.pool.health_interval = 100ms;      // the tick that reaps stopped processes
+  opts.config.worker.extra_args = {"--test-init", "hang"};
+  test_pool pool{std::move(opts)};
+  event_recorder events{pool.events()};
+  int victim = 0;
+  REQUIRE(pool.wait_for([&](const pool_status& st) {
+    for (auto& w : st.workers)
+      if (w.state == "starting" && w.pid > 0)
+        victim = w.pid;
+    return victim > 0;
+  }));
+  REQUIRE(::kill(victim, SIGSTOP) == 0);
+  // Reaped, and its replacement is starting.
+  REQUIRE(pool.wait_for([&](const pool_status& st) {
+    for (auto& w : st.workers)
+      if (w.state == "starting" && w.pid > 0 && w.pid != victim)
+        return true;
+    return false;
+  }, 15s));
+  CHECK(wait_gone(victim, 10s));
+  REQUIRE(events.wait_for(kind_is(event_kind::worker_removed)));
+  CHECK(events.count(is_start_failed) == 0);
+  CHECK(events.count(kind_is(event_kind::restart_scheduled)) == 0);
+  auto st = pool.status();
+  CHECK(st.start_failures == 0);
+  CHECK(st.consecutive_start_failures == 0);
+  CHECK(st.health != "broken");
+}

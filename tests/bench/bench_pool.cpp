@@ -1,15 +1,19 @@
-// bench_pool: the same Python worker driven, in one process run,
-//   (a) by a raw C++ pipe loop with no actors (the floor), and
-//   (b) through the pool's public API (dspex::runtime),
-// so the ratios of ARCHITECTURE.md "Performance targets" can be read directly.
+// bench_pool: the same Python worker driven, in one benchmark run,
+//   (a) by a raw C++ pipe loop with no actors (the floor),
+//   (b) by the Elixir design this project rebuilds, NimblePool + Erlang ports
+//       (../shared/anchor/run.sh), when Elixir is present, and
+//   (c) through the pool's public API (dspex::runtime),
+// so every ratio of ARCHITECTURE.md "Performance targets" is computed from
+// figures measured in this run, never from remembered constants.
 //
 //   bench_pool [--iterations=N] [--python=PATH] [--scheduler=sharing|stealing]
-//              [--callers=N] [--quick]
+//              [--callers=N] [--anchor] [--anchor-script=PATH] [--quick]
 //
 // Not a ctest test: run it by hand. Every child is reaped and the runtime is
 // stopped before exit.
 
 #include <dirent.h>
+#include <malloc.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -26,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <fstream>
 #include <sstream>
 #include <future>
@@ -44,6 +49,7 @@
 #include "dspex/envelope.hpp"
 #include "dspex/framing.hpp"
 #include "dspex/latency.hpp"
+#include "dspex/latency_histogram.hpp"
 #include "dspex/runtime.hpp"
 #include "dspex/settings.hpp"
 
@@ -56,10 +62,14 @@ namespace {
 using clock_type = std::chrono::steady_clock;
 using nanos = std::chrono::nanoseconds;
 
-/// The NimblePool + Erlang port figure, 2 workers x 16 callers (ARCHITECTURE.md).
-constexpr double nimblepool_16_callers_rps = 29000.0;
-constexpr double target_seq_p50_ratio = 1.3;
-constexpr double target_throughput_ratio = 1.5;
+// Issue 11's targets ("Done when").
+constexpr double target_seq_p50_vs_raw = 1.15;
+constexpr double target_blocking_vs_anchor = 1.5;
+constexpr double target_async_vs_raw = 0.8;
+constexpr double target_session_vs_anonymous = 1.2;
+constexpr double target_payload_vs_raw = 1.2;
+constexpr double target_p99_vs_p50 = 3.0;
+constexpr double target_kib_per_worker = 64.0;
 
 // ----------------------------------------------------------------- options
 
@@ -72,12 +82,15 @@ struct options {
   std::string scheduler = "sharing";
   std::size_t max_threads = 0;  ///< scheduler.max-threads; 0 = CAF's default
   bool quick = false;
+  bool anchor_required = false;  ///< --anchor: run the anchor or fail
+  std::string anchor_script = DSPEX_BENCH_ANCHOR_SCRIPT;
 };
 
 [[noreturn]] void usage(const char* argv0, const std::string& problem) {
   std::fprintf(stderr,
                "%s\nusage: %s [--iterations=N] [--python=PATH] [--scheduler=sharing|stealing]\n"
-               "          [--max-threads=N] [--callers=N] [--quick]\n"
+               "          [--max-threads=N] [--callers=N] [--anchor] [--anchor-script=PATH]\n"
+               "          [--quick]\n"
                "  --iterations=N  sequential round trips (default 20000); the concurrent\n"
                "                  runs use 2N (default 40000)\n"
                "  --python=PATH   interpreter (default /usr/bin/python3, else python3 in PATH)\n"
@@ -85,6 +98,10 @@ struct options {
                "  --max-threads=N scheduler.max-threads of the runtime (default 0: CAF's own\n"
                "                  default, max(4, cores) in CAF 0.17)\n"
                "  --callers=N     concurrent callers of the pool (default 16)\n"
+               "  --anchor        run the NimblePool anchor or fail (it installs Elixir when\n"
+               "                  missing, as root); without it, the anchor runs only when\n"
+               "                  `elixir` is in PATH, else its rows say it was skipped\n"
+               "  --anchor-script=PATH  the anchor's run.sh (default ../shared/anchor/run.sh)\n"
                "  --quick         small counts, for a smoke run\n",
                problem.c_str(), argv0);
   std::exit(2);
@@ -114,6 +131,10 @@ options parse_options(int argc, char** argv) {
     };
     if (a == "--quick") {
       o.quick = true;
+    } else if (a == "--anchor") {
+      o.anchor_required = true;
+    } else if (auto v = value_of("--anchor-script")) {
+      o.anchor_script = *v;
     } else if (auto v = value_of("--iterations")) {
       iterations = parse_count(argv[0], "--iterations", *v);
     } else if (auto v = value_of("--callers")) {
@@ -302,7 +323,9 @@ public:
         || ::pipe2(exec_err, O_CLOEXEC) != 0)
       throw std::runtime_error(std::string{"pipe2: "} + std::strerror(errno));
     std::string script = DSPEX_BENCH_WORKER_SCRIPT;
-    std::vector<std::string> args{python, script, "--mode", "pool-worker", "--worker-id", id};
+    // --test-commands: `echo` for the payload rows (the pool runs with it too).
+    std::vector<std::string> args{python,        script, "--mode", "pool-worker", "--worker-id",
+                                  id,            "--test-commands"};
     std::vector<char*> argv;
     for (auto& a : args)
       argv.push_back(a.data());
@@ -359,6 +382,11 @@ public:
   /// One ping: encode, blocking write, blocking read of header then body,
   /// parse_reply. Throws on any failure.
   void ping() { round_trip(next_id_++, "ping", nlohmann::json::object()); }
+
+  /// One round trip of any command; throws on failure.
+  void call(const char* command, nlohmann::json args) {
+    round_trip(next_id_++, command, std::move(args));
+  }
 
   /// EOF on stdin (the worker exits by itself), then waitpid; SIGKILL if slow.
   void stop() {
@@ -487,8 +515,16 @@ double run_threads(std::size_t threads, std::size_t total, std::vector<dspex::la
 struct raw_results {
   row sequential;
   row concurrent;
+  std::vector<row> payloads;  ///< in payload_plan order
   double start_ms = 0;  ///< one worker: fork to init-ping reply (and LM configured)
 };
+
+std::vector<std::pair<std::size_t, std::size_t>> payload_plan(const options& o);
+
+std::string payload_label(std::size_t bytes) {
+  return bytes >= 1024 * 1024 ? std::to_string(bytes / (1024 * 1024)) + " MiB"
+                              : std::to_string(bytes / 1024) + " KiB";
+}
 
 raw_results run_raw(const options& o) {
   raw_results res;
@@ -508,6 +544,20 @@ raw_results run_raw(const options& o) {
       lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - s));
     }
     res.sequential = make_row("raw pipe, 1 worker, sequential", lat, seconds_since(t1), probe);
+    for (auto [bytes, n] : payload_plan(o)) {
+      std::string blob(bytes, 'x');
+      w.call("echo", {{"blob", blob}});  // warm-up
+      dspex::latency_recorder plat;
+      cpu_probe pprobe{{w.pid()}};
+      auto tp = clock_type::now();
+      for (std::size_t i = 0; i < n; ++i) {
+        auto s = clock_type::now();
+        w.call("echo", {{"blob", blob}});
+        plat.record(std::chrono::duration_cast<nanos>(clock_type::now() - s));
+      }
+      res.payloads.push_back(
+        make_row("raw pipe, echo " + payload_label(bytes), plat, seconds_since(tp), pprobe));
+    }
     w.stop();
   }
   {
@@ -565,26 +615,46 @@ std::string thread_census() {
   return out;
 }
 
+/// Payload round trips (echo of a string of `bytes`), raw and through the pool.
+struct payload_row {
+  std::size_t bytes = 0;
+  row raw;
+  row pool;
+};
+
 struct pool_results {
   row sequential;
   row blocking;
   row async;
+  row sessions;  ///< 8 sessions x 2 calls in flight
+  std::vector<payload_row> payloads;
   double start_ms = 0;
   std::size_t workers = 0;
   std::string threads;  ///< the runtime's threads once started, by name
 };
+
+/// The sizes of the payload rows, and how many round trips each.
+std::vector<std::pair<std::size_t, std::size_t>> payload_plan(const options& o) {
+  if (o.quick)
+    return {{1024, 200}, {64 * 1024, 50}, {1024 * 1024, 10}};
+  return {{1024, 2000}, {64 * 1024, 500}, {1024 * 1024, 60}};
+}
 
 void expect_ok(const dspex::outcome& r, const char* where) {
   if (!r)
     throw std::runtime_error(std::string{where} + ": " + r.error().describe());
 }
 
-/// Keeps `in_flight` calls outstanding with the callback form until `total`
-/// completed; returns the wall time.
-double run_async(dspex::runtime& rt, std::size_t total, std::size_t in_flight,
-                 dspex::latency_recorder& out) {
+/// Starts one asynchronous call of chain `chain`; `done` must run once with its outcome.
+using async_start = std::function<void(std::size_t chain, std::function<void(dspex::outcome)> done)>;
+
+/// Keeps `in_flight` chains of calls outstanding with the callback form until
+/// `total` completed (each completion starts its chain's next call); returns
+/// the wall time.
+double run_chains(std::size_t total, std::size_t in_flight, const async_start& start,
+                  dspex::latency_recorder& out) {
   struct state {
-    dspex::runtime* rt = nullptr;
+    const async_start* start = nullptr;
     std::size_t total = 0;
     std::atomic<std::size_t> issued{0};
     std::atomic<std::size_t> done{0};
@@ -595,26 +665,26 @@ double run_async(dspex::runtime& rt, std::size_t total, std::size_t in_flight,
     std::string first_error;
   };
   auto st = std::make_shared<state>();
-  st->rt = &rt;
+  st->start = &start;
   st->total = total;
   st->lat_ns.assign(total, 0);
 
   // Each completion issues the next call before it counts itself done, so
   // once `done == total` no callback will touch the runtime again.
   struct issuer {
-    static void issue(const std::shared_ptr<state>& st) {
+    static void issue(const std::shared_ptr<state>& st, std::size_t chain) {
       auto n = st->issued.fetch_add(1);
       if (n >= st->total)
         return;
       auto t0 = clock_type::now();
-      st->rt->execute_anonymous_async("ping", nullptr, {}, [st, n, t0](dspex::outcome r) {
+      (*st->start)(chain, [st, n, t0, chain](dspex::outcome r) {
         st->lat_ns[n] = std::chrono::duration_cast<nanos>(clock_type::now() - t0).count();
         if (!r) {
           std::lock_guard<std::mutex> g{st->m};
           if (st->first_error.empty())
             st->first_error = r.error().describe();
         }
-        issue(st);
+        issue(st, chain);
         if (st->done.fetch_add(1) + 1 == st->total) {
           std::lock_guard<std::mutex> g{st->m};
           st->finished = true;
@@ -626,7 +696,7 @@ double run_async(dspex::runtime& rt, std::size_t total, std::size_t in_flight,
 
   auto t0 = clock_type::now();
   for (std::size_t i = 0; i < std::min(in_flight, total); ++i)
-    issuer::issue(st);
+    issuer::issue(st, i);
   {
     std::unique_lock<std::mutex> g{st->m};
     if (!st->cv.wait_for(g, std::chrono::minutes{10}, [&] { return st->finished; }))
@@ -634,10 +704,30 @@ double run_async(dspex::runtime& rt, std::size_t total, std::size_t in_flight,
   }
   auto secs = seconds_since(t0);
   if (!st->first_error.empty())
-    throw std::runtime_error("async ping failed: " + st->first_error);
+    throw std::runtime_error("async call failed: " + st->first_error);
   for (auto ns : st->lat_ns)
     out.record(nanos{ns});
   return secs;
+}
+
+/// Anonymous pings, `in_flight` outstanding.
+double run_async(dspex::runtime& rt, std::size_t total, std::size_t in_flight,
+                 dspex::latency_recorder& out) {
+  async_start ping = [&rt](std::size_t, std::function<void(dspex::outcome)> done) {
+    rt.execute_anonymous_async("ping", nullptr, {}, std::move(done));
+  };
+  return run_chains(total, in_flight, ping, out);
+}
+
+/// Session pings: `sessions` sessions with `per_session` calls in flight each.
+double run_sessions(dspex::runtime& rt, std::size_t total, std::size_t sessions,
+                    std::size_t per_session, dspex::latency_recorder& out) {
+  async_start ping = [&rt, per_session](std::size_t chain,
+                                        std::function<void(dspex::outcome)> done) {
+    rt.execute_in_session_async("bench-" + std::to_string(chain / per_session), "ping", nullptr, {},
+                                std::move(done));
+  };
+  return run_chains(total, sessions * per_session, ping, out);
 }
 
 pool_results run_pool(const options& o) {
@@ -648,6 +738,7 @@ pool_results run_pool(const options& o) {
   s.lm.model = "mock";
   s.worker.python = o.python;
   s.worker.script = DSPEX_BENCH_WORKER_SCRIPT;
+  s.worker.test_commands = true;  // `echo` for the payload rows, as in the raw loop
   s.scheduler_policy = o.scheduler;
   s.scheduler_max_threads = o.max_threads;
   s.log_level = "warn";  // the workers' start-up stderr lines would clutter the table
@@ -708,6 +799,34 @@ pool_results run_pool(const options& o) {
                            secs, probe);
     }
 
+    {
+      constexpr std::size_t sessions = 8, per_session = 2;
+      dspex::latency_recorder warm;
+      run_sessions(*rt, std::min<std::size_t>(o.warmup, o.concurrent), sessions, per_session, warm);
+      dspex::latency_recorder lat;
+      cpu_probe probe{worker_pids};
+      auto secs = run_sessions(*rt, o.concurrent, sessions, per_session, lat);
+      res.sessions = make_row("pool API, 8 sessions x 2 in flight", lat, secs, probe);
+    }
+
+    for (auto [bytes, n] : payload_plan(o)) {
+      std::string blob(bytes, 'x');
+      expect_ok(rt->execute_anonymous("echo", {{"blob", blob}}), "echo warm-up");
+      dspex::latency_recorder lat;
+      cpu_probe probe{worker_pids};
+      auto t1 = clock_type::now();
+      for (std::size_t i = 0; i < n; ++i) {
+        auto st = clock_type::now();
+        auto r = rt->execute_anonymous("echo", {{"blob", blob}});
+        lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - st));
+        expect_ok(r, "echo");
+      }
+      payload_row pr;
+      pr.bytes = bytes;
+      pr.pool = make_row("pool API, echo " + payload_label(bytes), lat, seconds_since(t1), probe);
+      res.payloads.push_back(std::move(pr));
+    }
+
     auto status = rt->status();
     if (status.replaced != 0 || status.start_failures != 0)
       std::printf("note: pool replaced %llu workers, %llu start failures during the run\n",
@@ -721,6 +840,197 @@ pool_results run_pool(const options& o) {
   return res;
 }
 
+// ----------------------------------------------------------------- anchor
+
+/// One line of ../shared/anchor/run.sh:
+/// "nimblepool workers=2 clients=16 n=40000 startup_ms=141 rps=26211 p50_us=575.0 p99_us=926.2"
+struct anchor_figures {
+  row r;
+  double startup_ms = 0;
+};
+
+struct anchor_results {
+  std::string skipped;  ///< why it did not run; empty when it ran
+  std::optional<anchor_figures> sequential;
+  std::optional<anchor_figures> blocking;
+};
+
+std::string shell_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s)
+    out += c == '\'' ? std::string{"'\\''"} : std::string(1, c);
+  return out + "'";
+}
+
+/// Runs the anchor once; its figures, or throws with its last output lines.
+anchor_figures run_anchor_once(const options& o, std::size_t workers, std::size_t clients,
+                               std::size_t per_client) {
+  auto cmd = "SCRIPT=" + shell_quote(DSPEX_BENCH_WORKER_SCRIPT) + " PYTHON=" + shell_quote(o.python)
+             + " " + shell_quote(o.anchor_script) + " " + std::to_string(workers) + " "
+             + std::to_string(clients) + " " + std::to_string(per_client) + " 2>&1";
+  std::fflush(stdout);
+  FILE* f = ::popen(cmd.c_str(), "r");
+  if (!f)
+    throw std::runtime_error(std::string{"anchor: popen: "} + std::strerror(errno));
+  std::vector<std::string> tail;
+  std::string found;
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, f)) {
+    std::string line{buf};
+    while (!line.empty() && (line.back() == '\n' || line.back() == '\r'))
+      line.pop_back();
+    if (line.rfind("nimblepool ", 0) == 0)
+      found = line;
+    tail.push_back(line);
+    if (tail.size() > 8)
+      tail.erase(tail.begin());
+  }
+  auto status = ::pclose(f);
+  if (found.empty() || status != 0) {
+    std::string why = "anchor (" + o.anchor_script + ") failed, exit status "
+                      + std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + ":";
+    for (auto& l : tail)
+      why += "\n  " + l;
+    throw std::runtime_error(why);
+  }
+  std::map<std::string, std::string> kv;
+  std::istringstream in{found};
+  std::string tok;
+  while (in >> tok)
+    if (auto eq = tok.find('='); eq != std::string::npos)
+      kv[tok.substr(0, eq)] = tok.substr(eq + 1);
+  auto num = [&](const char* k) {
+    auto it = kv.find(k);
+    if (it == kv.end())
+      throw std::runtime_error("anchor: no " + std::string{k} + " in '" + found + "'");
+    return std::stod(it->second);
+  };
+  anchor_figures a;
+  a.r.path = "NimblePool+port, " + std::to_string(workers) + "w x " + std::to_string(clients)
+             + " callers";
+  a.r.count = static_cast<std::size_t>(num("n"));
+  a.r.p50 = num("p50_us");
+  a.r.p99 = num("p99_us");
+  a.r.rps = num("rps");
+  a.r.mean = 0;         // not reported by the anchor
+  a.r.other_cores = 0;  // not probed: the anchor is its own process tree
+  a.startup_ms = num("startup_ms");
+  return a;
+}
+
+anchor_results run_anchor(const options& o) {
+  anchor_results res;
+  if (!o.anchor_required) {
+    if (::access(o.anchor_script.c_str(), X_OK) != 0) {
+      res.skipped = "no anchor script at " + o.anchor_script;
+      return res;
+    }
+    if (dspex::find_executable("elixir").empty()) {
+      res.skipped = "elixir is not installed (--anchor installs it, as root, and runs the anchor)";
+      return res;
+    }
+  }
+  // The same counts as the raw and pool rows.
+  res.sequential = run_anchor_once(o, 1, 1, o.sequential);
+  res.blocking = run_anchor_once(o, 2, o.callers, std::max<std::size_t>(o.concurrent / o.callers, 1));
+  return res;
+}
+
+// ----------------------------------------------------------------- start-up, memory, idle
+
+double rss_kib() {
+  std::ifstream in{"/proc/self/status"};
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmRSS:", 0) == 0)
+      return std::stod(line.substr(6));
+  return 0;
+}
+
+struct startup_results {
+  std::vector<std::pair<std::size_t, double>> start_ms;  ///< (workers, ms to all ready)
+  std::vector<std::pair<std::size_t, double>> rss_growth_kib;  ///< (workers, RSS growth)
+  double kib_per_worker = 0;
+  double idle_seconds = 0;
+  double idle_runtime_cpu_s = 0;  ///< this process, over idle_seconds
+  double idle_worker_cpu_s = 0;   ///< its Python workers, over idle_seconds
+};
+
+dspex::settings bench_settings(const options& o, std::size_t workers) {
+  dspex::settings s;
+  s.pool.size = workers;
+  s.lm.provider = "mock";
+  s.lm.model = "mock";
+  s.worker.python = o.python;
+  s.worker.script = DSPEX_BENCH_WORKER_SCRIPT;
+  s.scheduler_policy = o.scheduler;
+  s.scheduler_max_threads = o.max_threads;
+  s.log_level = "warn";
+  return s;
+}
+
+// Start-up of 1, 2 and 8 workers; the runtime's memory per worker from the
+// RSS growth of a fresh start (heap trimmed before each); the CPU an idle
+// 2-worker pool uses (it must not poll).
+startup_results run_startup(const options& o) {
+  startup_results res;
+  for (std::size_t n : {std::size_t{1}, std::size_t{2}, std::size_t{8}}) {
+    ::malloc_trim(0);
+    auto rss0 = rss_kib();
+    auto t0 = clock_type::now();
+    auto rt = dspex::runtime::start(bench_settings(o, n));
+    res.start_ms.emplace_back(n, seconds_since(t0) * 1000);
+    expect_ok(rt->execute_anonymous("ping"), "start-up ping");
+    res.rss_growth_kib.emplace_back(n, rss_kib() - rss0);
+    if (n == 2) {
+      std::vector<pid_t> pids;
+      for (auto& w : rt->status().workers)
+        pids.push_back(static_cast<pid_t>(w.pid));
+      auto idle = o.quick ? std::chrono::seconds{1} : std::chrono::seconds{5};
+      auto own0 = process_cpu_seconds("/proc/self/stat");
+      double workers0 = 0;
+      for (auto pid : pids)
+        workers0 += process_cpu_seconds("/proc/" + std::to_string(pid) + "/stat");
+      std::this_thread::sleep_for(idle);  // the span measured: nothing to wait for
+      res.idle_seconds = std::chrono::duration<double>(idle).count();
+      res.idle_runtime_cpu_s = process_cpu_seconds("/proc/self/stat") - own0;
+      double workers1 = 0;
+      for (auto pid : pids)
+        workers1 += process_cpu_seconds("/proc/" + std::to_string(pid) + "/stat");
+      res.idle_worker_cpu_s = workers1 - workers0;
+    }
+    rt->stop();
+  }
+  double g1 = res.rss_growth_kib.front().second, g8 = res.rss_growth_kib.back().second;
+  res.kib_per_worker = (g8 - g1) / 7.0;
+  return res;
+}
+
+// ----------------------------------------------------------------- accounting cost
+
+/// ns per latency_histogram::record, one thread alone and two at once.
+std::pair<double, double> histogram_record_cost() {
+  constexpr std::size_t n = 5'000'000;
+  dspex::latency_histogram h;
+  auto t0 = clock_type::now();
+  for (std::size_t i = 0; i < n; ++i)
+    h.record(nanos{static_cast<long long>(50'000 + (i & 4095))});
+  auto one = seconds_since(t0) * 1e9 / n;
+  dspex::latency_histogram shared;
+  auto t1 = clock_type::now();
+  std::thread a{[&] {
+    for (std::size_t i = 0; i < n; ++i)
+      shared.record(nanos{static_cast<long long>(50'000 + (i & 4095))});
+  }};
+  for (std::size_t i = 0; i < n; ++i)
+    shared.record(nanos{static_cast<long long>(70'000 + (i & 4095))});
+  a.join();
+  auto two = seconds_since(t1) * 1e9 / n;
+  if (shared.summary().count != 2 * n || h.summary().count != n)
+    throw std::runtime_error("latency_histogram lost records");
+  return {one, two};
+}
+
 // ----------------------------------------------------------------- report
 
 void print_table(const std::vector<row>& rows) {
@@ -728,9 +1038,14 @@ void print_table(const std::vector<row>& rows) {
   std::printf("%-40s %7s %11s %11s %11s %9s %7s\n", "path", "n", "p50 µs", "p99 µs", "mean µs",
               "req/s", "other*");
   std::printf("%s\n", std::string(102, '-').c_str());
-  for (auto& r : rows)
-    std::printf("%-40s %7zu %10.1f %10.1f %10.1f %9.0f %7.2f\n", r.path.c_str(), r.count, r.p50,
-                r.p99, r.mean, r.rps, r.other_cores);
+  for (auto& r : rows) {
+    std::printf("%-40s %7zu %10.1f %10.1f ", r.path.c_str(), r.count, r.p50, r.p99);
+    if (r.mean > 0)
+      std::printf("%10.1f", r.mean);
+    else
+      std::printf("%10s", "-");  // the anchor reports no mean
+    std::printf(" %9.0f %7.2f\n", r.rps, r.other_cores);
+  }
   std::printf("* other: average cores busy with other processes during that row (0 = quiet)\n\n");
 }
 
@@ -738,30 +1053,69 @@ const char* verdict(bool ok) {
   return ok ? "MET" : "NOT MET";
 }
 
-void print_ratios(const raw_results& raw, const pool_results& pool, std::size_t callers) {
-  auto seq_ratio = pool.sequential.p50 / raw.sequential.p50;
-  auto thr_vs_raw = pool.blocking.rps / raw.concurrent.rps;
-  auto thr_vs_np = pool.blocking.rps / nimblepool_16_callers_rps;
-  auto async_vs_np = pool.async.rps / nimblepool_16_callers_rps;
-  std::printf("ratios\n");
-  std::printf("  pool sequential p50 / raw p50                  : %6.2f  (target <= %.1f: %s)\n",
-              seq_ratio, target_seq_p50_ratio, verdict(seq_ratio <= target_seq_p50_ratio));
-  std::printf("  pool sequential mean / raw mean                : %6.2f\n",
-              pool.sequential.mean / raw.sequential.mean);
-  std::printf("  pool %zu-caller req/s / raw 2-worker req/s      : %6.2f\n", callers, thr_vs_raw);
-  std::printf("  pool %zu-caller req/s / 29000 (NimblePool)      : %6.2f  (target >= %.1f: %s)\n",
-              callers, thr_vs_np, target_throughput_ratio,
-              verdict(thr_vs_np >= target_throughput_ratio));
-  std::printf("  pool async %zu in flight req/s / 29000          : %6.2f\n", callers, async_vs_np);
-  std::printf("  pool async req/s / raw 2-worker req/s          : %6.2f\n",
-              pool.async.rps / raw.concurrent.rps);
-  auto cores = std::max<long>(1, ::sysconf(_SC_NPROCESSORS_ONLN));
-  auto bound = (static_cast<double>(pool.workers) / static_cast<double>(cores) + 1.0) * raw.start_ms;
+void print_ratio(const char* what, double value, const char* cmp, double target) {
+  bool ok = std::string{cmp} == "<=" ? value <= target : value >= target;
+  std::printf("  %-50s: %6.2f  (target %s %.2f: %s)\n", what, value, cmp, target, verdict(ok));
+}
+
+void print_ratios(const raw_results& raw, const anchor_results& anchor, const pool_results& pool,
+                  std::size_t callers) {
+  std::printf("ratios (every figure from this run)\n");
+  print_ratio("pool sequential p50 / raw p50", pool.sequential.p50 / raw.sequential.p50, "<=",
+              target_seq_p50_vs_raw);
+  if (anchor.sequential)
+    print_ratio("pool sequential p50 / NimblePool p50", pool.sequential.p50 / anchor.sequential->r.p50,
+                "<=", 1.0);
+  print_ratio("pool sequential p99 / p50", pool.sequential.p99 / pool.sequential.p50, "<=",
+              target_p99_vs_p50);
+  auto label = "pool " + std::to_string(callers) + " blocking callers req/s / NimblePool req/s";
+  if (anchor.blocking)
+    print_ratio(label.c_str(), pool.blocking.rps / anchor.blocking->r.rps, ">=",
+                target_blocking_vs_anchor);
+  std::printf("  %-50s: %6.2f\n", "pool blocking req/s / raw 2-worker req/s",
+              pool.blocking.rps / raw.concurrent.rps);
+  print_ratio("pool async req/s / raw 2-worker req/s", pool.async.rps / raw.concurrent.rps, ">=",
+              target_async_vs_raw);
+  print_ratio("session p50 / anonymous async p50", pool.sessions.p50 / pool.async.p50, "<=",
+              target_session_vs_anonymous);
+  std::printf("  %-50s: %6.2f\n", "session req/s / anonymous async req/s",
+              pool.sessions.rps / pool.async.rps);
+  for (std::size_t i = 0; i < pool.payloads.size() && i < raw.payloads.size(); ++i) {
+    auto what = "pool echo " + payload_label(pool.payloads[i].bytes) + " p50 / raw p50";
+    auto ratio = pool.payloads[i].pool.p50 / raw.payloads[i].p50;
+    if (pool.payloads[i].bytes >= 1024 * 1024)
+      print_ratio(what.c_str(), ratio, "<=", target_payload_vs_raw);
+    else
+      std::printf("  %-50s: %6.2f\n", what.c_str(), ratio);
+  }
+  if (!anchor.skipped.empty())
+    std::printf("  (NimblePool ratios skipped: %s)\n", anchor.skipped.c_str());
+}
+
+void print_startup(const raw_results& raw, const anchor_results& anchor, const pool_results& pool,
+                   const startup_results& su) {
   std::printf("runtime threads (after start): %s\n", pool.threads.c_str());
-  std::printf("start-up\n");
-  std::printf("  raw: 1 worker ready in %.1f ms; pool: %zu workers ready in %.1f ms"
-              " (target <= %.1f ms: %s)\n",
-              raw.start_ms, pool.workers, pool.start_ms, bound, verdict(pool.start_ms <= bound));
+  std::printf("start-up (runtime::start until every worker answered its init ping)\n");
+  std::printf("  raw: 1 worker ready in %.1f ms", raw.start_ms);
+  if (anchor.blocking)
+    std::printf("; NimblePool: 2 workers in %.0f ms", anchor.blocking->startup_ms);
+  std::printf("\n");
+  auto cores = std::max<long>(1, ::sysconf(_SC_NPROCESSORS_ONLN));
+  for (auto [n, ms] : su.start_ms) {
+    auto bound = (static_cast<double>(n) / static_cast<double>(cores) + 1.0) * raw.start_ms;
+    std::printf("  pool: %zu worker%s ready in %6.1f ms (target <= %.1f ms: %s)\n", n,
+                n == 1 ? " " : "s", ms, bound, verdict(ms <= bound));
+  }
+  std::printf("memory (this process's RSS growth over a fresh start, heap trimmed first)\n");
+  for (auto [n, kib] : su.rss_growth_kib)
+    std::printf("  %zu worker%s: +%.0f KiB\n", n, n == 1 ? " " : "s", kib);
+  std::printf("  C++ side per worker ((8 workers - 1 worker) / 7): %.1f KiB (target <= %.0f: %s)\n",
+              su.kib_per_worker, target_kib_per_worker,
+              verdict(su.kib_per_worker <= target_kib_per_worker));
+  std::printf("idle 2-worker pool over %.0f s: runtime %.3f s CPU (%.2f%% of a core), workers %.3f s\n",
+              su.idle_seconds, su.idle_runtime_cpu_s,
+              su.idle_seconds > 0 ? 100.0 * su.idle_runtime_cpu_s / su.idle_seconds : 0.0,
+              su.idle_worker_cpu_s);
 }
 
 bool any_child_left() {
@@ -783,9 +1137,32 @@ int main(int argc, char** argv) {
     // The raw path runs first, while the process has one thread, so fork()
     // is plain; the pool then runs with the same worker and interpreter.
     auto raw = run_raw(o);
+    auto anchor = run_anchor(o);
     auto pool = run_pool(o);
-    print_table({raw.sequential, raw.concurrent, pool.sequential, pool.blocking, pool.async});
-    print_ratios(raw, pool, o.callers);
+    auto startup = run_startup(o);
+    std::vector<row> rows{raw.sequential};
+    if (anchor.sequential)
+      rows.push_back(anchor.sequential->r);
+    rows.push_back(pool.sequential);
+    rows.push_back(raw.concurrent);
+    if (anchor.blocking)
+      rows.push_back(anchor.blocking->r);
+    rows.push_back(pool.blocking);
+    rows.push_back(pool.async);
+    rows.push_back(pool.sessions);
+    for (std::size_t i = 0; i < pool.payloads.size() && i < raw.payloads.size(); ++i) {
+      rows.push_back(raw.payloads[i]);
+      rows.push_back(pool.payloads[i].pool);
+    }
+    print_table(rows);
+    if (!anchor.skipped.empty())
+      std::printf("NimblePool anchor: skipped: %s\n\n", anchor.skipped.c_str());
+    print_ratios(raw, anchor, pool, o.callers);
+    print_startup(raw, anchor, pool, startup);
+    auto [one, two] = histogram_record_cost();
+    std::printf("latency accounting: %.1f ns per record alone, %.1f ns with 2 threads recording "
+                "into one histogram\n",
+                one, two);
     std::printf("loadavg : %s (at end)\n", read_first_line("/proc/loadavg").c_str());
   } catch (const dspex::start_error& e) {
     std::fprintf(stderr, "bench_pool: the runtime did not start: %s\n", e.what());

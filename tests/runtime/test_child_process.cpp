@@ -1060,13 +1060,16 @@ TEST_CASE_FIXTURE(no_leftovers, "each child has a guardian holding nothing but i
   auto [rec_a, a] = start("/bin/cat", {}, "a");
   auto [rec_b, b] = start("/bin/cat", {}, "b");
   // A guardian closes what it inherited and execs the shell first thing after
-  // its fork, but that runs on its own schedule: wait for it (bounded).
+  // its fork, but that runs on its own schedule: wait for it (bounded), until
+  // the exec is done too (between its close and its exec a guardian already
+  // holds only fd 0 but is not yet the shell).
   std::vector<pid_t> guards;
   auto settled = [&] {
     guards = guardians();
     return guards.size() == 2
-           && std::all_of(guards.begin(), guards.end(),
-                          [](pid_t g) { return fd_numbers(g) == std::set<int>{0}; });
+           && std::all_of(guards.begin(), guards.end(), [](pid_t g) {
+                return fd_numbers(g) == std::set<int>{0} && proc::comm(g) == "sh";
+              });
   };
   for (auto until = std::chrono::steady_clock::now() + hang_bound;
        !settled() && std::chrono::steady_clock::now() < until;)

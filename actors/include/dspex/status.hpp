@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "dspex/error.hpp"
+#include "dspex/pool_metrics.hpp"
 
 namespace dspex {
 
@@ -54,6 +55,9 @@ struct pool_status {
   std::uint64_t affinity_hits = 0;     ///< session calls served by their preferred worker
   std::uint64_t affinity_misses = 0;   ///< ... by another worker while it lived (hint: it was busy)
   std::uint64_t affinity_rebinds = 0;  ///< ... by another worker because it was gone           ///< the circuit breaker in front of the pool (runtime::status)
+  /// Queue wait, run and whole-call latency percentiles, calls in flight and
+  /// utilisation, recorded on every call (see dspex/pool_metrics.hpp).
+  pool_metrics_summary metrics;
   std::vector<worker_info> workers;
   std::vector<worker_info> retired;  ///< the last removed workers (bounded), for summaries
 

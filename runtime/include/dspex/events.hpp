@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <condition_variable>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -71,6 +72,13 @@ public:
 
   /// Returns an id for unsubscribe. Handlers run in subscription order.
   std::uint64_t subscribe(handler h);
+  /// Removes a subscription. When it returns, its handler is not running on
+  /// any other thread and will never run again, so whatever the handler
+  /// uses may be destroyed right after.
+  /// @note From inside that handler itself it does not wait for its own
+  ///       call (it returns at once; the handler is not called again).
+  /// @note It waits for a handler running elsewhere as long as that takes:
+  ///       handlers must be short (a warning is logged every 5 s of waiting).
   void unsubscribe(std::uint64_t id);
 
   /// Cheap: lets publishers skip building events nobody reads (ready <-> busy
@@ -92,8 +100,11 @@ public:
 private:
   static bool trace_enabled() noexcept;
 
+  struct subscription;
+
   mutable std::mutex mtx_;
-  std::vector<std::pair<std::uint64_t, std::shared_ptr<handler>>> handlers_;
+  std::condition_variable calls_done_;  ///< a call of a removed subscription returned
+  std::vector<std::shared_ptr<subscription>> handlers_;
   std::uint64_t next_id_ = 1;
   std::atomic<std::size_t> count_{0};
 };
