@@ -13,6 +13,8 @@
 
 #include "dspex/actors/messages.hpp"
 #include "deadline_timer.hpp"
+#include "idle_workers.hpp"
+#include "worker_channel.hpp"
 #include "dspex/actors/python_worker_contract.hpp"
 #include "dspex/backoff.hpp"
 #include "dspex/logging.hpp"
@@ -93,7 +95,9 @@ struct pool_state {
   std::shared_ptr<event_bus> events;
   std::shared_ptr<pool_metrics> metrics;  ///< queue waits and run times (make_status)
   std::map<std::string, worker_entry> workers;
-  std::deque<std::string> idle;  ///< idle worker ids, oldest checkin first
+  /// The idle workers (oldest checkin first), which callers may also take
+  /// directly (idle_workers.hpp): the one list of them.
+  std::shared_ptr<detail::idle_workers> idle;
   std::map<std::uint64_t, waiter> queue;  ///< by ticket: FIFO order
   // New callers get increasing tickets, handed-back calls decreasing ones
   // below all of them: a retried caller goes first, it has waited longest.
@@ -146,6 +150,8 @@ using pool_actor_t = caf::stateful_actor<pool_state>;
 
 void dispatch(pool_actor_t* self);
 bool fill_pool(pool_actor_t* self);
+void sync_waiting(pool_actor_t* self);
+void fold_direct_calls(pool_actor_t* self, worker_entry& e);
 
 // -- small helpers ------------------------------------------------------------------
 
@@ -157,9 +163,9 @@ worker_info info_of(const worker_entry& e, clock_type::time_point now) {
   return info;
 }
 
-bool lifo(pool_actor_t* self) {
-  return self->state.config->pool.strategy == "lifo";
-}
+/// (worker_id): a worker's direct call was answered and the worker is the
+/// pool's again (idle_workers::to_pool).
+using direct_back_atom = caf::atom_constant<caf::atom("dback")>;
 
 std::size_t active_count(pool_actor_t* self, bool overflow) {
   std::size_t n = 0;
@@ -332,6 +338,7 @@ void update_health(pool_actor_t* self) {
       unwatch_caller(self, wt.caller);
     }
     st.queue.clear();
+    sync_waiting(self);
   }
 }
 
@@ -395,7 +402,7 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
       return;  // worker_ready or its exit follows
     case init_result::kind::ready:
       e.state = worker_state_t::idle;
-      st.idle.push_back(id);
+      st.idle->put(id, nullptr);
       note_start_success(self, id, 0);
       return;
     case init_result::kind::failed: {
@@ -470,12 +477,12 @@ bool fill_pool(pool_actor_t* self) {
     missing = std::min<std::size_t>(missing, 1);
     extra = 0;
   }
-  auto idle_before = st.idle.size();
+  auto idle_before = st.idle->size();
   for (std::size_t i = 0; i < missing; ++i)
     start_worker(self, false, false);
   for (std::size_t i = 0; i < extra; ++i)
     start_worker(self, false, true);
-  return st.idle.size() > idle_before;
+  return st.idle->size() > idle_before;
 }
 
 void retire(pool_actor_t* self, const worker_entry& e) {
@@ -504,8 +511,13 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   if (e.state == worker_state_t::removing)
     return;
   log().warn("[{}] removed from the pool: {}", e.w.id, reason.describe());
+  fold_direct_calls(self, e);
   end_lease(self, e);
-  st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), e.w.id), st.idle.end());
+  st.idle->forget(e.w.id);
+  if (e.pending_lm) {
+    e.pending_lm.reset();
+    st.idle->resume();  // its configure_lm will not check in
+  }
   auto was_starting = e.state == worker_state_t::starting;
   // Crash-loop guard: a process killed by a signal from outside (an
   // operator, a storm, the OOM killer) says nothing about whether workers
@@ -564,6 +576,50 @@ void update_worker_stats(worker_entry& e, const checkin_status& status) {
 
 void start_configure(pool_actor_t* self, worker_entry& e);
 
+// -- the direct lane (issue 11) ----------------------------------------------------------
+
+/// The worker's lane for direct calls, bound to this pool, or null (the
+/// contract offers none, or the worker is an overflow one: those must come
+/// back to the pool at every checkin to be retired when idle).
+std::shared_ptr<detail::worker_channel> channel_of(pool_actor_t* self, worker_entry& e) {
+  return guarded(e.w.id, "direct_channel",
+                 [](std::string) { return std::shared_ptr<detail::worker_channel>{}; },
+                 [&] { return self->state.contract->direct_channel(e.w); });
+}
+
+std::shared_ptr<detail::worker_channel> direct_channel_of(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  if (e.w.overflow || st.stopping)
+    return nullptr;
+  auto channel = channel_of(self, e);
+  if (channel)
+    channel->set_board(st.idle);
+  return channel;
+}
+
+/// Folds the calls a worker served directly into its statistics (Fix 6:
+/// the pool's record stays the one place they are read from).
+void fold_direct_calls(pool_actor_t* self, worker_entry& e) {
+  auto channel = channel_of(self, e);
+  if (!channel)
+    return;
+  auto served = channel->take_served();
+  if (served.started + served.ok + served.failed == 0)
+    return;
+  e.w.stats.checkouts += served.started;
+  e.w.stats.successful_checkins += served.ok;
+  e.w.stats.error_checkins += served.failed;
+  if (served.ok > 0)
+    e.w.consecutive_failures = 0;
+  if (served.last && *served.last > e.last_activity)
+    e.last_activity = *served.last;
+}
+
+/// The direct lane yields to callers queued here (FIFO across both lanes).
+void sync_waiting(pool_actor_t* self) {
+  self->state.idle->set_pool_waiting(!self->state.queue.empty());
+}
+
 void make_idle(pool_actor_t* self, worker_entry& e) {
   auto& st = self->state;
   if (e.lm_generation < st.lm_generation && !st.stopping) {
@@ -582,7 +638,11 @@ void make_idle(pool_actor_t* self, worker_entry& e) {
     }
     self->delayed_send(self, delay, retire_atom::value, e.w.id);
   }
-  st.idle.push_back(e.w.id);
+  auto channel = direct_channel_of(self, e);
+  if (channel && e.recycle_after > 0)
+    channel->set_budget(e.recycle_after > e.w.stats.checkouts
+                          ? e.recycle_after - e.w.stats.checkouts : 0);
+  st.idle->put(e.w.id, std::move(channel));
 }
 
 // -- one LM configuration per pool -------------------------------------------------------------
@@ -631,12 +691,16 @@ void adopt_lm(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
   e.lm_generation = ++st.lm_generation;
   log().info("pool: LM configuration {} adopted from {}; every worker applies it before it serves",
              redacted(st.lm_args).dump(), e.w.id);
-  auto idle_ids = std::vector<std::string>(st.idle.begin(), st.idle.end());
-  st.idle.clear();
-  for (auto& id : idle_ids) {
+  // Workers out on a direct call come back here when answered, and are
+  // configured then (make_idle).
+  st.idle->recall_all();
+  for (auto& id : st.idle->ids()) {
     auto it = st.workers.find(id);
-    if (it != st.workers.end() && it->second.state == worker_state_t::idle)
+    if (it != st.workers.end() && it->second.state == worker_state_t::idle
+        && st.idle->take(id)) {
+      fold_direct_calls(self, it->second);
       start_configure(self, it->second);
+    }
   }
 }
 
@@ -689,8 +753,8 @@ void on_health_result(pool_actor_t* self, const std::string& id, const caf::acto
 // ping runs, so no caller ever waits behind a health check.
 void check_health(pool_actor_t* self, worker_entry& e) {
   auto& st = self->state;
-  auto& idle = st.idle;
-  idle.erase(std::remove(idle.begin(), idle.end(), e.w.id), idle.end());
+  if (e.state == worker_state_t::idle && !st.idle->take(e.w.id))
+    return;  // out on a direct call: busy, so not pinged
   e.state = worker_state_t::checking;
   auto id = e.w.id;
   auto handle = e.w.handle;
@@ -806,6 +870,9 @@ void maintain(pool_actor_t* self) {
       continue;
     auto& e = it->second;
     if (e.state == worker_state_t::idle) {
+      if (st.idle->out_on_direct_call(id))
+        continue;  // busy: recycled or pinged when it is idle again
+      fold_direct_calls(self, e);
       if (auto why = recycle_reason(self, e, now)) {
         recycle(self, e, *why);
         continue;
@@ -833,6 +900,7 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
     if (status.what == checkin_status::kind::ok && !st.stopping)
       adopt_lm(self, e, std::move(*e.pending_lm));
     e.pending_lm.reset();
+    st.idle->resume();
   }
   // Recoverable failures count; a Python-side error is the program's, not
   // the worker's, and success resets the count.
@@ -870,16 +938,9 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
 
 std::optional<std::string> take_idle(pool_actor_t* self) {
   auto& st = self->state;
-  if (st.idle.empty())
-    return std::nullopt;
-  std::string id;
-  if (lifo(self)) {
-    id = std::move(st.idle.back());
-    st.idle.pop_back();
-  } else {
-    id = std::move(st.idle.front());
-    st.idle.pop_front();
-  }
+  auto id = st.idle->take_any();
+  if (id)
+    fold_direct_calls(self, st.workers.at(*id));
   return id;
 }
 
@@ -895,7 +956,9 @@ preferred_is preferred_state(pool_actor_t* self, const waiter& wt) {
   if (it == self->state.workers.end())
     return preferred_is::gone;
   switch (it->second.state) {
-    case worker_state_t::idle: return preferred_is::idle;
+    case worker_state_t::idle:
+      return self->state.idle->out_on_direct_call(it->first) ? preferred_is::occupied
+                                                             : preferred_is::idle;
     case worker_state_t::removing:
     case worker_state_t::stopping: return preferred_is::gone;
     default: return preferred_is::occupied;
@@ -909,8 +972,14 @@ std::optional<std::string> take_idle_for(pool_actor_t* self, const waiter& wt) {
   switch (preferred_state(self, wt)) {
     case preferred_is::idle: {
       const auto& id = wt.request->preferred_worker;
-      st.idle.erase(std::remove(st.idle.begin(), st.idle.end(), id), st.idle.end());
-      return id;
+      if (st.idle->take(id)) {
+        fold_direct_calls(self, st.workers.at(id));
+        return id;
+      }
+      // Out on a direct call: occupied for now.
+      if (wt.request->affinity != affinity_mode::hint)
+        return std::nullopt;
+      return take_idle(self);
     }
     case preferred_is::occupied:
       if (wt.request->affinity != affinity_mode::hint)
@@ -966,8 +1035,12 @@ void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor
   if (wt.request) {
     e.state = worker_state_t::busy;
     e.running_since = e.last_activity;
-    if (wt.request->command == "configure_lm" && wt.type.what() != checkout_type::kind::session)
+    if (wt.request->command == "configure_lm" && wt.type.what() != checkout_type::kind::session) {
       e.pending_lm = wt.request->args;
+      // No direct call until it is decided: a call made after its reply
+      // must find every idle worker on the new configuration.
+      st.idle->pause();
+    }
     wt.promise.delegate(client, execute_atom::value, std::move(*wt.request));
     return;
   }
@@ -1027,7 +1100,7 @@ void match_waiters(pool_actor_t* self, clock_type::time_point now) {
       it = st.queue.erase(it);
       continue;
     }
-    if (st.idle.empty())
+    if (st.idle->size() == 0)
       break;
     auto id = take_idle_for(self, wt);
     if (!id) {
@@ -1054,6 +1127,7 @@ void dispatch(pool_actor_t* self) {
   do {
     match_waiters(self, now);
   } while (fill_pool(self) && !st.queue.empty());
+  sync_waiting(self);
 }
 
 error full_error(const checkout_type& t) {
@@ -1083,7 +1157,7 @@ caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
                                std::move(ctx)));
     return rp;
   }
-  if (st.queue.empty() && !st.idle.empty()) {
+  if (st.queue.empty() && st.idle->size() > 0) {
     while (auto id = take_idle_for(self, wt))
       if (offer(self, *id, wt))
         return rp;
@@ -1132,7 +1206,7 @@ void begin_stop(pool_actor_t* self) {
                                     "the pool stopped before it was ready");
     answer_ready_waiters(self);
   }
-  st.idle.clear();
+  st.idle->close();  // no direct call starts any more; answered ones come back here
   auto reason = make_error(error_category::resource_error, "pool_stopping",
                            "the pool is stopping");
   for (auto& [id, e] : st.workers) {
@@ -1236,6 +1310,7 @@ void on_caller_down(pool_actor_t* self, caf::down_msg& msg) {
   }
   for (auto it = st.queue.begin(); it != st.queue.end();)
     it = it->second.caller == msg.source ? st.queue.erase(it) : std::next(it);
+  sync_waiting(self);
   std::vector<std::uint64_t> revoked;
   for (auto& [lease, rec] : st.leases)
     if (rec.holder == msg.source)
@@ -1282,9 +1357,12 @@ pool_status make_status(pool_actor_t* self) {
   s.stopping = st.stopping;
   s.leased = st.leases.size();
   for (auto& [id, e] : st.workers) {
+    auto direct = e.state == worker_state_t::idle && st.idle->out_on_direct_call(id);
+    if (e.state == worker_state_t::idle)
+      fold_direct_calls(self, e);
     switch (e.state) {
       case worker_state_t::starting: ++s.starting; break;
-      case worker_state_t::idle: ++s.idle; break;
+      case worker_state_t::idle: ++(direct ? s.busy : s.idle); break;
       case worker_state_t::busy:
       case worker_state_t::leased:
       case worker_state_t::checking:
@@ -1296,6 +1374,8 @@ pool_status make_status(pool_actor_t* self) {
     if (e.w.overflow && e.state != worker_state_t::removing)
       ++s.overflow;
     s.workers.push_back(info_of(e, now));
+    if (direct)
+      s.workers.back().state = "busy";  // on a direct call
   }
   s.retired.assign(st.retired.begin(), st.retired.end());
   s.health = st.health;
@@ -1325,6 +1405,7 @@ caf::behavior held_behavior(pool_actor_t* self) {
   return {
     [=](resume_atom) {
       self->state.held = false;
+      self->state.idle->resume();
       self->set_default_handler(caf::print_and_drop);
       self->unbecome();
     },
@@ -1334,10 +1415,18 @@ caf::behavior held_behavior(pool_actor_t* self) {
 caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config,
                          std::shared_ptr<worker_contract> contract,
                          std::shared_ptr<event_bus> events,
-                         std::shared_ptr<pool_metrics> metrics) {
+                         std::shared_ptr<pool_metrics> metrics,
+                         std::shared_ptr<detail::idle_workers> idle) {
   auto& st = self->state;
   st.config = std::move(config);
   st.metrics = metrics ? std::move(metrics) : std::make_shared<pool_metrics>(st.config->pool.size);
+  st.idle = idle ? std::move(idle)
+                 : std::make_shared<detail::idle_workers>(st.config->pool.strategy == "lifo",
+                                                          st.metrics);
+  st.idle->set_to_pool([pool = caf::actor_cast<caf::actor_addr>(self)](const std::string& id) {
+    if (auto dest = caf::actor_cast<caf::actor>(pool))
+      caf::anon_send(dest, direct_back_atom::value, id);
+  });
   st.events = events ? std::move(events) : std::make_shared<event_bus>();
   st.contract = contract ? std::move(contract)
                          : std::make_shared<python_worker_contract>(st.config, "pool-worker",
@@ -1353,7 +1442,8 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
   arm_maintenance(self);
   self->set_exit_handler([=](caf::exit_msg& msg) { on_exit(self, msg); });
   // Whatever ends the pool ends its workers (they are monitored, not linked).
-  self->attach_functor([live = st.live_workers](const caf::error&) {
+  self->attach_functor([live = st.live_workers, idle = st.idle](const caf::error&) {
+    idle->close();  // callers stop taking its workers at once
     for (auto& [id, h] : *live)
       caf::anon_send_exit(h, caf::exit_reason::kill);
     live->clear();
@@ -1442,6 +1532,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         if (!it->second.request && it->second.token == token && it->second.caller == caller) {
           unwatch_caller(self, caller);
           st.queue.erase(it);
+          sync_waiting(self);
           return;
         }
       for (auto it = st.leases.begin(); it != st.leases.end(); ++it)
@@ -1463,9 +1554,37 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     [=](checkin_atom, const std::string& id, checkin_status& status) {
       auto& st = self->state;
       auto it = st.workers.find(id);
-      if (it == st.workers.end() || it->second.state != worker_state_t::busy)
+      if (it == st.workers.end())
         return;
-      finish_checkin(self, it->second, status);
+      auto& e = it->second;
+      if (e.state == worker_state_t::idle && st.idle->out_on_direct_call(id)) {
+        // A direct call that its worker actor took over, answered after all.
+        st.idle->forget(id);
+        fold_direct_calls(self, e);  // its checkout included
+        e.state = worker_state_t::busy;
+      }
+      if (e.state != worker_state_t::busy)
+        return;
+      finish_checkin(self, e, status);
+    },
+    [=](direct_back_atom, const std::string& id) {
+      // A worker whose direct call was answered, given back to the pool
+      // (recalled, over its recycling budget, or callers wait here).
+      auto& st = self->state;
+      auto it = st.workers.find(id);
+      if (it == st.workers.end() || it->second.state != worker_state_t::idle
+          || st.idle->contains(id))
+        return;
+      auto& e = it->second;
+      st.idle->forget(id);
+      fold_direct_calls(self, e);
+      if (st.stopping)
+        return;
+      if (auto why = recycle_reason(self, e, clock_type::now()))
+        recycle(self, e, *why);
+      else
+        make_idle(self, e);
+      dispatch(self);
     },
     [=](worker_spawned_atom, const std::string& id, int pid) {
       // Shown in the status while the worker starts (so an operator, or a
@@ -1524,6 +1643,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         });
       if (next)
         arm_queue_timer(self, *next);
+      sync_waiting(self);
     },
     [=](maintenance_atom) {
       self->state.tick_armed = false;
@@ -1555,8 +1675,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
     [=](ping_idle_atom) -> std::size_t {
       auto& st = self->state;
       std::size_t removed = 0;
-      auto idle_ids = std::vector<std::string>(st.idle.begin(), st.idle.end());
-      for (auto& id : idle_ids) {
+      for (auto& id : st.idle->ids()) {
         auto it = st.workers.find(id);
         if (it == st.workers.end() || it->second.state != worker_state_t::idle)
           continue;
@@ -1577,6 +1696,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
       // Tests: requests wait in the mailbox until resume, so deadlines can
       // pass deterministically while the pool is still.
       self->state.held = true;
+      self->state.idle->pause();  // a held pool serves nobody, directly or not
       self->set_default_handler(caf::skip);
       self->become(caf::keep_behavior, held_behavior(self));
     },
@@ -1607,18 +1727,20 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
 
 caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
                       std::shared_ptr<worker_contract> contract,
-                      std::shared_ptr<event_bus> events, std::shared_ptr<pool_metrics> metrics) {
+                      std::shared_ptr<event_bus> events, std::shared_ptr<pool_metrics> metrics,
+                      std::shared_ptr<detail::idle_workers> idle) {
   return sys.spawn(pool_actor, std::move(config), std::move(contract), std::move(events),
-                   std::move(metrics));
+                   std::move(metrics), std::move(idle));
 }
 
 caf::actor spawn_linked_pool(caf::event_based_actor* parent,
                              std::shared_ptr<const settings> config,
                              std::shared_ptr<worker_contract> contract,
                              std::shared_ptr<event_bus> events,
-                             std::shared_ptr<pool_metrics> metrics) {
+                             std::shared_ptr<pool_metrics> metrics,
+                             std::shared_ptr<detail::idle_workers> idle) {
   return parent->spawn<caf::linked>(pool_actor, std::move(config), std::move(contract),
-                                    std::move(events), std::move(metrics));
+                                    std::move(events), std::move(metrics), std::move(idle));
 }
 
 } // namespace dspex

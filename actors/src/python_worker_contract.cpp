@@ -5,6 +5,7 @@
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/worker_actor.hpp"
 #include "dspex/logging.hpp"
+#include "worker_channel.hpp"
 
 namespace dspex {
 
@@ -39,6 +40,8 @@ python_worker_contract::python_worker_contract(std::shared_ptr<const settings> c
 
 init_result python_worker_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
   auto health = std::make_shared<worker_health>();
+  health->channel = std::make_shared<detail::worker_channel>(w.id, config_->pool.max_frame_bytes,
+                                                             config_->pool.max_json_depth);
   w.state = health;
   worker_config cfg{w.id, config_, caf::actor{pool}, health};
   cfg.mode = mode_;
@@ -86,6 +89,16 @@ keep_or_remove python_worker_contract::handle_info(const caf::message& msg, pool
                                              "idle worker " + w.id + " lost its process",
                                              {{"worker_id", w.id}}));
   return keep_or_remove::ok();
+}
+
+std::shared_ptr<detail::worker_channel> python_worker_contract::direct_channel(pool_worker& w) {
+  // The lane checks what validate_worker checks, on every call: a process
+  // it can write to (else the call is not sent and the worker goes back to
+  // the pool, which then learns of the loss from the worker actor).
+  auto* h = health_of(w);
+  if (!h || !config_->pool.use_safe_port_connect)
+    return nullptr;  // the rollback switch: every handover through the pool, unchecked
+  return h->channel;
 }
 
 keep_or_remove python_worker_contract::handle_ping(pool_worker& w) {

@@ -30,6 +30,8 @@
 #include "dspex/json_limits.hpp"
 #include "dspex/program_store.hpp"
 #include "dspex/logging.hpp"
+#include "idle_workers.hpp"
+#include "worker_channel.hpp"
 
 namespace dspex::detail {
 
@@ -39,11 +41,25 @@ struct client_shared {
   std::mutex mtx;
   caf::actor pool;               ///< the current pool; none while it restarts
   std::optional<error> gave_up;  ///< set once the root supervisor gave up
+  /// The current pool's idle workers, which the direct lane takes from
+  /// (set by the root's pool child before the pool starts).
+  std::shared_ptr<idle_workers> idle;
   std::atomic<circuit_state> circuit{circuit_state::closed};
+
+  /// The pool's circuit breaker, used by the pool client and, for calls in
+  /// the closed state, by the direct lane. Its observer only records the
+  /// transitions (under breaker_mtx); the pool client publishes them.
+  std::mutex breaker_mtx;
+  std::optional<circuit_breaker> breaker;
+  std::vector<circuit_transition> transitions;
 
   caf::actor current_pool() {
     std::lock_guard<std::mutex> guard{mtx};
     return pool;
+  }
+  std::shared_ptr<idle_workers> current_idle() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return idle;
   }
   std::optional<error> gave_up_error() {
     std::lock_guard<std::mutex> guard{mtx};
@@ -68,10 +84,21 @@ struct checkin_sink {
   std::function<void(bool)> fn;
 };
 
+/// A call of the direct lane whose attempt failed: the pool client takes it
+/// over from there (retry policy, circuit breaker), as if it had sent it.
+struct direct_failure {
+  call c;
+  completion done;
+  client_call_options options;
+  std::optional<circuit_permit> permit;
+  outcome result;  ///< a failure, served_by set when a worker answered
+};
+
 } // namespace dspex::detail
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::checkout_sink)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::checkin_sink)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::direct_failure)
 
 namespace dspex {
 
@@ -203,7 +230,7 @@ struct pool_client_state {
   std::shared_ptr<event_bus> events;
   std::shared_ptr<detail::client_shared> shared;
   retry_settings retry;  ///< the template of every call's policy
-  std::optional<circuit_breaker> breaker;
+  bool breaker = false;  ///< circuit.enabled: shared->breaker is set
   std::uint64_t tick_generation = 0;
   caf::actor pool;
   caf::actor_addr root;  ///< monitored: its end (other than by stop) fails every call
@@ -338,6 +365,19 @@ void arm_circuit_tick(pool_client_t* self, circuit_breaker::time_point at) {
   self->delayed_send(self, delay, circuit_tick_atom::value, ++self->state.tick_generation);
 }
 
+void on_circuit_transition(pool_client_t* self, const circuit_transition& t) {
+  event e;
+  e.kind = event_kind::circuit_changed;
+  e.from = to_string(t.from);
+  e.to = to_string(t.to);
+  e.reason = t.reason;
+  e.fields = {{"circuit", "pool"}};
+  publish(self, std::move(e));
+  // Publish open -> half_open when it is due, not at the next request.
+  if (t.to == circuit_state::open)
+    arm_circuit_tick(self, t.at + self->state.shared->breaker->config().open_timeout);
+}
+
 // A failed attempt: retry it, or answer the caller.
 void handle_failure(pool_client_t* self, std::uint64_t id, const error& err) {
   auto& st = self->state;
@@ -392,15 +432,36 @@ void handle_failure(pool_client_t* self, std::uint64_t id, const error& err) {
   fail_final(self, id, err);
 }
 
+void on_circuit_transition(pool_client_t* self, const circuit_transition& t);
+
+// Runs `f` on the breaker under its lock, then publishes what changed.
+template <class F>
+auto with_breaker(pool_client_t* self, F&& f) {
+  auto& sh = *self->state.shared;
+  std::vector<circuit_transition> changes;
+  auto result = [&] {
+    std::lock_guard<std::mutex> guard{sh.breaker_mtx};
+    auto r = f(*sh.breaker);
+    changes.swap(sh.transitions);
+    return r;
+  }();
+  for (auto& t : changes)
+    on_circuit_transition(self, t);
+  return result;
+}
+
 void settle_permit(pool_client_t* self, pending_call& pc, const outcome& o) {
   if (!pc.permit || !self->state.breaker)
     return;
   auto permit = *pc.permit;
   pc.permit.reset();
-  if (o)
-    self->state.breaker->record_success(permit);
-  else
-    self->state.breaker->record_failure(permit, o.error());
+  with_breaker(self, [&](circuit_breaker& b) {
+    if (o)
+      b.record_success(permit);
+    else
+      b.record_failure(permit, o.error());
+    return 0;
+  });
 }
 
 outcome from_request_error(caf::actor_system& sys, const caf::error& e, const std::string& command) {
@@ -459,7 +520,7 @@ void dispatch(pool_client_t* self, std::uint64_t id) {
     return;
   }
   if (st.breaker) {
-    auto admission = st.breaker->allow();
+    auto admission = with_breaker(self, [](circuit_breaker& b) { return b.allow(); });
     if (!admission) {
       handle_failure(self, id, *admission.rejection);  // circuit_open: never retried
       return;
@@ -736,22 +797,17 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
                  ^ reinterpret_cast<std::uintptr_t>(self);
   if (config->circuit.enabled) {
     auto cfg = make_circuit_config(*config);
-    auto open_timeout = cfg.open_timeout;
-    st.breaker.emplace(std::move(cfg));
-    // Runs inside allow()/record_*()/update(), on this actor's thread.
-    st.breaker->set_observer([self, open_timeout](const circuit_transition& t) {
-      self->state.shared->circuit = t.to;
-      event e;
-      e.kind = event_kind::circuit_changed;
-      e.from = to_string(t.from);
-      e.to = to_string(t.to);
-      e.reason = t.reason;
-      e.fields = {{"circuit", "pool"}};
-      publish(self, std::move(e));
-      // Publish open -> half_open when it is due, not at the next request.
-      if (t.to == circuit_state::open)
-        arm_circuit_tick(self, t.at + open_timeout);
+    auto& sh = *st.shared;
+    std::lock_guard<std::mutex> guard{sh.breaker_mtx};
+    sh.breaker.emplace(std::move(cfg));
+    // Runs inside allow()/record_*()/update(), under breaker_mtx, on any
+    // thread: it records; with_breaker publishes (never under the lock,
+    // where an event handler calling the runtime would deadlock).
+    sh.breaker->set_observer([&sh](const circuit_transition& t) {
+      sh.circuit = t.to;
+      sh.transitions.push_back(t);
     });
+    st.breaker = true;
   }
   self->set_down_handler([=](caf::down_msg& dm) { guarded("down", [&] { on_down(self, dm); }); });
   // The last line of defence (every handler above is guarded): log it.
@@ -788,6 +844,31 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       else if (done.fn)
         run_callback(done, outcome::failure(internal_error(command)));
     },
+    [=](detail::direct_failure& f) {
+      // The first attempt ran on the direct lane and failed: from here the
+      // call is this client's, at attempt 1, as if it had sent it.
+      auto& st = self->state;
+      auto id = st.next_id++;
+      auto command = f.c.command;
+      if (guarded("direct_failure", [&] {
+            auto& pc = st.calls[id];
+            pc.idempotent = resolve_idempotent(f.c.command, f.options.idempotent);
+            pc.max_attempts =
+              std::max<std::size_t>(f.options.max_attempts.value_or(st.retry.max_attempts), 1);
+            pc.seed = st.seed_base ^ (id * 0x9E3779B97F4A7C15ull);
+            pc.c = std::move(f.c);
+            pc.done = std::move(f.done);
+            pc.attempt = 1;
+            pc.permit = f.permit;
+            pc.phase = call_phase::in_flight;
+            on_answer(self, id, 1, std::move(f.result));
+          }))
+        return;
+      if (st.calls.count(id))
+        finish(self, id, outcome::failure(internal_error(command)));
+      else if (f.done.fn)
+        run_callback(f.done, outcome::failure(internal_error(command)));
+    },
     [=](client_retry_atom, std::uint64_t id, std::size_t attempt) {
       auto it = self->state.calls.find(id);
       if (it == self->state.calls.end() || it->second.attempt != attempt
@@ -813,8 +894,11 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       auto& st = self->state;
       if (generation != st.tick_generation || !st.breaker)
         return;
-      st.breaker->update();
-      if (auto at = st.breaker->half_open_at())  // still open (a tick a little early)
+      auto at = with_breaker(self, [](circuit_breaker& b) {
+        b.update();
+        return b.half_open_at();
+      });
+      if (at)  // still open (a tick a little early)
         arm_circuit_tick(self, *at);
     },
     [=](sup_event_atom, event& e, caf::actor& child) {
@@ -1049,7 +1133,7 @@ bool lease::checkin(checkin_status status) {
                        [](bool) { return false; });
 }
 
-struct runtime::impl {
+struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   settings config;
   std::shared_ptr<const settings> shared_config;
   // actor_system keeps a reference to its config: it must outlive the system.
@@ -1099,6 +1183,98 @@ struct runtime::impl {
     c.args = std::move(args);
     c.deadline = clock_type::now() + timeout;
     return c;
+  }
+
+  // -- the direct lane (issue 11) ------------------------------------------------------
+  //
+  // An anonymous call that finds an idle worker and no queue goes straight
+  // to the worker's process: this thread writes the frame, the worker's I/O
+  // thread answers (worker_channel), and the pool actor only learns of it
+  // when it next looks at the worker. A failed attempt goes to the pool
+  // client, whose retry policy and breaker decide as for its own calls.
+
+  // Commands the pool client must see: configure_lm (the pool adopts it)
+  // and the anonymous programs it remembers (remember_anonymous).
+  static bool direct_eligible(const std::string& command) {
+    return command != "configure_lm" && command != "create_program"
+           && command != "execute_program" && command != "delete_program";
+  }
+
+  // Starts `c` on the direct lane. True: `done` will be called (on the
+  // worker's I/O thread, or the pool client's). False: nothing started, `c`
+  // and `done` are untouched; the call goes the usual way.
+  bool try_direct(call& c, const call_options& options, const completion& done) {
+    if (!direct_eligible(c.command) || shared->circuit.load() != circuit_state::closed)
+      return false;
+    auto idle = shared->current_idle();
+    if (!idle)
+      return false;
+    auto channel = idle->take_direct();
+    if (!channel)
+      return false;
+    std::optional<circuit_permit> permit;
+    {
+      std::lock_guard<std::mutex> guard{shared->breaker_mtx};
+      if (shared->breaker) {
+        auto admission = shared->breaker->allow();
+        if (admission)
+          permit = admission.permit;
+      }
+    }
+    if (shared->breaker && !permit) {
+      hand_back(*idle, channel, false);
+      return false;
+    }
+    if (c.args.find("session_id") == c.args.end())
+      c.args["session_id"] = "anonymous";
+    auto held = std::make_shared<call>(std::move(c));
+    auto reply = std::make_shared<detail::direct_reply>(
+      [self = weak_from_this(), held, done, permit,
+       opts = detail::client_call_options{options.idempotent, options.max_attempts}](outcome o) {
+        auto rt = self.lock();
+        if (o.ok()) {
+          if (rt && permit) {
+            std::lock_guard<std::mutex> guard{rt->shared->breaker_mtx};
+            if (rt->shared->breaker)
+              rt->shared->breaker->record_success(*permit);  // never a transition: see shared->breaker
+          }
+          run_callback(done, std::move(o));
+          return;
+        }
+        if (!rt || !rt->send_to_client(detail::direct_failure{std::move(*held), done, opts, permit, o}))
+          run_callback(done, outcome::failure(make_error(error_category::resource_error,
+                                                         "pool_stopping", "the runtime is stopped",
+                                                         {{"command", held->command}})));
+      },
+      channel->worker_id(), held->command);
+    switch (channel->start(held->command, held->args, held->deadline, reply)) {
+      case detail::worker_channel::start_result::sent:
+        metrics->queue_wait.record(std::chrono::nanoseconds{0});  // it waited for nobody
+        return true;
+      case detail::worker_channel::start_result::refused:
+        hand_back(*idle, channel, false);
+        break;
+      case detail::worker_channel::start_result::unusable:
+        hand_back(*idle, channel, true);
+        break;
+    }
+    reply->disarm();  // not sent: the usual way answers this call
+    if (permit) {
+      std::lock_guard<std::mutex> guard{shared->breaker_mtx};
+      shared->breaker->release(*permit);
+    }
+    c = std::move(*held);
+    return false;
+  }
+
+  // A worker taken for a direct call that did not start: back to the idle
+  // list, or to the pool actor (`to_pool`: it cannot take calls).
+  static void hand_back(detail::idle_workers& idle, const std::shared_ptr<detail::worker_channel>& channel,
+                        bool to_pool) {
+    if (to_pool)
+      idle.recall(channel->worker_id());
+    if (!idle.give_back(channel))
+      idle.to_pool(channel->worker_id());
   }
 
   // The call's whole time counts from here to its outcome (pool_metrics::total).
@@ -1326,9 +1502,16 @@ std::unique_ptr<runtime> runtime::start(settings config) {
     child_spec pool;
     pool.id = "pool";
     pool.restart = restart_type::permanent;
-    pool.start = [cfg = p->shared_config, events = p->events,
-                  metrics = p->metrics](caf::event_based_actor* sup) {
-      return spawn_linked_pool(sup, cfg, nullptr, events, metrics);
+    pool.start = [cfg = p->shared_config, events = p->events, metrics = p->metrics,
+                  shared = p->shared](caf::event_based_actor* sup) {
+      // Each pool (a restarted one too) has its own idle list; callers of
+      // the direct lane find the current one here.
+      auto idle = std::make_shared<detail::idle_workers>(cfg->pool.strategy == "lifo", metrics);
+      {
+        std::lock_guard<std::mutex> guard{shared->mtx};
+        shared->idle = idle;
+      }
+      return spawn_linked_pool(sup, cfg, nullptr, events, metrics, idle);
     };
     // The pool's own stop: workers in parallel, each bounded by its graces.
     pool.shutdown_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -1385,7 +1568,8 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto promise = std::make_shared<std::promise<outcome>>();
   auto future = promise->get_future();
   auto comp = impl_->timed([promise](outcome o) { promise->set_value(std::move(o)); });
-  if (!impl_->send_to_client(execute_atom::value, std::move(c), comp,
+  if (!impl_->try_direct(c, options, comp)
+      && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
                              detail::client_call_options{options.idempotent, options.max_attempts})) {
     comp.fn(outcome::failure(impl_->stopping_error(command)));
     return future.get();
@@ -1404,8 +1588,10 @@ void runtime::execute_anonymous_async(const std::string& command, nlohmann::json
     return;
   }
   auto comp = impl_->timed(std::move(done));
-  if (!impl_->send_to_client(execute_atom::value, std::move(std::get<call>(made)), comp,
-                             detail::client_call_options{options.idempotent, options.max_attempts}))
+  auto& c = std::get<call>(made);
+  if (!impl_->try_direct(c, options, comp)
+      && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
+                                detail::client_call_options{options.idempotent, options.max_attempts}))
     comp.fn(outcome::failure(impl_->stopping_error(command)));
 }
 

@@ -11,12 +11,24 @@
 #include "dspex/child_process.hpp"
 #include "dspex/envelope.hpp"
 #include "dspex/logging.hpp"
+#include "idle_workers.hpp"
+#include "worker_channel.hpp"
+
+// A direct call handed to the worker actor (see worker_channel.hpp): local
+// only, never serialized.
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::direct_call)
 
 namespace dspex {
 
 namespace {
 
 using clock_type = std::chrono::steady_clock;
+using detail::direct_call;
+using detail::worker_channel;
+
+/// (direct_call): the I/O thread hands over a direct call that ended in
+/// anything but a clean reply; it is the worker's request in flight now.
+using direct_adopt_atom = caf::atom_constant<caf::atom("dadopt")>;
 
 // What the actor does; lifecycle (below) is what the worker is. Each phase
 // maps to one lifecycle state, and every phase change that changes the
@@ -45,18 +57,32 @@ lifecycle_state lifecycle_of(worker_phase p) {
 
 // Bridges the child's I/O thread into the actor's mailbox. Holds only a weak
 // reference: a message to a worker that is already gone is simply dropped.
+// A direct call's clean reply is answered right here, on the I/O thread
+// (worker_channel); anything else about a direct call goes to the actor
+// first (direct_adopt_atom), so the actor's rules for failures apply to it.
 class mailbox_observer final : public child_observer {
 public:
-  mailbox_observer(caf::actor_addr addr, std::shared_ptr<worker_health> health)
-    : addr_(std::move(addr)), health_(std::move(health)) {
+  mailbox_observer(caf::actor_addr addr, std::shared_ptr<worker_health> health,
+                   std::shared_ptr<worker_channel> channel)
+    : addr_(std::move(addr)), health_(std::move(health)), channel_(std::move(channel)) {
   }
 
   void on_frame(std::string payload) override {
+    switch (channel_->on_frame(payload)) {
+      case worker_channel::frame_use::answered:
+        return;
+      case worker_channel::frame_use::hand_over:
+        hand_over();
+        break;
+      case worker_channel::frame_use::not_direct:
+        break;
+    }
     send(child_frame_atom::value, std::move(payload));
   }
 
   void on_protocol_error(protocol_error err) override {
     health_->pipes_open = false;
+    hand_over();
     send(child_broken_atom::value, std::string{to_string(err.code)}, std::move(err.message));
   }
 
@@ -64,14 +90,28 @@ public:
     send(child_stderr_atom::value, std::string{line});
   }
 
+  void on_alarm() override {
+    if (auto call = channel_->on_alarm())
+      send(direct_adopt_atom::value, std::move(*call));
+  }
+
   void on_exit(exit_status status) override {
     // Visible to the pool's checkout validation at once, before the message.
     health_->process_alive = false;
     health_->pipes_open = false;
+    hand_over();
     send(child_exit_atom::value, status.signaled, status.code);
   }
 
 private:
+  // Before the event that ends it: the actor answers the call by its rules.
+  void hand_over() {
+    if (auto call = channel_->take_over())
+      send(direct_adopt_atom::value, std::move(*call));
+  }
+
+  // A message to an actor that is gone is dropped; a direct call in it then
+  // answers worker_exited from its destructor (direct_reply).
   template <class... Ts>
   void send(Ts&&... xs) {
     if (auto dest = caf::actor_cast<caf::actor>(addr_))
@@ -80,6 +120,7 @@ private:
 
   caf::actor_addr addr_;
   std::shared_ptr<worker_health> health_;
+  std::shared_ptr<worker_channel> channel_;
 };
 
 struct in_flight_request {
@@ -89,6 +130,15 @@ struct in_flight_request {
   caf::response_promise promise;
   bool check_in = false;  ///< pool-mediated: check in with the owner before replying
   bool health = false;    ///< a health ping (health_check_atom), not a caller's request
+  /// A direct call taken over from the I/O thread: answered here instead of `promise`.
+  std::shared_ptr<detail::direct_reply> direct;
+
+  void answer(outcome o) {
+    if (direct)
+      direct->deliver(std::move(o));
+    else
+      promise.deliver(std::move(o));
+  }
 };
 
 struct worker_state {
@@ -96,7 +146,6 @@ struct worker_state {
   std::unique_ptr<child_process> child;
   worker_phase phase = worker_phase::starting;
   worker_lifecycle lifecycle{std::string{}, clock_type::now()};
-  std::uint64_t next_request_id = 1;
   std::uint64_t configure_request_id = 0;
   std::optional<in_flight_request> in_flight;
   // One timer per worker, re-armed lazily: arming CAF's clock per request
@@ -106,6 +155,9 @@ struct worker_state {
   bool killed_child = false;  ///< we sent the child SIGKILL (else a signal came from outside)
   caf::error exit_reason;  ///< kept while `gone`, until the owner releases us
   std::uint64_t lease = 0; ///< the lease whose holder may send requests; 0 = none
+  /// The direct lane to the process (worker_channel), and the source of
+  /// every request id.
+  std::shared_ptr<worker_channel> channel;
 
   worker_state() = default;
   worker_state(const worker_state&) = delete;
@@ -115,9 +167,11 @@ struct worker_state {
   /// the state in on_exit): a caller whose request is in flight gets an
   /// answer instead of waiting for its own deadline (or forever).
   ~worker_state() {
-    if (!in_flight || !in_flight->promise.pending())
+    if (channel)
+      channel->detach();  // before the child goes: no direct call reaches it
+    if (!in_flight || (!in_flight->direct && !in_flight->promise.pending()))
       return;
-    in_flight->promise.deliver(outcome::failure(make_error(
+    in_flight->answer(outcome::failure(make_error(
       error_category::communication_error, "worker_exited",
       "worker " + cfg.id + " terminated with the request in flight",
       {{"worker_id", cfg.id}, {"command", in_flight->command}})));
@@ -256,9 +310,8 @@ void fail_in_flight_stopping(worker_actor_t* self, const std::string& what) {
   st.in_flight.reset();
   auto ctx = worker_context(self);
   ctx["command"] = req.command;
-  req.promise.deliver(outcome::failure(make_error(error_category::resource_error,
-                                                  "worker_stopping",
-                                                  "worker " + st.cfg.id + " " + what, ctx)));
+  req.answer(outcome::failure(make_error(error_category::resource_error, "worker_stopping",
+                                         "worker " + st.cfg.id + " " + what, ctx)));
 }
 
 // Quits with a reason the owner sees; the request in flight, if any, gets
@@ -270,8 +323,9 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
     st.in_flight.reset();
     auto ctx = err.context;
     ctx["command"] = req.command;
-    req.promise.deliver(outcome::failure(make_error(err.category, err.type, err.message, ctx)));
+    req.answer(outcome::failure(make_error(err.category, err.type, err.message, ctx)));
   }
+  st.channel->detach();  // no direct call starts on a process that is going
   log().warn("[{}] removed: {}", st.cfg.id, err.describe());
   if (st.child)
     kill_child(self);
@@ -331,7 +385,7 @@ void handle_start_frame(worker_actor_t* self, const std::string& payload) {
   if (st.phase == worker_phase::starting && !lm.provider.empty()) {
     // The pool's one LM configuration reaches every worker before it serves.
     set_phase(self, worker_phase::configuring, "configure_lm");  // still initializing
-    st.configure_request_id = st.next_request_id++;
+    st.configure_request_id = st.channel->next_request_id();
     auto req = encode_request(st.configure_request_id, "configure_lm",
                               {{"provider", lm.provider},
                                {"model", lm.model},
@@ -370,7 +424,7 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
     // The owner asked with a request: the answer is its checkin.
     if (rep.success) {
       set_phase(self, worker_phase::ready, "health_check_passed");
-      req.promise.deliver(outcome::success(std::move(rep.result)));
+      req.answer(outcome::success(std::move(rep.result)));
       return;
     }
     auto ctx = worker_context(self);
@@ -380,28 +434,18 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
     if (st.phase == worker_phase::busy)
       set_phase(self, worker_phase::degraded, "health_check_failed", &err);
     // else: already degraded, and stays so
-    req.promise.deliver(outcome::failure(std::move(err)));
+    req.answer(outcome::failure(std::move(err)));
     return;
   }
   set_phase(self, worker_phase::ready, "reply");
+  auto o = detail::reply_outcome(std::move(rep), st.cfg.id, st.child ? st.child->pid() : 0,
+                                 req.command);
   // Checkin first: once the caller has its reply, the pool already counts
   // the worker as free, so a status query made after a reply sees it.
-  if (rep.success) {
-    if (req.check_in)
-      self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
-    auto o = outcome::success(std::move(rep.result));
-    o.set_served_by(st.cfg.id);
-    req.promise.deliver(std::move(o));
-  } else {
-    auto ctx = worker_context(self);
-    ctx["command"] = req.command;
-    auto err = make_error(error_category::python_error, "command_failed", std::move(rep.error), ctx);
-    if (req.check_in)
-      self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::failed(err));
-    auto o = outcome::failure(std::move(err));
-    o.set_served_by(st.cfg.id);
-    req.promise.deliver(std::move(o));
-  }
+  if (req.check_in)
+    self->send(st.cfg.owner, checkin_atom::value, st.cfg.id,
+               o ? checkin_status::ok() : checkin_status::failed(o.error()));
+  req.answer(std::move(o));
 }
 
 // Sends one request to the process. `check_in`: the call came through the
@@ -428,7 +472,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
     return outcome::failure(make_error(error_category::timeout_error, "request_timeout",
                                        "deadline passed before the request was sent", ctx));
   }
-  auto id = st.next_request_id++;
+  auto id = st.channel->next_request_id();
   std::string payload;
   try {
     payload = encode_request(id, c.command, c.args);
@@ -467,7 +511,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
       rp.deliver(outcome::failure(std::move(err)));
     return rp;
   }
-  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in, false};
+  st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in, false, nullptr};
   set_phase(self, worker_phase::busy, "request", nullptr, now);
   arm_timer(self, c.deadline);
   return rp;
@@ -488,7 +532,7 @@ caf::result<outcome> start_health_check(worker_actor_t* self) {
   }
   const auto timeout = st.cfg.config->pool.health_timeout;
   auto now = clock_type::now();
-  auto id = st.next_request_id++;
+  auto id = st.channel->next_request_id();
   auto payload = encode_request(id, "ping", {{"health_check", true}});
   auto rp = self->make_response_promise();
   if (!st.child->send(payload)) {
@@ -503,7 +547,7 @@ caf::result<outcome> start_health_check(worker_actor_t* self) {
     rp.deliver(outcome::failure(std::move(err)));
     return rp;
   }
-  st.in_flight = in_flight_request{id, "ping", now + timeout, rp, false, true};
+  st.in_flight = in_flight_request{id, "ping", now + timeout, rp, false, true, nullptr};
   if (st.phase == worker_phase::ready)
     set_phase(self, worker_phase::busy, "health_check", nullptr, now);
   // degraded: stays degraded while the recovery ping runs
@@ -518,9 +562,13 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   const auto& conf = *st.cfg.config;
   process_spec spec{conf.worker.python, conf.worker_args(st.cfg.id, st.cfg.mode), st.cfg.id,
                   conf.pool.max_frame_bytes};
+  st.channel = st.cfg.health->channel ? st.cfg.health->channel
+                              : std::make_shared<worker_channel>(st.cfg.id, conf.pool.max_frame_bytes,
+                                                                 conf.pool.max_json_depth);
   try {
     st.child = child_process::spawn(
-      std::move(spec), std::make_shared<mailbox_observer>(self->address(), st.cfg.health));
+      std::move(spec),
+      std::make_shared<mailbox_observer>(self->address(), st.cfg.health, st.channel));
   } catch (const spawn_error& e) {
     fail_worker(self, worker_exit::spawn_failed,
                 make_error(error_category::initialization_error, "spawn_failed", e.what(),
@@ -529,6 +577,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   }
   st.cfg.health->process_alive = true;
   st.cfg.health->pipes_open = true;
+  st.channel->attach(st.child.get(), static_cast<int>(st.child->pid()));
   // The pid is known from now on (status, and whoever must find the process).
   self->send(st.cfg.owner, worker_spawned_atom::value, st.cfg.id,
              static_cast<int>(st.child->pid()));
@@ -584,6 +633,28 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       return start_request(self, c, false);
     },
     [=](health_check_atom) -> caf::result<outcome> { return start_health_check(self); },
+    [=](direct_adopt_atom, direct_call& c) {
+      // A direct call that did not end in a clean reply: it is this worker's
+      // request in flight now, and the next message (the frame, the broken
+      // stream, the exit) or its deadline decides it, as for any request.
+      auto& st = self->state;
+      if (st.in_flight || (st.phase != worker_phase::ready)) {
+        in_flight_request late{c.id, c.command, c.deadline, {}, false, false, std::move(c.reply)};
+        auto ctx = worker_context(self);
+        ctx["command"] = c.command;
+        auto stopping = st.phase == worker_phase::stopping;
+        late.answer(outcome::failure(make_error(
+          stopping ? error_category::resource_error : error_category::communication_error,
+          stopping ? "worker_stopping" : "worker_exited",
+          "worker " + st.cfg.id + " is " + to_string(st.lifecycle.state())
+            + ": the request in flight cannot be answered",
+          ctx)));
+        return;
+      }
+      st.in_flight = in_flight_request{c.id, c.command, c.deadline, {}, true, false, std::move(c.reply)};
+      set_phase(self, worker_phase::busy, "request", nullptr, c.started);
+      arm_timer(self, c.deadline);
+    },
     [=](process_stopped_atom) {
       auto& st = self->state;
       if (st.phase == worker_phase::gone || st.phase == worker_phase::stopping)
@@ -754,7 +825,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       fail_in_flight_stopping(self, "is stopping");
       const auto& w = st.cfg.config->worker;
       if (was_idle)
-        st.child->send(encode_request(st.next_request_id++, "shutdown", nullptr));
+        st.child->send(encode_request(st.channel->next_request_id(), "shutdown", nullptr));
       st.child->stop(w.shutdown_grace, w.kill_grace);
     },
   };

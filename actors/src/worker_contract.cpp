@@ -6,6 +6,10 @@ namespace dspex {
 
 worker_contract::~worker_contract() = default;
 
+std::shared_ptr<detail::worker_channel> worker_contract::direct_channel(pool_worker&) {
+  return nullptr;
+}
+
 namespace {
 
 // Fix 1: each checkout failure is logged with the worker id where it arises.

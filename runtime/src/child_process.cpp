@@ -40,6 +40,7 @@
 #include <cstdlib>
 #include <deque>
 #include <future>
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <system_error>
@@ -64,6 +65,9 @@ child_observer::~child_observer() = default;
 
 void child_observer::on_stderr_line(std::string_view) {
   // Default: the line has already been logged; nothing else to do.
+}
+
+void child_observer::on_alarm() {
 }
 
 // -- exit_status --------------------------------------------------------------
@@ -503,6 +507,15 @@ struct io_state {
   std::atomic<bool> exited{false};
   int wake_fd = -1;
 
+  // The observer's alarm (set_alarm), in steady-clock nanoseconds; none =
+  // no alarm. `sleeps_until` is when the I/O thread's current wait ends
+  // (none: it sleeps until an fd is ready): set_alarm wakes it only when
+  // the alarm comes sooner. Both seq_cst: either set_alarm sees the I/O
+  // thread's new wait, or the I/O thread sees the new alarm (see run()).
+  static constexpr std::int64_t none = std::numeric_limits<std::int64_t>::max();
+  std::atomic<std::int64_t> alarm_ns{none};
+  std::atomic<std::int64_t> sleeps_until{none};
+
   // Touched by the I/O thread only (and by spawn_child before spawn() returns).
   guardian guard;
   int stdout_fd = -1;
@@ -530,6 +543,28 @@ struct io_state {
   void wake() {
     std::uint64_t one = 1;
     (void)!::write(wake_fd, &one, sizeof one);
+  }
+
+  static std::int64_t ns_of(clock::time_point t) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  }
+
+  void set_alarm(clock::time_point when) {
+    auto at = ns_of(when);
+    alarm_ns.store(at);
+    if (at < sleeps_until.load())
+      wake();
+  }
+
+  /// On the I/O thread, after every wait: a due alarm is taken (once) and
+  /// reported.
+  void fire_alarm_if_due() {
+    auto at = alarm_ns.load();
+    if (at == none || at > ns_of(clock::now()))
+      return;
+    // Replaced meanwhile by set_alarm: that newer alarm is checked next round.
+    if (alarm_ns.compare_exchange_strong(at, none))
+      notify(label(), "on_alarm", [&] { observer->on_alarm(); });
   }
 
   // -- stdin --
@@ -912,14 +947,30 @@ struct io_state {
                        {draining ? stdin_fd : -1, POLLOUT, 0}};
       timespec ts{};
       timespec* timeout = nullptr; // idle: no timer at all
-      if (deadline) {
-        auto left = std::max(clock::duration::zero(), *deadline - clock::now());
+      // The wait ends at the stop phase's deadline or the observer's alarm.
+      // Published before the alarm is read again: a set_alarm racing this
+      // either is seen here or sees this wait and wakes it.
+      auto alarm = alarm_ns.load();
+      sleeps_until.store(alarm);
+      if (alarm_ns.load() != alarm)
+        continue;  // replaced meanwhile: read it again
+      std::optional<clock::time_point> until = deadline;
+      if (alarm != none) {
+        auto at = clock::time_point{std::chrono::duration_cast<clock::duration>(
+          std::chrono::nanoseconds{alarm})};
+        if (!until || at < *until)
+          until = at;
+      }
+      if (until) {
+        auto left = std::max(clock::duration::zero(), *until - clock::now());
         auto secs = std::chrono::duration_cast<std::chrono::seconds>(left);
         ts.tv_sec = static_cast<time_t>(secs.count());
         ts.tv_nsec = static_cast<long>(
           std::chrono::duration_cast<std::chrono::nanoseconds>(left - secs).count());
         timeout = &ts;
       }
+      // Awake, sleeps_until keeps its value: the next round reads the alarm
+      // again before it sleeps, so a set_alarm meanwhile needs no wake.
       int r = ::ppoll(fds, 5, timeout, nullptr);
       if (r < 0) {
         if (errno == EINTR)
@@ -942,6 +993,7 @@ struct io_state {
         finish();
         return;
       }
+      fire_alarm_if_due();
       advance_stop_sequence();
     }
   }
@@ -1146,6 +1198,10 @@ void child_process::stop(std::chrono::milliseconds shutdown_grace,
   log().debug("[{}] stop requested (shutdown_grace {} ms, kill_grace {} ms)", st.label(),
               shutdown_grace.count(), kill_grace.count());
   st.wake();
+}
+
+void child_process::set_alarm(std::chrono::steady_clock::time_point when) {
+  impl_->state->set_alarm(when);
 }
 
 void child_process::kill() {

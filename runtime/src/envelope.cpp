@@ -86,6 +86,13 @@ std::string encode_request(std::uint64_t id, std::string_view command, nlohmann:
         fmt::format("encode_request: args must be an object or null, not {}", args.type_name()));
   if (args.find("session_id") == args.end())
     args["session_id"] = "anonymous";
+  return encode_prepared_request(id, command, args);
+}
+
+std::string encode_prepared_request(std::uint64_t id, std::string_view command,
+                                    const nlohmann::json& args) {
+  if (!args.is_object() || args.find("session_id") == args.end())
+    throw std::invalid_argument("encode_prepared_request: args must be an object with a session_id");
 
   // Assembled by hand (in the documented field order) so the hot path builds
   // no intermediate envelope object; strings and args are escaped by dump().

@@ -63,6 +63,11 @@ public:
     lines_.emplace_back(line);
     cv_.notify_all();
   }
+  void on_alarm() override {
+    std::lock_guard<std::mutex> lk(mtx_);
+    alarms_.push_back(std::chrono::steady_clock::now());
+    cv_.notify_all();
+  }
   void on_exit(exit_status status) override {
     std::lock_guard<std::mutex> lk(mtx_);
     ++exit_count_;
@@ -94,6 +99,10 @@ public:
     return wait([&] { return lines_.size() >= n || exit_count_ > 0; }) && lines().size() >= n;
   }
 
+  bool wait_alarms(std::size_t n) {
+    return wait([&] { return alarms_.size() >= n || exit_count_ > 0; }) && alarms().size() >= n;
+  }
+  std::vector<std::chrono::steady_clock::time_point> alarms() { return locked(alarms_); }
   std::vector<std::string> frames() { return locked(frames_); }
   std::vector<protocol_error> errors() { return locked(errors_); }
   std::vector<std::string> lines() { return locked(lines_); }
@@ -116,6 +125,7 @@ private:
   std::vector<std::string> frames_;
   std::vector<protocol_error> errors_;
   std::vector<std::string> lines_;
+  std::vector<std::chrono::steady_clock::time_point> alarms_;
   std::optional<exit_status> exit_;
   int exit_count_ = 0;
   bool event_after_exit_ = false;
@@ -1117,3 +1127,57 @@ TEST_CASE_FIXTURE(no_leftovers, "each child has a guardian holding nothing but i
 }
 
 } // TEST_SUITE
+
+// -- set_alarm: the I/O thread's timer for a request's deadline (issue 11) ----
+
+TEST_CASE_FIXTURE(no_leftovers, "set_alarm: on_alarm comes once per alarm, never before its time") {
+  auto [rec, child] = start("/bin/cat", {});
+  auto first = std::chrono::steady_clock::now() + 30ms;
+  child->set_alarm(first);
+  REQUIRE(rec->wait_alarms(1));
+  CHECK(rec->alarms().at(0) >= first);
+  // A second alarm: had the first fired twice, the count would pass 2 or
+  // the second entry would come before its time.
+  auto second = std::chrono::steady_clock::now() + 30ms;
+  child->set_alarm(second);
+  REQUIRE(rec->wait_alarms(2));
+  CHECK(rec->alarms().size() == 2);
+  CHECK(rec->alarms().at(1) >= second);
+  // One in the past fires at once.
+  child->set_alarm(std::chrono::steady_clock::now() - 1s);
+  REQUIRE(rec->wait_alarms(3));
+  child->stop(60s, 60s);
+  REQUIRE(rec->wait_exit());
+}
+
+TEST_CASE_FIXTURE(no_leftovers, "set_alarm: an earlier alarm wakes a thread that sleeps until a later one") {
+  auto [rec, child] = start("/bin/cat", {});
+  child->set_alarm(std::chrono::steady_clock::now() + 1h);
+  // Let the I/O thread go to sleep until the far alarm: a frame through cat
+  // comes back only after it went round its loop with that alarm.
+  REQUIRE(child->send("{}"));
+  REQUIRE(rec->wait_frames(1));
+  auto soon = std::chrono::steady_clock::now() + 20ms;
+  child->set_alarm(soon);
+  REQUIRE(rec->wait_alarms(1));
+  CHECK(rec->alarms().at(0) >= soon);
+  child->stop(60s, 60s);
+  REQUIRE(rec->wait_exit());
+}
+
+TEST_CASE_FIXTURE(no_leftovers, "set_alarm: a replaced alarm never fires") {
+  auto [rec, child] = start("/bin/cat", {});
+  auto replaced = std::chrono::steady_clock::now() + 20ms;
+  child->set_alarm(replaced);
+  child->set_alarm(std::chrono::steady_clock::now() + 1h);
+  // The I/O thread may wake at the replaced time; it must not report it.
+  // Past that time, a frame through cat is handled after any such wake-up.
+  while (std::chrono::steady_clock::now() <= replaced + 5ms)
+    std::this_thread::sleep_for(5ms);
+  REQUIRE(child->send("{}"));
+  REQUIRE(rec->wait_frames(1));
+  CHECK(rec->alarms().empty());
+  child->stop(60s, 60s);
+  REQUIRE(rec->wait_exit());
+  CHECK(rec->alarms().empty());
+}

@@ -71,6 +71,9 @@ public:
   /// escapes. A line over 64 KiB (raw bytes) comes in pieces, each cut at a
   /// character boundary.
   virtual void on_stderr_line(std::string_view line);
+  /// The time given to child_process::set_alarm has come (once per
+  /// set_alarm; a later set_alarm replaces an earlier one). Default: nothing.
+  virtual void on_alarm();
   virtual void on_exit(exit_status status) = 0;
 };
 
@@ -132,6 +135,13 @@ public:
 
   /// SIGKILL to the process group now, asynchronous; on_exit follows. Idempotent.
   void kill();
+
+  /// Asks the I/O thread to call the observer's on_alarm at `when` (or at
+  /// once, if it has passed), replacing the alarm set before. Thread-safe.
+  /// @note Cheap on the request path: the I/O thread is woken only when it
+  ///       sleeps past `when` (for a run of requests with one timeout, only
+  ///       the first wakes it). A replaced alarm never fires.
+  void set_alarm(std::chrono::steady_clock::time_point when);
 
   /// True once the child has been reaped (set just before on_exit is called).
   bool exited() const noexcept;

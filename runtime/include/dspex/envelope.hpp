@@ -24,6 +24,12 @@ inline constexpr std::uint64_t init_request_id = 0;
 /// std::invalid_argument. `args.session_id` is set to "anonymous" when absent.
 std::string encode_request(std::uint64_t id, std::string_view command, nlohmann::json args);
 
+/// The same text for `args` that are already an object with a session_id
+/// (as encode_request makes them), without copying them: the direct lane
+/// keeps the caller's args for a retry. Throws std::invalid_argument otherwise.
+std::string encode_prepared_request(std::uint64_t id, std::string_view command,
+                                    const nlohmann::json& args);
+
 /// A reply that passed validation.
 struct reply {
   std::uint64_t id = 0;

@@ -34,22 +34,29 @@ namespace dspex {
 
 class worker_contract;
 class pool_metrics;
+namespace detail {
+class idle_workers;
+} // namespace detail
 
 /// Spawns a pool. `contract` drives its workers; null means the bundled
 /// Python workers (python_worker_contract). `events` receives the pool's and
 /// its workers' events; null means a private bus (events are only logged).
 /// `metrics` receives its queue waits and run times (pool_status::metrics);
-/// null means the pool's own, which ends with it.
+/// null means the pool's own, which ends with it. `idle` is where its idle
+/// workers wait, which callers of the direct lane take them from (the
+/// runtime keeps it; null means the pool's own, which only the pool uses).
 caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
                       std::shared_ptr<worker_contract> contract = nullptr,
                       std::shared_ptr<event_bus> events = nullptr,
-                      std::shared_ptr<pool_metrics> metrics = nullptr);
+                      std::shared_ptr<pool_metrics> metrics = nullptr,
+                      std::shared_ptr<detail::idle_workers> idle = nullptr);
 
 /// Same, linked to `parent`: a supervisor's child (see supervisor.hpp).
 caf::actor spawn_linked_pool(caf::event_based_actor* parent,
                              std::shared_ptr<const settings> config,
                              std::shared_ptr<worker_contract> contract = nullptr,
                              std::shared_ptr<event_bus> events = nullptr,
-                             std::shared_ptr<pool_metrics> metrics = nullptr);
+                             std::shared_ptr<pool_metrics> metrics = nullptr,
+                             std::shared_ptr<detail::idle_workers> idle = nullptr);
 
 } // namespace dspex

@@ -34,6 +34,9 @@ public:
   /// (worker_gone_atom, id): the process exited → remove.
   keep_or_remove handle_info(const caf::message& msg, pool_worker& w) override;
 
+  /// The worker actor's direct lane (worker_channel), unless
+  /// pool.use_safe_port_connect is off.
+  std::shared_ptr<detail::worker_channel> direct_channel(pool_worker& w) override;
   /// Idle check without a round trip: process alive and pipes open.
   keep_or_remove handle_ping(pool_worker& w) override;
 

@@ -74,6 +74,10 @@
 
 namespace dspex {
 
+namespace detail {
+class worker_channel;
+} // namespace detail
+
 /// What the pool can check about a worker without asking it (seed Fix 2,
 /// validate_port): written by the worker actor and its I/O thread, read by
 /// the pool's checkout validation.
@@ -81,6 +85,8 @@ struct worker_health {
   std::atomic<bool> process_alive{false};  ///< spawned and not yet exited
   std::atomic<bool> pipes_open{false};     ///< stdin writable, stdout framing intact
   std::atomic<bool> actor_alive{true};     ///< the worker actor has not terminated
+  /// The direct lane to its process (set before the worker actor starts).
+  std::shared_ptr<detail::worker_channel> channel;
 };
 
 struct worker_config {

@@ -41,6 +41,10 @@
 
 namespace dspex {
 
+namespace detail {
+class worker_channel;
+} // namespace detail
+
 /// The pool's record of one worker, handed to every callback. The pool owns it;
 /// `state` belongs to the contract implementation.
 struct pool_worker {
@@ -131,6 +135,14 @@ public:
   virtual keep_or_remove handle_info(const caf::message& msg, pool_worker& w) = 0;
   virtual keep_or_remove handle_ping(pool_worker& w) = 0;
   virtual void terminate_worker(const error& reason, pool_worker& w) = 0;
+  /// The worker's direct lane, or null (the default): with one, a caller
+  /// may take the worker while it is idle and run an anonymous call on it
+  /// without the pool actor (the request path of issue 11), and the pool
+  /// calls neither handle_checkout nor handle_checkin for such a call. A
+  /// contract that offers a lane promises that for an idle worker whose
+  /// process takes the frame both would answer ok; the lane checks that on
+  /// every call and hands the worker back to the pool when it cannot.
+  virtual std::shared_ptr<detail::worker_channel> direct_channel(pool_worker& w);
 };
 
 // -- Fix 1: the error terms of a failed checkout, each a `remove` reason ------

@@ -1,0 +1,169 @@
+#include "worker_channel.hpp"
+
+#include <utility>
+
+#include "dspex/child_process.hpp"
+#include "dspex/error.hpp"
+#include "dspex/pool_metrics.hpp"
+#include "idle_workers.hpp"
+
+namespace dspex::detail {
+
+// -- direct_reply ----------------------------------------------------------------
+
+direct_reply::direct_reply(handler fn, std::string worker_id, std::string command)
+  : fn_(std::move(fn)), worker_id_(std::move(worker_id)), command_(std::move(command)) {
+}
+
+direct_reply::~direct_reply() {
+  deliver(outcome::failure(make_error(error_category::communication_error, "worker_exited",
+                                      "worker " + worker_id_
+                                        + " terminated with the request in flight",
+                                      {{"worker_id", worker_id_}, {"command", command_}})));
+}
+
+void direct_reply::deliver(outcome o) {
+  if (delivered_.exchange(true))
+    return;
+  if (fn_)
+    fn_(std::move(o));
+}
+
+outcome reply_outcome(reply r, const std::string& worker_id, int pid, const std::string& command) {
+  if (r.success) {
+    auto o = outcome::success(std::move(r.result));
+    o.set_served_by(worker_id);
+    return o;
+  }
+  nlohmann::json ctx{{"worker_id", worker_id}, {"command", command}};
+  if (pid > 0)
+    ctx["pid"] = pid;
+  auto o = outcome::failure(
+    make_error(error_category::python_error, "command_failed", std::move(r.error), std::move(ctx)));
+  o.set_served_by(worker_id);
+  return o;
+}
+
+// -- worker_channel ----------------------------------------------------------------
+
+worker_channel::worker_channel(std::string worker_id, std::size_t max_frame_bytes,
+                               std::size_t max_json_depth)
+  : worker_id_(std::move(worker_id)), max_frame_bytes_(max_frame_bytes),
+    max_json_depth_(max_json_depth) {
+}
+
+void worker_channel::set_board(const std::shared_ptr<idle_workers>& board) {
+  std::lock_guard<std::mutex> lk{mtx_};
+  board_ = board;
+}
+
+void worker_channel::attach(child_process* child, int pid) {
+  std::lock_guard<std::mutex> lk{mtx_};
+  child_ = child;
+  pid_ = pid;
+}
+
+void worker_channel::detach() {
+  std::lock_guard<std::mutex> lk{mtx_};
+  child_ = nullptr;
+}
+
+worker_channel::start_result worker_channel::start(const std::string& command,
+                                                   const nlohmann::json& args,
+                                                   clock_type::time_point deadline,
+                                                   std::shared_ptr<direct_reply> reply) {
+  auto id = next_request_id();
+  std::string payload;
+  try {
+    payload = encode_prepared_request(id, command, args);
+  } catch (const std::exception&) {
+    return start_result::refused;  // the pool's lane gives the structured error
+  }
+  if (payload.size() > max_frame_bytes_)
+    return start_result::refused;  // likewise (invalid_request/too_large)
+  std::lock_guard<std::mutex> lk{mtx_};
+  if (!child_ || in_flight_ || board_.expired())
+    return start_result::unusable;
+  auto now = clock_type::now();
+  in_flight_ = direct_call{id, command, deadline, now, std::move(reply)};
+  // Before the frame: the alarm is armed before any reply can come.
+  child_->set_alarm(deadline);
+  if (!child_->send(payload)) {
+    in_flight_.reset();  // nothing reached the process
+    return start_result::unusable;
+  }
+  ++served_.started;
+  return start_result::sent;
+}
+
+worker_channel::frame_use worker_channel::on_frame(const std::string& payload) {
+  std::optional<direct_call> call;
+  std::optional<outcome> answer;
+  std::shared_ptr<idle_workers> board;
+  int pid = 0;
+  {
+    std::lock_guard<std::mutex> lk{mtx_};
+    if (!in_flight_)
+      return frame_use::not_direct;
+    board = board_.lock();
+    pid = pid_;
+    auto parsed = parse_reply(payload, in_flight_->id, max_json_depth_);
+    if (std::holds_alternative<protocol_error>(parsed))
+      return frame_use::hand_over;  // in_flight_ stays for take_over()
+    call = std::move(in_flight_);
+    in_flight_.reset();
+    auto& rep = std::get<reply>(parsed);
+    auto o = reply_outcome(std::move(rep), worker_id_, pid, call->command);
+    auto now = clock_type::now();
+    if (o)
+      ++served_.ok;
+    else
+      ++served_.failed;
+    served_.last = now;
+    auto budget = budget_.load();
+    if (budget != ~std::uint64_t{0} && budget > 0)
+      budget_.store(budget - 1);
+    answer = std::move(o);
+    if (board)
+      board->metrics().worker_ran(now - call->started);
+  }
+  // The worker goes back first, so that once its caller has the reply, the
+  // pool already counts it as idle (or has it back).
+  if (board && !board->give_back(shared_from_this()))
+    board->to_pool(worker_id_);
+  call->reply->deliver(std::move(*answer));
+  return frame_use::answered;
+}
+
+std::optional<direct_call> worker_channel::take_over() {
+  std::lock_guard<std::mutex> lk{mtx_};
+  return std::exchange(in_flight_, std::nullopt);
+}
+
+std::optional<direct_call> worker_channel::on_alarm() {
+  std::lock_guard<std::mutex> lk{mtx_};
+  if (!in_flight_)
+    return std::nullopt;
+  if (in_flight_->deadline > clock_type::now()) {
+    if (child_)
+      child_->set_alarm(in_flight_->deadline);  // an older alarm: this call's is later
+    return std::nullopt;
+  }
+  return std::exchange(in_flight_, std::nullopt);
+}
+
+worker_channel::served worker_channel::take_served() {
+  std::lock_guard<std::mutex> lk{mtx_};
+  return std::exchange(served_, served{});
+}
+
+void worker_channel::set_budget(std::uint64_t calls) {
+  budget_.store(calls);
+}
+
+bool worker_channel::busy() const {
+  std::lock_guard<std::mutex> lk{mtx_};
+  return in_flight_.has_value();
+}
+
+} // namespace dspex::detail
