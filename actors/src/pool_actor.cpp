@@ -166,6 +166,21 @@ worker_info info_of(const worker_entry& e, clock_type::time_point now) {
 /// (worker_id): a worker's direct call was answered and the worker is the
 /// pool's again (idle_workers::to_pool).
 using direct_back_atom = caf::atom_constant<caf::atom("dback")>;
+/// (steady-clock ns): a caller waits in idle_workers until then at most;
+/// the queue timer must wake the pool by that time (idle_workers::expire).
+using direct_due_atom = caf::atom_constant<caf::atom("ddue")>;
+
+// Runs what idle_workers hands back: waiters served by a channel, or sent
+// the usual way (null).
+void run_waiters(std::vector<std::pair<detail::direct_waiter,
+                                       std::shared_ptr<detail::worker_channel>>> serve) {
+  for (auto& [w, channel] : serve)
+    w.run(channel);
+}
+void reroute_waiters(std::vector<detail::direct_waiter> waiters) {
+  for (auto& w : waiters)
+    w.run(nullptr);
+}
 
 std::size_t active_count(pool_actor_t* self, bool overflow) {
   std::size_t n = 0;
@@ -331,6 +346,9 @@ void update_health(pool_actor_t* self) {
     e.err = st.last_start_failure;
   st.health = now_health;
   publish(self, std::move(e));
+  // Waiting only runs into the deadline while the pool is broken: callers
+  // of the direct lane come here to be answered (pool_unavailable).
+  reroute_waiters(st.idle->set_waiting_allowed(st.health != "broken"));
   if (st.health == "broken") {
     // Waiting would only run into the deadline: answer now.
     for (auto& [ticket, wt] : st.queue) {
@@ -516,7 +534,7 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   st.idle->forget(e.w.id);
   if (e.pending_lm) {
     e.pending_lm.reset();
-    st.idle->resume();  // its configure_lm will not check in
+    run_waiters(st.idle->resume());  // its configure_lm will not check in
   }
   auto was_starting = e.state == worker_state_t::starting;
   // Crash-loop guard: a process killed by a signal from outside (an
@@ -642,7 +660,8 @@ void make_idle(pool_actor_t* self, worker_entry& e) {
   if (channel && e.recycle_after > 0)
     channel->set_budget(e.recycle_after > e.w.stats.checkouts
                           ? e.recycle_after - e.w.stats.checkouts : 0);
-  st.idle->put(e.w.id, std::move(channel));
+  if (auto waiter = st.idle->put(e.w.id, channel))
+    waiter->run(channel);  // a caller of the direct lane was waiting for it
 }
 
 // -- one LM configuration per pool -------------------------------------------------------------
@@ -900,7 +919,7 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
     if (status.what == checkin_status::kind::ok && !st.stopping)
       adopt_lm(self, e, std::move(*e.pending_lm));
     e.pending_lm.reset();
-    st.idle->resume();
+    run_waiters(st.idle->resume());
   }
   // Recoverable failures count; a Python-side error is the program's, not
   // the worker's, and success resets the count.
@@ -1206,7 +1225,9 @@ void begin_stop(pool_actor_t* self) {
                                     "the pool stopped before it was ready");
     answer_ready_waiters(self);
   }
-  st.idle->close();  // no direct call starts any more; answered ones come back here
+  // No direct call starts any more; answered ones come back here, and the
+  // callers waiting there go the usual way (pool_stopping).
+  reroute_waiters(st.idle->close());
   auto reason = make_error(error_category::resource_error, "pool_stopping",
                            "the pool is stopping");
   for (auto& [id, e] : st.workers) {
@@ -1351,7 +1372,7 @@ pool_status make_status(pool_actor_t* self) {
   auto now = clock_type::now();
   pool_status s;
   s.size = st.config->pool.size;
-  s.queued = st.queue.size();
+  s.queued = st.queue.size() + st.idle->waiting();
   s.replaced = st.replaced;
   s.start_failures = st.start_failures;
   s.stopping = st.stopping;
@@ -1405,7 +1426,7 @@ caf::behavior held_behavior(pool_actor_t* self) {
   return {
     [=](resume_atom) {
       self->state.held = false;
-      self->state.idle->resume();
+      run_waiters(self->state.idle->resume());
       self->set_default_handler(caf::print_and_drop);
       self->unbecome();
     },
@@ -1422,11 +1443,18 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
   st.metrics = metrics ? std::move(metrics) : std::make_shared<pool_metrics>(st.config->pool.size);
   st.idle = idle ? std::move(idle)
                  : std::make_shared<detail::idle_workers>(st.config->pool.strategy == "lifo",
-                                                          st.metrics);
-  st.idle->set_to_pool([pool = caf::actor_cast<caf::actor_addr>(self)](const std::string& id) {
-    if (auto dest = caf::actor_cast<caf::actor>(pool))
-      caf::anon_send(dest, direct_back_atom::value, id);
-  });
+                                                          st.metrics, st.config->pool.max_queue);
+  auto pool_addr = caf::actor_cast<caf::actor_addr>(self);
+  st.idle->set_to_pool(
+    [pool_addr](const std::string& id) {
+      if (auto dest = caf::actor_cast<caf::actor>(pool_addr))
+        caf::anon_send(dest, direct_back_atom::value, id);
+    },
+    [pool_addr](clock_type::time_point due) {
+      if (auto dest = caf::actor_cast<caf::actor>(pool_addr))
+        caf::anon_send(dest, direct_due_atom::value,
+                       static_cast<std::int64_t>(due.time_since_epoch().count()));
+    });
   st.events = events ? std::move(events) : std::make_shared<event_bus>();
   st.contract = contract ? std::move(contract)
                          : std::make_shared<python_worker_contract>(st.config, "pool-worker",
@@ -1443,7 +1471,7 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
   self->set_exit_handler([=](caf::exit_msg& msg) { on_exit(self, msg); });
   // Whatever ends the pool ends its workers (they are monitored, not linked).
   self->attach_functor([live = st.live_workers, idle = st.idle](const caf::error&) {
-    idle->close();  // callers stop taking its workers at once
+    reroute_waiters(idle->close());  // callers stop taking its workers at once
     for (auto& [id, h] : *live)
       caf::anon_send_exit(h, caf::exit_reason::kill);
     live->clear();
@@ -1641,9 +1669,16 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
           fail_waiter(entry.second, timeout_outcome(entry.second).error());
           unwatch_caller(self, entry.second.caller);
         });
+      auto [late, direct_next] = st.idle->expire(clock_type::now());
+      reroute_waiters(std::move(late));  // the pool answers them (checkout_timeout)
+      if (direct_next && (!next || *direct_next < *next))
+        next = direct_next;
       if (next)
         arm_queue_timer(self, *next);
       sync_waiting(self);
+    },
+    [=](direct_due_atom, std::int64_t due) {
+      arm_queue_timer(self, clock_type::time_point{clock_type::duration{due}});
     },
     [=](maintenance_atom) {
       self->state.tick_armed = false;

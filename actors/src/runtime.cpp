@@ -1200,81 +1200,140 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
            && command != "execute_program" && command != "delete_program";
   }
 
-  // Starts `c` on the direct lane. True: `done` will be called (on the
-  // worker's I/O thread, or the pool client's). False: nothing started, `c`
-  // and `done` are untouched; the call goes the usual way.
+  // One call on the direct lane, from the moment it takes a worker or a
+  // place in idle_workers' line until it is answered or sent the usual way.
+  struct direct_job : std::enable_shared_from_this<direct_job> {
+    std::weak_ptr<impl> rt;
+    std::weak_ptr<detail::idle_workers> idle;
+    call c;
+    completion done;
+    detail::client_call_options opts;
+    std::optional<circuit_permit> permit;
+    clock_type::time_point queued_at = clock_type::now();
+
+    // Writes the call to `channel`'s process; false when nothing was sent
+    // (the worker has gone back: to the idle list, or to the pool).
+    bool start_on(const std::shared_ptr<detail::worker_channel>& channel) {
+      auto self = shared_from_this();
+      auto reply = std::make_shared<detail::direct_reply>(
+        [self](outcome o) { self->answer(std::move(o)); }, channel->worker_id(), c.command);
+      auto result = channel->start(c.command, c.args, c.deadline, reply);
+      if (result == detail::worker_channel::start_result::sent) {
+        if (auto r = rt.lock())
+          r->metrics->queue_wait.record(clock_type::now() - queued_at);
+        return true;
+      }
+      reply->disarm();  // not sent: answered the usual way
+      if (auto board = idle.lock())
+        hand_back(*board, channel, result == detail::worker_channel::start_result::unusable);
+      return false;
+    }
+
+    // A waiter's turn: a worker, or none (the usual way).
+    void run_on(const std::shared_ptr<detail::worker_channel>& channel) {
+      if (!channel || !start_on(channel))
+        reroute();
+    }
+
+    // The usual way: the pool client and the pool actor, whose rules answer it.
+    void reroute() {
+      auto r = rt.lock();
+      if (r && permit) {
+        std::lock_guard<std::mutex> guard{r->shared->breaker_mtx};
+        if (r->shared->breaker)
+          r->shared->breaker->release(*permit);
+      }
+      permit.reset();
+      auto command = c.command;
+      if (!r || !r->send_to_client(execute_atom::value, std::move(c), done, opts))
+        run_callback(done, outcome::failure(stopped_error(command)));
+    }
+
+    void answer(outcome o) {
+      auto r = rt.lock();
+      if (o.ok()) {
+        if (r && permit) {
+          std::lock_guard<std::mutex> guard{r->shared->breaker_mtx};
+          if (r->shared->breaker)
+            r->shared->breaker->record_success(*permit);  // never a transition: see shared->breaker
+        }
+        run_callback(done, std::move(o));
+        return;
+      }
+      auto command = c.command;
+      if (!r || !r->send_to_client(detail::direct_failure{std::move(c), done, opts, permit, o}))
+        run_callback(done, outcome::failure(stopped_error(command)));
+    }
+
+    static error stopped_error(const std::string& command) {
+      return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped",
+                        {{"command", command}});
+    }
+  };
+
+  // Starts `c` on the direct lane. True: `done` will be called (on a
+  // worker's I/O thread, the pool's, or the pool client's). False: nothing
+  // started, `c` and `done` are untouched; the call goes the usual way.
   bool try_direct(call& c, const call_options& options, const completion& done) {
     if (!direct_eligible(c.command) || shared->circuit.load() != circuit_state::closed)
       return false;
     auto idle = shared->current_idle();
     if (!idle)
       return false;
-    auto channel = idle->take_direct();
-    if (!channel)
-      return false;
     std::optional<circuit_permit> permit;
     {
       std::lock_guard<std::mutex> guard{shared->breaker_mtx};
       if (shared->breaker) {
         auto admission = shared->breaker->allow();
-        if (admission)
-          permit = admission.permit;
+        if (!admission)
+          return false;  // the pool client gives the rejection
+        permit = admission.permit;
       }
-    }
-    if (shared->breaker && !permit) {
-      hand_back(*idle, channel, false);
-      return false;
     }
     if (c.args.find("session_id") == c.args.end())
       c.args["session_id"] = "anonymous";
-    auto held = std::make_shared<call>(std::move(c));
-    auto reply = std::make_shared<detail::direct_reply>(
-      [self = weak_from_this(), held, done, permit,
-       opts = detail::client_call_options{options.idempotent, options.max_attempts}](outcome o) {
-        auto rt = self.lock();
-        if (o.ok()) {
-          if (rt && permit) {
-            std::lock_guard<std::mutex> guard{rt->shared->breaker_mtx};
-            if (rt->shared->breaker)
-              rt->shared->breaker->record_success(*permit);  // never a transition: see shared->breaker
-          }
-          run_callback(done, std::move(o));
-          return;
-        }
-        if (!rt || !rt->send_to_client(detail::direct_failure{std::move(*held), done, opts, permit, o}))
-          run_callback(done, outcome::failure(make_error(error_category::resource_error,
-                                                         "pool_stopping", "the runtime is stopped",
-                                                         {{"command", held->command}})));
-      },
-      channel->worker_id(), held->command);
-    switch (channel->start(held->command, held->args, held->deadline, reply)) {
-      case detail::worker_channel::start_result::sent:
-        metrics->queue_wait.record(std::chrono::nanoseconds{0});  // it waited for nobody
+    auto job = std::make_shared<direct_job>();
+    job->rt = weak_from_this();
+    job->idle = idle;
+    job->c = std::move(c);
+    job->done = done;
+    job->opts = detail::client_call_options{options.idempotent, options.max_attempts};
+    job->permit = permit;
+    detail::direct_waiter waiter{job->c.deadline,
+                                 [job](std::shared_ptr<detail::worker_channel> channel) {
+                                   job->run_on(channel);
+                                 }};
+    std::shared_ptr<detail::worker_channel> taken;
+    switch (idle->take_or_wait(waiter, taken)) {
+      case detail::idle_workers::wait_answer::queued:
         return true;
-      case detail::worker_channel::start_result::refused:
-        hand_back(*idle, channel, false);
+      case detail::idle_workers::wait_answer::taken:
+        if (job->start_on(taken))
+          return true;
         break;
-      case detail::worker_channel::start_result::unusable:
-        hand_back(*idle, channel, true);
+      case detail::idle_workers::wait_answer::refused:
         break;
     }
-    reply->disarm();  // not sent: the usual way answers this call
     if (permit) {
       std::lock_guard<std::mutex> guard{shared->breaker_mtx};
       shared->breaker->release(*permit);
     }
-    c = std::move(*held);
+    c = std::move(job->c);
     return false;
   }
 
   // A worker taken for a direct call that did not start: back to the idle
-  // list, or to the pool actor (`to_pool`: it cannot take calls).
-  static void hand_back(detail::idle_workers& idle, const std::shared_ptr<detail::worker_channel>& channel,
-                        bool to_pool) {
+  // list (or on to the next waiter), or to the pool actor (`to_pool`: it
+  // cannot take calls).
+  static void hand_back(detail::idle_workers& idle,
+                        const std::shared_ptr<detail::worker_channel>& channel, bool to_pool) {
     if (to_pool)
       idle.recall(channel->worker_id());
-    if (!idle.give_back(channel))
+    auto next = idle.give_back(channel);
+    if (next.what == detail::idle_workers::next_use::to_pool)
       idle.to_pool(channel->worker_id());
+    else if (next.what == detail::idle_workers::next_use::serve)
+      next.waiter->run(channel);
   }
 
   // The call's whole time counts from here to its outcome (pool_metrics::total).
@@ -1506,7 +1565,8 @@ std::unique_ptr<runtime> runtime::start(settings config) {
                   shared = p->shared](caf::event_based_actor* sup) {
       // Each pool (a restarted one too) has its own idle list; callers of
       // the direct lane find the current one here.
-      auto idle = std::make_shared<detail::idle_workers>(cfg->pool.strategy == "lifo", metrics);
+      auto idle = std::make_shared<detail::idle_workers>(cfg->pool.strategy == "lifo", metrics,
+                                                         cfg->pool.max_queue);
       {
         std::lock_guard<std::mutex> guard{shared->mtx};
         shared->idle = idle;

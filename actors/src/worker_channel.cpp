@@ -128,9 +128,16 @@ worker_channel::frame_use worker_channel::on_frame(const std::string& payload) {
       board->metrics().worker_ran(now - call->started);
   }
   // The worker goes back first, so that once its caller has the reply, the
-  // pool already counts it as idle (or has it back).
-  if (board && !board->give_back(shared_from_this()))
-    board->to_pool(worker_id_);
+  // pool already counts it as idle (or has it back); a caller waiting for a
+  // worker gets this one at once, its frame written before this reply is
+  // delivered (the process works while the caller wakes).
+  if (board) {
+    auto next = board->give_back(shared_from_this());
+    if (next.what == idle_workers::next_use::to_pool)
+      board->to_pool(worker_id_);
+    else if (next.what == idle_workers::next_use::serve)
+      next.waiter->run(shared_from_this());
+  }
   call->reply->deliver(std::move(*answer));
   return frame_use::answered;
 }
