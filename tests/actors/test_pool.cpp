@@ -297,3 +297,36 @@ TEST_CASE("latency accounting: queue wait, run and whole-call time, calls in fli
   rt->stop();
   check_no_children_left();
 }
+
+// The direct lane (issue 11) keeps the pool's one-LM rule: a worker that is
+// out on a direct call when a configure_lm succeeds elsewhere comes back to
+// the pool and is configured before it serves again, and no direct call
+// starts while a configure_lm is undecided.
+TEST_CASE("direct lane: after a configure_lm, no call meets the old LM, even on a worker that was busy") {
+  auto rt = start_pool(2);
+  worker_gate gate;
+  auto busy = rt->execute_anonymous_async("sleep", gate.sleep_args());
+  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1 && s.idle == 1; }).ok);
+  std::string busy_worker;
+  for (auto& w : rt->status().workers)
+    if (w.state == "busy")
+      busy_worker = w.id;
+  REQUIRE_FALSE(busy_worker.empty());
+  auto conf = rt->execute_anonymous("configure_lm", {{"provider", "mock"}, {"model", "lane-model"}});
+  REQUIRE_MESSAGE(conf.ok(), conf.error().describe());
+  CHECK(conf.served_by() != busy_worker);
+  gate.open();
+  REQUIRE(busy.get().ok());
+  // Idle workers are taken oldest first, so calls alternate: the once-busy
+  // worker serves within a few calls (the bound is a hang guard).
+  bool served_by_busy = false;
+  for (int i = 0; i < 200 && !served_by_busy; ++i) {
+    auto r = rt->execute_anonymous("ping");
+    REQUIRE(r.ok());
+    CHECK(r.value()["lm"] == "mock/lane-model");
+    served_by_busy = r.served_by() == busy_worker;
+  }
+  CHECK(served_by_busy);
+  rt->stop();
+  check_no_children_left();
+}

@@ -1006,6 +1006,43 @@ startup_results run_startup(const options& o) {
   return res;
 }
 
+// ----------------------------------------------------------------- one thread hop
+
+/// The cost of waking another thread on this machine: two threads hand a
+/// token back and forth through futures, as the direct lane's I/O thread
+/// hands a reply to a blocking caller. p50 of one hand-off (half a round trip).
+double thread_handoff_p50_us(std::size_t rounds) {
+  dspex::latency_recorder lat;
+  std::mutex m;
+  std::condition_variable cv;
+  bool b_turn = false;
+  std::thread b{[&] {
+    for (std::size_t i = 0; i < rounds; ++i) {
+      {
+        std::unique_lock<std::mutex> lk{m};
+        cv.wait(lk, [&] { return b_turn; });
+        b_turn = false;
+      }
+      cv.notify_all();
+    }
+  }};
+  for (std::size_t i = 0; i < rounds; ++i) {
+    auto s = clock_type::now();
+    {
+      std::lock_guard<std::mutex> lk{m};
+      b_turn = true;
+    }
+    cv.notify_all();
+    {
+      std::unique_lock<std::mutex> lk{m};
+      cv.wait(lk, [&] { return !b_turn; });
+    }
+    lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - s) / 2);
+  }
+  b.join();
+  return lat.percentile_us(50);
+}
+
 // ----------------------------------------------------------------- accounting cost
 
 /// ns per latency_histogram::record, one thread alone and two at once.
@@ -1159,6 +1196,9 @@ int main(int argc, char** argv) {
       std::printf("NimblePool anchor: skipped: %s\n\n", anchor.skipped.c_str());
     print_ratios(raw, anchor, pool, o.callers);
     print_startup(raw, anchor, pool, startup);
+    std::printf("one thread hand-off (future set -> waiter running), p50: %.1f us; the direct lane "
+                "adds one to the raw loop's two wake-ups (caller -> process -> I/O thread -> caller)\n",
+                thread_handoff_p50_us(o.quick ? 2000 : 20000));
     auto [one, two] = histogram_record_cost();
     std::printf("latency accounting: %.1f ns per record alone, %.1f ns with 2 threads recording "
                 "into one histogram\n",
