@@ -1210,23 +1210,36 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     detail::client_call_options opts;
     std::optional<circuit_permit> permit;
     clock_type::time_point queued_at = clock_type::now();
+    clock_type::time_point deadline;
+    /// The worker whose reply this caller's thread reads itself (blocking calls).
+    std::shared_ptr<detail::worker_channel> reading;
 
     // Writes the call to `channel`'s process; false when nothing was sent
     // (the worker has gone back: to the idle list, or to the pool).
-    bool start_on(const std::shared_ptr<detail::worker_channel>& channel) {
+    // `caller_reads`: the calling thread reads the reply (read_here).
+    bool start_on(const std::shared_ptr<detail::worker_channel>& channel, bool caller_reads = false) {
       auto self = shared_from_this();
       auto reply = std::make_shared<detail::direct_reply>(
         [self](outcome o) { self->answer(std::move(o)); }, channel->worker_id(), c.command);
-      auto result = channel->start(c.command, c.args, c.deadline, reply);
+      auto result = channel->start(c.command, c.args, c.deadline, reply, caller_reads);
       if (result == detail::worker_channel::start_result::sent) {
         if (auto r = rt.lock())
           r->metrics->queue_wait.record(clock_type::now() - queued_at);
+        if (caller_reads)
+          reading = channel;
         return true;
       }
       reply->disarm();  // not sent: answered the usual way
       if (auto board = idle.lock())
         hand_back(*board, channel, result == detail::worker_channel::start_result::unusable);
       return false;
+    }
+
+    // A blocking caller reads its reply on its own thread: no hand-off from
+    // the I/O thread (the one left between the raw loop and this lane).
+    void read_here() {
+      if (auto channel = std::move(reading))
+        channel->read_reply(deadline);
     }
 
     // A waiter's turn: a worker, or none (the usual way).
@@ -1271,22 +1284,25 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     }
   };
 
-  // Starts `c` on the direct lane. True: `done` will be called (on a
-  // worker's I/O thread, the pool's, or the pool client's). False: nothing
-  // started, `c` and `done` are untouched; the call goes the usual way.
-  bool try_direct(call& c, const call_options& options, const completion& done) {
+  // Starts `c` on the direct lane. A job: `done` will be called (on a
+  // worker's I/O thread, the pool's, the pool client's, or, after
+  // read_here, this one). Null: nothing started, `c` and `done` are
+  // untouched; the call goes the usual way. `caller_reads`: a blocking
+  // caller that will call read_here on the job.
+  std::shared_ptr<direct_job> try_direct(call& c, const call_options& options,
+                                         const completion& done, bool caller_reads = false) {
     if (!direct_eligible(c.command) || shared->circuit.load() != circuit_state::closed)
-      return false;
+      return nullptr;
     auto idle = shared->current_idle();
     if (!idle)
-      return false;
+      return nullptr;
     std::optional<circuit_permit> permit;
     {
       std::lock_guard<std::mutex> guard{shared->breaker_mtx};
       if (shared->breaker) {
         auto admission = shared->breaker->allow();
         if (!admission)
-          return false;  // the pool client gives the rejection
+          return nullptr;  // the pool client gives the rejection
         permit = admission.permit;
       }
     }
@@ -1299,6 +1315,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     job->done = done;
     job->opts = detail::client_call_options{options.idempotent, options.max_attempts};
     job->permit = permit;
+    job->deadline = job->c.deadline;
     detail::direct_waiter waiter{job->c.deadline,
                                  [job](std::shared_ptr<detail::worker_channel> channel) {
                                    job->run_on(channel);
@@ -1306,10 +1323,10 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     std::shared_ptr<detail::worker_channel> taken;
     switch (idle->take_or_wait(waiter, taken)) {
       case detail::idle_workers::wait_answer::queued:
-        return true;
+        return job;
       case detail::idle_workers::wait_answer::taken:
-        if (job->start_on(taken))
-          return true;
+        if (job->start_on(taken, caller_reads))
+          return job;
         break;
       case detail::idle_workers::wait_answer::refused:
         break;
@@ -1319,7 +1336,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       shared->breaker->release(*permit);
     }
     c = std::move(job->c);
-    return false;
+    return nullptr;
   }
 
   // A worker taken for a direct call that did not start: back to the idle
@@ -1628,8 +1645,9 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   auto promise = std::make_shared<std::promise<outcome>>();
   auto future = promise->get_future();
   auto comp = impl_->timed([promise](outcome o) { promise->set_value(std::move(o)); });
-  if (!impl_->try_direct(c, options, comp)
-      && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
+  if (auto job = impl_->try_direct(c, options, comp, true))
+    job->read_here();
+  else if (!impl_->send_to_client(execute_atom::value, std::move(c), comp,
                              detail::client_call_options{options.idempotent, options.max_attempts})) {
     comp.fn(outcome::failure(impl_->stopping_error(command)));
     return future.get();

@@ -565,10 +565,9 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   st.channel = st.cfg.health->channel ? st.cfg.health->channel
                               : std::make_shared<worker_channel>(st.cfg.id, conf.pool.max_frame_bytes,
                                                                  conf.pool.max_json_depth);
+  auto observer = std::make_shared<mailbox_observer>(self->address(), st.cfg.health, st.channel);
   try {
-    st.child = child_process::spawn(
-      std::move(spec),
-      std::make_shared<mailbox_observer>(self->address(), st.cfg.health, st.channel));
+    st.child = child_process::spawn(std::move(spec), observer);
   } catch (const spawn_error& e) {
     fail_worker(self, worker_exit::spawn_failed,
                 make_error(error_category::initialization_error, "spawn_failed", e.what(),
@@ -577,7 +576,13 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   }
   st.cfg.health->process_alive = true;
   st.cfg.health->pipes_open = true;
-  st.channel->attach(st.child.get(), static_cast<int>(st.child->pid()));
+  // A broken reply read by a caller directly is reported as the I/O thread
+  // reports one.
+  st.channel->attach(st.child.get(), static_cast<int>(st.child->pid()),
+                     [weak = std::weak_ptr<mailbox_observer>{observer}](protocol_error e) {
+                       if (auto o = weak.lock())
+                         o->on_protocol_error(std::move(e));
+                     });
   // The pid is known from now on (status, and whoever must find the process).
   self->send(st.cfg.owner, worker_spawned_atom::value, st.cfg.id,
              static_cast<int>(st.child->pid()));

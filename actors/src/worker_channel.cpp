@@ -57,21 +57,26 @@ void worker_channel::set_board(const std::shared_ptr<idle_workers>& board) {
   board_ = board;
 }
 
-void worker_channel::attach(child_process* child, int pid) {
+void worker_channel::attach(child_process* child, int pid, broken_fn broken) {
   std::lock_guard<std::mutex> lk{mtx_};
   child_ = child;
   pid_ = pid;
+  broken_ = std::move(broken);
 }
 
 void worker_channel::detach() {
-  std::lock_guard<std::mutex> lk{mtx_};
+  std::unique_lock<std::mutex> lk{mtx_};
+  if (reading_ && child_)
+    child_->abort_direct_read();  // returns at once: the reader lets go of the process
+  read_done_.wait(lk, [&] { return !reading_; });
   child_ = nullptr;
 }
 
 worker_channel::start_result worker_channel::start(const std::string& command,
                                                    const nlohmann::json& args,
                                                    clock_type::time_point deadline,
-                                                   std::shared_ptr<direct_reply> reply) {
+                                                   std::shared_ptr<direct_reply> reply,
+                                                   bool caller_reads) {
   auto id = next_request_id();
   std::string payload;
   try {
@@ -88,8 +93,14 @@ worker_channel::start_result worker_channel::start(const std::string& command,
   in_flight_ = direct_call{id, command, deadline, now, std::move(reply)};
   // Before the frame: the alarm is armed before any reply can come.
   child_->set_alarm(deadline);
+  reading_ = caller_reads && child_->begin_direct_read();
   if (!child_->send(payload)) {
     in_flight_.reset();  // nothing reached the process
+    if (reading_) {
+      child_->end_direct_read();
+      reading_ = false;
+      read_done_.notify_all();
+    }
     return start_result::unusable;
   }
   ++served_.started;
@@ -97,23 +108,88 @@ worker_channel::start_result worker_channel::start(const std::string& command,
 }
 
 worker_channel::frame_use worker_channel::on_frame(const std::string& payload) {
-  std::optional<direct_call> call;
-  std::optional<outcome> answer;
-  std::shared_ptr<idle_workers> board;
-  int pid = 0;
   {
     std::lock_guard<std::mutex> lk{mtx_};
     if (!in_flight_)
       return frame_use::not_direct;
+  }
+  return answer(payload, nullptr) ? frame_use::answered : frame_use::hand_over;
+}
+
+void worker_channel::read_reply(clock_type::time_point deadline) {
+  child_process* child = nullptr;
+  {
+    std::lock_guard<std::mutex> lk{mtx_};
+    if (!reading_)
+      return;
+    child = child_;  // alive until reading_ is false: detach waits for it
+  }
+  broken_fn broken;
+  {
+    std::lock_guard<std::mutex> lk{mtx_};
+    broken = broken_;
+  }
+  std::string payload;
+  auto r = child->read_frame(payload, deadline);
+  // A broken stream is reported while this thread still has stdout: the
+  // I/O thread, waiting for it to report the exit, comes second, as it
+  // would have reading the stream itself.
+  std::optional<protocol_error> stream_error;
+  if (r == child_process::direct_read::truncated)
+    stream_error = protocol_error{protocol_errc::truncated, "EOF inside a reply frame"};
+  else if (r == child_process::direct_read::oversize)
+    stream_error = protocol_error{protocol_errc::oversize,
+                                  "a reply header announced more than max_frame_bytes"};
+  else if (r == child_process::direct_read::zero_length)
+    stream_error = protocol_error{protocol_errc::zero_length, "a reply header announced 0 bytes"};
+  if (stream_error && broken)
+    broken(std::move(*stream_error));
+  child->end_direct_read();
+  {
+    std::lock_guard<std::mutex> lk{mtx_};
+    reading_ = false;
+    read_done_.notify_all();
+  }
+  switch (r) {
+    case child_process::direct_read::frame: {
+      std::optional<protocol_error> bad;
+      if (!answer(payload, &bad) && bad && broken)
+        broken(std::move(*bad));  // the worker actor takes the call and kills the process
+      return;
+    }
+    case child_process::direct_read::timeout:
+      // The I/O thread's alarm hands the call to the worker actor, which
+      // kills the process (its rest of the stream is noise now).
+      child->set_alarm(clock_type::now());
+      return;
+    case child_process::direct_read::truncated:
+    case child_process::direct_read::oversize:
+    case child_process::direct_read::zero_length:
+      return;  // reported above: the worker actor has the call
+    case child_process::direct_read::ended:
+      return;  // the process is going: its exit hands the call over
+  }
+}
+
+bool worker_channel::answer(const std::string& payload, std::optional<protocol_error>* bad) {
+  std::optional<direct_call> call;
+  std::optional<outcome> answer;
+  std::shared_ptr<idle_workers> board;
+  {
+    std::lock_guard<std::mutex> lk{mtx_};
+    if (!in_flight_)
+      return false;  // taken over meanwhile (its deadline): the worker actor decides
     board = board_.lock();
-    pid = pid_;
     auto parsed = parse_reply(payload, in_flight_->id, max_json_depth_);
-    if (std::holds_alternative<protocol_error>(parsed))
-      return frame_use::hand_over;  // in_flight_ stays for take_over()
+    if (auto* err = std::get_if<protocol_error>(&parsed)) {
+      if (bad)
+        *bad = *err;
+      return false;  // in_flight_ stays for take_over()
+    }
     call = std::move(in_flight_);
     in_flight_.reset();
     auto& rep = std::get<reply>(parsed);
-    auto o = reply_outcome(std::move(rep), worker_id_, pid, call->command);
+    auto o = reply_outcome(std::move(rep), worker_id_, pid_, call->command);
     auto now = clock_type::now();
     if (o)
       ++served_.ok;
@@ -139,7 +215,7 @@ worker_channel::frame_use worker_channel::on_frame(const std::string& payload) {
       next.waiter->run(shared_from_this());
   }
   call->reply->deliver(std::move(*answer));
-  return frame_use::answered;
+  return true;
 }
 
 std::optional<direct_call> worker_channel::take_over() {

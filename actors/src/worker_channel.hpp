@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -22,6 +23,7 @@
 
 #include "dspex/checkout.hpp"
 #include "dspex/envelope.hpp"
+#include "dspex/framing.hpp"
 
 namespace dspex {
 
@@ -86,10 +88,15 @@ public:
 
   // -- the worker actor ------------------------------------------------------
 
+  /// What a caller that read a broken reply itself reports, as the I/O
+  /// thread would (the worker's observer: the call goes to the worker actor).
+  using broken_fn = std::function<void(protocol_error)>;
+
   /// The process is spawned: direct calls may reach it from now on.
-  void attach(child_process* child, int pid);
+  void attach(child_process* child, int pid, broken_fn broken);
   /// Before the worker actor lets its process go: no direct call starts
-  /// after this returns (one in flight is handed over through take_over).
+  /// after this returns, and a caller reading a reply directly has stopped
+  /// (one in flight is handed over through take_over).
   void detach();
   /// Request ids, shared by both lanes: a reply can never be taken for
   /// another lane's request.
@@ -107,8 +114,16 @@ public:
   /// Writes the request frame. `args` (an object with a session_id) stay
   /// the caller's, for a retry. Whatever the result, the caller then owns
   /// nothing: a call not sent may go anywhere else.
+  /// `caller_reads`: the calling thread will read the reply itself
+  /// (read_reply), when the process allows it; see child_process::begin_direct_read.
   start_result start(const std::string& command, const nlohmann::json& args,
-                     clock_type::time_point deadline, std::shared_ptr<direct_reply> reply);
+                     clock_type::time_point deadline, std::shared_ptr<direct_reply> reply,
+                     bool caller_reads = false);
+  /// After start(..., true): reads the reply on this thread and answers the
+  /// call here; whatever it cannot read cleanly stays with the I/O thread (a
+  /// passed deadline, an exit) or goes to the worker actor (a broken frame).
+  /// Without an open direct read it does nothing.
+  void read_reply(clock_type::time_point deadline);
 
   // -- the worker's I/O thread (its child_observer) ----------------------------
 
@@ -153,8 +168,16 @@ private:
   std::atomic<std::uint64_t> budget_{~std::uint64_t{0}};
 
   mutable std::mutex mtx_;
+  /// The direct call's reply as the caller sees it, its worker given back
+  /// first; false: no direct call in flight, or the frame is not its clean
+  /// reply (`bad`, when set, says why).
+  bool answer(const std::string& payload, std::optional<protocol_error>* bad);
+
   std::weak_ptr<idle_workers> board_;
   child_process* child_ = nullptr;  ///< set by attach, cleared by detach
+  broken_fn broken_;
+  bool reading_ = false;            ///< a caller reads the reply directly
+  std::condition_variable read_done_;
   int pid_ = 0;
   std::optional<direct_call> in_flight_;
   served served_;

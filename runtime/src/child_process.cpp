@@ -465,6 +465,9 @@ struct io_state {
     wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (wake_fd < 0)
       throw spawn_error(spec.program + ": eventfd: " + errno_text(errno));
+    direct_abort_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (direct_abort_fd < 0)
+      throw spawn_error(spec.program + ": eventfd: " + errno_text(errno));
   }
 
   ~io_state() {
@@ -474,6 +477,7 @@ struct io_state {
     close_fd(stderr_fd);
     close_fd(pid_fd);
     close_fd(wake_fd);
+    close_fd(direct_abort_fd);
   }
 
   io_state(const io_state&) = delete;
@@ -515,6 +519,21 @@ struct io_state {
   static constexpr std::int64_t none = std::numeric_limits<std::int64_t>::max();
   std::atomic<std::int64_t> alarm_ns{none};
   std::atomic<std::int64_t> sleeps_until{none};
+
+  // Direct reads (child_process::begin_direct_read). stdout_mtx is held by
+  // whoever reads stdout: the I/O thread while it reads, a direct reader for
+  // its whole read; only its holder closes stdout_fd. `direct_reading`: the
+  // I/O thread leaves stdout out of its wait; `polls_stdout`: its current
+  // wait includes stdout (a sender that needs it there wakes it: same
+  // handshake as the alarm). `stdout_idle`: the I/O thread's decoder holds
+  // no partial frame and the stream is intact (written under stdout_mtx).
+  // `stdout_poisoned`: a direct read stopped mid-frame; the rest is noise.
+  std::mutex stdout_mtx;
+  std::atomic<bool> direct_reading{false};
+  std::atomic<bool> polls_stdout{true};
+  std::atomic<bool> stdout_idle{true};
+  std::atomic<bool> stdout_poisoned{false};
+  int direct_abort_fd = -1;  // eventfd: the process exited, stop reading
 
   // Touched by the I/O thread only (and by spawn_child before spawn() returns).
   guardian guard;
@@ -793,7 +812,7 @@ struct io_state {
   }
 
   void on_stdout_bytes(const char* data, std::size_t n) {
-    if (protocol_failed)
+    if (protocol_failed || stdout_poisoned.load())
       return; // the stream cannot be trusted any more: read and discard
     frames.clear();
     auto err = decoder.feed(std::string_view(data, n), frames);
@@ -882,9 +901,98 @@ struct io_state {
     }
   }
 
+  /// Under stdout_mtx: a direct reader that holds it has the stream.
   void read_stdout(int max_reads) {
+    std::unique_lock<std::mutex> lk{stdout_mtx, std::try_to_lock};
+    if (!lk)
+      return;  // a direct read is open: its reader takes the frame
     read_some(stdout_fd, max_reads, [this](const char* d, std::size_t n) { on_stdout_bytes(d, n); },
               [this] { on_stdout_end(); });
+    stdout_idle.store(stdout_fd >= 0 && !protocol_failed && decoder.buffered() == 0);
+  }
+
+  bool begin_direct_read() {
+    if (!stdout_mtx.try_lock())
+      return false;
+    if (!stdout_idle.load() || stdout_poisoned.load() || stdout_fd < 0 || exited.load()) {
+      stdout_mtx.unlock();
+      return false;
+    }
+    direct_reading.store(true);
+    return true;
+  }
+
+  void end_direct_read() {
+    direct_reading.store(false);
+    stdout_mtx.unlock();
+    // The I/O thread reads stdout again; if its wait leaves stdout out, it
+    // learns of it at its next wake-up (any frame sent meanwhile wakes it).
+  }
+
+  /// Waits (poll) for stdout or the abort, until `deadline`: true when stdout is readable.
+  child_process::direct_read wait_stdout(clock::time_point deadline) {
+    for (;;) {
+      auto left = deadline - clock::now();
+      if (left <= clock::duration::zero())
+        return child_process::direct_read::timeout;
+      auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(left).count() + 1;
+      pollfd fds[2] = {{stdout_fd, POLLIN, 0}, {direct_abort_fd, POLLIN, 0}};
+      int r = ::poll(fds, 2, static_cast<int>(std::min<long long>(ms, 60'000)));
+      if (r < 0 && errno == EINTR)
+        continue;
+      if (r < 0 || fds[1].revents)
+        return child_process::direct_read::ended;
+      if (fds[0].revents)
+        return child_process::direct_read::frame;  // readable (or hung up: read says)
+    }
+  }
+
+  /// Reads exactly n bytes into `out` (nonblocking fd, waiting as needed);
+  /// `got` counts what it read.
+  child_process::direct_read read_exactly(char* out, std::size_t n, clock::time_point deadline,
+                                          std::size_t& got) {
+    while (n > 0) {
+      ssize_t r = ::read(stdout_fd, out, n);
+      if (r > 0) {
+        out += r;
+        n -= static_cast<std::size_t>(r);
+        got += static_cast<std::size_t>(r);
+        continue;
+      }
+      if (r < 0 && errno == EINTR)
+        continue;
+      if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        auto w = wait_stdout(deadline);
+        if (w != child_process::direct_read::frame)
+          return w;
+        continue;
+      }
+      return child_process::direct_read::ended;  // EOF or an error
+    }
+    return child_process::direct_read::frame;
+  }
+
+  child_process::direct_read read_frame(std::string& payload, clock::time_point deadline) {
+    unsigned char header[4];
+    std::size_t got = 0;
+    auto r = read_exactly(reinterpret_cast<char*>(header), 4, deadline, got);
+    if (r == child_process::direct_read::frame) {
+      std::uint32_t n = (std::uint32_t{header[0]} << 24) | (std::uint32_t{header[1]} << 16)
+                        | (std::uint32_t{header[2]} << 8) | std::uint32_t{header[3]};
+      if (n == 0) {
+        r = child_process::direct_read::zero_length;
+      } else if (n > spec.max_frame_bytes) {
+        r = child_process::direct_read::oversize;
+      } else {
+        payload.resize(n);
+        r = read_exactly(payload.data(), n, deadline, got);
+      }
+    }
+    if (r == child_process::direct_read::ended && got > 0)
+      r = child_process::direct_read::truncated;
+    if (r != child_process::direct_read::frame)
+      stdout_poisoned.store(true);  // mid-frame, or a header the stream cannot follow
+    return r;
   }
 
   void read_stderr(int max_reads) {
@@ -938,9 +1046,15 @@ struct io_state {
 
   void run() {
     for (;;) {
-      // stdin only while bytes are queued (a negative fd is ignored by poll).
+      // stdin only while bytes are queued (a negative fd is ignored by poll);
+      // stdout only while no direct read has it (published, then checked
+      // again: a sender racing this either is seen or sees it and wakes us).
       const bool draining = stdin_pending.load() && stdin_fd >= 0;
-      pollfd fds[5] = {{stdout_fd, POLLIN, 0},
+      const bool want_stdout = !direct_reading.load();
+      polls_stdout.store(want_stdout);
+      if (direct_reading.load() == want_stdout)
+        continue;  // changed meanwhile: read it again
+      pollfd fds[5] = {{want_stdout ? stdout_fd : -1, POLLIN, 0},
                        {stderr_fd, POLLIN, 0},
                        {pid_fd, POLLIN, 0},
                        {wake_fd, POLLIN, 0},
@@ -1000,8 +1114,16 @@ struct io_state {
 
   /// The child has exited (or is about to, after SIGKILL): drain, reap, report.
   void finish() {
+    // A direct reader stops (its caller's call is then handed to the owner),
+    // and gives stdout back before it is drained and closed here.
+    std::uint64_t one = 1;
+    (void)!::write(direct_abort_fd, &one, sizeof one);
+    std::lock_guard<std::mutex> stdout_lk{stdout_mtx};
     // What is in the pipes now; no waiting for EOF (grandchildren may hold them).
-    read_stdout(drain_reads(stdout_fd));
+    if (!stdout_poisoned.load())
+      read_some(stdout_fd, drain_reads(stdout_fd),
+                [this](const char* d, std::size_t n) { on_stdout_bytes(d, n); },
+                [this] { on_stdout_end(); });
     read_stderr(drain_reads(stderr_fd));
 
     exit_status status{};
@@ -1041,7 +1163,7 @@ struct io_state {
     if (!stderr_line.empty())
       emit_stderr_line(); // a last line without its newline
     // A frame the child had begun can no longer be completed.
-    if (!stdout_eof && !protocol_failed)
+    if (!stdout_eof && !protocol_failed && !stdout_poisoned.load())
       if (auto err = decoder.finish())
         report(std::move(*err));
 
@@ -1174,8 +1296,13 @@ bool child_process::send(std::string_view payload) {
                off, frame.size());
     return true; // part of it did: the owner learns the end through on_exit
   }
-  if (off == frame.size())
+  if (off == frame.size()) {
+    // Its reply is the I/O thread's unless a direct read is open: the I/O
+    // thread's wait must include stdout (it left it out for a direct read).
+    if (!st.direct_reading.load() && !st.polls_stdout.load())
+      st.wake();
     return true;
+  }
   st.pending.push_back(std::move(frame));
   st.pending_off = off;
   st.stdin_pending.store(true);
@@ -1202,6 +1329,24 @@ void child_process::stop(std::chrono::milliseconds shutdown_grace,
 
 void child_process::set_alarm(std::chrono::steady_clock::time_point when) {
   impl_->state->set_alarm(when);
+}
+
+bool child_process::begin_direct_read() {
+  return impl_->state->begin_direct_read();
+}
+
+child_process::direct_read child_process::read_frame(std::string& payload,
+                                                     std::chrono::steady_clock::time_point deadline) {
+  return impl_->state->read_frame(payload, deadline);
+}
+
+void child_process::end_direct_read() {
+  impl_->state->end_direct_read();
+}
+
+void child_process::abort_direct_read() {
+  std::uint64_t one = 1;
+  (void)!::write(impl_->state->direct_abort_fd, &one, sizeof one);
 }
 
 void child_process::kill() {

@@ -143,6 +143,37 @@ public:
   ///       the first wakes it). A replaced alarm never fires.
   void set_alarm(std::chrono::steady_clock::time_point when);
 
+  // -- direct reads: the thread that sent a request reads its reply ----------
+  //
+  // A blocking caller that wrote a request can read the reply frame from
+  // stdout itself, instead of being woken by the I/O thread: one thread
+  // hand-off less (issue 11). While a direct read is open the I/O thread
+  // does not read stdout; everything else (stderr, the exit, alarms) stays
+  // its own, and frames that nobody reads directly are its as before.
+
+  /// Opens a direct read for the calling thread, before it sends its frame.
+  /// @returns false when it cannot: the I/O thread is reading stdout, holds
+  ///          part of a frame, or stdout is closed or broken; the I/O thread
+  ///          then reads the reply as usual.
+  bool begin_direct_read();
+  enum class direct_read { frame, timeout, ended, truncated, oversize, zero_length };
+  /// Reads one frame (header and body, nothing more) into `payload`, until
+  /// `deadline`. `ended`: EOF, a read error, abort_direct_read, or the
+  /// process exited, at a frame boundary (the I/O thread reports it).
+  /// `truncated`: the same inside a frame. `oversize` / `zero_length`: the
+  /// header announced more than max_frame_bytes, or nothing. These three
+  /// the reader reports (as protocol_errc says), before end_direct_read: the
+  /// I/O thread reports the exit only after it.
+  /// After `timeout` or `ended` the stream may be mid-frame: the I/O thread
+  /// discards stdout from then on (the process is to be killed).
+  /// @note Only between begin_direct_read and end_direct_read, on that thread.
+  direct_read read_frame(std::string& payload, std::chrono::steady_clock::time_point deadline);
+  /// Gives stdout back to the I/O thread.
+  void end_direct_read();
+  /// Makes a direct read in progress return `ended` at once (any thread);
+  /// every later one too.
+  void abort_direct_read();
+
   /// True once the child has been reaped (set just before on_exit is called).
   bool exited() const noexcept;
 
