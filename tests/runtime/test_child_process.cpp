@@ -1181,3 +1181,79 @@ TEST_CASE_FIXTURE(no_leftovers, "set_alarm: a replaced alarm never fires") {
   REQUIRE(rec->wait_exit());
   CHECK(rec->alarms().empty());
 }
+
+// -- direct reads: a blocking caller reads its own reply (issue 11) -------------
+
+TEST_CASE_FIXTURE(no_leftovers, "direct read: the sender reads its reply; afterwards frames are the I/O thread's") {
+  auto [rec, child] = start("/bin/cat", {});
+  auto deadline = std::chrono::steady_clock::now() + hang_bound;
+  REQUIRE(child->begin_direct_read());
+  REQUIRE(child->send("{\"id\":1}"));
+  std::string payload;
+  CHECK(child->read_frame(payload, deadline) == child_process::direct_read::frame);
+  CHECK(payload == "{\"id\":1}");
+  child->end_direct_read();
+  // The I/O thread left stdout out of its wait meanwhile: the next frame
+  // sent for it must wake it, or this waits for the hang bound.
+  REQUIRE(child->send("{\"id\":2}"));
+  REQUIRE(rec->wait_frames(1));
+  CHECK(rec->frames() == std::vector<std::string>{"{\"id\":2}"});
+  child->stop(60s, 60s);
+  REQUIRE(rec->wait_exit());
+  CHECK(rec->errors().empty());
+}
+
+TEST_CASE_FIXTURE(no_leftovers, "direct read: a broken stream is named as the I/O thread names it") {
+  auto deadline = std::chrono::steady_clock::now() + hang_bound;
+  struct kase {
+    const char* name;
+    const char* script;
+    child_process::direct_read want;
+  };
+  for (auto k : {kase{"truncated", "read line; printf '\\000\\000\\000\\020abc'; exit 0",
+                      child_process::direct_read::truncated},
+                 kase{"oversize", "read line; printf '\\377\\377\\377\\377'; read line",
+                      child_process::direct_read::oversize},
+                 kase{"zero length", "read line; printf '\\000\\000\\000\\000'; read line",
+                      child_process::direct_read::zero_length},
+                 kase{"exit at a frame boundary", "read line; exit 0",
+                      child_process::direct_read::ended}}) {
+    CAPTURE(k.name);
+    auto [rec, child] = sh(k.script);
+    REQUIRE(child->begin_direct_read());
+    REQUIRE(child->send("go\n"));
+    std::string payload;
+    CHECK(child->read_frame(payload, deadline) == k.want);
+    child->end_direct_read();
+    child->kill();
+    REQUIRE(rec->wait_exit());
+    // The reader had the stream: nothing of it reaches the observer.
+    CHECK(rec->frames().empty());
+    CHECK(rec->errors().empty());
+  }
+}
+
+TEST_CASE_FIXTURE(no_leftovers, "direct read: a deadline ends it; abort_direct_read ends it at once") {
+  auto [rec, child] = start("/bin/cat", {});
+  std::string payload;
+  REQUIRE(child->begin_direct_read());
+  auto soon = std::chrono::steady_clock::now() + 30ms;
+  CHECK(child->read_frame(payload, soon) == child_process::direct_read::timeout);
+  CHECK(std::chrono::steady_clock::now() >= soon);
+  child->end_direct_read();
+  // A direct read cannot start on a stream a reader left mid-way (the timeout
+  // may have cut a frame): the rest is noise to be killed with the process.
+  CHECK_FALSE(child->begin_direct_read());
+  child->kill();
+  REQUIRE(rec->wait_exit());
+
+  auto [rec2, child2] = start("/bin/cat", {});
+  REQUIRE(child2->begin_direct_read());
+  std::thread aborter{[&c = child2] { c->abort_direct_read(); }};
+  CHECK(child2->read_frame(payload, std::chrono::steady_clock::now() + hang_bound)
+        == child_process::direct_read::ended);
+  aborter.join();
+  child2->end_direct_read();
+  child2->stop(60s, 60s);
+  REQUIRE(rec2->wait_exit());
+}
