@@ -1,6 +1,7 @@
 #include "idle_workers.hpp"
 
 #include <algorithm>
+#include <utility>
 
 #include "worker_channel.hpp"
 
@@ -32,11 +33,13 @@ std::optional<direct_waiter> idle_workers::put(const std::string& worker_id,
   std::lock_guard<std::mutex> lk{mtx_};
   out_.erase(worker_id);
   recalled_.erase(worker_id);
+  known_.insert(worker_id);
   // The pool's own waiters had their turn (it puts a worker here only when
   // none of them takes it): the line here is next.
   if (channel && !waiters_.empty() && !closed_ && paused_ == 0) {
     auto w = std::move(waiters_.front());
     waiters_.pop_front();
+    count_affinity(w.preferred, worker_id);
     out_[worker_id] = std::move(channel);
     return w;
   }
@@ -76,6 +79,7 @@ void idle_workers::forget(const std::string& worker_id) {
               idle_.end());
   out_.erase(worker_id);
   recalled_.erase(worker_id);
+  known_.erase(worker_id);
 }
 
 void idle_workers::recall(const std::string& worker_id) {
@@ -137,6 +141,7 @@ std::vector<std::pair<direct_waiter, std::shared_ptr<worker_channel>>> idle_work
     if (it == idle_.end())
       break;
     out_[it->id] = it->channel;
+    count_affinity(waiters_.front().preferred, it->id);
     serve.emplace_back(std::move(waiters_.front()), it->channel);
     waiters_.pop_front();
     idle_.erase(it);
@@ -200,8 +205,9 @@ idle_workers::wait_answer idle_workers::take_or_wait(direct_waiter& waiter,
     std::lock_guard<std::mutex> lk{mtx_};
     if (closed_ || paused_ > 0 || pool_waiting_)
       return wait_answer::refused;
-    auto it = find_direct();
+    auto it = find_direct(waiter.preferred);
     if (it != idle_.end()) {
+      count_affinity(waiter.preferred, it->id);
       taken = it->channel;
       out_[it->id] = taken;
       idle_.erase(it);
@@ -221,8 +227,15 @@ idle_workers::wait_answer idle_workers::take_or_wait(direct_waiter& waiter,
   return wait_answer::queued;
 }
 
-std::deque<idle_workers::entry>::iterator idle_workers::find_direct() {
+std::deque<idle_workers::entry>::iterator idle_workers::find_direct(const std::string& preferred) {
   auto has_channel = [](const entry& e) { return e.channel != nullptr; };
+  if (!preferred.empty()) {
+    auto it = std::find_if(idle_.begin(), idle_.end(), [&](const entry& e) {
+      return e.channel != nullptr && e.id == preferred;
+    });
+    if (it != idle_.end())
+      return it;
+  }
   if (!lifo_)
     return std::find_if(idle_.begin(), idle_.end(), has_channel);
   auto r = std::find_if(idle_.rbegin(), idle_.rend(), has_channel);
@@ -256,11 +269,28 @@ idle_workers::next_use idle_workers::give_back(const std::shared_ptr<worker_chan
   if (!waiters_.empty()) {
     auto w = std::move(waiters_.front());
     waiters_.pop_front();
+    count_affinity(w.preferred, id);
     return {next_use::serve, std::move(w)};  // stays out, on the next call
   }
   out_.erase(it);
   idle_.push_back(entry{id, channel});
   return {next_use::idle, std::nullopt};
+}
+
+void idle_workers::count_affinity(const std::string& preferred, const std::string& served) {
+  if (preferred.empty())
+    return;
+  if (served == preferred)
+    ++affinity_.hits;
+  else if (known_.count(preferred) > 0)
+    ++affinity_.misses;  // it lives, busy: a hint lets another serve
+  else
+    ++affinity_.rebinds;
+}
+
+idle_workers::affinity_counts idle_workers::take_affinity_counts() {
+  std::lock_guard<std::mutex> lk{mtx_};
+  return std::exchange(affinity_, affinity_counts{});
 }
 
 } // namespace dspex::detail

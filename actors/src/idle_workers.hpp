@@ -45,6 +45,8 @@ struct direct_waiter {
   /// usual way (its deadline passed here, or the lane closed). Called once,
   /// never under the list's lock.
   std::function<void(std::shared_ptr<worker_channel>)> run;
+  /// A session's worker, taken when idle (affinity hint: any other will do).
+  std::string preferred{};
 };
 
 class idle_workers {
@@ -124,8 +126,18 @@ public:
     refused,  ///< the lane cannot take it (closed, paused, callers wait in
               ///< the pool, the list is full): nothing happened
   };
-  /// An idle worker now, or a place in the line.
+  /// An idle worker now (the waiter's preferred one when it is idle), or a
+  /// place in the line.
   wait_answer take_or_wait(direct_waiter& waiter, std::shared_ptr<worker_channel>& taken);
+
+  /// Session calls served here with a preferred worker: by it (hits), by
+  /// another while it lived (misses), by another because it was gone
+  /// (rebinds), as the pool counts its own (pool_status::affinity_*).
+  struct affinity_counts {
+    std::uint64_t hits = 0, misses = 0, rebinds = 0;
+  };
+  /// @returns the counts since the last call, and resets them.
+  affinity_counts take_affinity_counts();
 
   /// What becomes of a worker whose direct call ended (give_back).
   struct next_use {
@@ -146,8 +158,11 @@ private:
     std::shared_ptr<worker_channel> channel;
   };
 
-  /// The idle worker a direct call takes (oldest, or newest with lifo), or end().
-  std::deque<entry>::iterator find_direct();
+  /// The idle worker a direct call takes (`preferred` if idle here, else the
+  /// oldest, or newest with lifo), or end().
+  std::deque<entry>::iterator find_direct(const std::string& preferred = {});
+  /// Counts a session call with `preferred` served by `served` (under the lock).
+  void count_affinity(const std::string& preferred, const std::string& served);
 
   const bool lifo_;
   const std::shared_ptr<pool_metrics> metrics_;
@@ -158,6 +173,8 @@ private:
   std::deque<entry> idle_;
   std::map<std::string, std::shared_ptr<worker_channel>> out_;  ///< on a direct call
   std::set<std::string> recalled_;
+  std::set<std::string> known_;  ///< every worker put here and not yet forgotten
+  affinity_counts affinity_;
   std::deque<direct_waiter> waiters_;
   /// The earliest time the pool actor was asked to call expire() at.
   std::optional<clock_type::time_point> armed_;

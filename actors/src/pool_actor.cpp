@@ -1404,6 +1404,11 @@ pool_status make_status(pool_actor_t* self) {
   s.last_start_failure = st.last_start_failure;
   s.recycled = st.recycled;
   s.health_check_failures = st.health_check_failures;
+  // Session calls of the direct lane count where they were served.
+  auto lane = st.idle->take_affinity_counts();
+  st.affinity_hits += lane.hits;
+  st.affinity_misses += lane.misses;
+  st.affinity_rebinds += lane.rebinds;
   s.affinity_hits = st.affinity_hits;
   s.affinity_misses = st.affinity_misses;
   s.affinity_rebinds = st.affinity_rebinds;

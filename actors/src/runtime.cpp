@@ -181,6 +181,110 @@ T await_bounded(std::future<T>& future, clock_type::time_point bound, OnMissing 
   }
 }
 
+// -- the direct lane (issue 11) ------------------------------------------------------------
+//
+// A call that takes a worker from idle_workers (or waits there in line)
+// and writes its frame to the worker's process itself; the worker's I/O
+// thread (or, for a blocking caller, the caller's own thread) answers it.
+// Who owns the call decides what happens to its answer and to a call the
+// lane cannot serve: the API for anonymous calls, the pool client for the
+// session calls it runs (the hooks).
+
+using detail::direct_reply;
+using detail::direct_waiter;
+using detail::idle_workers;
+using detail::worker_channel;
+
+// A worker taken for a direct call that did not start: back to the idle
+// list (or on to the next waiter), or to the pool actor (`to_pool`: it
+// cannot take calls).
+void hand_back(idle_workers& idle, const std::shared_ptr<worker_channel>& channel, bool to_pool) {
+  if (to_pool)
+    idle.recall(channel->worker_id());
+  auto next = idle.give_back(channel);
+  if (next.what == idle_workers::next_use::to_pool)
+    idle.to_pool(channel->worker_id());
+  else if (next.what == idle_workers::next_use::serve)
+    next.waiter->run(channel);
+}
+
+// One call on the direct lane, from the moment it takes a worker or a place
+// in idle_workers' line until it is answered or sent the usual way.
+struct direct_job : std::enable_shared_from_this<direct_job> {
+  std::weak_ptr<idle_workers> idle;
+  call c;
+  clock_type::time_point queued_at = clock_type::now();
+  /// The worker whose reply this caller's thread reads itself (blocking calls).
+  std::shared_ptr<worker_channel> reading;
+  /// The attempt's outcome (any thread).
+  std::function<void(direct_job&, outcome)> on_answer;
+  /// Not served on the lane after all (its deadline passed in line, the lane
+  /// closed, the worker could not take it): the usual way, with `c`.
+  std::function<void(direct_job&)> on_reroute;
+
+  // Writes the call to `channel`'s process; false when nothing was sent
+  // (the worker has gone back: to the idle list, or to the pool).
+  // `caller_reads`: the calling thread reads the reply (read_here).
+  bool start_on(const std::shared_ptr<worker_channel>& channel, bool caller_reads = false) {
+    auto self = shared_from_this();
+    auto reply = std::make_shared<direct_reply>(
+      [self](outcome o) { self->on_answer(*self, std::move(o)); }, channel->worker_id(),
+      c.command);
+    auto result = channel->start(c.command, c.args, c.deadline, reply, caller_reads);
+    auto board = idle.lock();
+    if (result == worker_channel::start_result::sent) {
+      if (board)
+        board->metrics().queue_wait.record(clock_type::now() - queued_at);
+      if (caller_reads)
+        reading = channel;
+      return true;
+    }
+    reply->disarm();  // not sent: answered the usual way
+    if (board)
+      hand_back(*board, channel, result == worker_channel::start_result::unusable);
+    return false;
+  }
+
+  // A blocking caller reads its reply on its own thread: no hand-off from
+  // the I/O thread (the one left between the raw loop and this lane).
+  void read_here() {
+    if (auto channel = std::move(reading))
+      channel->read_reply(c.deadline);
+  }
+
+  // A waiter's turn: a worker, or none (the usual way).
+  void run_on(const std::shared_ptr<worker_channel>& channel) {
+    if (!channel || !start_on(channel))
+      on_reroute(*this);
+  }
+
+  // Takes a worker (the call starts now), or a place in line. False:
+  // nothing happened (the lane refuses it, or the worker could not take it).
+  bool take(idle_workers& board, const std::string& preferred, bool caller_reads) {
+    auto self = shared_from_this();
+    direct_waiter waiter{c.deadline,
+                         [self](std::shared_ptr<worker_channel> channel) { self->run_on(channel); },
+                         preferred};
+    std::shared_ptr<worker_channel> taken;
+    switch (board.take_or_wait(waiter, taken)) {
+      case idle_workers::wait_answer::queued:
+        return true;
+      case idle_workers::wait_answer::taken:
+        return start_on(taken, caller_reads);
+      case idle_workers::wait_answer::refused:
+        break;
+    }
+    return false;
+  }
+};
+
+// Commands the pool client must see: configure_lm (the pool adopts it)
+// and the anonymous programs it remembers (remember_anonymous).
+bool direct_eligible(const std::string& command) {
+  return command != "configure_lm" && command != "create_program"
+         && command != "execute_program" && command != "delete_program";
+}
+
 // -- the pool client ------------------------------------------------------------------------
 //
 // One long-lived actor per runtime (= per pool) through which every
@@ -207,6 +311,8 @@ using circuit_tick_atom = caf::atom_constant<caf::atom("ctick")>;       // (gene
 using park_timeout_atom = caf::atom_constant<caf::atom("parktmo")>;     // (id, attempt): deadline while parked
 using sup_event_atom = caf::atom_constant<caf::atom("supevent")>;       // (event, child actor)
 using closing_atom = caf::atom_constant<caf::atom("closing")>;          // runtime::stop began
+using lane_answer_atom = caf::atom_constant<caf::atom("laneans")>;      // (id, attempt, outcome): a session call's answer from the direct lane
+using lane_reroute_atom = caf::atom_constant<caf::atom("lanerr")>;      // (id, attempt, call): not served on the lane: the pool
 using watch_root_atom = caf::atom_constant<caf::atom("watchroot")>;     // (root supervisor)
 
 enum class call_phase { waiting, parked, in_flight };
@@ -502,6 +608,9 @@ void park(pool_client_t* self, std::uint64_t id) {
   self->delayed_send(self, delay, park_timeout_atom::value, id, pc.attempt);
 }
 
+bool try_lane(pool_client_t* self, std::uint64_t id, std::size_t attempt, call& c);
+void send_to_pool(pool_client_t* self, std::uint64_t id, std::size_t attempt, call c);
+
 // Runs the current attempt of call `id`: on the current pool, if the breaker
 // allows it; parked while there is no pool.
 void dispatch(pool_client_t* self, std::uint64_t id) {
@@ -533,6 +642,44 @@ void dispatch(pool_client_t* self, std::uint64_t id) {
   call c{pc.c.command, pc.max_attempts > 1 ? pc.c.args : std::move(pc.c.args), pc.c.deadline,
          pc.c.type, pc.c.block, pc.c.preferred_worker, pc.c.affinity};
   auto attempt = pc.attempt;
+  if (try_lane(self, id, attempt, c))
+    return;
+  send_to_pool(self, id, attempt, std::move(c));
+}
+
+// A session's call with the affinity hint runs on the direct lane when a
+// worker is idle or the line is open: its preferred worker when idle, any
+// other otherwise (counted as the pool counts affinity). Its answer, or its
+// way back when the lane cannot serve it, comes here as a message.
+bool try_lane(pool_client_t* self, std::uint64_t id, std::size_t attempt, call& c) {
+  auto& st = self->state;
+  if (c.type.what() != checkout_type::kind::session || c.affinity != affinity_mode::hint
+      || !direct_eligible(c.command) || !c.args.is_object() || !c.args.contains("session_id"))
+    return false;
+  auto idle = st.shared->current_idle();
+  if (!idle)
+    return false;
+  auto job = std::make_shared<direct_job>();
+  job->idle = idle;
+  job->c = std::move(c);
+  auto me = caf::actor_cast<caf::actor_addr>(self);
+  job->on_answer = [me, id, attempt](direct_job&, outcome o) {
+    if (auto a = caf::actor_cast<caf::actor>(me))
+      caf::anon_send(a, lane_answer_atom::value, id, attempt, std::move(o));
+  };
+  job->on_reroute = [me, id, attempt](direct_job& j) {
+    if (auto a = caf::actor_cast<caf::actor>(me))
+      caf::anon_send(a, lane_reroute_atom::value, id, attempt, std::move(j.c));
+  };
+  if (job->take(*idle, job->c.preferred_worker, false))
+    return true;
+  c = std::move(job->c);
+  return false;
+}
+
+// The attempt `attempt` of call `id`, through the current pool.
+void send_to_pool(pool_client_t* self, std::uint64_t id, std::size_t attempt, call c) {
+  auto& st = self->state;
   // No CAF timeout: the pool and the worker answer every call by its
   // deadline, and a lost answer (the pool died) is caught by the down
   // handler; a timed request costs wake-ups of CAF's timer thread on every
@@ -869,6 +1016,24 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
       else if (f.done.fn)
         run_callback(f.done, outcome::failure(internal_error(command)));
     },
+    [=](lane_answer_atom, std::uint64_t id, std::size_t attempt, outcome& o) {
+      on_answer(self, id, attempt, std::move(o));
+    },
+    [=](lane_reroute_atom, std::uint64_t id, std::size_t attempt, call& c) {
+      auto it = self->state.calls.find(id);
+      if (it == self->state.calls.end() || it->second.attempt != attempt
+          || it->second.phase != call_phase::in_flight)
+        return;
+      if (!self->state.pool) {  // gone meanwhile: this attempt failed before any worker
+        on_answer(self, id, attempt,
+                  outcome::failure(make_error(error_category::connection_error, "pool_down",
+                                              "the pool terminated before it received the call",
+                                              {{"command", c.command}})));
+        return;
+      }
+      it->second.pool = self->state.pool.address();
+      send_to_pool(self, id, attempt, std::move(c));
+    },
     [=](client_retry_atom, std::uint64_t id, std::size_t attempt) {
       auto it = self->state.calls.find(id);
       if (it == self->state.calls.end() || it->second.attempt != attempt
@@ -1193,97 +1358,6 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // when it next looks at the worker. A failed attempt goes to the pool
   // client, whose retry policy and breaker decide as for its own calls.
 
-  // Commands the pool client must see: configure_lm (the pool adopts it)
-  // and the anonymous programs it remembers (remember_anonymous).
-  static bool direct_eligible(const std::string& command) {
-    return command != "configure_lm" && command != "create_program"
-           && command != "execute_program" && command != "delete_program";
-  }
-
-  // One call on the direct lane, from the moment it takes a worker or a
-  // place in idle_workers' line until it is answered or sent the usual way.
-  struct direct_job : std::enable_shared_from_this<direct_job> {
-    std::weak_ptr<impl> rt;
-    std::weak_ptr<detail::idle_workers> idle;
-    call c;
-    completion done;
-    detail::client_call_options opts;
-    std::optional<circuit_permit> permit;
-    clock_type::time_point queued_at = clock_type::now();
-    clock_type::time_point deadline;
-    /// The worker whose reply this caller's thread reads itself (blocking calls).
-    std::shared_ptr<detail::worker_channel> reading;
-
-    // Writes the call to `channel`'s process; false when nothing was sent
-    // (the worker has gone back: to the idle list, or to the pool).
-    // `caller_reads`: the calling thread reads the reply (read_here).
-    bool start_on(const std::shared_ptr<detail::worker_channel>& channel, bool caller_reads = false) {
-      auto self = shared_from_this();
-      auto reply = std::make_shared<detail::direct_reply>(
-        [self](outcome o) { self->answer(std::move(o)); }, channel->worker_id(), c.command);
-      auto result = channel->start(c.command, c.args, c.deadline, reply, caller_reads);
-      if (result == detail::worker_channel::start_result::sent) {
-        if (auto r = rt.lock())
-          r->metrics->queue_wait.record(clock_type::now() - queued_at);
-        if (caller_reads)
-          reading = channel;
-        return true;
-      }
-      reply->disarm();  // not sent: answered the usual way
-      if (auto board = idle.lock())
-        hand_back(*board, channel, result == detail::worker_channel::start_result::unusable);
-      return false;
-    }
-
-    // A blocking caller reads its reply on its own thread: no hand-off from
-    // the I/O thread (the one left between the raw loop and this lane).
-    void read_here() {
-      if (auto channel = std::move(reading))
-        channel->read_reply(deadline);
-    }
-
-    // A waiter's turn: a worker, or none (the usual way).
-    void run_on(const std::shared_ptr<detail::worker_channel>& channel) {
-      if (!channel || !start_on(channel))
-        reroute();
-    }
-
-    // The usual way: the pool client and the pool actor, whose rules answer it.
-    void reroute() {
-      auto r = rt.lock();
-      if (r && permit) {
-        std::lock_guard<std::mutex> guard{r->shared->breaker_mtx};
-        if (r->shared->breaker)
-          r->shared->breaker->release(*permit);
-      }
-      permit.reset();
-      auto command = c.command;
-      if (!r || !r->send_to_client(execute_atom::value, std::move(c), done, opts))
-        run_callback(done, outcome::failure(stopped_error(command)));
-    }
-
-    void answer(outcome o) {
-      auto r = rt.lock();
-      if (o.ok()) {
-        if (r && permit) {
-          std::lock_guard<std::mutex> guard{r->shared->breaker_mtx};
-          if (r->shared->breaker)
-            r->shared->breaker->record_success(*permit);  // never a transition: see shared->breaker
-        }
-        run_callback(done, std::move(o));
-        return;
-      }
-      auto command = c.command;
-      if (!r || !r->send_to_client(detail::direct_failure{std::move(c), done, opts, permit, o}))
-        run_callback(done, outcome::failure(stopped_error(command)));
-    }
-
-    static error stopped_error(const std::string& command) {
-      return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped",
-                        {{"command", command}});
-    }
-  };
-
   // Starts `c` on the direct lane. A job: `done` will be called (on a
   // worker's I/O thread, the pool's, the pool client's, or, after
   // read_here, this one). Null: nothing started, `c` and `done` are
@@ -1309,28 +1383,42 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     if (c.args.find("session_id") == c.args.end())
       c.args["session_id"] = "anonymous";
     auto job = std::make_shared<direct_job>();
-    job->rt = weak_from_this();
     job->idle = idle;
     job->c = std::move(c);
-    job->done = done;
-    job->opts = detail::client_call_options{options.idempotent, options.max_attempts};
-    job->permit = permit;
-    job->deadline = job->c.deadline;
-    detail::direct_waiter waiter{job->c.deadline,
-                                 [job](std::shared_ptr<detail::worker_channel> channel) {
-                                   job->run_on(channel);
-                                 }};
-    std::shared_ptr<detail::worker_channel> taken;
-    switch (idle->take_or_wait(waiter, taken)) {
-      case detail::idle_workers::wait_answer::queued:
-        return job;
-      case detail::idle_workers::wait_answer::taken:
-        if (job->start_on(taken, caller_reads))
-          return job;
-        break;
-      case detail::idle_workers::wait_answer::refused:
-        break;
-    }
+    // The permit is settled once: a success here, a failure by the pool
+    // client (which publishes a transition), a reroute releases it.
+    auto held = std::make_shared<std::optional<circuit_permit>>(permit);
+    auto opts = detail::client_call_options{options.idempotent, options.max_attempts};
+    auto rt = weak_from_this();
+    job->on_answer = [rt, done, opts, held](direct_job& j, outcome o) {
+      auto r = rt.lock();
+      if (o.ok()) {
+        if (r && *held) {
+          std::lock_guard<std::mutex> guard{r->shared->breaker_mtx};
+          if (r->shared->breaker)
+            r->shared->breaker->record_success(**held);  // never a transition: see shared->breaker
+        }
+        run_callback(done, std::move(o));
+        return;
+      }
+      auto command = j.c.command;
+      if (!r || !r->send_to_client(detail::direct_failure{std::move(j.c), done, opts, *held, o}))
+        run_callback(done, outcome::failure(stopped_error(command)));
+    };
+    job->on_reroute = [rt, done, opts, held](direct_job& j) {
+      auto r = rt.lock();
+      if (r && *held) {
+        std::lock_guard<std::mutex> guard{r->shared->breaker_mtx};
+        if (r->shared->breaker)
+          r->shared->breaker->release(**held);
+      }
+      held->reset();
+      auto command = j.c.command;
+      if (!r || !r->send_to_client(execute_atom::value, std::move(j.c), done, opts))
+        run_callback(done, outcome::failure(stopped_error(command)));
+    };
+    if (job->take(*idle, {}, caller_reads))
+      return job;
     if (permit) {
       std::lock_guard<std::mutex> guard{shared->breaker_mtx};
       shared->breaker->release(*permit);
@@ -1339,18 +1427,9 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     return nullptr;
   }
 
-  // A worker taken for a direct call that did not start: back to the idle
-  // list (or on to the next waiter), or to the pool actor (`to_pool`: it
-  // cannot take calls).
-  static void hand_back(detail::idle_workers& idle,
-                        const std::shared_ptr<detail::worker_channel>& channel, bool to_pool) {
-    if (to_pool)
-      idle.recall(channel->worker_id());
-    auto next = idle.give_back(channel);
-    if (next.what == detail::idle_workers::next_use::to_pool)
-      idle.to_pool(channel->worker_id());
-    else if (next.what == detail::idle_workers::next_use::serve)
-      next.waiter->run(channel);
+  static error stopped_error(const std::string& command) {
+    return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped",
+                      {{"command", command}});
   }
 
   // The call's whole time counts from here to its outcome (pool_metrics::total).

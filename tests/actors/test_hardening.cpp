@@ -244,11 +244,14 @@ TEST_CASE("stop() from an asynchronous callback and from an event handler does n
     });
     rt.reset();
     // A request through the worker actor makes the worker change state
-    // (ready -> busy): the event fires. (A session's call goes that way; an
-    // anonymous one may take the direct lane, which publishes no transition.)
+    // (ready -> busy): the event fires. (A session's call with a strict
+    // affinity goes that way; others may take the direct lane, which
+    // publishes no transition.)
     std::thread([holder] {
+      session_call_options strict;
+      strict.affinity = affinity_mode::strict_queue;
       if (auto r = *holder)
-        r->execute_in_session_async("s", "ping", {}, {}, [](outcome) {});
+        r->execute_in_session_async("s", "ping", {}, strict, [](outcome) {});
     }).join();
     REQUIRE(done.get_future().wait_for(hang_guard) == std::future_status::ready);
     CHECK(wait_no_children(::getpid(), hang_guard).empty());
