@@ -244,9 +244,5 @@ void worker_channel::set_budget(std::uint64_t calls) {
   budget_.store(calls);
 }
 
-bool worker_channel::busy() const {
-  std::lock_guard<std::mutex> lk{mtx_};
-  return in_flight_.has_value();
-}
 
 } // namespace dspex::detail

@@ -158,7 +158,6 @@ public:
   void set_budget(std::uint64_t calls);
   /// True once the budget is spent.
   bool budget_spent() const noexcept { return budget_.load() == 0; }
-  bool busy() const;
 
 private:
   const std::string worker_id_;
