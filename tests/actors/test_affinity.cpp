@@ -166,9 +166,11 @@ TEST_CASE("one LM configuration per pool: configure_lm reaches every worker and 
   REQUIRE(pool.wait_for_pool_ready());
   auto r = pool.execute("configure_lm", {{"provider", "mock"}, {"model", "pool-model"}});
   REQUIRE(r.ok());
-  // Both workers answer with the new LM, whichever serves.
+  // Both workers answer with the new LM, whichever serves. The other one
+  // serves once its own configuration is done (a round trip of its own,
+  // racing these calls): until both have served, bounded by a hang guard.
   std::set<std::string> seen;
-  for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < 500 && seen.size() < 2; ++i) {
     auto p = pool.execute("ping");
     REQUIRE(p.ok());
     CHECK(p.value()["lm"] == "mock/pool-model");

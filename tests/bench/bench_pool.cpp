@@ -1196,8 +1196,9 @@ int main(int argc, char** argv) {
       std::printf("NimblePool anchor: skipped: %s\n\n", anchor.skipped.c_str());
     print_ratios(raw, anchor, pool, o.callers);
     print_startup(raw, anchor, pool, startup);
-    std::printf("one thread hand-off (future set -> waiter running), p50: %.1f us; the direct lane "
-                "adds one to the raw loop's two wake-ups (caller -> process -> I/O thread -> caller)\n",
+    std::printf("one thread hand-off (condition variable, set -> waiter running), p50: %.1f us: what a "
+                "reply costs when the I/O thread hands it to a caller (a blocking caller of the direct "
+                "lane reads its own reply and pays none)\n",
                 thread_handoff_p50_us(o.quick ? 2000 : 20000));
     auto [one, two] = histogram_record_cost();
     std::printf("latency accounting: %.1f ns per record alone, %.1f ns with 2 threads recording "
