@@ -1071,14 +1071,16 @@ TEST_CASE_FIXTURE(no_leftovers, "each child has a guardian holding nothing but i
   auto [rec_b, b] = start("/bin/cat", {}, "b");
   // A guardian closes what it inherited and execs the shell first thing after
   // its fork, but that runs on its own schedule: wait for it (bounded), until
-  // the exec is done too (between its close and its exec a guardian already
-  // holds only fd 0 but is not yet the shell).
+  // the shell sleeps in its `read` of the pipe. (Between the close and the
+  // exec a guardian holds only fd 0 but is not the shell yet; right after the
+  // exec the dynamic loader briefly holds libc open.)
   std::vector<pid_t> guards;
   auto settled = [&] {
     guards = guardians();
     return guards.size() == 2
            && std::all_of(guards.begin(), guards.end(), [](pid_t g) {
-                return fd_numbers(g) == std::set<int>{0} && proc::comm(g) == "sh";
+                return proc::comm(g) == "sh" && proc::process_state(g) == std::optional<char>{'S'}
+                       && fd_numbers(g) == std::set<int>{0};
               });
   };
   for (auto until = std::chrono::steady_clock::now() + hang_bound;
@@ -1092,7 +1094,12 @@ TEST_CASE_FIXTURE(no_leftovers, "each child has a guardian holding nothing but i
   for (pid_t g : guards) {
     // One fd (the read end of its own pipe, as stdin): no stdout or stderr,
     // no sibling's pipe.
-    CHECK(fd_numbers(g) == std::set<int>{0});
+    auto fds = fd_numbers(g);
+    std::string listed;
+    for (auto& t : proc::open_fd_targets(g))
+      listed += t + " ";
+    CHECK_MESSAGE(fds == std::set<int>{0}, "guardian " << g << " holds " << fds.size()
+                                                       << " fds: " << listed);
     // The shell, not a copy-on-write image of the runtime.
     CHECK(proc::comm(g) == "sh");
     for (auto& t : proc::open_fd_targets(g)) {
