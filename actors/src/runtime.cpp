@@ -278,8 +278,8 @@ struct direct_job : std::enable_shared_from_this<direct_job> {
   }
 };
 
-// Commands the pool client must see: configure_lm (the pool adopts it)
-// and the anonymous programs it remembers (remember_anonymous).
+// Anonymous commands the pool client must see: configure_lm (the pool
+// adopts it) and the anonymous programs it remembers (remember_anonymous).
 bool direct_eligible(const std::string& command) {
   return command != "configure_lm" && command != "create_program"
          && command != "execute_program" && command != "delete_program";
@@ -653,8 +653,11 @@ void dispatch(pool_client_t* self, std::uint64_t id) {
 // way back when the lane cannot serve it, comes here as a message.
 bool try_lane(pool_client_t* self, std::uint64_t id, std::size_t attempt, call& c) {
   auto& st = self->state;
+  // Every command of a session may go: the session actor already made the
+  // call whole (program_data, its LM), and the pool adopts no session's
+  // configure_lm.
   if (c.type.what() != checkout_type::kind::session || c.affinity != affinity_mode::hint
-      || !direct_eligible(c.command) || !c.args.is_object() || !c.args.contains("session_id"))
+      || !c.args.is_object() || !c.args.contains("session_id"))
     return false;
   auto idle = st.shared->current_idle();
   if (!idle)
