@@ -940,10 +940,12 @@ struct io_state {
       int r = ::poll(fds, 2, static_cast<int>(std::min<long long>(ms, 60'000)));
       if (r < 0 && errno == EINTR)
         continue;
+      // What the process wrote before it went is read first: a frame it cut
+      // off is then named (truncated), as the I/O thread would name it.
+      if (r > 0 && fds[0].revents)
+        return child_process::direct_read::frame;  // readable (or hung up: read says)
       if (r < 0 || fds[1].revents)
         return child_process::direct_read::ended;
-      if (fds[0].revents)
-        return child_process::direct_read::frame;  // readable (or hung up: read says)
     }
   }
 
@@ -990,8 +992,10 @@ struct io_state {
     }
     if (r == child_process::direct_read::ended && got > 0)
       r = child_process::direct_read::truncated;
-    if (r != child_process::direct_read::frame)
-      stdout_poisoned.store(true);  // mid-frame, or a header the stream cannot follow
+    // Cut inside a frame (or after a header it cannot follow), the stream is
+    // noise from here on; at a frame boundary it is intact for the I/O thread.
+    if (r != child_process::direct_read::frame && got > 0)
+      stdout_poisoned.store(true);
     return r;
   }
 

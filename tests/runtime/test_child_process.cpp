@@ -1241,18 +1241,36 @@ TEST_CASE_FIXTURE(no_leftovers, "direct read: a broken stream is named as the I/
 }
 
 TEST_CASE_FIXTURE(no_leftovers, "direct read: a deadline ends it; abort_direct_read ends it at once") {
-  auto [rec, child] = start("/bin/cat", {});
   std::string payload;
-  REQUIRE(child->begin_direct_read());
-  auto soon = std::chrono::steady_clock::now() + 30ms;
-  CHECK(child->read_frame(payload, soon) == child_process::direct_read::timeout);
-  CHECK(std::chrono::steady_clock::now() >= soon);
-  child->end_direct_read();
-  // A direct read cannot start on a stream a reader left mid-way (the timeout
-  // may have cut a frame): the rest is noise to be killed with the process.
-  CHECK_FALSE(child->begin_direct_read());
-  child->kill();
-  REQUIRE(rec->wait_exit());
+  {
+    // Nothing read by the deadline: the stream is intact and the I/O
+    // thread's again; the next frame reaches the observer.
+    auto [rec, child] = start("/bin/cat", {});
+    REQUIRE(child->begin_direct_read());
+    auto soon = std::chrono::steady_clock::now() + 30ms;
+    CHECK(child->read_frame(payload, soon) == child_process::direct_read::timeout);
+    CHECK(std::chrono::steady_clock::now() >= soon);
+    child->end_direct_read();
+    REQUIRE(child->send("{\"id\":3}"));
+    REQUIRE(rec->wait_frames(1));
+    child->stop(60s, 60s);
+    REQUIRE(rec->wait_exit());
+  }
+  {
+    // Cut inside a frame: a direct read cannot start on the rest, which is
+    // noise to be killed with the process, and it reaches nobody.
+    auto [rec, child] = sh("read line; printf '\\000\\000\\000\\020ab'; read line");
+    REQUIRE(child->begin_direct_read());
+    REQUIRE(child->send("go\n"));
+    auto soon = std::chrono::steady_clock::now() + 100ms;
+    CHECK(child->read_frame(payload, soon) == child_process::direct_read::timeout);
+    child->end_direct_read();
+    CHECK_FALSE(child->begin_direct_read());
+    child->kill();
+    REQUIRE(rec->wait_exit());
+    CHECK(rec->frames().empty());
+    CHECK(rec->errors().empty());
+  }
 
   auto [rec2, child2] = start("/bin/cat", {});
   REQUIRE(child2->begin_direct_read());

@@ -164,8 +164,9 @@ public:
   /// header announced more than max_frame_bytes, or nothing. These three
   /// the reader reports (as protocol_errc says), before end_direct_read: the
   /// I/O thread reports the exit only after it.
-  /// After `timeout` or `ended` the stream may be mid-frame: the I/O thread
-  /// discards stdout from then on (the process is to be killed).
+  /// After a read cut inside a frame (a timeout, or any of the errors) the
+  /// I/O thread discards stdout from then on (the process is to be killed);
+  /// cut at a frame boundary, the stream stays the I/O thread's as it was.
   /// @note Only between begin_direct_read and end_direct_read, on that thread.
   direct_read read_frame(std::string& payload, std::chrono::steady_clock::time_point deadline);
   /// Gives stdout back to the I/O thread.
