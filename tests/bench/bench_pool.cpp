@@ -615,6 +615,30 @@ std::string thread_census() {
   return out;
 }
 
+/// Context switches so far of this process's threads whose name starts with
+/// `prefix` ("io:" for the workers' I/O threads, "caf." for CAF's): each is a
+/// wake-up, so their count per call counts the hops of the request path.
+std::uint64_t thread_switches(const std::string& prefix) {
+  std::uint64_t total = 0;
+  if (DIR* d = ::opendir("/proc/self/task")) {
+    while (auto* e = ::readdir(d)) {
+      if (e->d_name[0] == '.')
+        continue;
+      auto task = "/proc/self/task/" + std::string{e->d_name};
+      if (read_first_line((task + "/comm").c_str()).rfind(prefix, 0) != 0)
+        continue;
+      std::ifstream in{task + "/status"};
+      std::string line;
+      while (std::getline(in, line))
+        if (line.rfind("voluntary_ctxt_switches:", 0) == 0
+            || line.rfind("nonvoluntary_ctxt_switches:", 0) == 0)
+          total += std::stoull(line.substr(line.find(':') + 1));
+    }
+    ::closedir(d);
+  }
+  return total;
+}
+
 /// Payload round trips (echo of a string of `bytes`), raw and through the pool.
 struct payload_row {
   std::size_t bytes = 0;
@@ -631,6 +655,8 @@ struct pool_results {
   double start_ms = 0;
   std::size_t workers = 0;
   std::string threads;  ///< the runtime's threads once started, by name
+  double io_wakes_per_call = 0;   ///< sequential: wake-ups of the workers' I/O threads per call
+  double caf_wakes_per_call = 0;  ///< sequential: wake-ups of CAF's threads per call
 };
 
 /// The sizes of the payload rows, and how many round trips each.
@@ -758,6 +784,7 @@ pool_results run_pool(const options& o) {
     {
       dspex::latency_recorder lat;
       cpu_probe probe{worker_pids};
+      auto io0 = thread_switches("io:"), caf0 = thread_switches("caf.");
       auto t1 = clock_type::now();
       for (std::size_t i = 0; i < o.sequential; ++i) {
         auto st = clock_type::now();
@@ -765,6 +792,10 @@ pool_results run_pool(const options& o) {
         lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - st));
         expect_ok(r, "sequential ping");
       }
+      res.io_wakes_per_call =
+        static_cast<double>(thread_switches("io:") - io0) / static_cast<double>(o.sequential);
+      res.caf_wakes_per_call =
+        static_cast<double>(thread_switches("caf.") - caf0) / static_cast<double>(o.sequential);
       res.sequential = make_row("pool API, sequential", lat, seconds_since(t1),
                                 probe);
     }
@@ -1132,6 +1163,9 @@ void print_ratios(const raw_results& raw, const anchor_results& anchor, const po
 void print_startup(const raw_results& raw, const anchor_results& anchor, const pool_results& pool,
                    const startup_results& su) {
   std::printf("runtime threads (after start): %s\n", pool.threads.c_str());
+  std::printf("sequential calls: %.2f wake-ups of the workers' I/O threads and %.2f of CAF's threads per "
+              "call (0 and 0: the caller alone talks to the process)\n",
+              pool.io_wakes_per_call, pool.caf_wakes_per_call);
   std::printf("start-up (runtime::start until every worker answered its init ping)\n");
   std::printf("  raw: 1 worker ready in %.1f ms", raw.start_ms);
   if (anchor.blocking)
