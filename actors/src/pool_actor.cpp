@@ -606,13 +606,9 @@ std::shared_ptr<detail::worker_channel> channel_of(pool_actor_t* self, worker_en
 }
 
 std::shared_ptr<detail::worker_channel> direct_channel_of(pool_actor_t* self, worker_entry& e) {
-  auto& st = self->state;
-  if (e.w.overflow || st.stopping)
+  if (e.w.overflow || self->state.stopping)
     return nullptr;
-  auto channel = channel_of(self, e);
-  if (channel)
-    channel->set_board(st.idle);
-  return channel;
+  return channel_of(self, e);
 }
 
 /// Folds the calls a worker served directly into its statistics (Fix 6:
@@ -1633,6 +1629,9 @@ caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> con
         return;
       auto& e = it->second;
       e.w.pid = pid;
+      // Its lane goes back to this pool's idle list after each direct call.
+      if (auto channel = channel_of(self, e))
+        channel->set_board(st.idle);
       note_start_success(self, id, pid);
       if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
         answer_ready_waiters(self);

@@ -1331,7 +1331,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     return l;
   }
 
-  error stopping_error(const std::string& command) const {
+  static error stopping_error(const std::string& command) {
     return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped",
                       {{"command", command}});
   }
@@ -1406,7 +1406,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       }
       auto command = j.c.command;
       if (!r || !r->send_to_client(detail::direct_failure{std::move(j.c), done, opts, *held, o}))
-        run_callback(done, outcome::failure(stopped_error(command)));
+        run_callback(done, outcome::failure(impl::stopping_error(command)));
     };
     job->on_reroute = [rt, done, opts, held](direct_job& j) {
       auto r = rt.lock();
@@ -1418,7 +1418,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       held->reset();
       auto command = j.c.command;
       if (!r || !r->send_to_client(execute_atom::value, std::move(j.c), done, opts))
-        run_callback(done, outcome::failure(stopped_error(command)));
+        run_callback(done, outcome::failure(impl::stopping_error(command)));
     };
     if (job->take(*idle, {}, caller_reads))
       return job;
@@ -1428,11 +1428,6 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     }
     c = std::move(job->c);
     return nullptr;
-  }
-
-  static error stopped_error(const std::string& command) {
-    return make_error(error_category::resource_error, "pool_stopping", "the runtime is stopped",
-                      {{"command", command}});
   }
 
   // The call's whole time counts from here to its outcome (pool_metrics::total).

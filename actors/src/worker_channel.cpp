@@ -108,12 +108,7 @@ worker_channel::start_result worker_channel::start(const std::string& command,
 }
 
 worker_channel::frame_use worker_channel::on_frame(const std::string& payload) {
-  {
-    std::lock_guard<std::mutex> lk{mtx_};
-    if (!in_flight_)
-      return frame_use::not_direct;
-  }
-  return answer(payload, nullptr) ? frame_use::answered : frame_use::hand_over;
+  return answer(payload, nullptr);
 }
 
 void worker_channel::read_reply(clock_type::time_point deadline) {
@@ -153,7 +148,7 @@ void worker_channel::read_reply(clock_type::time_point deadline) {
   switch (r) {
     case child_process::direct_read::frame: {
       std::optional<protocol_error> bad;
-      if (!answer(payload, &bad) && bad && broken)
+      if (answer(payload, &bad) == frame_use::hand_over && broken)
         broken(std::move(*bad));  // the worker actor takes the call and kills the process
       return;
     }
@@ -171,20 +166,21 @@ void worker_channel::read_reply(clock_type::time_point deadline) {
   }
 }
 
-bool worker_channel::answer(const std::string& payload, std::optional<protocol_error>* bad) {
+worker_channel::frame_use worker_channel::answer(const std::string& payload,
+                                                 std::optional<protocol_error>* bad) {
   std::optional<direct_call> call;
   std::optional<outcome> answer;
   std::shared_ptr<idle_workers> board;
   {
     std::lock_guard<std::mutex> lk{mtx_};
     if (!in_flight_)
-      return false;  // taken over meanwhile (its deadline): the worker actor decides
+      return frame_use::not_direct;  // none, or taken over meanwhile (its deadline)
     board = board_.lock();
     auto parsed = parse_reply(payload, in_flight_->id, max_json_depth_);
     if (auto* err = std::get_if<protocol_error>(&parsed)) {
       if (bad)
         *bad = *err;
-      return false;  // in_flight_ stays for take_over()
+      return frame_use::hand_over;  // in_flight_ stays for take_over()
     }
     call = std::move(in_flight_);
     in_flight_.reset();
@@ -215,7 +211,7 @@ bool worker_channel::answer(const std::string& payload, std::optional<protocol_e
       next.waiter->run(shared_from_this());
   }
   call->reply->deliver(std::move(*answer));
-  return true;
+  return frame_use::answered;
 }
 
 std::optional<direct_call> worker_channel::take_over() {

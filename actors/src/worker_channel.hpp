@@ -167,10 +167,10 @@ private:
   std::atomic<std::uint64_t> budget_{~std::uint64_t{0}};
 
   mutable std::mutex mtx_;
-  /// The direct call's reply as the caller sees it, its worker given back
-  /// first; false: no direct call in flight, or the frame is not its clean
-  /// reply (`bad`, when set, says why).
-  bool answer(const std::string& payload, std::optional<protocol_error>* bad);
+  /// Answers the direct call in flight with `payload`, its worker given back
+  /// first (see on_frame for the results; `bad`, when set, says why a frame
+  /// is handed over).
+  frame_use answer(const std::string& payload, std::optional<protocol_error>* bad);
 
   std::weak_ptr<idle_workers> board_;
   child_process* child_ = nullptr;  ///< set by attach, cleared by detach

@@ -25,6 +25,14 @@ void check_no_children_left() {
   CHECK(wait_no_children(::getpid(), 10s).empty());
 }
 
+/// Keeps one worker busy with a `sleep` until `gate` opens; returns its call
+/// once the pool shows it busy.
+std::future<outcome> occupy_one_worker(runtime& rt, const worker_gate& gate) {
+  auto call = rt.execute_anonymous_async("sleep", gate.sleep_args());
+  REQUIRE(wait_for_status(rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  return call;
+}
+
 } // namespace
 
 TEST_CASE("concurrent pings are spread across the workers") {
@@ -52,8 +60,7 @@ TEST_CASE("callers beyond the idle workers wait and are served in FIFO order") {
   auto rt = start_pool(1);
   // Hold the only worker so that every following call queues.
   worker_gate gate;
-  auto holder = rt->execute_anonymous_async("sleep", gate.sleep_args());
-  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  auto holder = occupy_one_worker(*rt, gate);
   constexpr int n = 10;
   std::vector<std::future<outcome>> calls;
   for (int i = 0; i < n; ++i)
@@ -80,8 +87,7 @@ TEST_CASE("callers beyond the idle workers wait and are served in FIFO order") {
 TEST_CASE("a caller whose deadline passes while queued gets a timeout and no worker is lost") {
   auto rt = start_pool(1);
   worker_gate gate;
-  auto holder = rt->execute_anonymous_async("sleep", gate.sleep_args());
-  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  auto holder = occupy_one_worker(*rt, gate);
   auto r = rt->execute_anonymous("ping", nullptr, call_options{300ms});
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().category == error_category::timeout_error);
@@ -269,8 +275,7 @@ TEST_CASE("latency accounting: queue wait, run and whole-call time, calls in fli
   CHECK(after_pings.total.p50_us > 0);
 
   worker_gate gate;
-  auto holder = rt->execute_anonymous_async("sleep", gate.sleep_args());
-  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);
+  auto holder = occupy_one_worker(*rt, gate);
   auto queued = rt->execute_anonymous_async("ping");
   REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.queued == 1; }).ok);
   // From here to the gate's opening both calls are known to be waiting: the
@@ -305,8 +310,8 @@ TEST_CASE("latency accounting: queue wait, run and whole-call time, calls in fli
 TEST_CASE("direct lane: after a configure_lm, no call meets the old LM, even on a worker that was busy") {
   auto rt = start_pool(2);
   worker_gate gate;
-  auto busy = rt->execute_anonymous_async("sleep", gate.sleep_args());
-  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1 && s.idle == 1; }).ok);
+  auto busy = occupy_one_worker(*rt, gate);
+  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.idle == 1; }).ok);
   std::string busy_worker;
   for (auto& w : rt->status().workers)
     if (w.state == "busy")
