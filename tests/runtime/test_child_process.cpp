@@ -1195,6 +1195,10 @@ TEST_CASE_FIXTURE(no_leftovers, "direct read: the sender reads its reply; afterw
   auto [rec, child] = start("/bin/cat", {});
   auto deadline = std::chrono::steady_clock::now() + hang_bound;
   REQUIRE(child->begin_direct_read());
+  // An alarm makes the I/O thread go round its loop while the direct read is
+  // open: it then waits without stdout (the case the send below must wake).
+  child->set_alarm(std::chrono::steady_clock::now());
+  REQUIRE(rec->wait_alarms(1));
   REQUIRE(child->send("{\"id\":1}"));
   std::string payload;
   CHECK(child->read_frame(payload, deadline) == child_process::direct_read::frame);
