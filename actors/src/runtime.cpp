@@ -208,14 +208,105 @@ void hand_back(idle_workers& idle, const std::shared_ptr<worker_channel>& channe
     next.waiter->run(channel);
 }
 
+// Where a blocking caller of the direct lane waits: for its outcome, or
+// for a reply to read itself. When it waited in line, the thread that gives
+// it a worker (the caller before it, reading its own reply, or an I/O
+// thread) writes its frame and hands it the read: the caller is woken once,
+// as in the raw loop, and the worker never waits for a thread to wake.
+class blocked_caller : public std::enable_shared_from_this<blocked_caller> {
+public:
+  explicit blocked_caller(clock_type::time_point deadline) : deadline_(deadline) {
+  }
+
+  // The call's completion: the outcome (once); `dropped` is what its last
+  // copy sends when it goes unanswered (an actor that died with it).
+  std::function<void(outcome)> completion() {
+    struct unanswered {
+      std::shared_ptr<blocked_caller> to;
+      ~unanswered() {
+        if (to)
+          to->drop();
+      }
+    };
+    auto guard = std::make_shared<unanswered>();
+    guard->to = shared_from_this();
+    return [guard](outcome o) { guard->to->deliver(std::move(o)); };
+  }
+
+  // A worker was given to it with `read_id` open (worker_channel::start):
+  // the caller reads the reply, or, when it stopped waiting, nobody (false:
+  // the giver must not open a direct read for it). Called under claim().
+  bool wants_read() const { return !gone_; }
+  void give_read(std::shared_ptr<worker_channel> channel, std::uint64_t read_id) {
+    to_read_ = std::move(channel);
+    read_id_ = read_id;
+    wake_.notify_one();
+  }
+  std::unique_lock<std::mutex> claim() { return std::unique_lock<std::mutex>{mtx_}; }
+
+  // Waits until `bound` for the outcome, reading a reply handed to it.
+  template <class OnMissing>
+  outcome wait(clock_type::time_point bound, OnMissing on_missing) {
+    std::unique_lock<std::mutex> lk{mtx_};
+    for (;;) {
+      if (answer_)
+        return std::move(*answer_);
+      if (to_read_) {
+        auto channel = std::move(to_read_);
+        auto id = std::exchange(read_id_, 0);
+        lk.unlock();
+        channel->read_reply(id, deadline_);
+        lk.lock();
+        continue;
+      }
+      if (dropped_) {
+        gone_ = true;
+        return on_missing(true);
+      }
+      if (wake_.wait_until(lk, bound) == std::cv_status::timeout && !answer_ && !to_read_) {
+        gone_ = true;
+        return on_missing(false);
+      }
+    }
+  }
+
+private:
+  void deliver(outcome o) {
+    {
+      std::lock_guard<std::mutex> lk{mtx_};
+      if (answer_)
+        return;
+      answer_ = std::move(o);
+    }
+    wake_.notify_one();
+  }
+  void drop() {
+    {
+      std::lock_guard<std::mutex> lk{mtx_};
+      dropped_ = true;
+    }
+    wake_.notify_one();
+  }
+
+  const clock_type::time_point deadline_;
+  std::mutex mtx_;
+  std::condition_variable wake_;
+  std::optional<outcome> answer_;
+  std::shared_ptr<worker_channel> to_read_;
+  std::uint64_t read_id_ = 0;
+  bool dropped_ = false;
+  bool gone_ = false;
+};
+
 // One call on the direct lane, from the moment it takes a worker or a place
 // in idle_workers' line until it is answered or sent the usual way.
 struct direct_job : std::enable_shared_from_this<direct_job> {
   std::weak_ptr<idle_workers> idle;
   call c;
   clock_type::time_point queued_at = clock_type::now();
-  /// The worker whose reply this caller's thread reads itself (blocking calls).
-  std::shared_ptr<worker_channel> reading;
+  /// A blocking caller (null: an asynchronous one): it reads its reply on
+  /// its own thread.
+  std::shared_ptr<blocked_caller> blocked;
   /// The attempt's outcome (any thread).
   std::function<void(direct_job&, outcome)> on_answer;
   /// Not served on the lane after all (its deadline passed in line, the lane
@@ -224,19 +315,17 @@ struct direct_job : std::enable_shared_from_this<direct_job> {
 
   // Writes the call to `channel`'s process; false when nothing was sent
   // (the worker has gone back: to the idle list, or to the pool).
-  // `caller_reads`: the calling thread reads the reply (read_here).
-  bool start_on(const std::shared_ptr<worker_channel>& channel, bool caller_reads = false) {
+  // `read_id`: non-null asks for a direct read (worker_channel::start).
+  bool start_on(const std::shared_ptr<worker_channel>& channel, std::uint64_t* read_id = nullptr) {
     auto self = shared_from_this();
     auto reply = std::make_shared<direct_reply>(
       [self](outcome o) { self->on_answer(*self, std::move(o)); }, channel->worker_id(),
       c.command);
-    auto result = channel->start(c.command, c.args, c.deadline, reply, caller_reads);
+    auto result = channel->start(c.command, c.args, c.deadline, reply, read_id);
     auto board = idle.lock();
     if (result == worker_channel::start_result::sent) {
       if (board)
         board->metrics().queue_wait.record(clock_type::now() - queued_at);
-      if (caller_reads)
-        reading = channel;
       return true;
     }
     reply->disarm();  // not sent: answered the usual way
@@ -245,22 +334,35 @@ struct direct_job : std::enable_shared_from_this<direct_job> {
     return false;
   }
 
-  // A blocking caller reads its reply on its own thread: no hand-off from
-  // the I/O thread (the one left between the raw loop and this lane).
-  void read_here() {
-    if (auto channel = std::move(reading))
-      channel->read_reply(c.deadline);
-  }
-
-  // A waiter's turn: a worker, or none (the usual way).
+  // A waiter's turn: a worker, or none (the usual way). A blocking caller
+  // is handed the read of its reply.
   void run_on(const std::shared_ptr<worker_channel>& channel) {
-    if (!channel || !start_on(channel))
+    if (!channel) {
+      on_reroute(*this);
+      return;
+    }
+    if (!blocked) {
+      if (!start_on(channel))
+        on_reroute(*this);
+      return;
+    }
+    bool started = false;
+    {
+      auto lk = blocked->claim();
+      std::uint64_t read_id = 0;
+      started = start_on(channel, blocked->wants_read() ? &read_id : nullptr);
+      if (started && read_id != 0)
+        blocked->give_read(channel, read_id);
+    }
+    if (!started)
       on_reroute(*this);
   }
 
   // Takes a worker (the call starts now), or a place in line. False:
   // nothing happened (the lane refuses it, or the worker could not take it).
-  bool take(idle_workers& board, const std::string& preferred, bool caller_reads) {
+  // A blocking caller that took a worker is handed the read at once (it
+  // reads in blocked_caller::wait).
+  bool take(idle_workers& board, const std::string& preferred) {
     auto self = shared_from_this();
     direct_waiter waiter{c.deadline,
                          [self](std::shared_ptr<worker_channel> channel) { self->run_on(channel); },
@@ -270,7 +372,17 @@ struct direct_job : std::enable_shared_from_this<direct_job> {
       case idle_workers::wait_answer::queued:
         return true;
       case idle_workers::wait_answer::taken:
-        return start_on(taken, caller_reads);
+        if (!blocked)
+          return start_on(taken);
+        {
+          auto lk = blocked->claim();
+          std::uint64_t read_id = 0;
+          if (!start_on(taken, &read_id))
+            return false;
+          if (read_id != 0)
+            blocked->give_read(taken, read_id);
+        }
+        return true;
       case idle_workers::wait_answer::refused:
         break;
     }
@@ -674,7 +786,7 @@ bool try_lane(pool_client_t* self, std::uint64_t id, std::size_t attempt, call& 
     if (auto a = caf::actor_cast<caf::actor>(me))
       caf::anon_send(a, lane_reroute_atom::value, id, attempt, std::move(j.c));
   };
-  if (job->take(*idle, job->c.preferred_worker, false))
+  if (job->take(*idle, job->c.preferred_worker))
     return true;
   c = std::move(job->c);
   return false;
@@ -1363,11 +1475,12 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
 
   // Starts `c` on the direct lane. A job: `done` will be called (on a
   // worker's I/O thread, the pool's, the pool client's, or, after
-  // read_here, this one). Null: nothing started, `c` and `done` are
-  // untouched; the call goes the usual way. `caller_reads`: a blocking
-  // caller that will call read_here on the job.
+  // `blocked`'s wait, this one). Null: nothing started, `c` and `done` are
+  // untouched; the call goes the usual way. `blocked`: a blocking caller,
+  // which reads its reply itself (blocked_caller).
   std::shared_ptr<direct_job> try_direct(call& c, const call_options& options,
-                                         const completion& done, bool caller_reads = false) {
+                                         const completion& done,
+                                         std::shared_ptr<blocked_caller> blocked = nullptr) {
     if (!direct_eligible(c.command) || shared->circuit.load() != circuit_state::closed)
       return nullptr;
     auto idle = shared->current_idle();
@@ -1420,7 +1533,8 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       if (!r || !r->send_to_client(execute_atom::value, std::move(j.c), done, opts))
         run_callback(done, outcome::failure(impl::stopping_error(command)));
     };
-    if (job->take(*idle, {}, caller_reads))
+    job->blocked = std::move(blocked);
+    if (job->take(*idle, {}))
       return job;
     if (permit) {
       std::lock_guard<std::mutex> guard{shared->breaker_mtx};
@@ -1719,17 +1833,15 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   // Through the runtime's long-lived caller actor: a scoped_actor per call
   // costs an actor spawn and several timer-thread wake-ups (measured).
   auto bound = c.deadline + reply_margin;
-  auto promise = std::make_shared<std::promise<outcome>>();
-  auto future = promise->get_future();
-  auto comp = impl_->timed([promise](outcome o) { promise->set_value(std::move(o)); });
-  if (auto job = impl_->try_direct(c, options, comp, true))
-    job->read_here();
-  else if (!impl_->send_to_client(execute_atom::value, std::move(c), comp,
-                             detail::client_call_options{options.idempotent, options.max_attempts})) {
+  auto blocked = std::make_shared<blocked_caller>(c.deadline);
+  auto comp = impl_->timed(blocked->completion());
+  if (!impl_->try_direct(c, options, comp, blocked)
+      && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
+                                detail::client_call_options{options.idempotent,
+                                                            options.max_attempts}))
     comp.fn(outcome::failure(impl_->stopping_error(command)));
-    return future.get();
-  }
-  return await_bounded(future, bound, [&](bool) {
+  comp = {};  // its last copy is the call's (see blocked_caller::completion)
+  return blocked->wait(bound, [&](bool) {
     return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                        "no reply from the pool in time", {{"command", command}}));
   });

@@ -66,6 +66,13 @@ void worker_channel::attach(child_process* child, int pid, broken_fn broken) {
 
 void worker_channel::detach() {
   std::unique_lock<std::mutex> lk{mtx_};
+  if (reading_ && read_id_ != 0 && child_) {
+    // Open but not claimed by its reader yet: it is ended here (a later
+    // read_reply finds nothing to read).
+    child_->end_direct_read();
+    reading_ = false;
+    read_id_ = 0;
+  }
   if (reading_ && child_)
     child_->abort_direct_read();  // returns at once: the reader lets go of the process
   read_done_.wait(lk, [&] { return !reading_; });
@@ -76,7 +83,9 @@ worker_channel::start_result worker_channel::start(const std::string& command,
                                                    const nlohmann::json& args,
                                                    clock_type::time_point deadline,
                                                    std::shared_ptr<direct_reply> reply,
-                                                   bool caller_reads) {
+                                                   std::uint64_t* direct_read) {
+  if (direct_read)
+    *direct_read = 0;
   auto id = next_request_id();
   std::string payload;
   try {
@@ -93,7 +102,8 @@ worker_channel::start_result worker_channel::start(const std::string& command,
   in_flight_ = direct_call{id, command, deadline, now, std::move(reply)};
   // Before the frame: the alarm is armed before any reply can come.
   child_->set_alarm(deadline);
-  reading_ = caller_reads && child_->begin_direct_read();
+  reading_ = direct_read && child_->begin_direct_read();
+  read_id_ = reading_ ? id : 0;
   if (!child_->send(payload)) {
     in_flight_.reset();  // nothing reached the process
     if (reading_) {
@@ -104,24 +114,24 @@ worker_channel::start_result worker_channel::start(const std::string& command,
     return start_result::unusable;
   }
   ++served_.started;
+  if (direct_read)
+    *direct_read = read_id_;
   return start_result::sent;
 }
 
 worker_channel::frame_use worker_channel::on_frame(const std::string& payload) {
-  return answer(payload, nullptr);
+  return answer(payload, nullptr, false);
 }
 
-void worker_channel::read_reply(clock_type::time_point deadline) {
+void worker_channel::read_reply(std::uint64_t read_id, clock_type::time_point deadline) {
   child_process* child = nullptr;
-  {
-    std::lock_guard<std::mutex> lk{mtx_};
-    if (!reading_)
-      return;
-    child = child_;  // alive until reading_ is false: detach waits for it
-  }
   broken_fn broken;
   {
     std::lock_guard<std::mutex> lk{mtx_};
+    if (!reading_ || read_id == 0 || read_id != read_id_)
+      return;
+    read_id_ = 0;     // read once
+    child = child_;   // alive until reading_ is false: detach waits for it
     broken = broken_;
   }
   std::string payload;
@@ -148,7 +158,7 @@ void worker_channel::read_reply(clock_type::time_point deadline) {
   switch (r) {
     case child_process::direct_read::frame: {
       std::optional<protocol_error> bad;
-      if (answer(payload, &bad) == frame_use::hand_over && broken)
+      if (answer(payload, &bad, true) == frame_use::hand_over && broken)
         broken(std::move(*bad));  // the worker actor takes the call and kills the process
       return;
     }
@@ -167,7 +177,8 @@ void worker_channel::read_reply(clock_type::time_point deadline) {
 }
 
 worker_channel::frame_use worker_channel::answer(const std::string& payload,
-                                                 std::optional<protocol_error>* bad) {
+                                                 std::optional<protocol_error>* bad,
+                                                 bool by_caller) {
   std::optional<direct_call> call;
   std::optional<outcome> answer;
   std::shared_ptr<idle_workers> board;
@@ -196,8 +207,11 @@ worker_channel::frame_use worker_channel::answer(const std::string& payload,
     if (budget != ~std::uint64_t{0} && budget > 0)
       budget_.store(budget - 1);
     answer = std::move(o);
-    if (board)
+    if (board) {
       board->metrics().worker_ran(now - call->started);
+      if (by_caller)
+        board->metrics().read_by_caller();
+    }
   }
   // The worker goes back first, so that once its caller has the reply, the
   // pool already counts it as idle (or has it back); a caller waiting for a

@@ -114,16 +114,20 @@ public:
   /// Writes the request frame. `args` (an object with a session_id) stay
   /// the caller's, for a retry. Whatever the result, the caller then owns
   /// nothing: a call not sent may go anywhere else.
-  /// `caller_reads`: the calling thread will read the reply itself
-  /// (read_reply), when the process allows it; see child_process::begin_direct_read.
+  /// `direct_read`: non-null asks for a direct read of the reply: set to
+  /// the read's id when the process allows one (see
+  /// child_process::begin_direct_read), else to 0 (the I/O thread reads it).
+  /// Whoever gets a read id must call read_reply with it: until then the
+  /// I/O thread does not read this worker's stdout.
   start_result start(const std::string& command, const nlohmann::json& args,
                      clock_type::time_point deadline, std::shared_ptr<direct_reply> reply,
-                     bool caller_reads = false);
-  /// After start(..., true): reads the reply on this thread and answers the
-  /// call here; whatever it cannot read cleanly stays with the I/O thread (a
-  /// passed deadline, an exit) or goes to the worker actor (a broken frame).
-  /// Without an open direct read it does nothing.
-  void read_reply(clock_type::time_point deadline);
+                     std::uint64_t* direct_read = nullptr);
+  /// The direct read `read_id` (from start; any thread, once): reads the
+  /// reply on this thread and answers the call here; whatever it cannot
+  /// read cleanly stays with the I/O thread (a passed deadline, an exit) or
+  /// goes to the worker actor (a broken frame). Does nothing when that read
+  /// is not open (0, or a read that ended).
+  void read_reply(std::uint64_t read_id, clock_type::time_point deadline);
 
   // -- the worker's I/O thread (its child_observer) ----------------------------
 
@@ -169,13 +173,14 @@ private:
   mutable std::mutex mtx_;
   /// Answers the direct call in flight with `payload`, its worker given back
   /// first (see on_frame for the results; `bad`, when set, says why a frame
-  /// is handed over).
-  frame_use answer(const std::string& payload, std::optional<protocol_error>* bad);
+  /// is handed over). `by_caller`: read by the caller's thread (counted).
+  frame_use answer(const std::string& payload, std::optional<protocol_error>* bad, bool by_caller);
 
   std::weak_ptr<idle_workers> board_;
   child_process* child_ = nullptr;  ///< set by attach, cleared by detach
   broken_fn broken_;
   bool reading_ = false;            ///< a caller reads the reply directly
+  std::uint64_t read_id_ = 0;       ///< that read's id (its request's)
   std::condition_variable read_done_;
   int pid_ = 0;
   std::optional<direct_call> in_flight_;

@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
@@ -520,15 +521,50 @@ struct io_state {
   std::atomic<std::int64_t> alarm_ns{none};
   std::atomic<std::int64_t> sleeps_until{none};
 
-  // Direct reads (child_process::begin_direct_read). stdout_mtx is held by
-  // whoever reads stdout: the I/O thread while it reads, a direct reader for
-  // its whole read; only its holder closes stdout_fd. `direct_reading`: the
+  // Direct reads (child_process::begin_direct_read). `stdout_owner` is held
+  // by whoever reads stdout: the I/O thread while it reads, a direct read
+  // from its begin to its end; only its holder closes stdout_fd. A direct
+  // read may begin on one thread and be read and ended on another (a
+  // blocking caller whose frame the previous caller wrote), so it is an
+  // ownership token, not a mutex (which only its locking thread may unlock). `direct_reading`: the
   // I/O thread leaves stdout out of its wait; `polls_stdout`: its current
   // wait includes stdout (a sender that needs it there wakes it: same
   // handshake as the alarm). `stdout_idle`: the I/O thread's decoder holds
-  // no partial frame and the stream is intact (written under stdout_mtx).
+  // no partial frame and the stream is intact (written by stdout's owner).
   // `stdout_poisoned`: a direct read stopped mid-frame; the rest is noise.
-  std::mutex stdout_mtx;
+  class ownership_token {
+  public:
+    bool try_acquire() {
+      std::lock_guard<std::mutex> lk{mtx_};
+      return !std::exchange(held_, true);
+    }
+    void acquire() {
+      std::unique_lock<std::mutex> lk{mtx_};
+      free_.wait(lk, [this] { return !held_; });
+      held_ = true;
+    }
+    void release() {
+      {
+        std::lock_guard<std::mutex> lk{mtx_};
+        held_ = false;
+      }
+      free_.notify_all();
+    }
+
+  private:
+    std::mutex mtx_;
+    std::condition_variable free_;
+    bool held_ = false;
+  };
+  /// Releases an ownership_token it holds when it goes.
+  struct token_guard {
+    ownership_token* token;
+    ~token_guard() {
+      if (token)
+        token->release();
+    }
+  };
+  ownership_token stdout_owner;
   std::atomic<bool> direct_reading{false};
   std::atomic<bool> polls_stdout{true};
   std::atomic<bool> stdout_idle{true};
@@ -901,21 +937,21 @@ struct io_state {
     }
   }
 
-  /// Under stdout_mtx: a direct reader that holds it has the stream.
+  /// As stdout's owner: a direct read that holds it has the stream.
   void read_stdout(int max_reads) {
-    std::unique_lock<std::mutex> lk{stdout_mtx, std::try_to_lock};
-    if (!lk)
+    if (!stdout_owner.try_acquire())
       return;  // a direct read is open: its reader takes the frame
+    token_guard owned{&stdout_owner};
     read_some(stdout_fd, max_reads, [this](const char* d, std::size_t n) { on_stdout_bytes(d, n); },
               [this] { on_stdout_end(); });
     stdout_idle.store(stdout_fd >= 0 && !protocol_failed && decoder.buffered() == 0);
   }
 
   bool begin_direct_read() {
-    if (!stdout_mtx.try_lock())
+    if (!stdout_owner.try_acquire())
       return false;
     if (!stdout_idle.load() || stdout_poisoned.load() || stdout_fd < 0 || exited.load()) {
-      stdout_mtx.unlock();
+      stdout_owner.release();
       return false;
     }
     direct_reading.store(true);
@@ -924,7 +960,7 @@ struct io_state {
 
   void end_direct_read() {
     direct_reading.store(false);
-    stdout_mtx.unlock();
+    stdout_owner.release();
     // The I/O thread reads stdout again; if its wait leaves stdout out, it
     // learns of it at its next wake-up (any frame sent meanwhile wakes it).
   }
@@ -1122,7 +1158,8 @@ struct io_state {
     // and gives stdout back before it is drained and closed here.
     std::uint64_t one = 1;
     (void)!::write(direct_abort_fd, &one, sizeof one);
-    std::lock_guard<std::mutex> stdout_lk{stdout_mtx};
+    stdout_owner.acquire();
+    token_guard owned{&stdout_owner};
     // What is in the pipes now; no waiting for EOF (grandchildren may hold them).
     if (!stdout_poisoned.load())
       read_some(stdout_fd, drain_reads(stdout_fd),

@@ -7,7 +7,7 @@ namespace dspex {
 nlohmann::json pool_metrics_summary::to_json() const {
   return {{"queue_wait", queue_wait.to_json()}, {"run", run.to_json()},
           {"total", total.to_json()},           {"in_flight", in_flight},
-          {"utilisation", utilisation}};
+          {"utilisation", utilisation},         {"read_by_caller", read_by_caller}};
 }
 
 pool_metrics::pool_metrics(std::size_t capacity) : capacity_(std::max<std::size_t>(capacity, 1)) {
@@ -30,6 +30,7 @@ pool_metrics_summary pool_metrics::summary() const {
   s.run = run.summary();
   s.total = total.summary();
   s.in_flight = in_flight_.load(std::memory_order_relaxed);
+  s.read_by_caller = read_by_caller_.load(std::memory_order_relaxed);
   auto elapsed = std::chrono::duration<double, std::nano>(clock_type::now() - since_).count();
   if (elapsed > 0)
     s.utilisation = static_cast<double>(busy_ns_.load(std::memory_order_relaxed))

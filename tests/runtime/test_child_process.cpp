@@ -1214,6 +1214,34 @@ TEST_CASE_FIXTURE(no_leftovers, "direct read: the sender reads its reply; afterw
   CHECK(rec->errors().empty());
 }
 
+
+TEST_CASE_FIXTURE(no_leftovers, "direct read: one thread opens it and sends, another reads it and ends it") {
+  auto [rec, child] = start("/bin/cat", {});
+  auto deadline = std::chrono::steady_clock::now() + hang_bound;
+  // The previous caller writes a queued caller's frame; the queued caller's
+  // own thread reads the reply. Twice: the second open must find stdout
+  // given back by the other thread.
+  for (int i = 1; i <= 2; ++i) {
+    REQUIRE(child->begin_direct_read());
+    auto frame = "{\"id\":" + std::to_string(i) + "}";
+    REQUIRE(child->send(frame));
+    std::string payload;
+    child_process::direct_read r = child_process::direct_read::ended;
+    std::thread reader([&] {
+      r = child->read_frame(payload, deadline);
+      child->end_direct_read();
+    });
+    reader.join();
+    CHECK(r == child_process::direct_read::frame);
+    CHECK(payload == frame);
+  }
+  REQUIRE(child->send("{\"id\":3}"));
+  REQUIRE(rec->wait_frames(1));
+  CHECK(rec->frames() == std::vector<std::string>{"{\"id\":3}"});
+  child->stop(60s, 60s);
+  REQUIRE(rec->wait_exit());
+  CHECK(rec->errors().empty());
+}
 TEST_CASE_FIXTURE(no_leftovers, "direct read: a broken stream is named as the I/O thread names it") {
   auto deadline = std::chrono::steady_clock::now() + hang_bound;
   struct kase {

@@ -151,7 +151,10 @@ public:
   // does not read stdout; everything else (stderr, the exit, alarms) stays
   // its own, and frames that nobody reads directly are its as before.
 
-  /// Opens a direct read for the calling thread, before it sends its frame.
+  /// Opens a direct read, before the request's frame is sent. The thread
+  /// that reads it (read_frame, end_direct_read) may be another one: the
+  /// read is handed over with the call (a blocking caller whose frame the
+  /// previous caller wrote reads its own reply).
   /// @returns false when it cannot: the I/O thread is reading stdout, holds
   ///          part of a frame, or stdout is closed or broken; the I/O thread
   ///          then reads the reply as usual.
@@ -167,7 +170,7 @@ public:
   /// After a read cut inside a frame (a timeout, or any of the errors) the
   /// I/O thread discards stdout from then on (the process is to be killed);
   /// cut at a frame boundary, the stream stays the I/O thread's as it was.
-  /// @note Only between begin_direct_read and end_direct_read, on that thread.
+  /// @note Only between begin_direct_read and end_direct_read, by one thread at a time.
   direct_read read_frame(std::string& payload, std::chrono::steady_clock::time_point deadline);
   /// Gives stdout back to the I/O thread.
   void end_direct_read();

@@ -24,8 +24,11 @@ struct pool_metrics_summary {
   /// metrics began): the share of the configured capacity in use. Overflow
   /// workers can take it above 1.
   double utilisation = 0;
+  /// Replies read by their blocking caller's own thread (the direct lane:
+  /// no thread hand-off), out of all calls counted in `run`.
+  std::uint64_t read_by_caller = 0;
 
-  /// {"queue_wait":{...},"run":{...},"total":{...},"in_flight","utilisation"}
+  /// {"queue_wait":{...},"run":{...},"total":{...},"in_flight","utilisation","read_by_caller"}
   nlohmann::json to_json() const;
 };
 
@@ -46,6 +49,8 @@ public:
   void call_finished(clock_type::time_point started) noexcept;
   /// A worker ran a call for `d`: counts it in `run` and in utilisation.
   void worker_ran(std::chrono::nanoseconds d) noexcept;
+  /// A reply was read by its caller's thread (pool_metrics_summary::read_by_caller).
+  void read_by_caller() noexcept { read_by_caller_.fetch_add(1, std::memory_order_relaxed); }
 
   /// @returns every figure as of now.
   pool_metrics_summary summary() const;
@@ -55,6 +60,7 @@ private:
   clock_type::time_point since_ = clock_type::now();
   std::atomic<std::int64_t> in_flight_{0};
   std::atomic<std::uint64_t> busy_ns_{0};
+  std::atomic<std::uint64_t> read_by_caller_{0};
 };
 
 } // namespace dspex
