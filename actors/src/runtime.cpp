@@ -31,6 +31,7 @@
 #include "dspex/program_store.hpp"
 #include "dspex/logging.hpp"
 #include "idle_workers.hpp"
+#include "session_directory.hpp"
 #include "worker_channel.hpp"
 
 namespace dspex::detail {
@@ -909,6 +910,12 @@ void forward_session_op(pool_client_t* self, session_request r, completion done)
     st.sessions_parked.emplace_back(std::move(r), std::move(done));
     return;
   }
+  if (r.op == session_op::execute) {
+    // Answered by the session through the completion (answer_once: a
+    // registry or session that goes away with it still answers).
+    self->send(st.sessions, session_exec_atom::value, std::move(r), std::move(done));
+    return;
+  }
   auto op = st.next_session_op++;
   st.session_ops.emplace(op, pool_client_state::session_op_entry{std::move(done),
                                                                  st.sessions.address()});
@@ -1424,6 +1431,10 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
   // Shared with every pool the root starts: it outlives a pool's restart.
   std::shared_ptr<pool_metrics> metrics;
+  // Which actor serves each session (filled by the session registry): a
+  // session's call goes there directly.
+  std::shared_ptr<detail::session_directory> sessions
+    = std::make_shared<detail::session_directory>();
   // The current pool and what the client knows, for status() and checkout().
   std::shared_ptr<detail::client_shared> shared = std::make_shared<detail::client_shared>();
   caf::actor root;    // the root supervisor "dspex.root"
@@ -1480,7 +1491,8 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // which reads its reply itself (blocked_caller).
   std::shared_ptr<direct_job> try_direct(call& c, const call_options& options,
                                          const completion& done,
-                                         std::shared_ptr<blocked_caller> blocked = nullptr) {
+                                         std::shared_ptr<blocked_caller> blocked = nullptr,
+                                         const std::string& preferred = {}) {
     if (!direct_eligible(c.command) || shared->circuit.load() != circuit_state::closed)
       return nullptr;
     auto idle = shared->current_idle();
@@ -1534,7 +1546,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
         run_callback(done, outcome::failure(impl::stopping_error(command)));
     };
     job->blocked = std::move(blocked);
-    if (job->take(*idle, {}))
+    if (job->take(*idle, preferred))
       return job;
     if (permit) {
       std::lock_guard<std::mutex> guard{shared->breaker_mtx};
@@ -1608,6 +1620,22 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     return r;
   }
 
+  // A session's call: straight to its session actor when the directory
+  // knows it, else through the pool client to the registry (which creates
+  // it). `done` is answered whatever happens to the messages on the way.
+  void send_session_call(session_request r, completion done) {
+    auto command = r.c.command;
+    done = answer_once(std::move(done), session_lost_error(r.session_id, command));
+    std::shared_lock<std::shared_timed_mutex> lk{gate->mtx};
+    if (gate->closed) {
+      lk.unlock();
+      done.fn(outcome::failure(stopping_error(command)));
+      return;
+    }
+    if (!sessions->send(r.session_id, session_call_atom::value, r.c, r.opts, done))
+      caf::anon_send(client, session_op_atom::value, std::move(r), std::move(done));
+  }
+
   // Sends a session request through the client and blocks for its outcome
   // (bounded: its deadline, the end's cleanup, and the margin).
   outcome session_blocking(std::variant<session_request, outcome> made) {
@@ -1626,10 +1654,10 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       promise->set_value(std::move(o));
     };
     auto comp = r.op == session_op::execute ? timed(std::move(deliver)) : completion{std::move(deliver)};
-    if (!send_to_client(session_op_atom::value, std::move(r), comp)) {
+    if (r.op == session_op::execute)
+      send_session_call(std::move(r), std::move(comp));
+    else if (!send_to_client(session_op_atom::value, std::move(r), comp))
       comp.fn(outcome::failure(stopping_error(command)));
-      return future.get();
-    }
     return await_bounded(future, bound, [&](bool) {
       return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                          "no reply from the session layer in time",
@@ -1795,8 +1823,22 @@ std::unique_ptr<runtime> runtime::start(settings config) {
     child_spec sessions;
     sessions.id = "sessions";
     sessions.restart = restart_type::permanent;
-    sessions.start = [cfg = p->shared_config, client = p->client](caf::event_based_actor* sup) {
-      return spawn_linked_session_registry(sup, cfg, client);
+    // A session's call with the affinity hint takes the direct lane as an
+    // anonymous call does, with the session's worker preferred.
+    session_lane lane = [w = std::weak_ptr<runtime::impl>(p)](
+                          call& c, const detail::client_call_options& opts,
+                          const completion& done) {
+      auto r = w.lock();
+      if (!r || c.affinity != affinity_mode::hint)
+        return false;
+      call_options co;
+      co.idempotent = opts.idempotent;
+      co.max_attempts = opts.max_attempts;
+      return r->try_direct(c, co, done, nullptr, c.preferred_worker) != nullptr;
+    };
+    sessions.start = [cfg = p->shared_config, client = p->client, dir = p->sessions,
+                      lane](caf::event_based_actor* sup) {
+      return spawn_linked_session_registry(sup, cfg, client, dir, lane);
     };
     sessions.shutdown_timeout = std::chrono::seconds{2};
     children.push_back(std::move(sessions));
@@ -1886,10 +1928,8 @@ void runtime::execute_in_session_async(const std::string& session_id, const std:
     done(std::move(*early));
     return;
   }
-  auto comp = impl_->timed(std::move(done));
-  if (!impl_->send_to_client(session_op_atom::value, std::move(std::get<session_request>(made)),
-                             comp))
-    comp.fn(outcome::failure(impl_->stopping_error(command)));
+  impl_->send_session_call(std::move(std::get<session_request>(made)),
+                           impl_->timed(std::move(done)));
 }
 
 std::future<outcome> runtime::execute_in_session_async(const std::string& session_id,

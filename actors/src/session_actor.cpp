@@ -14,6 +14,7 @@
 
 #include "dspex/logging.hpp"
 #include "deadline_timer.hpp"
+#include "session_directory.hpp"
 #include "dspex/secrets.hpp"
 
 namespace dspex {
@@ -61,7 +62,9 @@ struct queued_call {
   std::uint64_t seq = 0;
   call c;
   detail::client_call_options opts;
-  caf::response_promise rp;
+  completion done;  ///< the caller's (answer_once: a session that dies still answers)
+
+  void answer(outcome o) const { done.fn(std::move(o)); }
 };
 
 enum class flight_kind { none, user, stale_delete, barrier };
@@ -80,9 +83,11 @@ struct session_state {
   std::string id;
   std::shared_ptr<const settings> config;
   caf::actor client;
+  session_lane lane;  ///< the direct lane (empty: every call through the client)
   affinity_mode default_affinity = affinity_mode::hint;
-  double created_at = 0;
-  double last_accessed = 0;
+  double created_at = 0;  ///< wall clock, for session info
+  clock_type::time_point started = clock_type::now();
+  clock_type::time_point last_used = started;  ///< its TTL counts from here
   std::uint64_t operations = 0;
   std::string preferred_worker;
   /// The session's own LM (a configure_lm in the session), sent with each of
@@ -126,6 +131,8 @@ nlohmann::json session_info(session_actor_t* self) {
   for (auto& [order, id] : ids)
     programs.push_back(id);
   auto ttl_s = std::chrono::duration<double>(st.config->session.ttl).count();
+  auto last_accessed
+    = st.created_at + std::chrono::duration<double>(st.last_used - st.started).count();
   std::size_t pending = st.queue.size()
                         + (st.in_flight.kind == flight_kind::user
                                || st.in_flight.kind == flight_kind::stale_delete
@@ -133,8 +140,8 @@ nlohmann::json session_info(session_actor_t* self) {
                              : 0);
   return {{"session_id", st.id},
           {"created_at", st.created_at},
-          {"last_accessed", st.last_accessed},
-          {"expires_at", st.last_accessed + ttl_s},
+          {"last_accessed", last_accessed},
+          {"expires_at", last_accessed + ttl_s},
           {"operations", st.operations},
           {"preferred_worker",
            st.preferred_worker.empty() ? nlohmann::json(nullptr) : nlohmann::json(st.preferred_worker)},
@@ -146,8 +153,9 @@ nlohmann::json session_info(session_actor_t* self) {
           {"lm", redacted(st.lm_override)}};
 }
 
-// Sends one call through the pool client; its answer comes back as
-// (session_reply_atom, tag, outcome) and is awaited by the flight.
+// Sends one call on the direct lane, or else through the pool client; its
+// answer comes back as (session_reply_atom, tag, outcome) and is awaited by
+// the flight.
 std::uint64_t send_to_pool(session_actor_t* self, call c, detail::client_call_options opts) {
   auto& st = self->state;
   auto tag = st.next_tag++;
@@ -157,12 +165,13 @@ std::uint64_t send_to_pool(session_actor_t* self, call c, detail::client_call_op
     c.args = nlohmann::json::object();
   c.args["session_id"] = st.id;
   auto me = self->address();
-  self->send(st.client, execute_atom::value, std::move(c),
-             completion{[me, tag](outcome o) {
-               if (auto a = caf::actor_cast<caf::actor>(me))
-                 caf::anon_send(a, session_reply_atom::value, tag, std::move(o));
-             }},
-             std::move(opts));
+  completion done{[me, tag](outcome o) {
+    if (auto a = caf::actor_cast<caf::actor>(me))
+      caf::anon_send(a, session_reply_atom::value, tag, std::move(o));
+  }};
+  if (st.lane && st.lane(c, opts, done))
+    return tag;
+  self->send(st.client, execute_atom::value, std::move(c), std::move(done), std::move(opts));
   return tag;
 }
 
@@ -224,7 +233,7 @@ void finish_end(session_actor_t* self, nlohmann::json results) {
 void begin_end(session_actor_t* self) {
   auto& st = self->state;
   for (auto& q : st.queue)
-    q.rp.deliver(outcome::failure(session_err(
+    q.answer(outcome::failure(session_err(
       "session_ended", "the session ended before this call ran", st.id, q.c.command)));
   st.queue.clear();
   if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), true))
@@ -295,23 +304,23 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
     for (auto& [order, id] : ids)
       list.push_back(program_summary(st, id, st.programs.at(id)));
     auto n = list.size();
-    q.rp.deliver(outcome::success({{"programs", std::move(list)}, {"total_count", n}}));
+    q.answer(outcome::success({{"programs", std::move(list)}, {"total_count", n}}));
     return true;
   }
   if (cmd == "get_program_info" || cmd == "delete_program") {
     auto id = program_id();
     if (!id) {
-      q.rp.deliver(python_failure("Missing required argument: program_id", st.id, cmd));
+      q.answer(python_failure("Missing required argument: program_id", st.id, cmd));
       return true;
     }
     auto it = st.programs.find(*id);
     if (it == st.programs.end()) {
-      q.rp.deliver(python_failure("Program not found: " + *id, st.id, cmd));
+      q.answer(python_failure("Program not found: " + *id, st.id, cmd));
       return true;
     }
     if (cmd == "get_program_info") {
       auto& p = it->second;
-      q.rp.deliver(outcome::success(
+      q.answer(outcome::success(
         {{"program_id", *id},
          {"signature", p.definition.value("signature", nlohmann::json::object())},
          {"created_at", p.created_at},
@@ -320,7 +329,7 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
       return true;
     }
     st.programs.erase(it);
-    q.rp.deliver(outcome::success({{"program_id", *id}, {"status", "deleted"}}));
+    q.answer(outcome::success({{"program_id", *id}, {"status", "deleted"}}));
     // Workers that cached the program must forget it, or a later program
     // with the same id would run the old definition there: the session's
     // next call waits for that (the caller already has its answer).
@@ -333,7 +342,7 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
     // (the session's next call waits for the workers).
     auto n = st.programs.size();
     st.programs.clear();
-    q.rp.deliver(outcome::success(
+    q.answer(outcome::success(
       {{"status", "cleaned"}, {"session_id", st.id}, {"programs_removed", n}}));
     if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), false))
       st.in_flight = flight{};
@@ -344,13 +353,13 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
     // session it serves) and carried by each execution of the session.
     auto provider = q.c.args.value("provider", nlohmann::json(nullptr));
     if (!provider.is_string() || provider.get<std::string>().empty()) {
-      q.rp.deliver(python_failure("Missing required argument: provider", st.id, cmd));
+      q.answer(python_failure("Missing required argument: provider", st.id, cmd));
       return true;
     }
     auto lm = q.c.args;
     lm.erase("session_id");
     st.lm_override = lm;
-    q.rp.deliver(outcome::success({{"status", "configured"},
+    q.answer(outcome::success({{"status", "configured"},
                                    {"scope", "session"},
                                    {"session_id", st.id},
                                    {"provider", provider},
@@ -361,7 +370,7 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
   if (cmd == "create_program") {
     auto v = q.c.args.value("id", nlohmann::json(nullptr));
     if (v.is_string() && st.programs.count(v.get<std::string>())) {
-      q.rp.deliver(python_failure("Program already exists: " + v.get<std::string>(), st.id, cmd));
+      q.answer(python_failure("Program already exists: " + v.get<std::string>(), st.id, cmd));
       return true;
     }
   }
@@ -374,7 +383,7 @@ void run_next(session_actor_t* self) {
     auto q = std::move(st.queue.front());
     st.queue.pop_front();
     if (clock_type::now() >= q.c.deadline) {
-      q.rp.deliver(outcome::failure(make_error(
+      q.answer(outcome::failure(make_error(
         error_category::timeout_error, "checkout_timeout",
         "the deadline passed while the call waited behind the session's earlier calls",
         {{"session_id", st.id}, {"command", q.c.command}})));
@@ -393,7 +402,7 @@ void on_user_reply(session_actor_t* self, outcome o) {
   auto& st = self->state;
   auto& fl = st.in_flight;
   note_served(st, o);
-  st.last_accessed = epoch_now();
+  st.last_used = clock_type::now();
   const auto& cmd = fl.q.c.command;
   if (cmd == "create_program") {
     auto id = fl.q.c.args.value("id", nlohmann::json(nullptr));
@@ -428,29 +437,32 @@ void on_user_reply(session_actor_t* self, outcome o) {
       }
     }
   }
-  fl.q.rp.deliver(std::move(o));
+  fl.q.answer(std::move(o));
   flight_done(self);
 }
 
 caf::behavior session_actor(session_actor_t* self, std::string id,
-                            std::shared_ptr<const settings> config, caf::actor client) {
+                            std::shared_ptr<const settings> config, caf::actor client,
+                            session_lane lane) {
   auto& st = self->state;
   st.id = std::move(id);
   st.config = std::move(config);
   st.client = std::move(client);
+  st.lane = std::move(lane);
   st.default_affinity = affinity_mode_from_string(st.config->session.affinity)
                           .value_or(affinity_mode::hint);
-  st.created_at = st.last_accessed = epoch_now();
+  st.created_at = epoch_now();
   return {
-    [=](session_call_atom, call& c, detail::client_call_options& opts) -> caf::result<outcome> {
+    [=](session_call_atom, call& c, detail::client_call_options& opts, completion& done) {
       auto& st = self->state;
-      if (st.ending)
-        return outcome::failure(session_err("session_ended", "the session is ending", st.id,
-                                            c.command));
+      if (st.ending) {
+        done.fn(outcome::failure(session_err("session_ended", "the session is ending", st.id,
+                                             c.command)));
+        return;
+      }
       ++st.operations;
-      st.last_accessed = epoch_now();
-      auto rp = self->make_response_promise<outcome>();
-      queued_call q{st.next_seq++, std::move(c), std::move(opts), rp};
+      st.last_used = clock_type::now();
+      queued_call q{st.next_seq++, std::move(c), std::move(opts), std::move(done)};
       bool must_wait = st.in_flight.kind != flight_kind::none || !st.queue.empty();
       // Just past the deadline, so that the call has expired when it fires.
       if (must_wait)
@@ -458,7 +470,11 @@ caf::behavior session_actor(session_actor_t* self, std::string id,
                            session_qtmo_atom::value);
       st.queue.push_back(std::move(q));
       run_next(self);
-      return rp;
+    },
+    [=](session_idle_atom) {
+      auto& st = self->state;
+      return !st.ending && st.in_flight.kind == flight_kind::none && st.queue.empty()
+             && clock_type::now() - st.last_used >= st.config->session.ttl;
     },
     [=](session_qtmo_atom, std::uint64_t generation) {
       auto& st = self->state;
@@ -467,7 +483,7 @@ caf::behavior session_actor(session_actor_t* self, std::string id,
       auto next = detail::expire_passed(
         st.queue, [](const queued_call& q) { return q.c.deadline; },
         [&](queued_call& q) {
-          q.rp.deliver(outcome::failure(make_error(
+          q.answer(outcome::failure(make_error(
             error_category::timeout_error, "checkout_timeout",
             "the deadline passed while the call waited behind the session's earlier calls",
             {{"session_id", st.id}, {"command", q.c.command}})));
@@ -528,27 +544,15 @@ caf::behavior session_actor(session_actor_t* self, std::string id,
 
 // -- the registry ---------------------------------------------------------------------------
 
-struct session_entry {
-  caf::actor actor;
-  clock_type::time_point last_used;
-  std::size_t in_flight = 0;  ///< calls forwarded and not yet answered
-};
-
 struct registry_state {
   std::shared_ptr<const settings> config;
   caf::actor client;
   caf::actor_addr parent;
-  std::unordered_map<std::string, session_entry> sessions;
-  /// Requests forwarded to sessions and not yet answered: a session that
-  /// dies takes its response promises with it (CAF 0.17 sends nothing then).
-  struct pending_request {
-    caf::actor_addr session;
-    caf::response_promise rp;
-    std::string session_id;
-    std::string command;
-  };
-  std::unordered_map<std::uint64_t, pending_request> pending;
-  std::uint64_t next_pending = 1;
+  /// The live sessions; the directory mirrors it for callers (every change
+  /// here is made there too, in the same handler).
+  std::unordered_map<std::string, caf::actor> sessions;
+  std::shared_ptr<detail::session_directory> directory;
+  session_lane lane;
 
   static inline const char* name = "dspex.sessions";
 };
@@ -573,8 +577,11 @@ void end_entry(registry_t* self, const std::string& id, std::optional<caf::respo
   auto it = st.sessions.find(id);
   if (it == st.sessions.end())
     return;
-  auto actor = it->second.actor;
+  auto actor = it->second;
   st.sessions.erase(it);  // a new call with this id starts a new session
+  // Calls sent through the directory before this are in the session's
+  // mailbox ahead of the end (and served); later ones come here.
+  st.directory->remove(id, actor.address());
   auto req = self->request(actor, caf::infinite, session_end_atom::value);
   if (rp) {
     auto p = *rp;
@@ -585,56 +592,82 @@ void end_entry(registry_t* self, const std::string& id, std::optional<caf::respo
   }
 }
 
+// Each session knows whether it is idle past session.ttl (its calls reach
+// it without the registry); those that are end.
 void sweep(registry_t* self) {
   auto& st = self->state;
-  auto now = clock_type::now();
-  std::vector<std::string> expired;
-  for (auto& [id, e] : st.sessions)
-    if (e.in_flight == 0 && now - e.last_used >= st.config->session.ttl)
-      expired.push_back(id);
-  for (auto& id : expired) {
-    log().info("event=session_expired session={}", id);
-    end_entry(self, id, std::nullopt);
-  }
+  for (auto& [id, actor] : st.sessions)
+    self->request(actor, caf::infinite, session_idle_atom::value)
+      .then(
+        [=, id = id, addr = actor.address()](bool expired) {
+          auto it = self->state.sessions.find(id);
+          if (!expired || it == self->state.sessions.end() || it->second.address() != addr)
+            return;
+          log().info("event=session_expired session={}", id);
+          end_entry(self, id, std::nullopt);
+        },
+        [](caf::error&) {});  // it ended meanwhile
   self->delayed_send(self, st.config->session.sweep_interval, session_sweep_atom::value);
 }
 
+// A session's call that found no session in the directory: to its actor,
+// created here on its first call.
+void forward_call(registry_t* self, session_request& r, completion& done) {
+  auto& st = self->state;
+  auto it = st.sessions.find(r.session_id);
+  if (it == st.sessions.end()) {
+    if (st.sessions.size() >= st.config->session.max_sessions) {
+      auto err = session_err("too_many_sessions",
+                             "session.max_sessions (" + std::to_string(st.config->session.max_sessions)
+                               + ") sessions are live; end one or wait for one to expire",
+                             r.session_id, r.c.command);
+      err.context["max_sessions"] = st.config->session.max_sessions;
+      done.fn(outcome::failure(std::move(err)));
+      return;
+    }
+    auto actor = self->spawn<caf::linked>(session_actor, r.session_id, st.config, st.client, st.lane);
+    it = st.sessions.emplace(r.session_id, actor).first;
+    st.directory->add(r.session_id, actor);
+  }
+  self->send(it->second, session_call_atom::value, std::move(r.c), std::move(r.opts),
+             std::move(done));
+}
+
 caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings> config,
-                               caf::actor client, caf::actor_addr parent) {
+                               caf::actor client, caf::actor_addr parent,
+                               std::shared_ptr<detail::session_directory> directory,
+                               session_lane lane) {
   auto& st = self->state;
   st.config = std::move(config);
   st.client = std::move(client);
   st.parent = std::move(parent);
+  st.directory = std::move(directory);
+  st.lane = std::move(lane);
+  // A registry before this one (restarted by the supervisor) took its sessions with it.
+  st.directory->clear();
   // Sessions are linked: they die with the registry, and the registry hears
   // of each session's end through its exit handler.
   self->set_exit_handler([=](caf::exit_msg& msg) {
     auto& st = self->state;
     if (msg.source != st.parent) {
       // A session ended (end_session, expiry, or a failure): forget it if it
-      // is still registered, and fail what it had not answered.
-      std::vector<std::uint64_t> lost;
-      for (auto& [n, p] : st.pending)
-        if (p.session == msg.source)
-          lost.push_back(n);
-      for (auto n : lost) {
-        auto p = std::move(st.pending.at(n));
-        st.pending.erase(n);
-        p.rp.deliver(outcome::failure(session_err(
-          "session_ended", "the session ended before it answered", p.session_id, p.command)));
-      }
+      // is still registered. What it had not answered is answered by the
+      // completions it took with it (answer_once).
       for (auto it = st.sessions.begin(); it != st.sessions.end(); ++it)
-        if (it->second.actor.address() == msg.source) {
+        if (it->second.address() == msg.source) {
           if (msg.reason)
             log().warn("event=session_failed session={} reason=\"{}\"", it->first,
                        self->system().render(msg.reason));
+          st.directory->remove(it->first, msg.source);
           st.sessions.erase(it);
           break;
         }
       return;
     }
     // The supervisor: every session goes with the registry.
-    for (auto& [id, e] : st.sessions)
-      self->send_exit(e.actor, caf::exit_reason::kill);
+    st.directory->clear();
+    for (auto& [id, actor] : st.sessions)
+      self->send_exit(actor, caf::exit_reason::kill);
     st.sessions.clear();
     self->quit(msg.reason);
   });
@@ -644,53 +677,11 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
       auto& st = self->state;
       auto rp = self->make_response_promise();
       switch (r.op) {
-        case session_op::execute: {
-          auto it = st.sessions.find(r.session_id);
-          if (it == st.sessions.end()) {
-            if (st.sessions.size() >= st.config->session.max_sessions) {
-              auto err = session_err("too_many_sessions",
-                                     "session.max_sessions (" + std::to_string(st.config->session.max_sessions)
-                                       + ") sessions are live; end one or wait for one to expire",
-                                     r.session_id, r.c.command);
-              err.context["max_sessions"] = st.config->session.max_sessions;
-              rp.deliver(outcome::failure(std::move(err)));
-              return rp;
-            }
-            auto actor = self->spawn<caf::linked>(session_actor, r.session_id, st.config, st.client);
-            it = st.sessions.emplace(r.session_id, session_entry{actor, clock_type::now(), 0}).first;
-          }
-          auto& e = it->second;
-          ++e.in_flight;
-          e.last_used = clock_type::now();
-          auto actor = e.actor;
-          auto id = r.session_id;
-          auto command = r.c.command;
-          auto settle = [=] {
-            auto& st = self->state;
-            auto i = st.sessions.find(id);
-            if (i != st.sessions.end() && i->second.actor == actor) {
-              if (i->second.in_flight > 0)
-                --i->second.in_flight;
-              i->second.last_used = clock_type::now();
-            }
-          };
-          auto n = st.next_pending++;
-          st.pending.emplace(n, registry_state::pending_request{actor.address(), rp, id, command});
-          auto answer = [=](outcome o) {
-            settle();
-            auto& st = self->state;
-            auto i = st.pending.find(n);
-            if (i == st.pending.end())
-              return;
-            auto p = std::move(i->second.rp);
-            st.pending.erase(i);
-            p.deliver(std::move(o));
-          };
-          self->request(actor, caf::infinite, session_call_atom::value, std::move(r.c), r.opts)
-            .then([=](outcome& o) { answer(std::move(o)); },
-                  [=](caf::error& err) { answer(from_session_error(self, err, id, command)); });
+        case session_op::execute:
+          rp.deliver(outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                                 "a session's call is session_exec_atom",
+                                                 {{"session_id", r.session_id}})));
           return rp;
-        }
         case session_op::end: {
           if (!st.sessions.count(r.session_id)) {
             rp.deliver(outcome::failure(
@@ -708,7 +699,7 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
             return rp;
           }
           auto id = r.session_id;
-          self->request(it->second.actor, caf::infinite, session_info_atom::value)
+          self->request(it->second, caf::infinite, session_info_atom::value)
             .then([=](outcome& o) mutable { rp.deliver(std::move(o)); },
                   [=](caf::error&) mutable {  // it ended meanwhile
                     rp.deliver(outcome::failure(
@@ -737,8 +728,8 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
             g->done();
             return rp;
           }
-          for (auto& [id, e] : st.sessions)
-            self->request(e.actor, caf::infinite, session_info_atom::value)
+          for (auto& [id, actor] : st.sessions)
+            self->request(actor, caf::infinite, session_info_atom::value)
               .then(
                 [g](outcome& o) {
                   if (o)
@@ -755,17 +746,29 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
       }
       return rp;
     },
+    [=](session_exec_atom, session_request& r, completion& done) { forward_call(self, r, done); },
     [=](session_sweep_atom) { sweep(self); },
   };
 }
 
 } // namespace
 
+error session_lost_error(const std::string& session_id, const std::string& command) {
+  nlohmann::json ctx{{"session_id", session_id}};
+  if (!command.empty())
+    ctx["command"] = command;
+  return make_error(error_category::resource_error, "sessions_unavailable",
+                    "the session layer terminated while serving the request", std::move(ctx));
+}
+
 caf::actor spawn_linked_session_registry(caf::event_based_actor* supervisor,
                                          std::shared_ptr<const settings> config,
-                                         caf::actor client) {
+                                         caf::actor client,
+                                         std::shared_ptr<detail::session_directory> directory,
+                                         session_lane lane) {
   return supervisor->spawn<caf::linked>(session_registry, std::move(config), std::move(client),
-                                        supervisor->address());
+                                        supervisor->address(), std::move(directory),
+                                        std::move(lane));
 }
 
 } // namespace dspex

@@ -413,7 +413,7 @@ TEST_CASE("pool_saturated beyond max_queue and full for a non-blocking checkout"
   CHECK(f.pool->wait_for(all_idle));
 }
 
-TEST_CASE("three consecutive failed checkins remove a worker; a success resets the count") {
+TEST_CASE("three consecutive failed checkins remove a worker, a success resets the count") {
   fixture f(1);
   REQUIRE(f.ready());
   auto round = [&](const char* status) {

@@ -129,7 +129,7 @@ TEST_CASE("a script that exits at once: every respawn waits out a growing backof
   CHECK(r.error().message.find("exit code 3") != std::string::npos);
 }
 
-TEST_CASE("a script that prints a traceback: the last line names the failure; fixed, it recovers") {
+TEST_CASE("a script that prints a traceback: the last line names the failure, fixed, it recovers") {
   scratch_dir dir;
   auto script = dir.write("worker.py", "raise RuntimeError('boom: settings.toml missing')\n");
   test_pool_options opts;

@@ -56,7 +56,7 @@ caf::behavior timed(caf::stateful_actor<timer_state>* self, caf::actor observer,
 
 } // namespace
 
-TEST_CASE("a wake-up arrives once; an earlier deadline makes the pending one stale") {
+TEST_CASE("a wake-up arrives once, an earlier deadline makes the pending one stale") {
   caf::actor_system_config cfg;
   caf::actor_system sys{cfg};
   caf::scoped_actor self{sys};

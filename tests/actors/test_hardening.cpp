@@ -297,7 +297,7 @@ TEST_CASE("a worker actor killed while busy answers its caller at once") {
   caller.die();
 }
 
-TEST_CASE("an exception in the pool client fails that call only; the client keeps serving") {
+TEST_CASE("an exception in the pool client fails that call only, the client keeps serving") {
   // A call whose args change type between validation and use cannot be
   // built from outside; a callback that throws is the caller's own
   // exception on a runtime thread: it is logged and the client lives on.

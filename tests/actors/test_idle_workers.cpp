@@ -193,7 +193,7 @@ TEST_CASE("idle_workers: the pool is asked to wake only for a waiter due before 
   CHECK(f.armed.size() == 2);
 }
 
-TEST_CASE("idle_workers: a worker put back, or a resume, serves the line; close hands it back") {
+TEST_CASE("idle_workers: a worker put back, or a resume, serves the line, close hands it back") {
   fixture f;
   std::shared_ptr<worker_channel> taken;
   auto w1 = f.waiter("w1", clock_type::now() + 60s);

@@ -54,7 +54,7 @@ TEST_CASE("a hung idle worker is detected by its health check, killed and replac
   CHECK(pool.execute("ping").ok());
 }
 
-TEST_CASE("a failed health ping degrades a worker; a passing one brings it back") {
+TEST_CASE("a failed health ping degrades a worker, a passing one brings it back") {
   test_pool_options opts;
   opts.config = health_settings(1);
   test_pool pool{std::move(opts)};

@@ -313,7 +313,7 @@ TEST_CASE("calls fail with supervisor_gave_up once the root supervisor gave up")
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("stop leaves no process and retries nothing; subscribe and unsubscribe") {
+TEST_CASE("stop leaves no process and retries nothing, subscribe and unsubscribe") {
   auto rt = start_runtime(test_settings(3));
   std::atomic<int> removed_seen{0};
   auto id = rt->subscribe([&](const event& e) {

@@ -195,7 +195,7 @@ TEST_CASE("a session's programs survive the death of the worker that created the
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("a session's own LM holds on whichever worker serves it; other sessions keep the pool's") {
+TEST_CASE("a session's own LM holds on whichever worker serves it, other sessions keep the pool's") {
   auto rt = start_runtime(test_settings(2));
   auto conf = rt->execute_in_session("lm-a", "configure_lm",
                                      {{"provider", "mock"}, {"model", "session-model"}});
@@ -224,7 +224,7 @@ TEST_CASE("a session's own LM holds on whichever worker serves it; other session
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("operations counts every call; one call at a time per session, sessions in parallel") {
+TEST_CASE("operations counts every call, one call at a time per session, sessions in parallel") {
   auto rt = start_runtime(test_settings(2));
   REQUIRE(rt->execute_in_session("ops", "ping"));
   REQUIRE(rt->execute_in_session("ops", "list_programs"));
@@ -263,7 +263,7 @@ TEST_CASE("operations counts every call; one call at a time per session, session
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("end_session cleans the workers up; unknown sessions are session_not_found") {
+TEST_CASE("end_session cleans the workers up, unknown sessions are session_not_found") {
   auto rt = start_runtime(test_settings(1));
   REQUIRE(rt->execute_in_session("end", "create_program", program_def("a")));
   REQUIRE(rt->execute_in_session("end", "create_program", program_def("b")));
@@ -313,7 +313,7 @@ TEST_CASE("cleanup_session in a session drops its programs there and on its work
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("sessions expire after session.ttl without use; use refreshes the ttl") {
+TEST_CASE("sessions expire after session.ttl without use, use refreshes the ttl") {
   auto s = test_settings(1);
   s.session.ttl = std::chrono::milliseconds{1000};
   s.session.sweep_interval = std::chrono::milliseconds{50};
@@ -505,7 +505,7 @@ caf::actor child_of_root(runtime& rt, const std::string& id) {
 
 } // namespace
 
-TEST_CASE("sessions go on across a pool restart; the session layer is supervised") {
+TEST_CASE("sessions go on across a pool restart, the session layer is supervised") {
   auto rt = start_runtime(test_settings(2));
   event_recorder rec{rt->events()};
   REQUIRE(rt->execute_in_session("sup", "create_program", program_def("p")));

@@ -657,6 +657,9 @@ struct pool_results {
   std::string threads;  ///< the runtime's threads once started, by name
   double io_wakes_per_call = 0;   ///< sequential: wake-ups of the workers' I/O threads per call
   double caf_wakes_per_call = 0;  ///< sequential: wake-ups of CAF's threads per call
+  /// Blocking callers: the same per call, and the share of replies their
+  /// callers read themselves (pool_metrics::read_by_caller).
+  double blocking_io_wakes = 0, blocking_caf_wakes = 0, blocking_read_by_caller = 0;
 };
 
 /// The sizes of the payload rows, and how many round trips each.
@@ -812,7 +815,14 @@ pool_results run_pool(const options& o) {
       };
       run_threads(o.callers, std::min<std::size_t>(o.warmup, o.concurrent), lat, body);
       cpu_probe probe{worker_pids};
+      auto io0 = thread_switches("io:"), caf0 = thread_switches("caf.");
+      auto read0 = rt->status().metrics.read_by_caller;
       auto secs = run_threads(o.callers, o.concurrent, lat, body);
+      auto n = static_cast<double>(o.concurrent);
+      res.blocking_io_wakes = static_cast<double>(thread_switches("io:") - io0) / n;
+      res.blocking_caf_wakes = static_cast<double>(thread_switches("caf.") - caf0) / n;
+      res.blocking_read_by_caller
+        = static_cast<double>(rt->status().metrics.read_by_caller - read0) / n;
       dspex::latency_recorder all;
       for (auto& l : lat)
         all.merge(l);
@@ -1166,6 +1176,9 @@ void print_startup(const raw_results& raw, const anchor_results& anchor, const p
   std::printf("sequential calls: %.2f wake-ups of the workers' I/O threads and %.2f of CAF's threads per "
               "call (0 and 0: the caller alone talks to the process)\n",
               pool.io_wakes_per_call, pool.caf_wakes_per_call);
+  std::printf("blocking callers: %.2f wake-ups of the I/O threads and %.2f of CAF's threads per call; "
+              "%.0f%% of the replies read by their callers' own threads\n",
+              pool.blocking_io_wakes, pool.blocking_caf_wakes, pool.blocking_read_by_caller * 100);
   std::printf("start-up (runtime::start until every worker answered its init ping)\n");
   std::printf("  raw: 1 worker ready in %.1f ms", raw.start_ms);
   if (anchor.blocking)

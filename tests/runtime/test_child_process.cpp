@@ -315,7 +315,7 @@ TEST_CASE_FIXTURE(no_leftovers, "exit code is reported") {
   CHECK(rec->exit_count() == 1);
 }
 
-TEST_CASE_FIXTURE(no_leftovers, "kill() ends the child with SIGKILL; idempotent") {
+TEST_CASE_FIXTURE(no_leftovers, "kill() ends the child with SIGKILL, idempotent") {
   auto [rec, child] = start("/bin/cat", {});
   child->kill();
   child->kill();
@@ -1191,7 +1191,7 @@ TEST_CASE_FIXTURE(no_leftovers, "set_alarm: a replaced alarm never fires") {
 
 // -- direct reads: a blocking caller reads its own reply (issue 11) -------------
 
-TEST_CASE_FIXTURE(no_leftovers, "direct read: the sender reads its reply; afterwards frames are the I/O thread's") {
+TEST_CASE_FIXTURE(no_leftovers, "direct read: the sender reads its reply, afterwards frames are the I/O thread's") {
   auto [rec, child] = start("/bin/cat", {});
   auto deadline = std::chrono::steady_clock::now() + hang_bound;
   REQUIRE(child->begin_direct_read());
@@ -1272,7 +1272,7 @@ TEST_CASE_FIXTURE(no_leftovers, "direct read: a broken stream is named as the I/
   }
 }
 
-TEST_CASE_FIXTURE(no_leftovers, "direct read: a deadline ends it; abort_direct_read ends it at once") {
+TEST_CASE_FIXTURE(no_leftovers, "direct read: a deadline ends it, abort_direct_read ends it at once") {
   std::string payload;
   {
     // Nothing read by the deadline: the stream is intact and the I/O

@@ -54,7 +54,7 @@ TEST_CASE("event_bus: unsubscribe returns only once the handler's running call h
   CHECK_FALSE(bus.has_subscribers());
 }
 
-TEST_CASE("event_bus: a handler may unsubscribe itself; it is never called again") {
+TEST_CASE("event_bus: a handler may unsubscribe itself, it is never called again") {
   dspex::event_bus bus;
   int calls = 0;
   std::uint64_t id = 0;

@@ -171,7 +171,7 @@ TEST_CASE("jitter: each delay lies in [d * (1 - jitter), d], deterministic per s
   }
 }
 
-TEST_CASE("backoff config: validate names the field; the backoff clamps bad values") {
+TEST_CASE("backoff config: validate names the field, the backoff clamps bad values") {
   using k = dspex::backoff_kind;
   CHECK_FALSE(dspex::backoff_config{}.validate());
 
@@ -416,7 +416,7 @@ TEST_CASE("retry: idempotency defaults and the caller's word") {
   }
 }
 
-TEST_CASE("retry: custom rules replace the default table; first match wins") {
+TEST_CASE("retry: custom rules replace the default table, first match wins") {
   auto s = exact_settings();
   s.rules = {
     {error_category::resource_error, "pool_saturated", dspex::retry_class::safe},
@@ -506,7 +506,7 @@ using cs = dspex::circuit_state;
 
 } // namespace
 
-TEST_CASE("breaker: closed admits every call; N consecutive failures open it") {
+TEST_CASE("breaker: closed admits every call, N consecutive failures open it") {
   breaker_fixture f;
   CHECK(f.breaker.state() == cs::closed);
   auto p1 = f.permit();
@@ -584,7 +584,7 @@ TEST_CASE("breaker: update() half-opens on time without a call") {
   CHECK(f.events.size() == 2);
 }
 
-TEST_CASE("breaker: half-open admits at most K probes; M successes close it") {
+TEST_CASE("breaker: half-open admits at most K probes, M successes close it") {
   breaker_fixture f;
   f.open_it();
   f.advance(5s);
@@ -778,7 +778,7 @@ TEST_CASE("breaker: observer sees a full cycle in order, with the fake clock's t
   CHECK_FALSE(f.permit().probe);
 }
 
-TEST_CASE("breaker: open_timeout 0 half-opens at the next call; no observer is fine") {
+TEST_CASE("breaker: open_timeout 0 half-opens at the next call, no observer is fine") {
   dspex::circuit_breaker_config c;
   c.failure_threshold = 1;
   c.open_timeout = std::chrono::steady_clock::duration::zero();
@@ -794,7 +794,7 @@ TEST_CASE("breaker: open_timeout 0 half-opens at the next call; no observer is f
   CHECK(b.state() == cs::half_open);
 }
 
-TEST_CASE("breaker config: validate names the field; the breaker clamps zeros") {
+TEST_CASE("breaker config: validate names the field, the breaker clamps zeros") {
   CHECK_FALSE(dspex::circuit_breaker_config{}.validate());
   auto check_bad = [](dspex::circuit_breaker_config c, const char* key) {
     auto e = c.validate();
@@ -930,7 +930,7 @@ TEST_CASE("lifecycle: every one of the 36 (from, to) pairs against the table") {
   CHECK(invalid == 25);
 }
 
-TEST_CASE("lifecycle: only ready accepts work; only terminated is terminal") {
+TEST_CASE("lifecycle: only ready accepts work, only terminated is terminal") {
   for (auto s : all_states) {
     CAPTURE(dspex::to_string(s));
     auto now = t0;
@@ -984,7 +984,7 @@ TEST_CASE("lifecycle: the history records reasons and the time spent in each sta
   CHECK(w.rejected_total() == 1);
 }
 
-TEST_CASE("lifecycle: the history is bounded; totals still count every transition") {
+TEST_CASE("lifecycle: the history is bounded, totals still count every transition") {
   auto now = t0;
   dspex::worker_lifecycle w("w2", now, 4);
   REQUIRE_FALSE(w.transition(ls::ready, "init", now += 1ms));
@@ -1006,7 +1006,7 @@ TEST_CASE("lifecycle: the history is bounded; totals still count every transitio
   CHECK(none.transitions_total() == 1);
 }
 
-TEST_CASE("lifecycle: a clock that goes backwards counts as zero time; bad enum values are errors") {
+TEST_CASE("lifecycle: a clock that goes backwards counts as zero time, bad enum values are errors") {
   auto now = t0;
   dspex::worker_lifecycle w("w4", now);
   REQUIRE_FALSE(w.transition(ls::ready, "init", now + 100ms));

@@ -2,17 +2,26 @@
 // the session registry, which is the root supervisor's second child
 // ("sessions", after "pool"). Included only by translation units that use CAF.
 //
-// Path of a session call:
-//   runtime::execute_in_session → pool client (session_op_atom) → registry
-//   → session actor (one call in flight per session, a FIFO of the others)
-//   → pool client (execute_atom: retries, circuit breaker, the CURRENT pool)
-//   → pool → worker; the outcome comes back the same way.
+// Path of a session call (issue 11: one way, caller → session → worker):
+//   runtime::execute_in_session → the session's actor, found in the
+//   session directory (a new session: → pool client → registry, which
+//   creates it and forwards the call) → one call in flight per session, a
+//   FIFO of the others → the direct lane when the call may take it (the
+//   affinity hint: its worker when idle), else the pool client (retries,
+//   circuit breaker, the CURRENT pool) → pool → worker. The outcome goes
+//   from the worker's I/O thread to the session actor, which answers the
+//   caller's completion. A failed lane attempt goes to the pool client
+//   (retry policy, breaker), whose outcome comes back the same way.
 //
 // Registry messages:
-//  - (session_op_atom, session_request) → outcome (execute / end / info / list).
-// Session actor messages (from the registry):
-//  - (session_call_atom, call, client_call_options) → outcome;
+//  - (session_exec_atom, session_request, completion): op execute, answered
+//    through the completion;
+//  - (session_op_atom, session_request) → outcome (end / info / list).
+// Session actor messages:
+//  - (session_call_atom, call, client_call_options, completion): from a
+//    caller (through the directory) or the registry;
 //  - (session_info_atom) → outcome (the session's info JSON);
+//  - (session_idle_atom) → bool: idle past session.ttl (the registry's sweep);
 //  - (session_end_atom) → outcome: waits for the call in flight, fails the
 //    queued ones (session_error/session_ended), sends cleanup_session to every
 //    worker that served the session (through the pool, preferred_worker =
@@ -21,6 +30,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -59,16 +69,40 @@ struct session_request {
 };
 
 using session_op_atom = caf::atom_constant<caf::atom("sessop")>;     // (session_request) → outcome
-using session_call_atom = caf::atom_constant<caf::atom("sesscall")>; // registry → session: (call, opts) → outcome
+using session_exec_atom = caf::atom_constant<caf::atom("sessexec")>; // (session_request, completion)
+using session_call_atom = caf::atom_constant<caf::atom("sesscall")>; // → session: (call, opts, completion)
 using session_info_atom = caf::atom_constant<caf::atom("sessinfo")>; // registry → session: () → outcome
+using session_idle_atom = caf::atom_constant<caf::atom("sessidle")>; // registry → session: () → bool
 using session_end_atom = caf::atom_constant<caf::atom("sessend")>;   // registry → session: () → outcome
 
+namespace detail {
+class session_directory;
+} // namespace detail
+
+/// Starts a session's call on the direct lane. Returns true when the lane
+/// took it: `done` gets its outcome (from a worker's I/O thread, or from the
+/// pool client after a failed attempt); false: nothing happened, `c` is
+/// untouched and goes to the pool client. Set by the runtime.
+using session_lane
+  = std::function<bool(call& c, const detail::client_call_options& opts, const completion& done)>;
+
+/// What a session call's completion answers when the session's actor went
+/// away with it unanswered (resource_error/sessions_unavailable: the actor
+/// or its registry failed; an end answers every call itself): wrap the
+/// completion with answer_once(done, session_lost_error(...)) before it is sent.
+error session_lost_error(const std::string& session_id, const std::string& command);
+
 /// Spawns the session registry linked to `supervisor` (a child_spec's start
-/// function). `client` is the runtime's pool client: every session call goes
-/// through it, so sessions always use the current pool.
+/// function).
+/// @param client the runtime's pool client: the sessions' calls that do not
+///        take the direct lane go through it, so they always use the current pool.
+/// @param directory filled and emptied by the registry (see session_directory.hpp).
+/// @param lane how a session's call takes the direct lane (may be empty).
 caf::actor spawn_linked_session_registry(caf::event_based_actor* supervisor,
                                          std::shared_ptr<const settings> config,
-                                         caf::actor client);
+                                         caf::actor client,
+                                         std::shared_ptr<detail::session_directory> directory,
+                                         session_lane lane);
 
 } // namespace dspex
 

@@ -1,0 +1,262 @@
+// The session path (issue 11): caller → session actor → direct lane, with the
+// pool client out of the way. The registry runs against a scripted pool
+// client, which fails the test on any message it was not scripted for, and a
+// scripted lane: a test fails when a call takes a hop the path must not take
+// (a session's call through the client while the lane takes it), when the
+// session's state (its worker) is not carried from call to call, or when a
+// caller is left unanswered.
+#include <chrono>
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <caf/all.hpp>
+#include <doctest/doctest.h>
+
+#include "dspex/actors/messages.hpp"
+#include "dspex/actors/session_actor.hpp"
+#include "session_directory.hpp"
+#include "support/harness.hpp"
+
+using namespace dspex;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr auto hang_guard = std::chrono::seconds{10};
+
+/// What the scripted lane and pool client saw.
+struct script {
+  std::mutex mtx;
+  std::condition_variable cv;
+  std::vector<call> lane_calls;      ///< calls the lane took
+  std::vector<call> client_calls;    ///< execute_atom calls the pool client got
+  std::vector<std::string> unscripted;  ///< anything else the client got
+  bool lane_answers = true;          ///< false: the lane takes calls and keeps them
+  std::vector<completion> kept;      ///< their completions, never answered
+
+  void wait_client_calls(std::size_t n) {
+    std::unique_lock<std::mutex> lk{mtx};
+    REQUIRE(cv.wait_for(lk, hang_guard, [&] { return client_calls.size() >= n; }));
+  }
+};
+
+outcome served(const std::string& worker) {
+  auto o = outcome::success({{"status", "ok"}});
+  o.set_served_by(worker);
+  return o;
+}
+
+/// A pool client that answers execute_atom as worker "w9" and records
+/// everything; any other message is unscripted.
+caf::behavior scripted_client(caf::event_based_actor* self, script* sc) {
+  self->set_default_handler([sc](caf::scheduled_actor*, caf::message_view& x) -> caf::result<caf::message> {
+    std::lock_guard<std::mutex> lk{sc->mtx};
+    sc->unscripted.push_back(caf::to_string(x.copy_content_to_message()));
+    sc->cv.notify_all();
+    return caf::message{};
+  });
+  return {
+    [sc](execute_atom, call& c, completion& done, detail::client_call_options&) {
+      {
+        std::lock_guard<std::mutex> lk{sc->mtx};
+        sc->client_calls.push_back(c);
+        sc->cv.notify_all();
+      }
+      done.fn(served("w9"));
+    },
+  };
+}
+
+struct session_path {
+  caf::actor_system_config cfg;
+  caf::actor_system sys{cfg};
+  script sc;
+  std::shared_ptr<detail::session_directory> directory
+    = std::make_shared<detail::session_directory>();
+  caf::actor client = sys.spawn(scripted_client, &sc);
+  caf::actor parent;  ///< the registry's supervisor, here: it only spawns it
+  caf::actor registry;
+
+  session_path() {
+    auto config = std::make_shared<settings>(dspex::testing::test_settings(1));
+    session_lane lane = [this](call& c, const detail::client_call_options&,
+                               const completion& done) {
+      if (c.affinity != affinity_mode::hint)
+        return false;  // the pool client's
+      bool answer;
+      {
+        std::lock_guard<std::mutex> lk{sc.mtx};
+        sc.lane_calls.push_back(c);
+        answer = sc.lane_answers;
+        if (!answer)
+          sc.kept.push_back(done);
+        sc.cv.notify_all();
+      }
+      if (answer)
+        done.fn(served("w1"));
+      return true;
+    };
+    auto spawned = std::make_shared<std::promise<caf::actor>>();
+    auto got = spawned->get_future();
+    parent = sys.spawn([=](caf::event_based_actor* self) -> caf::behavior {
+      spawned->set_value(spawn_linked_session_registry(self, config, client, directory, lane));
+      return {[](int) {}};
+    });
+    REQUIRE(got.wait_for(hang_guard) == std::future_status::ready);
+    registry = got.get();
+  }
+
+  ~session_path() {
+    {
+      std::lock_guard<std::mutex> lk{sc.mtx};
+      sc.kept.clear();  // before the system goes: they send to its actors
+    }
+    caf::anon_send_exit(parent, caf::exit_reason::user_shutdown);
+    caf::anon_send_exit(registry, caf::exit_reason::user_shutdown);
+    caf::anon_send_exit(client, caf::exit_reason::user_shutdown);
+  }
+
+  session_request execute(const std::string& session, const std::string& command,
+                          affinity_mode mode = affinity_mode::hint) {
+    session_request r;
+    r.op = session_op::execute;
+    r.session_id = session;
+    r.c.command = command;
+    r.c.args = {{"session_id", session}};
+    r.c.deadline = std::chrono::steady_clock::now() + 30s;
+    r.c.type = checkout_type::session(session);
+    r.c.affinity = mode;
+    return r;
+  }
+
+  /// A completion as the API makes it (answer_once), and its future.
+  std::pair<completion, std::future<outcome>> answer(const session_request& r) {
+    auto p = std::make_shared<std::promise<outcome>>();
+    auto f = p->get_future();
+    return {answer_once(completion{[p](outcome o) { p->set_value(std::move(o)); }},
+                        session_lost_error(r.session_id, r.c.command)),
+            std::move(f)};
+  }
+
+  outcome wait(std::future<outcome>& f) {
+    REQUIRE(f.wait_for(hang_guard) == std::future_status::ready);
+    return f.get();
+  }
+};
+
+} // namespace
+
+TEST_CASE("session path: the first call creates the session, the next go straight to it and take the lane") {
+  session_path t;
+  // First call: no entry in the directory, so through the registry.
+  auto first = t.execute("s1", "ping");
+  auto [done1, f1] = t.answer(first);
+  CHECK_FALSE(t.directory->send("s1", session_call_atom::value, first.c, first.opts, done1));
+  caf::anon_send(t.registry, session_exec_atom::value, first, done1);
+  done1 = {};
+  auto r1 = t.wait(f1);
+  REQUIRE(r1.ok());
+  // Next calls: straight to the session's actor, which keeps its worker.
+  for (int i = 0; i < 3; ++i) {
+    auto next = t.execute("s1", "ping");
+    auto [done, f] = t.answer(next);
+    REQUIRE(t.directory->send("s1", session_call_atom::value, next.c, next.opts, done));
+    done = {};
+    CHECK(t.wait(f).ok());
+  }
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.lane_calls.size() == 4);
+  CHECK(t.sc.lane_calls.at(0).preferred_worker.empty());
+  for (std::size_t i = 1; i < 4; ++i) {
+    CHECK(t.sc.lane_calls.at(i).preferred_worker == "w1");  // the session's worker
+    CHECK(t.sc.lane_calls.at(i).args.at("session_id") == "s1");
+  }
+  CHECK(t.sc.client_calls.empty());  // the lane took every call
+  CHECK(t.sc.unscripted.empty());
+}
+
+TEST_CASE("session path: a call the lane does not take goes to the pool client, and its worker is remembered") {
+  session_path t;
+  auto strict = t.execute("s2", "ping", affinity_mode::strict_queue);
+  auto [done, f] = t.answer(strict);
+  caf::anon_send(t.registry, session_exec_atom::value, strict, done);
+  done = {};
+  auto r = t.wait(f);
+  REQUIRE(r.ok());
+  CHECK(r.served_by() == "w9");
+  auto hint = t.execute("s2", "ping");
+  auto [done2, f2] = t.answer(hint);
+  REQUIRE(t.directory->send("s2", session_call_atom::value, hint.c, hint.opts, done2));
+  done2 = {};
+  CHECK(t.wait(f2).ok());
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.client_calls.size() == 1);
+  CHECK(t.sc.client_calls.at(0).type.session_id() == "s2");
+  REQUIRE(t.sc.lane_calls.size() == 1);
+  CHECK(t.sc.lane_calls.at(0).preferred_worker == "w9");
+  CHECK(t.sc.unscripted.empty());
+}
+
+TEST_CASE("session path: after end_session the directory sends nothing to the old actor, a new call makes a new session") {
+  session_path t;
+  auto first = t.execute("s3", "ping");
+  auto [done, f] = t.answer(first);
+  caf::anon_send(t.registry, session_exec_atom::value, first, done);
+  done = {};
+  REQUIRE(t.wait(f).ok());
+  session_request end;
+  end.op = session_op::end;
+  end.session_id = "s3";
+  end.c.command = "end_session";
+  end.c.deadline = std::chrono::steady_clock::now() + 30s;
+  caf::scoped_actor self{t.sys};
+  // The end cleans up the session's worker through the pool client
+  // (strict_queue: never the lane).
+  self->request(t.registry, hang_guard, session_op_atom::value, end)
+    .receive([&](outcome& o) { CHECK(o.ok()); },
+             [&](caf::error& e) { FAIL(t.sys.render(e)); });
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    REQUIRE(t.sc.client_calls.size() == 1);
+    CHECK(t.sc.client_calls.at(0).command == "cleanup_session");
+    CHECK(t.sc.client_calls.at(0).preferred_worker == "w1");
+  }
+  auto again = t.execute("s3", "ping");
+  auto [done2, f2] = t.answer(again);
+  CHECK_FALSE(t.directory->send("s3", session_call_atom::value, again.c, again.opts, done2));
+  caf::anon_send(t.registry, session_exec_atom::value, again, done2);
+  done2 = {};
+  REQUIRE(t.wait(f2).ok());
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.lane_calls.size() == 2);
+  CHECK(t.sc.lane_calls.at(1).preferred_worker.empty());  // a new session: no worker yet
+  CHECK(t.sc.unscripted.empty());
+}
+
+TEST_CASE("session path: calls a dying session layer took are answered sessions_unavailable") {
+  session_path t;
+  t.sc.lane_answers = false;  // the first call stays in flight
+  auto first = t.execute("s4", "sleep");
+  auto [done, f] = t.answer(first);
+  caf::anon_send(t.registry, session_exec_atom::value, first, done);
+  done = {};
+  {
+    std::unique_lock<std::mutex> lk{t.sc.mtx};
+    REQUIRE(t.sc.cv.wait_for(lk, hang_guard, [&] { return !t.sc.kept.empty(); }));
+  }
+  // A second call waits behind it in the session.
+  auto second = t.execute("s4", "ping");
+  auto [done2, f2] = t.answer(second);
+  REQUIRE(t.directory->send("s4", session_call_atom::value, second.c, second.opts, done2));
+  done2 = {};
+  caf::anon_send_exit(t.registry, caf::exit_reason::kill);
+  for (auto* fut : {&f, &f2}) {
+    auto r = t.wait(*fut);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.error().type == "sessions_unavailable");
+    CHECK(r.error().context.at("session_id") == "s4");
+  }
+}
