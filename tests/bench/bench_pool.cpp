@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -239,7 +240,14 @@ public:
   explicit cpu_probe(std::vector<pid_t> children) : children_(std::move(children)) {
     busy0_ = busy_seconds_total();
     own0_ = own_seconds();
+    self0_ = self_seconds();
+    workers0_ = workers_seconds();
     t0_ = std::chrono::steady_clock::now();
+  }
+  /// CPU seconds since construction: this process (the runtime or the raw
+  /// loop, and the callers), and the workers.
+  std::pair<double, double> own_split() const {
+    return {self_seconds() - self0_, workers_seconds() - workers0_};
   }
   /// Average number of cores busy with other processes since construction.
   double foreign_cores() const {
@@ -249,14 +257,22 @@ public:
   }
 
 private:
-  double own_seconds() const {
-    double total = process_cpu_seconds("/proc/self/stat");
+  /// This process, in µs (getrusage), not clock ticks: a row's calls cost a few µs each.
+  static double self_seconds() {
+    rusage ru{};
+    ::getrusage(RUSAGE_SELF, &ru);
+    auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+    return sec(ru.ru_utime) + sec(ru.ru_stime);
+  }
+  double workers_seconds() const {
+    double total = 0;
     for (auto pid : children_)
       total += process_cpu_seconds("/proc/" + std::to_string(pid) + "/stat");
     return total;
   }
+  double own_seconds() const { return process_cpu_seconds("/proc/self/stat") + workers_seconds(); }
   std::vector<pid_t> children_;
-  double busy0_ = 0, own0_ = 0;
+  double busy0_ = 0, own0_ = 0, self0_ = 0, workers0_ = 0;
   std::chrono::steady_clock::time_point t0_;
 };
 
@@ -459,6 +475,9 @@ struct row {
   double p50 = 0, p99 = 0, mean = 0;
   double rps = 0;
   double other_cores = 0;  ///< CPU used by other processes meanwhile, in cores
+  /// CPU per call, µs: this process (runtime or raw loop, callers included)
+  /// and the workers; negative: not measured (the anchor's rows).
+  double cpu_self_us = -1, cpu_workers_us = -1;
 };
 
 row make_row(std::string path, const dspex::latency_recorder& lat, double seconds,
@@ -471,6 +490,11 @@ row make_row(std::string path, const dspex::latency_recorder& lat, double second
   r.p99 = lat.percentile_us(99);
   r.mean = lat.mean_us();
   r.rps = seconds > 0 ? static_cast<double>(lat.count()) / seconds : 0;
+  if (r.count > 0) {
+    auto [self, workers] = probe.own_split();
+    r.cpu_self_us = self * 1e6 / static_cast<double>(r.count);
+    r.cpu_workers_us = workers * 1e6 / static_cast<double>(r.count);
+  }
   return r;
 }
 
@@ -1113,18 +1137,24 @@ std::pair<double, double> histogram_record_cost() {
 
 void print_table(const std::vector<row>& rows) {
   // printf pads bytes, not characters: "µ" is 2 bytes in UTF-8, hence 11 for 10.
-  std::printf("%-40s %7s %11s %11s %11s %9s %7s\n", "path", "n", "p50 µs", "p99 µs", "mean µs",
-              "req/s", "other*");
-  std::printf("%s\n", std::string(102, '-').c_str());
+  std::printf("%-40s %7s %11s %11s %11s %9s %7s %17s\n", "path", "n", "p50 µs", "p99 µs",
+              "mean µs", "req/s", "other*", "CPU µs/call**");
+  std::printf("%s\n", std::string(120, '-').c_str());
   for (auto& r : rows) {
     std::printf("%-40s %7zu %10.1f %10.1f ", r.path.c_str(), r.count, r.p50, r.p99);
     if (r.mean > 0)
       std::printf("%10.1f", r.mean);
     else
       std::printf("%10s", "-");  // the anchor reports no mean
-    std::printf(" %9.0f %7.2f\n", r.rps, r.other_cores);
+    std::printf(" %9.0f %7.2f", r.rps, r.other_cores);
+    if (r.cpu_self_us >= 0)
+      std::printf(" %7.1f + %6.1f\n", r.cpu_self_us, r.cpu_workers_us);
+    else
+      std::printf(" %16s\n", "-");
   }
-  std::printf("* other: average cores busy with other processes during that row (0 = quiet)\n\n");
+  std::printf("* other: average cores busy with other processes during that row (0 = quiet)\n");
+  std::printf("** CPU per call: this process (the raw loop or the runtime, callers included) + the "
+              "Python workers;\n   with 2 cores, req/s cannot exceed 2 / (their sum)\n\n");
 }
 
 const char* verdict(bool ok) {

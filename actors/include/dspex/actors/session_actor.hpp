@@ -49,8 +49,9 @@ namespace dspex {
 namespace detail {
 
 /// What the pool client needs to know of a call beyond the call itself
-/// (shared by runtime.cpp and the session actors, which send their calls
-/// through the pool client as (execute_atom, call, completion, client_call_options)).
+/// (the pool client, the direct lane and the session actors, which send
+/// their calls to the pool client as (execute_atom, call, completion,
+/// client_call_options)).
 struct client_call_options {
   std::optional<bool> idempotent;
   std::optional<std::size_t> max_attempts;

@@ -1,0 +1,107 @@
+// pool_client: what the rest of the runtime needs of the pool client
+// (pool_client.cpp): the state it shares with the runtime object, the
+// failed direct-lane attempt it takes over, the messages other files send
+// it, and its spawn. The client's own bookkeeping stays in its file: only
+// its actor touches it.
+//
+// Internal to actors/ (CAF included).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/allowed_unsafe_message_type.hpp>
+#include <caf/atom.hpp>
+#include <caf/fwd.hpp>
+
+#include "dspex/actors/events_actor.hpp"  // sup_event_atom carries an event
+#include "dspex/actors/messages.hpp"
+#include "dspex/actors/session_actor.hpp"
+#include "dspex/circuit_breaker.hpp"
+#include "dspex/error.hpp"
+#include "dspex/events.hpp"
+#include "dspex/settings.hpp"
+
+namespace dspex::detail {
+
+class idle_workers;
+
+/// Shared by a runtime object and its pool client: what runtime::status and
+/// runtime::checkout read without a round trip through the client.
+struct client_shared {
+  std::mutex mtx;
+  caf::actor pool;               ///< the current pool; none while it restarts
+  std::optional<error> gave_up;  ///< set once the root supervisor gave up
+  /// The current pool's idle workers, which the direct lane takes from
+  /// (set by the root's pool child before the pool starts).
+  std::shared_ptr<idle_workers> idle;
+  std::atomic<circuit_state> circuit{circuit_state::closed};
+
+  /// The pool's circuit breaker, used by the pool client and, for calls in
+  /// the closed state, by the direct lane. Its observer only records the
+  /// transitions (under breaker_mtx); the pool client publishes them.
+  std::mutex breaker_mtx;
+  std::optional<circuit_breaker> breaker;
+  std::vector<circuit_transition> transitions;
+
+  caf::actor current_pool() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return pool;
+  }
+  std::shared_ptr<idle_workers> current_idle() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return idle;
+  }
+  std::optional<error> gave_up_error() {
+    std::lock_guard<std::mutex> guard{mtx};
+    return gave_up;
+  }
+};
+
+/// A call of the direct lane whose attempt failed: the pool client takes it
+/// over from there (retry policy, circuit breaker), as if it had sent it.
+struct direct_failure {
+  call c;
+  completion done;
+  client_call_options options;
+  std::optional<circuit_permit> permit;
+  outcome result;  ///< a failure, served_by set when a worker answered
+};
+
+} // namespace dspex::detail
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::direct_failure)
+
+namespace dspex::runtime_detail {
+
+// The pool client's messages that other files send it (its own timers and
+// the direct lane's answers to it stay in pool_client.cpp).
+using sup_event_atom = caf::atom_constant<caf::atom("supevent")>;       // (event, child actor)
+using closing_atom = caf::atom_constant<caf::atom("closing")>;          // runtime::stop began
+using watch_root_atom = caf::atom_constant<caf::atom("watchroot")>;     // (root supervisor)
+
+/// Spawns the runtime's pool client. It takes
+///  - (execute_atom, call, completion, client_call_options): an anonymous
+///    call, or a session's call (from a session actor);
+///  - detail::direct_failure: a direct-lane call whose attempt failed;
+///  - (session_op_atom, session_request, completion): a session request;
+///  - (await_ready_atom) → outcome: ok once the current pool is ready;
+///  - sup_event_atom, watch_root_atom: from the supervision tree;
+///  - closing_atom, then stop_atom: runtime::stop.
+/// Every call's completion is run on the client's thread (run_callback).
+/// @param sys the runtime's actor system
+/// @param config the runtime's settings (retry.*, circuit.*, session.*)
+/// @param events where the client publishes retries, circuit transitions and
+///        the supervisor's events
+/// @param shared what the client shares with the runtime object; the client
+///        sets its breaker when circuit.enabled
+/// @returns the pool client
+caf::actor spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
+                             std::shared_ptr<event_bus> events,
+                             std::shared_ptr<detail::client_shared> shared);
+
+} // namespace dspex::runtime_detail
