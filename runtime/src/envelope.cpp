@@ -17,6 +17,9 @@ namespace {
 using json = nlohmann::json;
 
 /// Current time as ISO-8601 UTC with microseconds, e.g. "2026-11-26T14:00:00.123456Z".
+/// Every request carries one: the part up to the second changes once a
+/// second, so each thread formats it (gmtime_r and snprintf, ~1-2 µs) only
+/// when the second changed, and writes the microseconds itself.
 std::string utc_timestamp() {
   const auto now = std::chrono::system_clock::now();
   const long long us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
@@ -26,16 +29,28 @@ std::string utc_timestamp() {
     frac += 1000000;
     secs -= 1;
   }
-  const auto t = static_cast<std::time_t>(secs);
-  std::tm tm{};
-  if (gmtime_r(&t, &tm) == nullptr)
-    return "1970-01-01T00:00:00.000000Z";
-  char buf[64];
-  const int len = std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tm.tm_year + 1900,
-                                tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<int>(frac));
-  if (len <= 0 || static_cast<std::size_t>(len) >= sizeof buf)
-    return "1970-01-01T00:00:00.000000Z";
-  return std::string(buf, static_cast<std::size_t>(len));
+  thread_local long long cached_secs = -1;
+  thread_local char cached[32];  // "YYYY-MM-DDTHH:MM:SS"
+  thread_local int cached_len = 0;
+  if (secs != cached_secs) {
+    const auto t = static_cast<std::time_t>(secs);
+    std::tm tm{};
+    if (gmtime_r(&t, &tm) == nullptr)
+      return "1970-01-01T00:00:00.000000Z";
+    const int len = std::snprintf(cached, sizeof cached, "%04d-%02d-%02dT%02d:%02d:%02d",
+                                  tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                                  tm.tm_min, tm.tm_sec);
+    if (len <= 0 || static_cast<std::size_t>(len) >= sizeof cached)
+      return "1970-01-01T00:00:00.000000Z";
+    cached_len = len;
+    cached_secs = secs;
+  }
+  std::string out(cached, static_cast<std::size_t>(cached_len));
+  char micros[9] = {'.', '0', '0', '0', '0', '0', '0', 'Z', '\0'};
+  for (int i = 6; i >= 1; --i, frac /= 10)
+    micros[i] = static_cast<char>('0' + frac % 10);
+  out.append(micros, 8);
+  return out;
 }
 
 /// A short, log-safe preview of a payload that failed to parse.

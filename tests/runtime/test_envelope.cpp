@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <ctime>
@@ -130,6 +131,36 @@ TEST_CASE("encode_request produces the documented envelope") {
   const double t = timestamp_seconds(ts);
   CHECK(t >= before - 1.0);
   CHECK(t <= after + 1.0);
+}
+
+TEST_CASE("encode_request: each timestamp is the time of its own request, across second boundaries") {
+  // The part up to the second is formatted once per second and reused: a
+  // stale one would be a whole second off. Each timestamp must lie between
+  // the clock read just before and just after its request, to the
+  // microsecond, over two second boundaries.
+  using namespace std::chrono;
+  auto micros = [](system_clock::time_point t) {
+    return duration_cast<microseconds>(t.time_since_epoch()).count();
+  };
+  int boundaries = 0;
+  long long last_second = -1;
+  const auto bound = steady_clock::now() + seconds{5};  // a hang guard; ~2 s are needed
+  while (boundaries < 2 && steady_clock::now() < bound) {
+    const auto before = micros(system_clock::now());
+    const json j = json::parse(encode_request(1, "ping", nullptr));
+    const auto after = micros(system_clock::now());
+    const std::string ts = j.at("timestamp").get<std::string>();
+    CAPTURE(ts);
+    REQUIRE(matches_shape(ts, "dddd-dd-ddTdd:dd:dd.ddddddZ"));
+    const auto t = static_cast<long long>(std::llround(timestamp_seconds(ts) * 1e6));
+    REQUIRE(t >= before - 1);  // (the double's rounding)
+    REQUIRE(t <= after + 1);
+    const long long second = t / 1000000;
+    if (last_second >= 0 && second != last_second)
+      ++boundaries;
+    last_second = second;
+  }
+  CHECK(boundaries == 2);
 }
 
 TEST_CASE("the timestamp shape check itself rejects near misses") {
