@@ -225,7 +225,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       done.fn(outcome::failure(stopping_error(command)));
       return;
     }
-    if (!sessions->send(r.session_id, session_call_atom::value, r.c, r.opts, done))
+    if (!sessions->send(r.session_id, session_call_atom::value, std::move(r.c), r.opts, done))
       caf::anon_send(client, session_op_atom::value, std::move(r), std::move(done));
   }
 

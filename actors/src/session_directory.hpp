@@ -29,6 +29,8 @@ class session_directory {
 public:
   /// Sends `xs` to the actor of session `id`.
   /// @returns false when the session is not in the directory (nothing sent).
+  /// @note `xs` are forwarded (moved from) only when sent: on false the
+  ///       caller still has them, for the registry.
   template <class... Ts>
   bool send(const std::string& id, Ts&&... xs) {
     std::shared_lock<std::shared_mutex> lk{mtx_};
