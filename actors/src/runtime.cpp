@@ -225,8 +225,9 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       done.fn(outcome::failure(stopping_error(command)));
       return;
     }
-    if (!sessions->send(r.session_id, session_call_atom::value, std::move(r.c), r.opts, done))
-      caf::anon_send(client, session_op_atom::value, std::move(r), std::move(done));
+    sessions->route(std::move(r), std::move(done), [this](session_request first, completion d) {
+      caf::anon_send(client, session_op_atom::value, std::move(first), std::move(d));
+    });
   }
 
   // Sends a session request through the client and blocks for its outcome

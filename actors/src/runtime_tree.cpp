@@ -11,6 +11,7 @@
 #include "dspex/actors/session_actor.hpp"
 #include "dspex/actors/supervisor.hpp"
 #include "direct_lane.hpp"
+#include "dspy_session.hpp"
 #include "idle_workers.hpp"
 #include "pool_client.hpp"
 
@@ -90,7 +91,7 @@ caf::actor spawn_runtime_tree(caf::actor_system& sys, const settings& config,
     };
     sessions.start = [cfg = p.shared_config, client = p.client, dir = p.sessions,
                       lane](caf::event_based_actor* sup) {
-      return spawn_linked_session_registry(sup, cfg, client, dir, lane);
+      return spawn_linked_session_registry(sup, cfg, client, dir, lane, detail::make_dspy_session);
     };
     sessions.shutdown_timeout = std::chrono::seconds{2};
     children.push_back(std::move(sessions));

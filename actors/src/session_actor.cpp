@@ -14,8 +14,8 @@
 
 #include "dspex/logging.hpp"
 #include "deadline_timer.hpp"
+#include "session_adapter.hpp"
 #include "session_directory.hpp"
-#include "dspex/secrets.hpp"
 
 namespace dspex {
 
@@ -41,22 +41,7 @@ error session_err(std::string type, std::string message, const std::string& sess
                     std::move(ctx));
 }
 
-// The worker's own error shape for a command answered by the session.
-outcome python_failure(const std::string& message, const std::string& session_id,
-                       const std::string& command) {
-  return outcome::failure(make_error(error_category::python_error, "command_failed", message,
-                                     {{"session_id", session_id}, {"command", command}}));
-}
-
 // -- the session actor --------------------------------------------------------------------
-
-struct program_entry {
-  nlohmann::json definition;  ///< the create_program args (session_id removed)
-  double created_at = 0;
-  std::uint64_t execution_count = 0;
-  nlohmann::json last_executed = nullptr;
-  std::uint64_t order = 0;  ///< creation order, for listing
-};
 
 struct queued_call {
   std::uint64_t seq = 0;
@@ -67,16 +52,19 @@ struct queued_call {
   void answer(outcome o) const { done.fn(std::move(o)); }
 };
 
-enum class flight_kind { none, user, stale_delete, barrier };
+// user: the caller's call; repair: a command its adapter asked for on one
+// worker before the call is sent again; sweep: a command on every worker
+// that served the session (the adapter's, or the end's).
+enum class flight_kind { none, user, repair, sweep };
 
 struct flight {
   flight_kind kind = flight_kind::none;
-  queued_call q;                        ///< user / stale_delete: the caller's call
+  queued_call q;                        ///< user / repair: the caller's call
   std::unordered_set<std::uint64_t> tags;  ///< pool calls whose answers are awaited
-  int recoveries = 0;                   ///< stale-cache recoveries of a create_program
-  nlohmann::json results = nlohmann::json::array();  ///< barrier: one entry per answer
-  std::unordered_map<std::uint64_t, std::string> targets;  ///< barrier: tag -> the worker asked
-  bool end_after = false;               ///< barrier: end the session when done
+  int repairs = 0;                      ///< repairs made for the user call
+  nlohmann::json results = nlohmann::json::array();  ///< sweep: one entry per answer
+  std::unordered_map<std::uint64_t, std::string> targets;  ///< sweep: tag -> the worker asked
+  bool end_after = false;               ///< sweep: end the session when done
 };
 
 struct session_state {
@@ -90,12 +78,9 @@ struct session_state {
   clock_type::time_point last_used = started;  ///< its TTL counts from here
   std::uint64_t operations = 0;
   std::string preferred_worker;
-  /// The session's own LM (a configure_lm in the session), sent with each of
-  /// its executions so it holds on whichever worker serves it; null: the pool's.
-  nlohmann::json lm_override;
   std::set<std::string> workers;  ///< every worker that served this session
-  std::map<std::string, program_entry> programs;
-  std::uint64_t program_order = 0;
+  /// What the session knows of its commands (DSPy: dspy_session.hpp).
+  std::unique_ptr<detail::session_adapter> adapter;
   std::deque<queued_call> queue;
   detail::deadline_timer queue_timer;  ///< the earliest queued call's deadline
   flight in_flight;
@@ -111,34 +96,18 @@ using session_actor_t = caf::stateful_actor<session_state>;
 
 void run_next(session_actor_t* self);
 
-nlohmann::json program_summary(const session_state& st, const std::string& id,
-                               const program_entry& p) {
-  return {{"id", id},
-          {"created_at", p.created_at},
-          {"execution_count", p.execution_count},
-          {"last_executed", p.last_executed},
-          {"signature", p.definition.value("signature", nlohmann::json::object())},
-          {"session_id", st.id}};
-}
-
 nlohmann::json session_info(session_actor_t* self) {
   auto& st = self->state;
-  std::vector<std::pair<std::uint64_t, std::string>> ids;
-  for (auto& [id, p] : st.programs)
-    ids.emplace_back(p.order, id);
-  std::sort(ids.begin(), ids.end());
-  auto programs = nlohmann::json::array();
-  for (auto& [order, id] : ids)
-    programs.push_back(id);
   auto ttl_s = std::chrono::duration<double>(st.config->session.ttl).count();
   auto last_accessed
     = st.created_at + std::chrono::duration<double>(st.last_used - st.started).count();
   std::size_t pending = st.queue.size()
                         + (st.in_flight.kind == flight_kind::user
-                               || st.in_flight.kind == flight_kind::stale_delete
+                               || st.in_flight.kind == flight_kind::repair
                              ? 1
                              : 0);
-  return {{"session_id", st.id},
+  auto info = st.adapter->info();
+  info.update(nlohmann::json{{"session_id", st.id},
           {"created_at", st.created_at},
           {"last_accessed", last_accessed},
           {"expires_at", last_accessed + ttl_s},
@@ -146,11 +115,9 @@ nlohmann::json session_info(session_actor_t* self) {
           {"preferred_worker",
            st.preferred_worker.empty() ? nlohmann::json(nullptr) : nlohmann::json(st.preferred_worker)},
           {"workers", nlohmann::json(st.workers)},
-          {"programs", std::move(programs)},
-          {"program_count", st.programs.size()},
           {"pending", pending},
-          {"affinity", to_string(st.default_affinity)},
-          {"lm", redacted(st.lm_override)}};
+          {"affinity", to_string(st.default_affinity)}});
+  return info;
 }
 
 // Sends one call on the direct lane, or else through the pool client; its
@@ -193,19 +160,20 @@ std::chrono::milliseconds cleanup_timeout(const session_state& st) {
                                              std::chrono::seconds{5});
 }
 
-// Starts a barrier: `command` to every worker that served the session.
+// Starts a sweep: a command to every worker that served the session.
 // Returns false when there is no worker to ask.
-bool start_barrier(session_actor_t* self, const std::string& command, nlohmann::json args,
-                   bool end_after) {
+bool start_sweep(session_actor_t* self, const detail::session_adapter::worker_sweep& sweep,
+                 bool end_after) {
   auto& st = self->state;
   st.in_flight = flight{};
-  st.in_flight.kind = flight_kind::barrier;
+  st.in_flight.kind = flight_kind::sweep;
   st.in_flight.end_after = end_after;
   if (st.workers.empty())
     return false;
   for (auto& w : st.workers) {
     auto tag = send_to_pool(
-      self, worker_call(command, args, w, affinity_mode::strict_queue, cleanup_timeout(st)),
+      self, worker_call(sweep.command, sweep.args, w, affinity_mode::strict_queue,
+                        cleanup_timeout(st)),
       detail::client_call_options{true, 1});
     st.in_flight.targets[tag] = w;
   }
@@ -214,15 +182,11 @@ bool start_barrier(session_actor_t* self, const std::string& command, nlohmann::
 
 void finish_end(session_actor_t* self, nlohmann::json results) {
   auto& st = self->state;
-  std::uint64_t removed = 0;
-  for (auto& r : results)
-    removed += r.value("programs_removed", std::uint64_t{0});
-  nlohmann::json summary{{"session_id", st.id},
-                         {"status", "ended"},
-                         {"operations", st.operations},
-                         {"programs", st.programs.size()},
-                         {"workers_cleaned", std::move(results)},
-                         {"worker_programs_removed", removed}};
+  auto summary = st.adapter->end_summary(results);
+  summary.update(nlohmann::json{{"session_id", st.id},
+                                {"status", "ended"},
+                                {"operations", st.operations},
+                                {"workers_cleaned", std::move(results)}});
   for (auto& rp : st.end_waiters)
     rp.deliver(outcome::success(summary));
   st.end_waiters.clear();
@@ -236,7 +200,7 @@ void begin_end(session_actor_t* self) {
     q.answer(outcome::failure(session_err(
       "session_ended", "the session ended before this call ran", st.id, q.c.command)));
   st.queue.clear();
-  if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), true))
+  if (!start_sweep(self, st.adapter->end_sweep(), true))
     finish_end(self, nlohmann::json::array());
 }
 
@@ -257,124 +221,29 @@ void note_served(session_state& st, const outcome& o) {
   }
 }
 
-// Sends the user call in flight to the pool (possibly again, after a stale
-// cache was removed).
+// Sends the user call in flight to the pool (possibly again, after a repair),
+// made whole by the adapter so that any worker can run it.
 void send_user_call(session_actor_t* self) {
   auto& st = self->state;
   auto c = st.in_flight.q.c;
   c.preferred_worker = st.preferred_worker;
-  if (c.command == "execute_program" && !c.args.contains("program_data")) {
-    auto pid = c.args.value("program_id", nlohmann::json(nullptr));
-    if (pid.is_string()) {
-      auto it = st.programs.find(pid.get<std::string>());
-      if (it != st.programs.end())
-        c.args["program_data"] = it->second.definition;
-    }
-  }
-  if (c.command == "execute_program" && !st.lm_override.is_null()
-      && !c.args.contains("lm_override"))
-    c.args["lm_override"] = st.lm_override;
   auto opts = st.in_flight.q.opts;
-  if (c.command == "create_program" && !opts.idempotent) {
-    // Safe to run again when its worker died before answering: the program
-    // existed only in that worker, and the session (not the worker) holds
-    // the definition. So a create is not lost to a worker's death.
-    opts.idempotent = true;
-  }
+  st.adapter->complete(c, opts);
   send_to_pool(self, std::move(c), opts);
 }
 
-// Answers the commands the session serves from its own state; false for the
-// others (sent to a worker).
+// Answers the commands the session serves from its own state (its adapter's
+// decision); false for the others (sent to a worker). A sweep the answer
+// asks for runs before the session's next call.
 bool answer_locally(session_actor_t* self, queued_call& q) {
   auto& st = self->state;
-  const auto& cmd = q.c.command;
-  auto program_id = [&]() -> std::optional<std::string> {
-    auto v = q.c.args.value("program_id", nlohmann::json(nullptr));
-    if (v.is_string() && !v.get<std::string>().empty())
-      return v.get<std::string>();
-    return std::nullopt;
-  };
-  if (cmd == "list_programs") {
-    std::vector<std::pair<std::uint64_t, std::string>> ids;
-    for (auto& [id, p] : st.programs)
-      ids.emplace_back(p.order, id);
-    std::sort(ids.begin(), ids.end());
-    auto list = nlohmann::json::array();
-    for (auto& [order, id] : ids)
-      list.push_back(program_summary(st, id, st.programs.at(id)));
-    auto n = list.size();
-    q.answer(outcome::success({{"programs", std::move(list)}, {"total_count", n}}));
-    return true;
-  }
-  if (cmd == "get_program_info" || cmd == "delete_program") {
-    auto id = program_id();
-    if (!id) {
-      q.answer(python_failure("Missing required argument: program_id", st.id, cmd));
-      return true;
-    }
-    auto it = st.programs.find(*id);
-    if (it == st.programs.end()) {
-      q.answer(python_failure("Program not found: " + *id, st.id, cmd));
-      return true;
-    }
-    if (cmd == "get_program_info") {
-      auto& p = it->second;
-      q.answer(outcome::success(
-        {{"program_id", *id},
-         {"signature", p.definition.value("signature", nlohmann::json::object())},
-         {"created_at", p.created_at},
-         {"execution_count", p.execution_count},
-         {"last_executed", p.last_executed}}));
-      return true;
-    }
-    st.programs.erase(it);
-    q.answer(outcome::success({{"program_id", *id}, {"status", "deleted"}}));
-    // Workers that cached the program must forget it, or a later program
-    // with the same id would run the old definition there: the session's
-    // next call waits for that (the caller already has its answer).
-    if (!start_barrier(self, "delete_program", {{"program_id", *id}}, false))
-      st.in_flight = flight{};
-    return true;
-  }
-  if (cmd == "cleanup_session") {
-    // The session's programs go, here and on every worker that served it
-    // (the session's next call waits for the workers).
-    auto n = st.programs.size();
-    st.programs.clear();
-    q.answer(outcome::success(
-      {{"status", "cleaned"}, {"session_id", st.id}, {"programs_removed", n}}));
-    if (!start_barrier(self, "cleanup_session", nlohmann::json::object(), false))
-      st.in_flight = flight{};
-    return true;
-  }
-  if (cmd == "configure_lm") {
-    // A session's LM override: kept here (a worker's LM is shared by every
-    // session it serves) and carried by each execution of the session.
-    auto provider = q.c.args.value("provider", nlohmann::json(nullptr));
-    if (!provider.is_string() || provider.get<std::string>().empty()) {
-      q.answer(python_failure("Missing required argument: provider", st.id, cmd));
-      return true;
-    }
-    auto lm = q.c.args;
-    lm.erase("session_id");
-    st.lm_override = lm;
-    q.answer(outcome::success({{"status", "configured"},
-                                   {"scope", "session"},
-                                   {"session_id", st.id},
-                                   {"provider", provider},
-                                   {"model", lm.value("model", nlohmann::json(nullptr))},
-                                   {"temperature", lm.value("temperature", 0.7)}}));
-    return true;
-  }
-  if (cmd == "create_program") {
-    auto v = q.c.args.value("id", nlohmann::json(nullptr));
-    if (v.is_string() && st.programs.count(v.get<std::string>())) {
-      q.answer(python_failure("Program already exists: " + v.get<std::string>(), st.id, cmd));
-      return true;
-    }
-  }
-  return false;
+  auto local = st.adapter->answer_locally(q.c);
+  if (!local)
+    return false;
+  q.answer(std::move(local->result));
+  if (local->then && !start_sweep(self, *local->then, false))
+    st.in_flight = flight{};
+  return true;
 }
 
 void run_next(session_actor_t* self) {
@@ -390,7 +259,7 @@ void run_next(session_actor_t* self) {
       continue;
     }
     if (answer_locally(self, q))
-      continue;  // (delete_program may have started its worker fan-out: the loop ends)
+      continue;  // (its answer may have started a sweep: the loop ends)
     st.in_flight = flight{};
     st.in_flight.kind = flight_kind::user;
     st.in_flight.q = std::move(q);
@@ -403,39 +272,14 @@ void on_user_reply(session_actor_t* self, outcome o) {
   auto& fl = st.in_flight;
   note_served(st, o);
   st.last_used = clock_type::now();
-  const auto& cmd = fl.q.c.command;
-  if (cmd == "create_program") {
-    auto id = fl.q.c.args.value("id", nlohmann::json(nullptr));
-    if (o && id.is_string()) {
-      program_entry p;
-      p.definition = fl.q.c.args;
-      p.definition.erase("session_id");
-      p.created_at = epoch_now();
-      p.order = st.program_order++;
-      st.programs[id.get<std::string>()] = std::move(p);
-    } else if (!o && o.error().category == error_category::python_error && id.is_string()
-               && o.error().message.rfind("Program already exists", 0) == 0
-               && !o.served_by().empty() && fl.recoveries < 2) {
-      // That worker still caches an earlier program of this id (deleted in
-      // the session, or a former session of the same id): drop it there and
-      // create again.
-      ++fl.recoveries;
-      fl.kind = flight_kind::stale_delete;
-      send_to_pool(self,
-                   worker_call("delete_program", {{"program_id", id}}, o.served_by(),
-                               affinity_mode::strict_queue, cleanup_timeout(st)),
-                   detail::client_call_options{true, 1});
-      return;
-    }
-  } else if (cmd == "execute_program" && o) {
-    auto id = fl.q.c.args.value("program_id", nlohmann::json(nullptr));
-    if (id.is_string()) {
-      auto it = st.programs.find(id.get<std::string>());
-      if (it != st.programs.end()) {
-        ++it->second.execution_count;
-        it->second.last_executed = epoch_now();
-      }
-    }
+  if (auto r = st.adapter->on_reply(fl.q.c, o, fl.repairs)) {
+    ++fl.repairs;
+    fl.kind = flight_kind::repair;
+    send_to_pool(self,
+                 worker_call(r->command, r->args, r->worker, affinity_mode::strict_queue,
+                             cleanup_timeout(st)),
+                 detail::client_call_options{true, 1});
+    return;
   }
   fl.q.answer(std::move(o));
   flight_done(self);
@@ -443,8 +287,9 @@ void on_user_reply(session_actor_t* self, outcome o) {
 
 caf::behavior session_actor(session_actor_t* self, std::string id,
                             std::shared_ptr<const settings> config, caf::actor client,
-                            session_lane lane) {
+                            session_lane lane, detail::session_adapter_factory make_adapter) {
   auto& st = self->state;
+  st.adapter = make_adapter(id);
   st.id = std::move(id);
   st.config = std::move(config);
   st.client = std::move(client);
@@ -500,15 +345,15 @@ caf::behavior session_actor(session_actor_t* self, std::string id,
         case flight_kind::user:
           on_user_reply(self, std::move(o));
           break;
-        case flight_kind::stale_delete:
+        case flight_kind::repair:
           fl.kind = flight_kind::user;
           send_user_call(self);
           break;
-        case flight_kind::barrier: {
+        case flight_kind::sweep: {
           nlohmann::json r{{"worker_id", fl.targets[tag]}, {"served_by", o.served_by()},
                            {"ok", o.ok()}};
           if (o)
-            r["programs_removed"] = o.value().value("programs_removed", 0);
+            st.adapter->note_sweep_answer(o, r);
           else
             r["error"] = o.error().describe();
           fl.results.push_back(std::move(r));
@@ -553,6 +398,7 @@ struct registry_state {
   std::unordered_map<std::string, caf::actor> sessions;
   std::shared_ptr<detail::session_directory> directory;
   session_lane lane;
+  detail::session_adapter_factory make_adapter;
 
   static inline const char* name = "dspex.sessions";
 };
@@ -614,6 +460,16 @@ void sweep(registry_t* self) {
 // created here on its first call.
 void forward_call(registry_t* self, session_request& r, completion& done) {
   auto& st = self->state;
+  // Counted in the directory while on its way here: given back once passed
+  // on (or answered), so that the session's later calls may go directly.
+  struct passed_on {
+    registry_t* self;
+    const session_request& r;
+    ~passed_on() {
+      if (r.transit != 0)
+        self->state.directory->arrived(r.session_id, r.transit);
+    }
+  } counted{self, r};
   auto it = st.sessions.find(r.session_id);
   if (it == st.sessions.end()) {
     if (st.sessions.size() >= st.config->session.max_sessions) {
@@ -625,7 +481,8 @@ void forward_call(registry_t* self, session_request& r, completion& done) {
       done.fn(outcome::failure(std::move(err)));
       return;
     }
-    auto actor = self->spawn<caf::linked>(session_actor, r.session_id, st.config, st.client, st.lane);
+    auto actor = self->spawn<caf::linked>(session_actor, r.session_id, st.config, st.client,
+                                          st.lane, st.make_adapter);
     it = st.sessions.emplace(r.session_id, actor).first;
     st.directory->add(r.session_id, actor);
   }
@@ -636,13 +493,14 @@ void forward_call(registry_t* self, session_request& r, completion& done) {
 caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings> config,
                                caf::actor client, caf::actor_addr parent,
                                std::shared_ptr<detail::session_directory> directory,
-                               session_lane lane) {
+                               session_lane lane, detail::session_adapter_factory make_adapter) {
   auto& st = self->state;
   st.config = std::move(config);
   st.client = std::move(client);
   st.parent = std::move(parent);
   st.directory = std::move(directory);
   st.lane = std::move(lane);
+  st.make_adapter = std::move(make_adapter);
   // A registry before this one (restarted by the supervisor) took its sessions with it.
   st.directory->clear();
   // Sessions are linked: they die with the registry, and the registry hears
@@ -765,10 +623,11 @@ caf::actor spawn_linked_session_registry(caf::event_based_actor* supervisor,
                                          std::shared_ptr<const settings> config,
                                          caf::actor client,
                                          std::shared_ptr<detail::session_directory> directory,
-                                         session_lane lane) {
+                                         session_lane lane,
+                                         detail::session_adapter_factory make_adapter) {
   return supervisor->spawn<caf::linked>(session_registry, std::move(config), std::move(client),
                                         supervisor->address(), std::move(directory),
-                                        std::move(lane));
+                                        std::move(lane), std::move(make_adapter));
 }
 
 } // namespace dspex

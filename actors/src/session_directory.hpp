@@ -6,14 +6,20 @@
 // (end_session, expiry, a failure); a caller that finds no entry goes
 // through the registry, which creates the session.
 //
-// A call is sent under the directory's lock, and the registry removes a
-// session under it before it tells the session to end: a call sent before
-// the removal is in the session's mailbox ahead of the end, and served; one
-// after it reaches the registry and a new session.
+// Order: calls of one caller reach the session in the order they were
+// made. A call that goes through the registry is counted in transit until
+// the registry has passed it on; while any is, the session's later calls
+// take the same way (behind it), not the direct one. A call is sent under
+// the directory's lock, and the registry removes a session under it before
+// it tells the session to end: a call sent before the removal is in the
+// session's mailbox ahead of the end, and served; one after it reaches the
+// registry and a new session.
 //
 // Internal to actors/ (CAF: a translation unit that sends to actors).
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
@@ -23,28 +29,63 @@
 #include <caf/actor.hpp>
 #include <caf/send.hpp>
 
+#include "dspex/actors/messages.hpp"
+#include "dspex/actors/session_actor.hpp"
+
 namespace dspex::detail {
 
 class session_directory {
 public:
-  /// Sends `xs` to the actor of session `id`.
-  /// @returns false when the session is not in the directory (nothing sent).
+  /// Sends `xs` to the actor of session `id` when it may go directly.
+  /// @returns false when the session is not in the directory, or a call of
+  ///          it is on its way through the registry (nothing sent: the call
+  ///          goes there too, counted with in_transit()).
   /// @note `xs` are forwarded (moved from) only when sent: on false the
   ///       caller still has them, for the registry.
   template <class... Ts>
   bool send(const std::string& id, Ts&&... xs) {
     std::shared_lock<std::shared_mutex> lk{mtx_};
     auto it = sessions_.find(id);
-    if (it == sessions_.end())
+    if (it == sessions_.end() || !it->second.actor || it->second.in_transit > 0)
       return false;
-    caf::anon_send(it->second, std::forward<Ts>(xs)...);
+    caf::anon_send(it->second.actor, std::forward<Ts>(xs)...);
     return true;
+  }
+
+  /// Sends a session's call: directly to its actor when it may, else by
+  /// `via` (the way to the registry: via(session_request, completion)),
+  /// counted in transit; the registry gives the count back (arrived()).
+  template <class Via>
+  void route(session_request r, completion done, Via&& via) {
+    if (send(r.session_id, session_call_atom::value, std::move(r.c), r.opts, done))
+      return;
+    r.transit = in_transit(r.session_id);
+    via(std::move(r), std::move(done));
+  }
+
+  /// A call of session `id` goes through the registry.
+  /// @returns the token the registry gives back to arrived().
+  std::uint64_t in_transit(const std::string& id) {
+    std::unique_lock<std::shared_mutex> lk{mtx_};
+    ++sessions_[id].in_transit;
+    return generation_;
+  }
+
+  /// The registry passed on (or answered) a call counted by in_transit(),
+  /// with its token.
+  void arrived(const std::string& id, std::uint64_t token) {
+    std::unique_lock<std::shared_mutex> lk{mtx_};
+    auto it = sessions_.find(id);
+    if (token != generation_ || it == sessions_.end() || it->second.in_transit == 0)
+      return;  // counted before a clear(): forgotten with it
+    if (--it->second.in_transit == 0 && !it->second.actor)
+      sessions_.erase(it);
   }
 
   /// The registry: session `id` is served by `actor` from now on.
   void add(const std::string& id, caf::actor actor) {
     std::unique_lock<std::shared_mutex> lk{mtx_};
-    sessions_[id] = std::move(actor);
+    sessions_[id].actor = std::move(actor);
   }
 
   /// The registry: session `id` is no longer served by `actor` (a newer
@@ -52,19 +93,30 @@ public:
   void remove(const std::string& id, const caf::actor_addr& actor) {
     std::unique_lock<std::shared_mutex> lk{mtx_};
     auto it = sessions_.find(id);
-    if (it != sessions_.end() && it->second.address() == actor)
+    if (it == sessions_.end() || it->second.actor.address() != actor)
+      return;
+    if (it->second.in_transit > 0)
+      it->second.actor = nullptr;  // calls on their way: the registry makes a new one
+    else
       sessions_.erase(it);
   }
 
-  /// The registry starts or stops: none of its sessions is served any more.
+  /// The registry starts or stops: none of its sessions is served any more,
+  /// and calls counted before are forgotten (their registry is gone).
   void clear() {
     std::unique_lock<std::shared_mutex> lk{mtx_};
     sessions_.clear();
+    ++generation_;
   }
 
 private:
+  struct entry {
+    caf::actor actor;            ///< none while the registry has not made it
+    std::size_t in_transit = 0;  ///< calls on their way through the registry
+  };
   std::shared_mutex mtx_;
-  std::unordered_map<std::string, caf::actor> sessions_;
+  std::unordered_map<std::string, entry> sessions_;
+  std::uint64_t generation_ = 1;
 };
 
 } // namespace dspex::detail

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <future>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/session_actor.hpp"
+#include "dspy_session.hpp"
 #include "session_directory.hpp"
 #include "support/harness.hpp"
 
@@ -102,7 +104,8 @@ struct session_path {
     auto spawned = std::make_shared<std::promise<caf::actor>>();
     auto got = spawned->get_future();
     parent = sys.spawn([=](caf::event_based_actor* self) -> caf::behavior {
-      spawned->set_value(spawn_linked_session_registry(self, config, client, directory, lane));
+      spawned->set_value(spawn_linked_session_registry(self, config, client, directory, lane,
+                                                       detail::make_dspy_session));
       return {[](int) {}};
     });
     REQUIRE(got.wait_for(hang_guard) == std::future_status::ready);
@@ -259,4 +262,71 @@ TEST_CASE("session path: calls a dying session layer took are answered sessions_
     CHECK(r.error().type == "sessions_unavailable");
     CHECK(r.error().context.at("session_id") == "s4");
   }
+}
+
+TEST_CASE("session directory: a call through the registry holds the session's later calls behind it") {
+  session_path t;
+  caf::scoped_actor self{t.sys};
+  auto actor = caf::actor_cast<caf::actor>(self);
+  auto& dir = *t.directory;
+  dir.add("s6", actor);
+  CHECK(dir.send("s6", 1));  // (an int: only whether it was sent counts here)
+  auto token = dir.in_transit("s6");
+  CHECK_FALSE(dir.send("s6", 2));
+  auto second = dir.in_transit("s6");
+  dir.arrived("s6", token);
+  CHECK_FALSE(dir.send("s6", 3));  // one still on its way
+  dir.arrived("s6", second);
+  CHECK(dir.send("s6", 4));
+  // A session removed while a call is on its way: the call makes a new one.
+  auto third = dir.in_transit("s6");
+  dir.remove("s6", actor.address());
+  CHECK_FALSE(dir.send("s6", 5));
+  dir.arrived("s6", third);
+  CHECK_FALSE(dir.send("s6", 6));
+  // Counts from before a clear() (the registry restarted) are forgotten.
+  auto stale = dir.in_transit("s7");
+  dir.clear();
+  dir.add("s7", actor);
+  CHECK(dir.send("s7", 7));
+  dir.arrived("s7", stale);
+  CHECK(dir.send("s7", 8));
+  auto fresh = dir.in_transit("s7");
+  CHECK_FALSE(dir.send("s7", 9));
+  dir.arrived("s7", fresh);
+  CHECK(dir.send("s7", 10));
+  std::vector<int> got;
+  for (int i = 0; i < 5; ++i)
+    self->receive([&](int x) { got.push_back(x); },
+                  caf::after(hang_guard) >> [&] { FAIL("a sent message did not arrive"); });
+  CHECK(got == std::vector<int>{1, 4, 7, 8, 10});
+}
+
+TEST_CASE("session path: one caller's calls reach the session in the order they were made") {
+  session_path t;
+  // The first call of each session goes through the registry, the next ones
+  // right after it from the same thread: none may overtake it.
+  constexpr int sessions = 200, per_session = 4;
+  std::vector<std::future<outcome>> answers;
+  for (int s = 0; s < sessions; ++s)
+    for (int k = 0; k < per_session; ++k) {
+      auto r = t.execute("order-" + std::to_string(s), "ping");
+      r.c.args["k"] = k;
+      auto [done, f] = t.answer(r);
+      answers.push_back(std::move(f));
+      t.directory->route(std::move(r), std::move(done), [&](session_request first, completion d) {
+        caf::anon_send(t.registry, session_exec_atom::value, std::move(first), std::move(d));
+      });
+    }
+  for (auto& f : answers)
+    REQUIRE(t.wait(f).ok());
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.lane_calls.size() == sessions * per_session);
+  std::map<std::string, int> next;
+  for (auto& c : t.sc.lane_calls) {
+    auto sid = c.args.at("session_id").get<std::string>();
+    CHECK(c.args.at("k") == next[sid]);
+    ++next[sid];
+  }
+  CHECK(t.sc.client_calls.empty());
 }

@@ -23,9 +23,14 @@
 //  - (session_info_atom) → outcome (the session's info JSON);
 //  - (session_idle_atom) → bool: idle past session.ttl (the registry's sweep);
 //  - (session_end_atom) → outcome: waits for the call in flight, fails the
-//    queued ones (session_error/session_ended), sends cleanup_session to every
-//    worker that served the session (through the pool, preferred_worker =
-//    that worker, strict_queue; failures ignored), answers and quits.
+//    queued ones (session_error/session_ended), sends its adapter's end
+//    command (DSPy: cleanup_session) to every worker that served the session
+//    (through the pool, preferred_worker = that worker, strict_queue;
+//    failures ignored), answers and quits.
+//
+// What a session knows of its commands is its adapter's
+// (actors/src/session_adapter.hpp; DSPy's programs and LM: dspy_session.hpp):
+// the session actor itself is generic.
 #pragma once
 
 #include <chrono>
@@ -67,6 +72,9 @@ struct session_request {
   std::string session_id;
   call c;  ///< op == execute: command, args, deadline, affinity (type/preferred_worker set by the session)
   detail::client_call_options opts;
+  /// op == execute through the registry: its session directory token
+  /// (session_directory::in_transit), given back once it is passed on.
+  std::uint64_t transit = 0;
 };
 
 using session_op_atom = caf::atom_constant<caf::atom("sessop")>;     // (session_request) → outcome
@@ -78,6 +86,10 @@ using session_end_atom = caf::atom_constant<caf::atom("sessend")>;   // registry
 
 namespace detail {
 class session_directory;
+class session_adapter;
+/// Makes the adapter of a new session (actors/src/session_adapter.hpp).
+using session_adapter_factory
+  = std::function<std::unique_ptr<session_adapter>(const std::string& session_id)>;
 } // namespace detail
 
 /// Starts a session's call on the direct lane. Returns true when the lane
@@ -99,11 +111,14 @@ error session_lost_error(const std::string& session_id, const std::string& comma
 ///        take the direct lane go through it, so they always use the current pool.
 /// @param directory filled and emptied by the registry (see session_directory.hpp).
 /// @param lane how a session's call takes the direct lane (may be empty).
+/// @param make_adapter what each session knows of its commands (DSPy:
+///        detail::make_dspy_session).
 caf::actor spawn_linked_session_registry(caf::event_based_actor* supervisor,
                                          std::shared_ptr<const settings> config,
                                          caf::actor client,
                                          std::shared_ptr<detail::session_directory> directory,
-                                         session_lane lane);
+                                         session_lane lane,
+                                         detail::session_adapter_factory make_adapter);
 
 } // namespace dspex
 

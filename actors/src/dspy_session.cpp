@@ -1,0 +1,219 @@
+// dspy_session: see dspy_session.hpp. The command names, argument names,
+// result shapes and error strings here are the bundled worker's
+// (runtime/python/dspex_worker.py): a session's answer must read as the
+// worker's would.
+#include "dspy_session.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "dspex/error.hpp"
+#include "dspex/secrets.hpp"
+
+namespace dspex::detail {
+
+namespace {
+
+double epoch_now() {
+  using namespace std::chrono;
+  return duration_cast<duration<double>>(system_clock::now().time_since_epoch()).count();
+}
+
+struct program_entry {
+  nlohmann::json definition;  ///< the create_program args (session_id removed)
+  double created_at = 0;
+  std::uint64_t execution_count = 0;
+  nlohmann::json last_executed = nullptr;
+  std::uint64_t order = 0;  ///< creation order, for listing
+};
+
+class dspy_session final : public session_adapter {
+public:
+  explicit dspy_session(std::string session_id) : id_(std::move(session_id)) {}
+
+  std::optional<local_answer> answer_locally(const call& c) override {
+    const auto& cmd = c.command;
+    if (cmd == "list_programs") {
+      auto list = nlohmann::json::array();
+      for (auto& id : ids_in_order())
+        list.push_back(summary(id, programs_.at(id)));
+      auto n = list.size();
+      return local_answer{outcome::success({{"programs", std::move(list)}, {"total_count", n}}), {}};
+    }
+    if (cmd == "get_program_info" || cmd == "delete_program") {
+      auto v = c.args.value("program_id", nlohmann::json(nullptr));
+      if (!v.is_string() || v.get<std::string>().empty())
+        return local_answer{worker_failure("Missing required argument: program_id", cmd), {}};
+      auto id = v.get<std::string>();
+      auto it = programs_.find(id);
+      if (it == programs_.end())
+        return local_answer{worker_failure("Program not found: " + id, cmd), {}};
+      if (cmd == "get_program_info") {
+        auto& p = it->second;
+        return local_answer{
+          outcome::success({{"program_id", id},
+                            {"signature", p.definition.value("signature", nlohmann::json::object())},
+                            {"created_at", p.created_at},
+                            {"execution_count", p.execution_count},
+                            {"last_executed", p.last_executed}}),
+          {}};
+      }
+      programs_.erase(it);
+      // Workers that cached the program must forget it, or a later program
+      // with the same id would run the old definition there.
+      return local_answer{outcome::success({{"program_id", id}, {"status", "deleted"}}),
+                          worker_sweep{"delete_program", {{"program_id", id}}}};
+    }
+    if (cmd == "cleanup_session") {
+      auto n = programs_.size();
+      programs_.clear();
+      return local_answer{
+        outcome::success({{"status", "cleaned"}, {"session_id", id_}, {"programs_removed", n}}),
+        worker_sweep{"cleanup_session", nlohmann::json::object()}};
+    }
+    if (cmd == "configure_lm") {
+      // A session's LM override: kept here (a worker's LM is shared by every
+      // session it serves) and carried by each execution of the session.
+      auto provider = c.args.value("provider", nlohmann::json(nullptr));
+      if (!provider.is_string() || provider.get<std::string>().empty())
+        return local_answer{worker_failure("Missing required argument: provider", cmd), {}};
+      auto lm = c.args;
+      lm.erase("session_id");
+      lm_override_ = lm;
+      return local_answer{outcome::success({{"status", "configured"},
+                                            {"scope", "session"},
+                                            {"session_id", id_},
+                                            {"provider", provider},
+                                            {"model", lm.value("model", nlohmann::json(nullptr))},
+                                            {"temperature", lm.value("temperature", 0.7)}}),
+                          {}};
+    }
+    if (cmd == "create_program") {
+      auto v = c.args.value("id", nlohmann::json(nullptr));
+      if (v.is_string() && programs_.count(v.get<std::string>()))
+        return local_answer{worker_failure("Program already exists: " + v.get<std::string>(), cmd),
+                            {}};
+    }
+    return std::nullopt;
+  }
+
+  void complete(call& c, client_call_options& opts) const override {
+    if (c.command == "execute_program" && !c.args.contains("program_data")) {
+      auto pid = c.args.value("program_id", nlohmann::json(nullptr));
+      if (pid.is_string()) {
+        auto it = programs_.find(pid.get<std::string>());
+        if (it != programs_.end())
+          c.args["program_data"] = it->second.definition;
+      }
+    }
+    if (c.command == "execute_program" && !lm_override_.is_null()
+        && !c.args.contains("lm_override"))
+      c.args["lm_override"] = lm_override_;
+    if (c.command == "create_program" && !opts.idempotent) {
+      // Safe to run again when its worker died before answering: the program
+      // existed only in that worker, and the session (not the worker) holds
+      // the definition. So a create is not lost to a worker's death.
+      opts.idempotent = true;
+    }
+  }
+
+  std::optional<repair> on_reply(const call& c, const outcome& o, int repairs) override {
+    if (c.command == "create_program") {
+      auto id = c.args.value("id", nlohmann::json(nullptr));
+      if (o && id.is_string()) {
+        program_entry p;
+        p.definition = c.args;
+        p.definition.erase("session_id");
+        p.created_at = epoch_now();
+        p.order = next_order_++;
+        programs_[id.get<std::string>()] = std::move(p);
+      } else if (!o && o.error().category == error_category::python_error && id.is_string()
+                 && o.error().message.rfind("Program already exists", 0) == 0
+                 && !o.served_by().empty() && repairs < 2) {
+        // That worker still caches an earlier program of this id (deleted in
+        // the session, or a former session of the same id): drop it there
+        // and create again.
+        return repair{o.served_by(), "delete_program", {{"program_id", id}}};
+      }
+    } else if (c.command == "execute_program" && o) {
+      auto id = c.args.value("program_id", nlohmann::json(nullptr));
+      if (id.is_string()) {
+        auto it = programs_.find(id.get<std::string>());
+        if (it != programs_.end()) {
+          ++it->second.execution_count;
+          it->second.last_executed = epoch_now();
+        }
+      }
+    }
+    return std::nullopt;
+  }
+
+  worker_sweep end_sweep() const override { return {"cleanup_session", nlohmann::json::object()}; }
+
+  void note_sweep_answer(const outcome& o, nlohmann::json& entry) const override {
+    if (o)
+      entry["programs_removed"] = o.value().value("programs_removed", 0);
+  }
+
+  nlohmann::json info() const override {
+    auto programs = nlohmann::json::array();
+    for (auto& id : ids_in_order())
+      programs.push_back(id);
+    return {{"programs", std::move(programs)},
+            {"program_count", programs_.size()},
+            {"lm", redacted(lm_override_)}};
+  }
+
+  nlohmann::json end_summary(const nlohmann::json& sweep_entries) const override {
+    std::uint64_t removed = 0;
+    for (auto& r : sweep_entries)
+      removed += r.value("programs_removed", std::uint64_t{0});
+    return {{"programs", programs_.size()}, {"worker_programs_removed", removed}};
+  }
+
+private:
+  // The worker's own error shape for a command answered by the session.
+  outcome worker_failure(const std::string& message, const std::string& command) const {
+    return outcome::failure(make_error(error_category::python_error, "command_failed", message,
+                                       {{"session_id", id_}, {"command", command}}));
+  }
+
+  std::vector<std::string> ids_in_order() const {
+    std::vector<std::pair<std::uint64_t, std::string>> ids;
+    for (auto& [id, p] : programs_)
+      ids.emplace_back(p.order, id);
+    std::sort(ids.begin(), ids.end());
+    std::vector<std::string> out;
+    for (auto& [order, id] : ids)
+      out.push_back(id);
+    return out;
+  }
+
+  nlohmann::json summary(const std::string& id, const program_entry& p) const {
+    return {{"id", id},
+            {"created_at", p.created_at},
+            {"execution_count", p.execution_count},
+            {"last_executed", p.last_executed},
+            {"signature", p.definition.value("signature", nlohmann::json::object())},
+            {"session_id", id_}};
+  }
+
+  const std::string id_;
+  std::map<std::string, program_entry> programs_;
+  std::uint64_t next_order_ = 0;
+  /// The session's own LM (a configure_lm in the session), sent with each of
+  /// its executions so it holds on whichever worker serves it; null: the pool's.
+  nlohmann::json lm_override_;
+};
+
+} // namespace
+
+std::unique_ptr<session_adapter> make_dspy_session(const std::string& session_id) {
+  return std::make_unique<dspy_session>(session_id);
+}
+
+} // namespace dspex::detail

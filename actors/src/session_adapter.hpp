@@ -1,0 +1,77 @@
+// session_adapter: what a session knows of the commands its workers run.
+// The session actor is generic (one call in flight, FIFO, deadlines,
+// affinity, TTL, the end); everything that depends on what the commands
+// mean (DSPy's programs and LM: dspy_session.hpp) is its adapter's: which
+// calls the session answers from its own state, what a call must carry to
+// run on any worker, what a worker's answer changes, and what the workers
+// that served the session must do when it ends.
+//
+// An adapter belongs to one session actor and is used on its thread only.
+// Internal to actors/.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "dspex/actors/messages.hpp"
+#include "dspex/actors/session_actor.hpp"
+
+namespace dspex::detail {
+
+class session_adapter {
+public:
+  virtual ~session_adapter() = default;
+
+  /// A command for every worker that served the session (the session's
+  /// next call waits until each answered).
+  struct worker_sweep {
+    std::string command;
+    nlohmann::json args = nlohmann::json::object();
+  };
+
+  /// A call the session answers itself.
+  struct local_answer {
+    outcome result;                     ///< the caller's answer
+    std::optional<worker_sweep> then;   ///< and then, on the session's workers
+  };
+
+  /// A command to run on one worker before a call is sent again.
+  struct repair {
+    std::string worker;
+    std::string command;
+    nlohmann::json args = nlohmann::json::object();
+  };
+
+  /// @returns the answer to a call served from the session's own state, or
+  ///          nullopt: the call goes to a worker.
+  virtual std::optional<local_answer> answer_locally(const call& c) = 0;
+
+  /// Makes a call whole before it goes to a worker, so that any worker can
+  /// run it (and says when running it again is safe).
+  virtual void complete(call& c, client_call_options& opts) const = 0;
+
+  /// A worker answered the caller's call `c` with `o` (`repairs` made for
+  /// it so far): the adapter takes note.
+  /// @returns a repair to make before `c` is sent again, or nullopt: `o`
+  ///          goes to the caller.
+  virtual std::optional<repair> on_reply(const call& c, const outcome& o, int repairs) = 0;
+
+  /// What every worker that served the session runs when it ends.
+  virtual worker_sweep end_sweep() const = 0;
+
+  /// What of a worker's answer to a sweep goes into the session's record
+  /// of it (`entry`: worker_id, served_by, ok, error).
+  virtual void note_sweep_answer(const outcome& o, nlohmann::json& entry) const = 0;
+
+  /// Fields added to the session's info (get_session_info, list_sessions).
+  virtual nlohmann::json info() const = 0;
+
+  /// Fields added to the summary end_session answers, from the sweep's entries.
+  virtual nlohmann::json end_summary(const nlohmann::json& sweep_entries) const = 0;
+};
+
+} // namespace dspex::detail
