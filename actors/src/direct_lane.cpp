@@ -22,11 +22,6 @@ void hand_back(idle_workers& idle, const std::shared_ptr<worker_channel>& channe
     next.waiter->run(channel);
 }
 
-bool lane_takes_anonymous(const std::string& command) {
-  return command != "configure_lm" && command != "create_program"
-         && command != "execute_program" && command != "delete_program";
-}
-
 std::shared_ptr<const direct_sinks> sinks_to_client(std::shared_ptr<detail::api_gate> gate,
                                                     caf::actor_addr client) {
   // While the gate is open the system lives (stop closes it first); the

@@ -244,12 +244,6 @@ struct direct_sinks {
 std::shared_ptr<const direct_sinks> sinks_to_client(std::shared_ptr<detail::api_gate> gate,
                                                     caf::actor_addr client);
 
-/// Anonymous commands the pool client must see: configure_lm (the pool
-/// adopts it) and the anonymous programs it remembers (remember_anonymous).
-/// A session's call may take the lane with any command: its session made
-/// it whole (program_data, its LM).
-bool lane_takes_anonymous(const std::string& command);
-
 /// Starts `c` on the direct lane. A job: `done` will be called (on a
 /// worker's I/O thread, the pool's, the pool client's, or, after
 /// `blocked`'s wait, the caller's). Null: nothing started, `c` and `done`

@@ -34,8 +34,8 @@
 #include "dspex/backoff.hpp"
 #include "dspex/circuit_breaker.hpp"
 #include "dspex/logging.hpp"
-#include "dspex/program_store.hpp"
 #include "api_support.hpp"
+#include "command_adapter.hpp"
 #include "direct_lane.hpp"
 #include "idle_workers.hpp"
 
@@ -89,9 +89,10 @@ struct pool_client_state {
   };
   std::unordered_map<std::uint64_t, session_op_entry> session_ops;  ///< forwarded, not yet answered
   std::uint64_t next_session_op = 1;
-  // Anonymous programs: create_program's definitions by (session_id, id), so
-  // an anonymous execute_program carries program_data and any worker serves it.
-  std::optional<program_store> anonymous_programs;  ///< sized from session.max_anonymous_programs
+  // What anonymous calls' commands need (DSPy: the anonymous programs'
+  // definitions, so an execute_program carries program_data and any worker
+  // serves it).
+  std::shared_ptr<detail::anonymous_adapter> anonymous;
   std::uint64_t next_id = 1;
   std::uint64_t seed_base = 0;
   bool closing = false;   ///< runtime::stop began: no retries, no new attempts
@@ -577,43 +578,6 @@ void set_sessions(pool_client_t* self, caf::actor registry) {
     forward_session_op(self, std::move(r), std::move(done));
 }
 
-// Anonymous programs (issue 5): create_program remembers the definition,
-// execute_program carries it (program_data) unless the caller did, so an
-// anonymous program runs on any worker; delete_program forgets it.
-void remember_anonymous(pool_client_t* self, call& c, completion& done) {
-  if (!c.args.is_object())
-    return;
-  auto sid = c.args.value("session_id", nlohmann::json("anonymous"));
-  std::string session = sid.is_string() ? sid.get<std::string>() : sid.dump();
-  auto& store = *self->state.anonymous_programs;
-  if (c.command == "execute_program") {
-    auto pid = c.args.value("program_id", nlohmann::json(nullptr));
-    if (pid.is_string() && !c.args.contains("program_data"))
-      if (const auto* def = store.find({session, pid.get<std::string>()}))
-        c.args["program_data"] = *def;
-    return;
-  }
-  if (c.command == "delete_program") {
-    auto pid = c.args.value("program_id", nlohmann::json(nullptr));
-    if (pid.is_string())
-      store.erase({session, pid.get<std::string>()});
-    return;
-  }
-  if (c.command != "create_program")
-    return;
-  auto pid = c.args.value("id", nlohmann::json(nullptr));
-  if (!pid.is_string())
-    return;
-  auto def = c.args;
-  def.erase("session_id");
-  done = completion{[self, key = std::make_pair(session, pid.get<std::string>()),
-                     def = std::move(def), inner = std::move(done.fn)](outcome o) {
-    if (o)
-      self->state.anonymous_programs->put(key, def);
-    inner(std::move(o));
-  }};
-}
-
 // The root or a pool (current or former) terminated. Calls in flight on a
 // pool lost their answer: they fail as on a dead worker (retried if idempotent).
 void on_down(pool_client_t* self, const caf::down_msg& dm) {
@@ -676,13 +640,14 @@ void on_down(pool_client_t* self, const caf::down_msg& dm) {
 
 caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> config,
                           std::shared_ptr<event_bus> events,
-                          std::shared_ptr<detail::client_shared> shared) {
+                          std::shared_ptr<detail::client_shared> shared,
+                          std::shared_ptr<detail::anonymous_adapter> anonymous) {
   auto& st = self->state;
   st.config = config;
   st.events = std::move(events);
   st.shared = std::move(shared);
   st.retry = make_retry_settings(*config);
-  st.anonymous_programs.emplace(config->session.max_anonymous_programs);
+  st.anonymous = std::move(anonymous);
   st.seed_base = static_cast<std::uint64_t>(clock_type::now().time_since_epoch().count())
                  ^ reinterpret_cast<std::uintptr_t>(self);
   if (config->circuit.enabled) {
@@ -723,7 +688,7 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
               std::max<std::size_t>(opts.max_attempts.value_or(st.retry.max_attempts), 1);
             pc.seed = st.seed_base ^ (id * 0x9E3779B97F4A7C15ull);
             if (c.type.what() == checkout_type::kind::anonymous)
-              remember_anonymous(self, c, done);
+              st.anonymous->prepare(c, done);
             pc.c = std::move(c);
             pc.done = std::move(done);
             start_attempt(self, id);
@@ -864,8 +829,10 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
 
 caf::actor spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
                              std::shared_ptr<event_bus> events,
-                             std::shared_ptr<detail::client_shared> shared) {
-  return sys.spawn(pool_client, std::move(config), std::move(events), std::move(shared));
+                             std::shared_ptr<detail::client_shared> shared,
+                             std::shared_ptr<detail::anonymous_adapter> anonymous) {
+  return sys.spawn(pool_client, std::move(config), std::move(events), std::move(shared),
+                   std::move(anonymous));
 }
 
 } // namespace dspex::runtime_detail

@@ -29,6 +29,7 @@
 namespace dspex::detail {
 
 class idle_workers;
+class anonymous_adapter;
 
 /// Shared by a runtime object and its pool client: what runtime::status and
 /// runtime::checkout read without a round trip through the client.
@@ -99,9 +100,12 @@ using watch_root_atom = caf::atom_constant<caf::atom("watchroot")>;     // (root
 ///        the supervisor's events
 /// @param shared what the client shares with the runtime object; the client
 ///        sets its breaker when circuit.enabled
+/// @param anonymous what the client knows of anonymous calls' commands
+///        (DSPy: detail::make_dspy_anonymous)
 /// @returns the pool client
 caf::actor spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
                              std::shared_ptr<event_bus> events,
-                             std::shared_ptr<detail::client_shared> shared);
+                             std::shared_ptr<detail::client_shared> shared,
+                             std::shared_ptr<detail::anonymous_adapter> anonymous);
 
 } // namespace dspex::runtime_detail

@@ -28,6 +28,7 @@
 #include "dspex/pool_metrics.hpp"
 #include "api_support.hpp"
 #include "direct_lane.hpp"
+#include "dspy_adapter.hpp"
 #include "lease.hpp"
 #include "pool_client.hpp"
 #include "runtime_tree.hpp"
@@ -45,7 +46,6 @@ using runtime_detail::closing_atom;
 using runtime_detail::direct_job;
 using runtime_detail::direct_sinks;
 using runtime_detail::from_caf_error;
-using runtime_detail::lane_takes_anonymous;
 using runtime_detail::sinks_to_client;
 using runtime_detail::must_not_block;
 using runtime_detail::reply_margin;
@@ -90,6 +90,9 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   std::atomic<bool> stopped{false};
   // Closed by stop() before the system goes (see api_gate); shared with leases.
   std::shared_ptr<detail::api_gate> gate = std::make_shared<detail::api_gate>();
+  // What the runtime knows of anonymous calls' commands (DSPy's), shared
+  // with the pool client.
+  std::shared_ptr<detail::anonymous_adapter> anonymous;
   // The direct lane's way to the pool client (sinks_to_client), built once.
   std::shared_ptr<const direct_sinks> sinks;
   // Which actor serves each session (filled by the session registry): a
@@ -142,7 +145,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   std::shared_ptr<direct_job> try_direct(call& c, const call_options& options,
                                          const completion& done,
                                          std::shared_ptr<blocked_caller> blocked = nullptr) {
-    if (!lane_takes_anonymous(c.command))
+    if (!anonymous->lane_may_take(c.command))
       return nullptr;
     return start_direct(shared, c,
                         detail::client_call_options{options.idempotent, options.max_attempts},
@@ -353,7 +356,8 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   auto& sys = *p->system;
   // The client first: the root supervisor's observer tells it about every
   // (re)started pool, from the first start on.
-  p->client = spawn_pool_client(sys, p->shared_config, p->events, p->shared);
+  p->anonymous = detail::make_dspy_anonymous(config.session.max_anonymous_programs);
+  p->client = spawn_pool_client(sys, p->shared_config, p->events, p->shared, p->anonymous);
   p->sinks = sinks_to_client(p->gate, p->client.address());
 
   // The supervision tree (runtime_tree.cpp).

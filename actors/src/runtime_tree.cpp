@@ -11,7 +11,7 @@
 #include "dspex/actors/session_actor.hpp"
 #include "dspex/actors/supervisor.hpp"
 #include "direct_lane.hpp"
-#include "dspy_session.hpp"
+#include "dspy_adapter.hpp"
 #include "idle_workers.hpp"
 #include "pool_client.hpp"
 

@@ -14,7 +14,7 @@
 
 #include "dspex/logging.hpp"
 #include "deadline_timer.hpp"
-#include "session_adapter.hpp"
+#include "command_adapter.hpp"
 #include "session_directory.hpp"
 
 namespace dspex {
@@ -79,7 +79,7 @@ struct session_state {
   std::uint64_t operations = 0;
   std::string preferred_worker;
   std::set<std::string> workers;  ///< every worker that served this session
-  /// What the session knows of its commands (DSPy: dspy_session.hpp).
+  /// What the session knows of its commands (DSPy: dspy_adapter.hpp).
   std::unique_ptr<detail::session_adapter> adapter;
   std::deque<queued_call> queue;
   detail::deadline_timer queue_timer;  ///< the earliest queued call's deadline

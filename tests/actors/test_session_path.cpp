@@ -18,7 +18,7 @@
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/session_actor.hpp"
-#include "dspy_session.hpp"
+#include "dspy_adapter.hpp"
 #include "session_directory.hpp"
 #include "support/harness.hpp"
 

@@ -29,7 +29,7 @@
 //    failures ignored), answers and quits.
 //
 // What a session knows of its commands is its adapter's
-// (actors/src/session_adapter.hpp; DSPy's programs and LM: dspy_session.hpp):
+// (actors/src/command_adapter.hpp; DSPy's programs and LM: dspy_adapter.hpp):
 // the session actor itself is generic.
 #pragma once
 
@@ -87,7 +87,7 @@ using session_end_atom = caf::atom_constant<caf::atom("sessend")>;   // registry
 namespace detail {
 class session_directory;
 class session_adapter;
-/// Makes the adapter of a new session (actors/src/session_adapter.hpp).
+/// Makes the adapter of a new session (actors/src/command_adapter.hpp).
 using session_adapter_factory
   = std::function<std::unique_ptr<session_adapter>(const std::string& session_id)>;
 } // namespace detail

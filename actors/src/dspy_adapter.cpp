@@ -1,8 +1,8 @@
-// dspy_session: see dspy_session.hpp. The command names, argument names,
+// dspy_adapter: see dspy_adapter.hpp. The command names, argument names,
 // result shapes and error strings here are the bundled worker's
 // (runtime/python/dspex_worker.py): a session's answer must read as the
 // worker's would.
-#include "dspy_session.hpp"
+#include "dspy_adapter.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dspex/error.hpp"
+#include "dspex/program_store.hpp"
 #include "dspex/secrets.hpp"
 
 namespace dspex::detail {
@@ -210,10 +211,64 @@ private:
   nlohmann::json lm_override_;
 };
 
+// Anonymous programs (issue 5): create_program remembers the definition,
+// execute_program carries it (program_data) unless the caller did, so an
+// anonymous program runs on any worker; delete_program forgets it.
+class dspy_anonymous final : public anonymous_adapter {
+public:
+  explicit dspy_anonymous(std::size_t max_programs)
+    : programs_(std::make_shared<program_store>(max_programs)) {}
+
+  bool lane_may_take(const std::string& command) const override {
+    return command != "configure_lm" && command != "create_program"
+           && command != "execute_program" && command != "delete_program";
+  }
+
+  void prepare(call& c, completion& done) override {
+    if (!c.args.is_object())
+      return;
+    auto sid = c.args.value("session_id", nlohmann::json("anonymous"));
+    std::string session = sid.is_string() ? sid.get<std::string>() : sid.dump();
+    if (c.command == "execute_program") {
+      auto pid = c.args.value("program_id", nlohmann::json(nullptr));
+      if (pid.is_string() && !c.args.contains("program_data"))
+        if (const auto* def = programs_->find({session, pid.get<std::string>()}))
+          c.args["program_data"] = *def;
+      return;
+    }
+    if (c.command == "delete_program") {
+      auto pid = c.args.value("program_id", nlohmann::json(nullptr));
+      if (pid.is_string())
+        programs_->erase({session, pid.get<std::string>()});
+      return;
+    }
+    if (c.command != "create_program")
+      return;
+    auto pid = c.args.value("id", nlohmann::json(nullptr));
+    if (!pid.is_string())
+      return;
+    auto def = c.args;
+    def.erase("session_id");
+    done = completion{[programs = programs_, key = std::make_pair(session, pid.get<std::string>()),
+                       def = std::move(def), inner = std::move(done.fn)](outcome o) {
+      if (o)
+        programs->put(key, def);
+      inner(std::move(o));
+    }};
+  }
+
+private:
+  std::shared_ptr<program_store> programs_;
+};
+
 } // namespace
 
 std::unique_ptr<session_adapter> make_dspy_session(const std::string& session_id) {
   return std::make_unique<dspy_session>(session_id);
+}
+
+std::shared_ptr<anonymous_adapter> make_dspy_anonymous(std::size_t max_programs) {
+  return std::make_shared<dspy_anonymous>(max_programs);
 }
 
 } // namespace dspex::detail

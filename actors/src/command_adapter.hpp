@@ -1,12 +1,15 @@
-// session_adapter: what a session knows of the commands its workers run.
-// The session actor is generic (one call in flight, FIFO, deadlines,
-// affinity, TTL, the end); everything that depends on what the commands
-// mean (DSPy's programs and LM: dspy_session.hpp) is its adapter's: which
-// calls the session answers from its own state, what a call must carry to
-// run on any worker, what a worker's answer changes, and what the workers
-// that served the session must do when it ends.
+// command_adapter: what the runtime knows of the commands its workers run.
+// The pool, the pool client, the direct lane and the sessions are generic;
+// everything that depends on what the commands mean (DSPy's programs and
+// LM: dspy_adapter.hpp) is an adapter's:
+//  - anonymous_adapter (the pool client's): which anonymous calls must pass
+//    the pool client and the pool (never the direct lane), and what they
+//    must carry to run on any worker;
+//  - session_adapter (one per session actor): which calls the session
+//    answers from its own state, what a call must carry to run on any
+//    worker, what a worker's answer changes, and what the workers that
+//    served the session must do when it ends.
 //
-// An adapter belongs to one session actor and is used on its thread only.
 // Internal to actors/.
 #pragma once
 
@@ -22,6 +25,22 @@
 
 namespace dspex::detail {
 
+/// Anonymous calls (execute_anonymous). prepare() and what it wraps run on
+/// the pool client's thread; lane_may_take on any thread.
+class anonymous_adapter {
+public:
+  virtual ~anonymous_adapter() = default;
+
+  /// False for commands the pool client and the pool must see (never the
+  /// direct lane): their answers change what the runtime holds.
+  virtual bool lane_may_take(const std::string& command) const = 0;
+
+  /// Makes an anonymous call whole before its first attempt, and may wrap
+  /// `done` to take note of its answer (on the pool client's thread).
+  virtual void prepare(call& c, completion& done) = 0;
+};
+
+/// One session's (used on its session actor's thread only).
 class session_adapter {
 public:
   virtual ~session_adapter() = default;

@@ -1,6 +1,15 @@
-// dspy_session: what a session knows of DSPy (the session_adapter of the
-// bundled DSPy worker). A session holds its programs' definitions and its
-// own LM, so whichever worker serves it can run them:
+// dspy_adapter: what the runtime knows of DSPy, the bundled worker's
+// commands (command_adapter.hpp), in one place.
+//
+// Anonymous calls: configure_lm passes the pool (which makes it the pool's
+// LM), and create_program / execute_program / delete_program pass the pool
+// client, which keeps the definitions of anonymous programs
+// (session.max_anonymous_programs, least recently used first out) so that
+// an anonymous execute_program carries its program_data and runs on any
+// worker.
+//
+// Sessions: a session holds its programs' definitions and its own LM, so
+// whichever worker serves it can run them:
 //  - create_program is remembered when a worker accepted it; execute_program
 //    carries the definition (program_data) and the session's LM
 //    (lm_override); a create is safe to run again (the session, not the
@@ -16,14 +25,19 @@
 // Internal to actors/.
 #pragma once
 
+#include <cstddef>
 #include <memory>
 #include <string>
 
-#include "session_adapter.hpp"
+#include "command_adapter.hpp"
 
 namespace dspex::detail {
 
 /// The DSPy adapter of the session `session_id` (a session_adapter_factory).
 std::unique_ptr<session_adapter> make_dspy_session(const std::string& session_id);
+
+/// The DSPy adapter of anonymous calls.
+/// @param max_programs anonymous programs' definitions kept (session.max_anonymous_programs)
+std::shared_ptr<anonymous_adapter> make_dspy_anonymous(std::size_t max_programs);
 
 } // namespace dspex::detail
