@@ -3,7 +3,7 @@
 // pool_state.hpp says what each offers the others: the queue, checkout and
 // checkin (pool_queue), leases (pool_leases), membership and the crash-loop
 // guard (pool_membership), recycling and health pings (pool_maintenance),
-// the LM configuration (pool_lm), the direct lane (pool_direct_lane) and
+// the pool's setting, the LM (pool_setting), the direct lane (pool_direct_lane) and
 // the status (pool_status). A handler that is a rule of its own (a lease's
 // checkin, cancel, retire, ping_idle, hold) stays here with its message.
 #include "dspex/actors/pool_actor.hpp"
@@ -134,6 +134,7 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
   st.contract = contract ? std::move(contract)
                          : std::make_shared<python_worker_contract>(st.config, "pool-worker",
                                                                     st.events);
+  st.setting_command = st.contract->pool_setting_command();
   {
     backoff_config bc;
     bc.kind = backoff_kind::exponential;

@@ -67,8 +67,8 @@ void sync_waiting(pool_actor_t* self) {
 
 void make_idle(pool_actor_t* self, worker_entry& e) {
   auto& st = self->state;
-  if (e.lm_generation < st.lm_generation && !st.stopping) {
-    start_configure(self, e);  // it serves nobody with a stale LM configuration
+  if (e.setting_generation < st.setting_generation && !st.stopping) {
+    start_setting(self, e);  // it serves nobody with a stale setting
     return;
   }
   e.state = worker_state_t::idle;

@@ -264,9 +264,9 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   fold_direct_calls(self, e);
   end_lease(self, e);
   st.idle->forget(e.w.id);
-  if (e.pending_lm) {
-    e.pending_lm.reset();
-    run_waiters(st.idle->resume());  // its configure_lm will not check in
+  if (e.pending_setting) {
+    e.pending_setting.reset();
+    run_waiters(st.idle->resume());  // its setting call will not check in
   }
   auto was_starting = e.state == worker_state_t::starting;
   // Crash-loop guard: a process killed by a signal from outside (an

@@ -83,12 +83,12 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
     st.metrics->worker_ran(clock_type::now() - *e.running_since);
     e.running_since.reset();
   }
-  if (e.pending_lm) {
+  if (e.pending_setting) {
     // The worker checks in before its caller sees the reply: the next call
     // of that caller already finds the pool on the new configuration.
     if (status.what == checkin_status::kind::ok && !st.stopping)
-      adopt_lm(self, e, std::move(*e.pending_lm));
-    e.pending_lm.reset();
+      adopt_setting(self, e, std::move(*e.pending_setting));
+    e.pending_setting.reset();
     run_waiters(st.idle->resume());
   }
   // Recoverable failures count; a Python-side error is the program's, not
@@ -207,8 +207,9 @@ static void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf
   if (wt.request) {
     e.state = worker_state_t::busy;
     e.running_since = e.last_activity;
-    if (wt.request->command == "configure_lm" && wt.type.what() != checkout_type::kind::session) {
-      e.pending_lm = wt.request->args;
+    if (!st.setting_command.empty() && wt.request->command == st.setting_command
+        && wt.type.what() != checkout_type::kind::session) {
+      e.pending_setting = wt.request->args;
       // No direct call until it is decided: a call made after its reply
       // must find every idle worker on the new configuration.
       st.idle->pause();

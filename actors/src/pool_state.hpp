@@ -83,8 +83,8 @@ struct worker_entry {
   std::uint32_t health_failures = 0;  ///< failed health pings in a row
   bool seen_stopped = false;  ///< its process was in state T (stopped) at the last tick
   clock_type::time_point rss_checked_at{};
-  std::uint64_t lm_generation = 0;  ///< the pool LM configuration it has (0: the settings' one)
-  std::optional<nlohmann::json> pending_lm;  ///< a configure_lm call it is running for a caller
+  std::uint64_t setting_generation = 0;  ///< the pool setting it has (0: the one it started with)
+  std::optional<nlohmann::json> pending_setting;  ///< a setting call it is running for a caller
   /// When it took the call it runs (pool-mediated calls only): its run time
   /// ends at the checkin.
   std::optional<clock_type::time_point> running_since;
@@ -142,11 +142,13 @@ struct pool_state {
   std::uint64_t affinity_hits = 0;
   std::uint64_t affinity_misses = 0;
   std::uint64_t affinity_rebinds = 0;
-  /// The pool's one LM configuration: a configure_lm call that succeeded on a
-  /// worker becomes the pool's (generation + 1); every other worker, and
+  /// The pool's one setting (worker_contract::pool_setting_command; the
+  /// Python workers': configure_lm, the LM): a call of it that succeeded on
+  /// a worker becomes the pool's (generation + 1); every other worker, and
   /// every replacement, applies it before it serves again.
-  std::uint64_t lm_generation = 0;
-  nlohmann::json lm_args;
+  std::string setting_command;  ///< empty: the contract has none
+  std::uint64_t setting_generation = 0;
+  nlohmann::json setting_args;
   bool tick_armed = false;         ///< a maintenance_tick is on its way
   std::mt19937_64 rng{std::random_device{}()};
   bool restart_pending = false;  ///< a delayed restart_atom is on its way
@@ -268,12 +270,12 @@ void on_exit(pool_actor_t* self, caf::exit_msg& msg);
 /// A worker actor is gone: its entry is removed and a replacement starts.
 void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason);
 
-// -- pool_lm.cpp: one LM configuration per pool -------------------------------------------
+// -- pool_setting.cpp: one setting per pool (the Python workers' LM) -----------------------
 
-/// Applies the pool's LM configuration to a worker before it serves again.
-void start_configure(pool_actor_t* self, worker_entry& e);
-/// A caller's configure_lm succeeded on `e`: it becomes the pool's, for every worker.
-void adopt_lm(pool_actor_t* self, worker_entry& e, nlohmann::json args);
+/// Applies the pool's setting to a worker before it serves again.
+void start_setting(pool_actor_t* self, worker_entry& e);
+/// A caller's setting call succeeded on `e`: it becomes the pool's, for every worker.
+void adopt_setting(pool_actor_t* self, worker_entry& e, nlohmann::json args);
 
 // -- pool_direct_lane.cpp: the pool's side of the direct lane -----------------------------
 

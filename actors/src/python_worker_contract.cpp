@@ -91,6 +91,10 @@ keep_or_remove python_worker_contract::handle_info(const caf::message& msg, pool
   return keep_or_remove::ok();
 }
 
+std::string python_worker_contract::pool_setting_command() const {
+  return "configure_lm";
+}
+
 std::shared_ptr<detail::worker_channel> python_worker_contract::direct_channel(pool_worker& w) {
   // The lane checks what validate_worker checks, on every call: a process
   // it can write to (else the call is not sent and the worker goes back to

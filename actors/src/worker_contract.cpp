@@ -10,6 +10,10 @@ std::shared_ptr<detail::worker_channel> worker_contract::direct_channel(pool_wor
   return nullptr;
 }
 
+std::string worker_contract::pool_setting_command() const {
+  return {};
+}
+
 namespace {
 
 // Fix 1: each checkout failure is logged with the worker id where it arises.

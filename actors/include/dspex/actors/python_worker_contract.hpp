@@ -37,6 +37,8 @@ public:
   /// The worker actor's direct lane (worker_channel), unless
   /// pool.use_safe_port_connect is off.
   std::shared_ptr<detail::worker_channel> direct_channel(pool_worker& w) override;
+  /// configure_lm: the pool's LM.
+  std::string pool_setting_command() const override;
   /// Idle check without a round trip: process alive and pipes open.
   keep_or_remove handle_ping(pool_worker& w) override;
 

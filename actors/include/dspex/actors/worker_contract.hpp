@@ -143,6 +143,12 @@ public:
   /// process takes the frame both would answer ok; the lane checks that on
   /// every call and hands the worker back to the pool when it cannot.
   virtual std::shared_ptr<detail::worker_channel> direct_channel(pool_worker& w);
+  /// The command whose success on one worker, in an anonymous call, is the
+  /// pool's setting from then on (the Python workers: configure_lm, the
+  /// pool's LM): every other worker, and every replacement, runs it with the
+  /// same arguments before it serves again, and no call is served with the
+  /// old setting after the caller had its answer. Empty (the default): none.
+  virtual std::string pool_setting_command() const;
 };
 
 // -- Fix 1: the error terms of a failed checkout, each a `remove` reason ------

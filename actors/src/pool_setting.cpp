@@ -1,7 +1,8 @@
-// One LM configuration per pool: a configure_lm call that succeeded on a
-// worker becomes the pool's (adopt_lm), and every other worker, and every
-// replacement, applies it (start_configure) before it serves again, so no
-// caller is served with a stale configuration. A worker that refuses it is
+// One setting per pool (worker_contract::pool_setting_command; the Python
+// workers': configure_lm, the pool's LM): a call of it that succeeded on a
+// worker becomes the pool's (adopt_setting), and every other worker, and
+// every replacement, applies it (start_setting) before it serves again, so
+// no caller is served with a stale setting. A worker that refuses it is
 // removed.
 #include <chrono>
 
@@ -12,14 +13,14 @@
 
 namespace dspex::pool_detail {
 
-void start_configure(pool_actor_t* self, worker_entry& e) {
+void start_setting(pool_actor_t* self, worker_entry& e) {
   auto& st = self->state;
   e.state = worker_state_t::configuring;
   auto id = e.w.id;
   auto handle = e.w.handle;
-  auto generation = st.lm_generation;
+  auto generation = st.setting_generation;
   auto timeout = st.config->pool.init_timeout;
-  call c{"configure_lm", st.lm_args, clock_type::now() + timeout};
+  call c{st.setting_command, st.setting_args, clock_type::now() + timeout};
   self->request(handle, caf::duration{timeout + std::chrono::seconds{2}}, execute_atom::value,
                 std::move(c))
     .then(
@@ -30,15 +31,15 @@ void start_configure(pool_actor_t* self, worker_entry& e) {
             || it->second.state != worker_state_t::configuring)
           return;
         if (o.ok()) {
-          it->second.lm_generation = generation;
+          it->second.setting_generation = generation;
           make_idle(self, it->second);  // or again, if a newer configuration came meanwhile
         } else {
           auto err = o.error();
           remove_worker(self, it->second,
                         make_error(error_category::initialization_error,
-                                   "lm_configuration_failed",
-                                   "worker " + id + " refused the pool's LM configuration: "
-                                     + err.message,
+                                   "setting_failed",
+                                   "worker " + id + " refused the pool's setting ("
+                                     + st.setting_command + "): " + err.message,
                                    {{"worker_id", id}}));
         }
         dispatch(self);
@@ -49,13 +50,13 @@ void start_configure(pool_actor_t* self, worker_entry& e) {
 }
 
 // A caller's configure_lm succeeded on worker `e`: it is the pool's now.
-void adopt_lm(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
+void adopt_setting(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
   auto& st = self->state;
   args.erase("session_id");
-  st.lm_args = std::move(args);
-  e.lm_generation = ++st.lm_generation;
-  log().info("pool: LM configuration {} adopted from {}; every worker applies it before it serves",
-             redacted(st.lm_args).dump(), e.w.id);
+  st.setting_args = std::move(args);
+  e.setting_generation = ++st.setting_generation;
+  log().info("pool: {} {} adopted from {}; every worker applies it before it serves",
+             st.setting_command, redacted(st.setting_args).dump(), e.w.id);
   // Workers out on a direct call come back here when answered, and are
   // configured then (make_idle).
   st.idle->recall_all();
@@ -64,7 +65,7 @@ void adopt_lm(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
     if (it != st.workers.end() && it->second.state == worker_state_t::idle
         && st.idle->take(id)) {
       fold_direct_calls(self, it->second);
-      start_configure(self, it->second);
+      start_setting(self, it->second);
     }
   }
 }
