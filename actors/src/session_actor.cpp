@@ -23,8 +23,6 @@ namespace {
 
 using clock_type = std::chrono::steady_clock;
 
-using session_reply_atom = caf::atom_constant<caf::atom("sessreply")>;  // (tag, outcome): the pool client's answer
-using session_qtmo_atom = caf::atom_constant<caf::atom("sessqtmo")>;    // (timer generation): the earliest queued call's deadline
 using session_sweep_atom = caf::atom_constant<caf::atom("sesssweep")>;  // registry: sweep expired sessions
 
 double epoch_now() {
@@ -92,11 +90,11 @@ struct session_state {
   static inline const char* name = "dspex.session";
 };
 
-using session_actor_t = caf::stateful_actor<session_state>;
+using session_actor_t = session_actor_handle::stateful_pointer<session_state>;
 
-void run_next(session_actor_t* self);
+void run_next(session_actor_t self);
 
-nlohmann::json session_info(session_actor_t* self) {
+nlohmann::json session_info(session_actor_t self) {
   auto& st = self->state;
   auto ttl_s = std::chrono::duration<double>(st.config->session.ttl).count();
   auto last_accessed
@@ -123,7 +121,7 @@ nlohmann::json session_info(session_actor_t* self) {
 // Sends one call on the direct lane, or else through the pool client; its
 // answer comes back as (session_reply_atom, tag, outcome) and is awaited by
 // the flight.
-std::uint64_t send_to_pool(session_actor_t* self, call c, detail::client_call_options opts) {
+std::uint64_t send_to_pool(session_actor_t self, call c, detail::client_call_options opts) {
   auto& st = self->state;
   auto tag = st.next_tag++;
   st.in_flight.tags.insert(tag);
@@ -138,7 +136,7 @@ std::uint64_t send_to_pool(session_actor_t* self, call c, detail::client_call_op
   }};
   if (st.lane && st.lane(c, opts, done))
     return tag;
-  self->send(st.client, execute_atom::value, std::move(c), std::move(done), std::move(opts));
+  caf::anon_send(st.client, execute_atom::value, std::move(c), std::move(done), std::move(opts));
   return tag;
 }
 
@@ -162,7 +160,7 @@ std::chrono::milliseconds cleanup_timeout(const session_state& st) {
 
 // Starts a sweep: a command to every worker that served the session.
 // Returns false when there is no worker to ask.
-bool start_sweep(session_actor_t* self, const detail::session_adapter::worker_sweep& sweep,
+bool start_sweep(session_actor_t self, const detail::session_adapter::worker_sweep& sweep,
                  bool end_after) {
   auto& st = self->state;
   st.in_flight = flight{};
@@ -180,7 +178,7 @@ bool start_sweep(session_actor_t* self, const detail::session_adapter::worker_sw
   return true;
 }
 
-void finish_end(session_actor_t* self, nlohmann::json results) {
+void finish_end(session_actor_t self, nlohmann::json results) {
   auto& st = self->state;
   auto summary = st.adapter->end_summary(results);
   summary.update(nlohmann::json{{"session_id", st.id},
@@ -194,7 +192,7 @@ void finish_end(session_actor_t* self, nlohmann::json results) {
   self->quit();
 }
 
-void begin_end(session_actor_t* self) {
+void begin_end(session_actor_t self) {
   auto& st = self->state;
   for (auto& q : st.queue)
     q.answer(outcome::failure(session_err(
@@ -205,7 +203,7 @@ void begin_end(session_actor_t* self) {
 }
 
 // The call in flight is over: next call, or the end.
-void flight_done(session_actor_t* self) {
+void flight_done(session_actor_t self) {
   auto& st = self->state;
   st.in_flight = flight{};
   if (st.ending)
@@ -223,7 +221,7 @@ void note_served(session_state& st, const outcome& o) {
 
 // Sends the user call in flight to the pool (possibly again, after a repair),
 // made whole by the adapter so that any worker can run it.
-void send_user_call(session_actor_t* self) {
+void send_user_call(session_actor_t self) {
   auto& st = self->state;
   auto c = st.in_flight.q.c;
   c.preferred_worker = st.preferred_worker;
@@ -235,7 +233,7 @@ void send_user_call(session_actor_t* self) {
 // Answers the commands the session serves from its own state (its adapter's
 // decision); false for the others (sent to a worker). A sweep the answer
 // asks for runs before the session's next call.
-bool answer_locally(session_actor_t* self, queued_call& q) {
+bool answer_locally(session_actor_t self, queued_call& q) {
   auto& st = self->state;
   auto local = st.adapter->answer_locally(q.c);
   if (!local)
@@ -246,7 +244,7 @@ bool answer_locally(session_actor_t* self, queued_call& q) {
   return true;
 }
 
-void run_next(session_actor_t* self) {
+void run_next(session_actor_t self) {
   auto& st = self->state;
   while (st.in_flight.kind == flight_kind::none && !st.queue.empty()) {
     auto q = std::move(st.queue.front());
@@ -267,7 +265,7 @@ void run_next(session_actor_t* self) {
   }
 }
 
-void on_user_reply(session_actor_t* self, outcome o) {
+void on_user_reply(session_actor_t self, outcome o) {
   auto& st = self->state;
   auto& fl = st.in_flight;
   note_served(st, o);
@@ -285,7 +283,7 @@ void on_user_reply(session_actor_t* self, outcome o) {
   flight_done(self);
 }
 
-caf::behavior session_actor(session_actor_t* self, std::string id,
+session_actor_handle::behavior_type session_actor(session_actor_t self, std::string id,
                             std::shared_ptr<const settings> config, caf::actor client,
                             session_lane lane, detail::session_adapter_factory make_adapter) {
   auto& st = self->state;
@@ -395,7 +393,7 @@ struct registry_state {
   caf::actor_addr parent;
   /// The live sessions; the directory mirrors it for callers (every change
   /// here is made there too, in the same handler).
-  std::unordered_map<std::string, caf::actor> sessions;
+  std::unordered_map<std::string, session_actor_handle> sessions;
   std::shared_ptr<detail::session_directory> directory;
   session_lane lane;
   detail::session_adapter_factory make_adapter;

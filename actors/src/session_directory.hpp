@@ -83,7 +83,7 @@ public:
   }
 
   /// The registry: session `id` is served by `actor` from now on.
-  void add(const std::string& id, caf::actor actor) {
+  void add(const std::string& id, session_actor_handle actor) {
     std::unique_lock<std::shared_mutex> lk{mtx_};
     sessions_[id].actor = std::move(actor);
   }
@@ -111,7 +111,7 @@ public:
 
 private:
   struct entry {
-    caf::actor actor;            ///< none while the registry has not made it
+    session_actor_handle actor;  ///< none while the registry has not made it
     std::size_t in_transit = 0;  ///< calls on their way through the registry
   };
   std::shared_mutex mtx_;

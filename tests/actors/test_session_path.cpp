@@ -264,42 +264,64 @@ TEST_CASE("session path: calls a dying session layer took are answered sessions_
   }
 }
 
+/// A session actor that only reports the calls it gets (their args.n) to `to`.
+static session_actor_handle::behavior_type reporting_session(session_actor_handle::pointer,
+                                                      caf::actor to) {
+  return {
+    [to](session_call_atom, call& c, detail::client_call_options&, completion&) {
+      caf::anon_send(to, c.args.at("n").get<int>());
+    },
+    [](session_info_atom) { return outcome::success(nlohmann::json::object()); },
+    [](session_idle_atom) { return false; },
+    [](session_end_atom) { return outcome::success(nlohmann::json::object()); },
+    [](session_reply_atom, std::uint64_t, outcome&) {},
+    [](session_qtmo_atom, std::uint64_t) {},
+  };
+}
+
 TEST_CASE("session directory: a call through the registry holds the session's later calls behind it") {
   session_path t;
   caf::scoped_actor self{t.sys};
-  auto actor = caf::actor_cast<caf::actor>(self);
+  auto actor = t.sys.spawn(reporting_session, caf::actor_cast<caf::actor>(self));
   auto& dir = *t.directory;
+  auto send = [&](const std::string& id, int n) {
+    call c;
+    c.args = {{"n", n}};
+    return dir.send(id, session_call_atom::value, std::move(c), detail::client_call_options{},
+                    completion{});
+  };
   dir.add("s6", actor);
-  CHECK(dir.send("s6", 1));  // (an int: only whether it was sent counts here)
+  CHECK(send("s6", 1));
   auto token = dir.in_transit("s6");
-  CHECK_FALSE(dir.send("s6", 2));
+  CHECK_FALSE(send("s6", 2));
   auto second = dir.in_transit("s6");
   dir.arrived("s6", token);
-  CHECK_FALSE(dir.send("s6", 3));  // one still on its way
+  CHECK_FALSE(send("s6", 3));  // one still on its way
   dir.arrived("s6", second);
-  CHECK(dir.send("s6", 4));
+  CHECK(send("s6", 4));
   // A session removed while a call is on its way: the call makes a new one.
   auto third = dir.in_transit("s6");
   dir.remove("s6", actor.address());
-  CHECK_FALSE(dir.send("s6", 5));
+  CHECK_FALSE(send("s6", 5));
   dir.arrived("s6", third);
-  CHECK_FALSE(dir.send("s6", 6));
+  CHECK_FALSE(send("s6", 6));
   // Counts from before a clear() (the registry restarted) are forgotten.
   auto stale = dir.in_transit("s7");
   dir.clear();
   dir.add("s7", actor);
-  CHECK(dir.send("s7", 7));
+  CHECK(send("s7", 7));
   dir.arrived("s7", stale);
-  CHECK(dir.send("s7", 8));
+  CHECK(send("s7", 8));
   auto fresh = dir.in_transit("s7");
-  CHECK_FALSE(dir.send("s7", 9));
+  CHECK_FALSE(send("s7", 9));
   dir.arrived("s7", fresh);
-  CHECK(dir.send("s7", 10));
+  CHECK(send("s7", 10));
   std::vector<int> got;
   for (int i = 0; i < 5; ++i)
     self->receive([&](int x) { got.push_back(x); },
                   caf::after(hang_guard) >> [&] { FAIL("a sent message did not arrive"); });
   CHECK(got == std::vector<int>{1, 4, 7, 8, 10});
+  caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
 }
 
 TEST_CASE("session path: one caller's calls reach the session in the order they were made") {

@@ -17,9 +17,11 @@
 //  - (session_exec_atom, session_request, completion): op execute, answered
 //    through the completion;
 //  - (session_op_atom, session_request) → outcome (end / info / list).
-// Session actor messages:
+// Session actor messages (typed: session_actor_handle):
 //  - (session_call_atom, call, client_call_options, completion): from a
 //    caller (through the directory) or the registry;
+//  - (session_reply_atom, tag, outcome), (session_qtmo_atom, generation): its
+//    own calls' answers and its queue's timer;
 //  - (session_info_atom) → outcome (the session's info JSON);
 //  - (session_idle_atom) → bool: idle past session.ttl (the registry's sweep);
 //  - (session_end_atom) → outcome: waits for the call in flight, fails the
@@ -44,6 +46,8 @@
 #include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/atom.hpp>
 #include <caf/fwd.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/events.hpp"
@@ -83,6 +87,18 @@ using session_call_atom = caf::atom_constant<caf::atom("sesscall")>; // → sess
 using session_info_atom = caf::atom_constant<caf::atom("sessinfo")>; // registry → session: () → outcome
 using session_idle_atom = caf::atom_constant<caf::atom("sessidle")>; // registry → session: () → bool
 using session_end_atom = caf::atom_constant<caf::atom("sessend")>;   // registry → session: () → outcome
+using session_reply_atom = caf::atom_constant<caf::atom("sessreply")>;  // (tag, outcome): its own call's answer
+using session_qtmo_atom = caf::atom_constant<caf::atom("sessqtmo")>;    // (timer generation): the earliest queued call's deadline
+
+/// A session actor's message interface: what callers, the registry and the
+/// session itself (its calls' answers, its queue's timer) may send it.
+using session_actor_handle = caf::typed_actor<
+  caf::reacts_to<session_call_atom, call, detail::client_call_options, completion>,
+  caf::replies_to<session_info_atom>::with<outcome>,
+  caf::replies_to<session_idle_atom>::with<bool>,
+  caf::replies_to<session_end_atom>::with<outcome>,
+  caf::reacts_to<session_reply_atom, std::uint64_t, outcome>,
+  caf::reacts_to<session_qtmo_atom, std::uint64_t>>;
 
 namespace detail {
 class session_directory;
