@@ -133,13 +133,16 @@ void crash_storm::run() {
     auto n = std::min(opts_.kills_per_cycle, live.size());
     std::vector<crash_storm_kill> done;
     std::size_t refused = 0;
-    std::bernoulli_distribution stop_it{std::clamp(opts_.stop_fraction, 0.0, 1.0)};
+    const double stop_fraction = std::clamp(opts_.stop_fraction, 0.0, 1.0);
     for (std::size_t i = 0; i < n; ++i) {
-      int sig = stop_it(rng_) ? SIGSTOP : SIGKILL;
+      const auto stops_due = 1 + static_cast<std::size_t>(static_cast<double>(hits_) * stop_fraction + 1e-9);
+      int sig = stop_fraction > 0 && stops_ < stops_due ? SIGSTOP : SIGKILL;
       if (::kill(live[i].pid, sig) != 0) {
         ++refused;
         continue;
       }
+      ++hits_;
+      stops_ += sig == SIGSTOP ? 1 : 0;
       done.push_back({cycle, live[i].pid, live[i].id, live[i].state, sig, clock_type::now()});
     }
     std::lock_guard<std::mutex> guard{mtx_};

@@ -15,8 +15,10 @@
 // other state: starting, configuring its LM, idle, busy, leased; and sends
 // SIGKILL with ::kill to `kills_per_cycle` distinct ones chosen at random,
 // SIGSTOP instead to a `stop_fraction` of them (the pool must find and
-// replace stopped processes itself). A cycle with fewer candidates hits what
-// there is.
+// replace stopped processes itself): the first hit, then every
+// 1/stop_fraction-th, so any storm that hits at all stops some (a random
+// share would stop none in 11% of 21-hit storms). A cycle with fewer
+// candidates hits what there is.
 #pragma once
 
 #include <sys/types.h>
@@ -41,7 +43,7 @@ struct crash_storm_options {
   std::size_t cycles = 40;
   std::chrono::milliseconds interval{25};  ///< from the start of one cycle to the next
   std::size_t kills_per_cycle = 3;
-  double stop_fraction = 0.1;  ///< share of the hits that are SIGSTOP instead of SIGKILL
+  double stop_fraction = 0.1;  ///< share of the hits that are SIGSTOP instead of SIGKILL (the first one among them)
   /// Only processes whose /proc/<pid>/cmdline contains this are killed
   /// (guards against a pid that changed hands); empty = the runtime's
   /// worker.script.
@@ -99,6 +101,8 @@ private:
   runtime& rt_;
   crash_storm_options opts_;
   std::mt19937_64 rng_;
+  std::size_t hits_ = 0;   ///< signals sent
+  std::size_t stops_ = 0;  ///< of them SIGSTOP: 1 + floor(hits × stop_fraction) before each hit
   std::thread thread_;
   mutable std::mutex mtx_;
   std::condition_variable cv_;
