@@ -3,7 +3,10 @@
 // must_not_block reads it, so no other file can leave it set.
 #include "api_support.hpp"
 
+#include <atomic>
 #include <exception>
+#include <memory>
+#include <utility>
 
 #include <caf/actor_system.hpp>
 #include <caf/error.hpp>
@@ -31,7 +34,8 @@ outcome from_caf_error(caf::actor_system& sys, const caf::error& err, const std:
 }
 
 void run_callback(const completion& done, outcome o) {
-  in_async_callback = true;
+  // Restored, not cleared: a continuation may run inside another's (answer_once).
+  const bool was = std::exchange(in_async_callback, true);
   try {
     done.fn(std::move(o));
   } catch (const std::exception& e) {
@@ -39,7 +43,31 @@ void run_callback(const completion& done, outcome o) {
   } catch (...) {
     log().error("an asynchronous callback threw");
   }
-  in_async_callback = false;
+  in_async_callback = was;
+}
+
+namespace {
+
+// Shared by every copy of one answer_once completion.
+struct one_answer {
+  completion done;
+  error on_loss;
+  std::atomic<bool> answered{false};
+
+  void answer(outcome o) {
+    if (!answered.exchange(true))
+      run_callback(done, std::move(o));
+  }
+  ~one_answer() { answer(outcome::failure(std::move(on_loss))); }
+};
+
+} // namespace
+
+completion answer_once(completion done, error on_loss) {
+  auto shared = std::make_shared<one_answer>();
+  shared->done = std::move(done);
+  shared->on_loss = std::move(on_loss);
+  return completion{[shared](outcome o) { shared->answer(std::move(o)); }};
 }
 
 bool must_not_block() noexcept {

@@ -55,6 +55,15 @@ outcome from_caf_error(caf::actor_system& sys, const caf::error& err, const std:
 /// @param o the call's outcome
 void run_callback(const completion& done, outcome o);
 
+/// `done`, answered at most once (through run_callback), and answered with
+/// `on_loss` when its last copy goes unanswered: a message carrying it to an
+/// actor that is already gone (CAF 0.17 drops it silently) still answers its
+/// caller.
+/// @param done the caller's continuation
+/// @param on_loss what the caller gets when nobody answers
+/// @returns the guarded continuation; copies share one answer
+completion answer_once(completion done, error on_loss);
+
 /// A blocking call on a runtime thread (an asynchronous callback, an event
 /// handler, an actor) would wait for work that very thread has to do.
 /// @returns true on such a thread, where a public call must not block

@@ -1,45 +1,10 @@
 #include "dspex/actors/messages.hpp"
 
-#include <atomic>
-#include <memory>
-
 #include <caf/message.hpp>
 #include <caf/make_message.hpp>
 
-#include "dspex/logging.hpp"
 
 namespace dspex {
-
-namespace {
-
-// Shared by every copy of one answer_once completion.
-struct one_answer {
-  completion done;
-  error on_loss;
-  std::atomic<bool> answered{false};
-
-  void answer(outcome o) {
-    if (answered.exchange(true))
-      return;
-    try {
-      done.fn(std::move(o));
-    } catch (const std::exception& e) {
-      log().error("an asynchronous callback threw: {}", e.what());
-    } catch (...) {
-      log().error("an asynchronous callback threw");
-    }
-  }
-  ~one_answer() { answer(outcome::failure(std::move(on_loss))); }
-};
-
-} // namespace
-
-completion answer_once(completion done, error on_loss) {
-  auto shared = std::make_shared<one_answer>();
-  shared->done = std::move(done);
-  shared->on_loss = std::move(on_loss);
-  return completion{[shared](outcome o) { shared->answer(std::move(o)); }};
-}
 
 caf::error make_exit_reason(worker_exit code, const error& detail) {
   return caf::error{static_cast<std::uint8_t>(code), worker_exit_category,

@@ -38,6 +38,7 @@ namespace dspex {
 
 namespace {
 
+using runtime_detail::answer_once;
 using runtime_detail::await_bounded;
 using runtime_detail::blocked_caller;
 using runtime_detail::blocking_in_callback;

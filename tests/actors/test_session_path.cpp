@@ -18,6 +18,7 @@
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/session_actor.hpp"
+#include "api_support.hpp"
 #include "dspy_adapter.hpp"
 #include "session_directory.hpp"
 #include "support/harness.hpp"
@@ -139,7 +140,7 @@ struct session_path {
   std::pair<completion, std::future<outcome>> answer(const session_request& r) {
     auto p = std::make_shared<std::promise<outcome>>();
     auto f = p->get_future();
-    return {answer_once(completion{[p](outcome o) { p->set_value(std::move(o)); }},
+    return {runtime_detail::answer_once(completion{[p](outcome o) { p->set_value(std::move(o)); }},
                         session_lost_error(r.session_id, r.c.command)),
             std::move(f)};
   }

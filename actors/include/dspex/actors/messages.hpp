@@ -39,15 +39,6 @@ struct completion {
   std::function<void(outcome)> fn;
 };
 
-/// `done`, answered at most once, and answered with `on_loss` when its last
-/// copy goes unanswered: a message carrying it to an actor that is already
-/// gone (CAF 0.17 drops it silently) still answers its caller. Exceptions
-/// thrown by `done` are logged, never passed on to the actor that answers.
-/// @param done the caller's continuation.
-/// @param on_loss what the caller gets when nobody answers.
-/// @returns the guarded continuation; copies share one answer.
-completion answer_once(completion done, error on_loss);
-
 /// A caller's request for a lease (explicit checkout).
 struct checkout_request {
   checkout_type type = checkout_type::anonymous();

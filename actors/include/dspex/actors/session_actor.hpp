@@ -118,7 +118,7 @@ using session_lane
 /// What a session call's completion answers when the session's actor went
 /// away with it unanswered (resource_error/sessions_unavailable: the actor
 /// or its registry failed; an end answers every call itself): wrap the
-/// completion with answer_once(done, session_lost_error(...)) before it is sent.
+/// completion with runtime_detail::answer_once(done, session_lost_error(...)) before it is sent.
 error session_lost_error(const std::string& session_id, const std::string& command);
 
 /// Spawns the session registry linked to `supervisor` (a child_spec's start
