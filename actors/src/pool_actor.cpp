@@ -135,6 +135,11 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
                          : std::make_shared<python_worker_contract>(st.config, "pool-worker",
                                                                     st.events);
   st.setting_command = st.contract->pool_setting_command();
+  if (auto initial = st.contract->initial_pool_setting();
+      !st.setting_command.empty() && initial.is_object()) {
+    st.setting_args = std::move(initial);
+    st.setting_generation = 1;  // workers start at 0: each applies it before it serves
+  }
   {
     backoff_config bc;
     bc.kind = backoff_kind::exponential;
@@ -307,13 +312,11 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
       // Its lane goes back to this pool's idle list after each direct call.
       if (auto channel = channel_of(self, e))
         channel->set_board(st.idle);
-      note_start_success(self, id, pid);
-      if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
-        answer_ready_waiters(self);
-      if (st.stopping)
+      if (e.setting_generation < st.setting_generation && !st.stopping) {
+        start_setting(self, e, true);  // started once it has the pool's setting
         return;
-      make_idle(self, e);
-      dispatch(self);
+      }
+      worker_started(self, e);
     },
     [=](worker_gone_atom, const std::string& id, error& gone) {
       auto& st = self->state;

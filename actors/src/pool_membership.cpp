@@ -308,6 +308,17 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   }
 }
 
+void worker_started(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  note_start_success(self, e.w.id, e.w.pid);
+  if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
+    answer_ready_waiters(self);
+  if (st.stopping)
+    return;
+  make_idle(self, e);
+  dispatch(self);
+}
+
 void answer_ready_waiters(pool_actor_t* self) {
   auto& st = self->state;
   auto result = st.initial_failure ? outcome::failure(*st.initial_failure)

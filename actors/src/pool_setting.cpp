@@ -1,9 +1,9 @@
 // One setting per pool (worker_contract::pool_setting_command; the Python
-// workers': configure_lm, the pool's LM): a call of it that succeeded on a
-// worker becomes the pool's (adopt_setting), and every other worker, and
-// every replacement, applies it (start_setting) before it serves again, so
-// no caller is served with a stale setting. A worker that refuses it is
-// removed.
+// workers': configure_lm, the pool's LM): the contract's initial one (the
+// configured LM) or a call of it that succeeded on a worker (adopt_setting)
+// is the pool's, and every worker, new or not, applies it (start_setting)
+// before it serves again, so no caller is served with a stale setting. A
+// worker that refuses it is removed; at its start, that is a start failure.
 #include <chrono>
 
 #include <caf/all.hpp>
@@ -13,9 +13,11 @@
 
 namespace dspex::pool_detail {
 
-void start_setting(pool_actor_t* self, worker_entry& e) {
+void start_setting(pool_actor_t* self, worker_entry& e, bool at_start) {
   auto& st = self->state;
-  e.state = worker_state_t::configuring;
+  // At start the worker stays `starting`: its exit is still a start failure.
+  auto expected = at_start ? worker_state_t::starting : worker_state_t::configuring;
+  e.state = expected;
   auto id = e.w.id;
   auto handle = e.w.handle;
   auto generation = st.setting_generation;
@@ -28,20 +30,27 @@ void start_setting(pool_actor_t* self, worker_entry& e) {
         auto& st = self->state;
         auto it = st.workers.find(id);
         if (st.stopping || it == st.workers.end() || it->second.w.handle != handle
-            || it->second.state != worker_state_t::configuring)
+            || it->second.state != expected)
           return;
+        auto& e = it->second;
         if (o.ok()) {
-          it->second.setting_generation = generation;
-          make_idle(self, it->second);  // or again, if a newer configuration came meanwhile
-        } else {
-          auto err = o.error();
-          remove_worker(self, it->second,
-                        make_error(error_category::initialization_error,
-                                   "setting_failed",
-                                   "worker " + id + " refused the pool's setting ("
-                                     + st.setting_command + "): " + err.message,
-                                   {{"worker_id", id}}));
+          e.setting_generation = generation;
+          if (at_start)
+            worker_started(self, e);  // or configured again first, if a newer setting came
+          else
+            make_idle(self, e);       // likewise
+          dispatch(self);
+          return;
         }
+        auto err = make_error(error_category::initialization_error, "setting_failed",
+                              "worker " + id + " refused the pool's setting ("
+                                + st.setting_command + "): " + o.error().message,
+                              {{"worker_id", id}});
+        if (at_start && e.initial && !st.initial_failure && st.initial_pending > 0) {
+          st.initial_failure = err;
+          answer_ready_waiters(self);
+        }
+        remove_worker(self, e, err, at_start);
         dispatch(self);
       },
       [=](caf::error&) {

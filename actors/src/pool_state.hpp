@@ -267,13 +267,18 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
 void answer_ready_waiters(pool_actor_t* self);
 /// An exit_msg: a worker's (as a down), or a linked parent's (ends the pool).
 void on_exit(pool_actor_t* self, caf::exit_msg& msg);
+/// Worker `e` is up and has the pool's setting: it counts as started (the
+/// crash-loop guard, await_ready) and serves.
+void worker_started(pool_actor_t* self, worker_entry& e);
 /// A worker actor is gone: its entry is removed and a replacement starts.
 void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason);
 
 // -- pool_setting.cpp: one setting per pool (the Python workers' LM) -----------------------
 
 /// Applies the pool's setting to a worker before it serves again.
-void start_setting(pool_actor_t* self, worker_entry& e);
+/// `at_start`: a new worker's first; it stays `starting` until it has it, and
+/// a refusal is a start failure.
+void start_setting(pool_actor_t* self, worker_entry& e, bool at_start = false);
 /// A caller's setting call succeeded on `e`: it becomes the pool's, for every worker.
 void adopt_setting(pool_actor_t* self, worker_entry& e, nlohmann::json args);
 

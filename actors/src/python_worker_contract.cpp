@@ -95,6 +95,13 @@ std::string python_worker_contract::pool_setting_command() const {
   return "configure_lm";
 }
 
+nlohmann::json python_worker_contract::initial_pool_setting() const {
+  const auto& lm = config_->lm;
+  if (lm.provider.empty())
+    return nullptr;
+  return {{"provider", lm.provider}, {"model", lm.model}, {"temperature", lm.temperature}};
+}
+
 std::shared_ptr<detail::worker_channel> python_worker_contract::direct_channel(pool_worker& w) {
   // The lane checks what validate_worker checks, on every call: a process
   // it can write to (else the call is not sent and the worker goes back to

@@ -35,12 +35,11 @@ using direct_adopt_atom = caf::atom_constant<caf::atom("dadopt")>;
 // lifecycle state goes through worker_lifecycle::transition (set_phase).
 // degraded: a health ping failed; no work until one passes (a recovery ping
 // may be in flight: the lifecycle stays degraded meanwhile).
-enum class worker_phase { starting, configuring, ready, busy, degraded, stopping, gone };
+enum class worker_phase { starting, ready, busy, degraded, stopping, gone };
 
 lifecycle_state lifecycle_of(worker_phase p) {
   switch (p) {
     case worker_phase::starting:
-    case worker_phase::configuring:
       return lifecycle_state::initializing;
     case worker_phase::ready:
       return lifecycle_state::ready;
@@ -146,7 +145,6 @@ struct worker_state {
   std::unique_ptr<child_process> child;
   worker_phase phase = worker_phase::starting;
   worker_lifecycle lifecycle{std::string{}, clock_type::now()};
-  std::uint64_t configure_request_id = 0;
   std::optional<in_flight_request> in_flight;
   // One timer per worker, re-armed lazily: arming CAF's clock per request
   // would wake its timer thread on every round trip.
@@ -361,8 +359,7 @@ std::string start_failure_detail(worker_actor_t* self, const std::string& what) 
 
 void handle_start_frame(worker_actor_t* self, const std::string& payload) {
   auto& st = self->state;
-  auto expected = st.phase == worker_phase::starting ? init_request_id : st.configure_request_id;
-  auto parsed = parse_reply(payload, expected, st.cfg.config->pool.max_json_depth);
+  auto parsed = parse_reply(payload, init_request_id, st.cfg.config->pool.max_json_depth);
   if (auto* perr = std::get_if<protocol_error>(&parsed)) {
     fail_worker(self, worker_exit::init_failed,
                 make_error(error_category::initialization_error, "init_failed",
@@ -373,27 +370,10 @@ void handle_start_frame(worker_actor_t* self, const std::string& payload) {
   }
   auto& rep = std::get<reply>(parsed);
   if (!rep.success) {
-    auto what = st.phase == worker_phase::starting ? "init ping refused: "
-                                                    : "LM configuration failed: ";
     fail_worker(self, worker_exit::init_failed,
                 make_error(error_category::initialization_error, "init_failed",
-                           "worker " + st.cfg.id + " " + what + rep.error,
+                           "worker " + st.cfg.id + " init ping refused: " + rep.error,
                            worker_context(self)));
-    return;
-  }
-  const auto& lm = st.cfg.config->lm;
-  if (st.phase == worker_phase::starting && !lm.provider.empty()) {
-    // The pool's one LM configuration reaches every worker before it serves.
-    set_phase(self, worker_phase::configuring, "configure_lm");  // still initializing
-    st.configure_request_id = st.channel->next_request_id();
-    auto req = encode_request(st.configure_request_id, "configure_lm",
-                              {{"provider", lm.provider},
-                               {"model", lm.model},
-                               {"temperature", lm.temperature}});
-    if (!st.child->send(req))
-      fail_worker(self, worker_exit::init_failed,
-                  make_error(error_category::initialization_error, "init_failed",
-                             "cannot write to worker " + st.cfg.id, worker_context(self)));
     return;
   }
   become_ready(self);
@@ -693,7 +673,6 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       auto& st = self->state;
       switch (st.phase) {
         case worker_phase::starting:
-        case worker_phase::configuring:
           handle_start_frame(self, payload);
           break;
         case worker_phase::ready:
@@ -716,7 +695,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       }
       auto ctx = worker_context(self);
       ctx["protocol_error"] = code;
-      if (st.phase == worker_phase::starting || st.phase == worker_phase::configuring)
+      if (st.phase == worker_phase::starting)
         fail_worker(self, worker_exit::init_failed,
                     make_error(error_category::initialization_error, "init_failed",
                                "worker " + st.cfg.id + " broke the protocol during start: "
@@ -745,7 +724,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       auto external = external_signal(st, status);
       if (external)
         ctx["cause"] = "external_signal";
-      if (external && (st.phase == worker_phase::starting || st.phase == worker_phase::configuring)) {
+      if (external && (st.phase == worker_phase::starting)) {
         // Not a start failure: the process was starting fine when it was killed.
         fail_worker(self, worker_exit::killed_at_start,
                     make_error(error_category::initialization_error, "killed_at_start",
@@ -754,7 +733,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                                ctx));
         return;
       }
-      if (st.phase == worker_phase::starting || st.phase == worker_phase::configuring) {
+      if (st.phase == worker_phase::starting) {
         fail_worker(self, worker_exit::init_failed,
                     make_error(error_category::initialization_error, "init_failed",
                                start_failure_detail(self, "worker " + st.cfg.id
@@ -770,7 +749,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     },
     [=](init_timeout_atom) {
       auto& st = self->state;
-      if (st.phase != worker_phase::starting && st.phase != worker_phase::configuring)
+      if (st.phase != worker_phase::starting)
         return;
       fail_worker(self, worker_exit::init_timeout,
                   make_error(error_category::initialization_error, "init_timeout",

@@ -14,6 +14,10 @@ std::string worker_contract::pool_setting_command() const {
   return {};
 }
 
+nlohmann::json worker_contract::initial_pool_setting() const {
+  return nullptr;
+}
+
 namespace {
 
 // Fix 1: each checkout failure is logged with the worker id where it arises.

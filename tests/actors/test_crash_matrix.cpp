@@ -524,6 +524,29 @@ TEST_CASE("crash_matrix 8b: an interpreter whose exec fails: start_error spawn_f
   check_no_children();
 }
 
+// The configured LM is the pool's setting: each worker applies it before it
+// counts as started, so one the workers refuse is a start failure, not a
+// pool that serves without it.
+TEST_CASE("crash_matrix 8d: a configured LM the workers refuse: start_error setting_failed naming it") {
+  auto s = test_settings(2);
+  s.lm.provider = "no-such-provider";
+  s.pool.restart_backoff_base = 20ms;
+  s.pool.restart_backoff_max = 100ms;
+  try {
+    runtime::start(s);
+    FAIL("start should have failed");
+  } catch (const start_error& e) {
+    CHECK_MESSAGE(e.details().category == error_category::initialization_error,
+                  e.details().describe());
+    CHECK_MESSAGE(e.details().type == "setting_failed", e.details().describe());
+    CHECK_MESSAGE(e.details().message.find("configure_lm") != std::string::npos,
+                  e.details().describe());
+    CHECK_MESSAGE(e.details().message.find("no-such-provider") != std::string::npos,
+                  e.details().describe());
+  }
+  check_no_children();
+}
+
 // The pool-level variants (broken from the start, degraded while another
 // worker serves, recovery) are in test_crash_loop.cpp; this is the public API
 // with its only worker dying after the interpreter went away.

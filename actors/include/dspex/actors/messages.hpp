@@ -120,7 +120,7 @@ constexpr caf::atom_value worker_exit_category = caf::atom("dspexwrk");
 
 enum class worker_exit : std::uint8_t {
   spawn_failed = 1,     ///< the interpreter could not be started
-  init_failed,          ///< the child exited or refused the init ping / LM configuration
+  init_failed,          ///< the child exited or refused the init ping
   init_timeout,         ///< no init reply within init_timeout
   process_exited,       ///< the child exited while serving
   protocol_violation,   ///< the child broke the wire contract

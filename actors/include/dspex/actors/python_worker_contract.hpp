@@ -39,6 +39,9 @@ public:
   std::shared_ptr<detail::worker_channel> direct_channel(pool_worker& w) override;
   /// configure_lm: the pool's LM.
   std::string pool_setting_command() const override;
+  /// The configured LM (lm.provider, lm.model, lm.temperature), or null when
+  /// lm.provider is empty.
+  nlohmann::json initial_pool_setting() const override;
   /// Idle check without a round trip: process alive and pipes open.
   keep_or_remove handle_ping(pool_worker& w) override;
 

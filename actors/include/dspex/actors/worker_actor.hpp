@@ -3,8 +3,9 @@
 // at a time and quits with a reason that says what happened to the process.
 //
 // Contract with its owner (the pool actor, or a test):
-//  - sends (worker_ready_atom, id, pid) once the init ping (and the LM
-//    configuration, when one is set) succeeded within init_timeout;
+//  - sends (worker_ready_atom, id, pid) once the init ping succeeded within
+//    init_timeout (the pool then applies its setting, e.g. the LM, with a
+//    call like any other: see worker_contract::initial_pool_setting);
 //  - answers (execute_atom, call) — a call mediated by the owner — with an
 //    outcome, after sending (checkin_atom, id, checkin_status) to the owner;
 //  - leases: after (lease_atom, lease_id) from the owner, answers
@@ -45,7 +46,7 @@
 // transition is published on cfg.events as event_kind::worker_transition
 // {source = worker_id = id, from, to, reason, err (the cause of a failure),
 // fields {"time_in_from_ms": integer}}; ready <-> busy only when the bus has
-// subscribers. Map: spawn → initializing; init ping (and LM configuration)
+// subscribers. Map: spawn → initializing; init ping
 // answered → ready ("initialized"); request sent → busy ("request"); reply →
 // ready ("reply"); health ping → busy ("health_check") → ready
 // ("health_check_passed") or degraded ("health_check_failed"); degraded →

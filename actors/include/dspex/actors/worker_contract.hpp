@@ -34,6 +34,7 @@
 #include <caf/actor.hpp>
 #include <caf/actor_addr.hpp>
 #include <caf/fwd.hpp>
+#include <nlohmann/json.hpp>
 
 #include "dspex/checkout.hpp"
 #include "dspex/error.hpp"
@@ -149,6 +150,12 @@ public:
   /// same arguments before it serves again, and no call is served with the
   /// old setting after the caller had its answer. Empty (the default): none.
   virtual std::string pool_setting_command() const;
+  /// The arguments of pool_setting_command that the pool starts with (the
+  /// Python workers: the configured `lm.*`), or null (the default): none.
+  /// Every worker applies them before it serves, as it would a caller's;
+  /// one that refuses them failed to start (initialization_error,
+  /// setting_failed), and counts against the crash-loop guard.
+  virtual nlohmann::json initial_pool_setting() const;
 };
 
 // -- Fix 1: the error terms of a failed checkout, each a `remove` reason ------
