@@ -49,9 +49,14 @@ namespace dspex::pool_detail {
 
 using clock_type = std::chrono::steady_clock;
 
+// Where a worker is in the pool's hands: the pool's own bookkeeping of
+// checkouts, held only here (worker_info::state shows it). What the process
+// is doing is another thing, the worker's lifecycle (worker_lifecycle.hpp),
+// held only by its worker actor and published as worker_transition events.
 // checking: out for a health ping (not idle, so no caller waits behind it);
 // degraded: its last health ping failed: no work until a ping passes.
-// configuring: applying the pool's current LM configuration before it serves.
+// configuring: applying the pool's setting (the LM) before it serves again;
+// a new worker applies it while still `starting`.
 enum class worker_state_t {
   starting, idle, busy, leased, checking, degraded, configuring, removing, stopping
 };

@@ -30,29 +30,12 @@ using detail::worker_channel;
 /// anything but a clean reply; it is the worker's request in flight now.
 using direct_adopt_atom = caf::atom_constant<caf::atom("dadopt")>;
 
-// What the actor does; lifecycle (below) is what the worker is. Each phase
-// maps to one lifecycle state, and every phase change that changes the
-// lifecycle state goes through worker_lifecycle::transition (set_phase).
-// degraded: a health ping failed; no work until one passes (a recovery ping
-// may be in flight: the lifecycle stays degraded meanwhile).
-enum class worker_phase { starting, ready, busy, degraded, stopping, gone };
-
-lifecycle_state lifecycle_of(worker_phase p) {
-  switch (p) {
-    case worker_phase::starting:
-      return lifecycle_state::initializing;
-    case worker_phase::ready:
-      return lifecycle_state::ready;
-    case worker_phase::busy:
-      return lifecycle_state::busy;
-    case worker_phase::degraded:
-      return lifecycle_state::degraded;
-    case worker_phase::stopping:
-    case worker_phase::gone:
-      break;
-  }
-  return lifecycle_state::terminating;
-}
+// The worker's one state is its lifecycle (worker_lifecycle.hpp): initializing,
+// ready, busy, degraded, terminating, terminated. Terminating has two causes
+// the actor tells apart: a stop (stop_requested: the process is being shut
+// down) or a process lost while serving ("gone": the actor waits for its
+// owner's release, handing back calls that arrive meanwhile).
+using ls = lifecycle_state;
 
 // Bridges the child's I/O thread into the actor's mailbox. Holds only a weak
 // reference: a message to a worker that is already gone is simply dropped.
@@ -143,8 +126,8 @@ struct in_flight_request {
 struct worker_state {
   worker_config cfg;
   std::unique_ptr<child_process> child;
-  worker_phase phase = worker_phase::starting;
   worker_lifecycle lifecycle{std::string{}, clock_type::now()};
+  bool stop_requested = false;  ///< terminating because of a stop (else: gone)
   std::optional<in_flight_request> in_flight;
   // One timer per worker, re-armed lazily: arming CAF's clock per request
   // would wake its timer thread on every round trip.
@@ -246,17 +229,26 @@ bool transition(worker_actor_t* self, lifecycle_state to, std::string reason,
   return true;
 }
 
-// Moves to `to`, through the lifecycle when its state changes. A refused
-// transition leaves the phase as it was.
-bool set_phase(worker_actor_t* self, worker_phase to, std::string reason,
-               const error* cause = nullptr, clock_type::time_point now = clock_type::now()) {
+// Moves the lifecycle to `to` unless it is there already. A refused
+// transition changes nothing.
+bool set_state(worker_actor_t* self, ls to, std::string reason, const error* cause = nullptr,
+               clock_type::time_point now = clock_type::now()) {
   auto& st = self->state;
-  auto target = lifecycle_of(to);
-  if (target != st.lifecycle.state()
-      && !transition(self, target, std::move(reason), cause, now))
-    return false;
-  st.phase = to;
-  return true;
+  return to == st.lifecycle.state() || transition(self, to, std::move(reason), cause, now);
+}
+
+ls state_of(const worker_state& st) {
+  return st.lifecycle.state();
+}
+
+/// Terminating because the process was lost while serving.
+bool gone(const worker_state& st) {
+  return st.lifecycle.state() == ls::terminating && !st.stop_requested;
+}
+
+/// Terminating because of a stop.
+bool stopping(const worker_state& st) {
+  return st.lifecycle.state() == ls::terminating && st.stop_requested;
 }
 
 // The one place the actor quits: the lifecycle ends in terminated (through
@@ -328,12 +320,12 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
   if (st.child)
     kill_child(self);
   auto reason = make_exit_reason(code, err);
-  if (st.phase == worker_phase::ready || st.phase == worker_phase::busy
-      || st.phase == worker_phase::degraded) {
+  if (state_of(st) == ls::ready || state_of(st) == ls::busy
+      || state_of(st) == ls::degraded) {
     // The owner may have handed us calls already: wait for its release.
     st.exit_reason = std::move(reason);
-    if (!set_phase(self, worker_phase::gone, err.type, &err))
-      st.phase = worker_phase::gone;  // cannot be refused from these phases; never stay serving
+    // The table allows terminating from these states: it is never refused.
+    set_state(self, ls::terminating, err.type, &err);
     self->send(st.cfg.owner, worker_gone_atom::value, st.cfg.id, err);
     return;
   }
@@ -346,7 +338,7 @@ void arm_timer(worker_actor_t* self, clock_type::time_point due) {
 
 void become_ready(worker_actor_t* self) {
   auto& st = self->state;
-  set_phase(self, worker_phase::ready, "initialized");
+  set_state(self, ls::ready, "initialized");
   log().info("[{}] ready (pid {})", st.cfg.id, st.child->pid());
   self->send(st.cfg.owner, worker_ready_atom::value, st.cfg.id,
              static_cast<int>(st.child->pid()));
@@ -403,7 +395,7 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
   if (req.health) {
     // The owner asked with a request: the answer is its checkin.
     if (rep.success) {
-      set_phase(self, worker_phase::ready, "health_check_passed");
+      set_state(self, ls::ready, "health_check_passed");
       req.answer(outcome::success(std::move(rep.result)));
       return;
     }
@@ -411,13 +403,13 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
     ctx["command"] = req.command;
     auto err = make_error(error_category::health_check_error, "ping_failed",
                           "worker " + st.cfg.id + " failed its health ping: " + rep.error, ctx);
-    if (st.phase == worker_phase::busy)
-      set_phase(self, worker_phase::degraded, "health_check_failed", &err);
+    if (state_of(st) == ls::busy)
+      set_state(self, ls::degraded, "health_check_failed", &err);
     // else: already degraded, and stays so
     req.answer(outcome::failure(std::move(err)));
     return;
   }
-  set_phase(self, worker_phase::ready, "reply");
+  set_state(self, ls::ready, "reply");
   auto o = detail::reply_outcome(std::move(rep), st.cfg.id, st.child ? st.child->pid() : 0,
                                  req.command);
   // Checkin first: once the caller has its reply, the pool already counts
@@ -436,7 +428,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
     if (check_in)
       self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
   };
-  if (st.phase != worker_phase::ready) {
+  if (state_of(st) != ls::ready) {
     auto ctx = worker_context(self);
     ctx["state"] = to_string(st.lifecycle.state());
     return outcome::failure(make_error(error_category::resource_error, "worker_not_ready",
@@ -492,7 +484,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
     return rp;
   }
   st.in_flight = in_flight_request{id, c.command, c.deadline, rp, check_in, false, nullptr};
-  set_phase(self, worker_phase::busy, "request", nullptr, now);
+  set_state(self, ls::busy, "request", nullptr, now);
   arm_timer(self, c.deadline);
   return rp;
 }
@@ -500,7 +492,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
 // health_check_atom: see worker_actor.hpp and messages.hpp.
 caf::result<outcome> start_health_check(worker_actor_t* self) {
   auto& st = self->state;
-  if (st.in_flight || (st.phase != worker_phase::ready && st.phase != worker_phase::degraded)) {
+  if (st.in_flight || (state_of(st) != ls::ready && state_of(st) != ls::degraded)) {
     auto ctx = worker_context(self);
     ctx["state"] = to_string(st.lifecycle.state());
     return outcome::failure(make_error(error_category::resource_error, "worker_busy",
@@ -528,8 +520,8 @@ caf::result<outcome> start_health_check(worker_actor_t* self) {
     return rp;
   }
   st.in_flight = in_flight_request{id, "ping", now + timeout, rp, false, true, nullptr};
-  if (st.phase == worker_phase::ready)
-    set_phase(self, worker_phase::busy, "health_check", nullptr, now);
+  if (state_of(st) == ls::ready)
+    set_state(self, ls::busy, "health_check", nullptr, now);
   // degraded: stays degraded while the recovery ping runs
   arm_timer(self, now + timeout);
   return rp;
@@ -592,7 +584,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
   return {
     [=](execute_atom, call& c) -> caf::result<outcome> {
       auto& st = self->state;
-      if (st.phase == worker_phase::gone) {
+      if (gone(st)) {
         // Never reached the process: back to the owner, same caller.
         auto rp = self->make_response_promise();
         rp.delegate(st.cfg.owner, retry_atom::value, std::move(c));
@@ -602,7 +594,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     },
     [=](execute_atom, std::uint64_t lease, call& c) -> caf::result<outcome> {
       auto& st = self->state;
-      if (st.phase == worker_phase::gone)
+      if (gone(st))
         return outcome::failure(decode_exit_reason(st.exit_reason)
                                   .value_or(make_error(error_category::communication_error,
                                                        "worker_exited",
@@ -623,26 +615,26 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       // request in flight now, and the next message (the frame, the broken
       // stream, the exit) or its deadline decides it, as for any request.
       auto& st = self->state;
-      if (st.in_flight || (st.phase != worker_phase::ready)) {
+      if (st.in_flight || (state_of(st) != ls::ready)) {
         in_flight_request late{c.id, c.command, c.deadline, {}, false, false, std::move(c.reply)};
         auto ctx = worker_context(self);
         ctx["command"] = c.command;
-        auto stopping = st.phase == worker_phase::stopping;
+        auto stop = stopping(st);
         late.answer(outcome::failure(make_error(
-          stopping ? error_category::resource_error : error_category::communication_error,
-          stopping ? "worker_stopping" : "worker_exited",
+          stop ? error_category::resource_error : error_category::communication_error,
+          stop ? "worker_stopping" : "worker_exited",
           "worker " + st.cfg.id + " is " + to_string(st.lifecycle.state())
             + ": the request in flight cannot be answered",
           ctx)));
         return;
       }
       st.in_flight = in_flight_request{c.id, c.command, c.deadline, {}, true, false, std::move(c.reply)};
-      set_phase(self, worker_phase::busy, "request", nullptr, c.started);
+      set_state(self, ls::busy, "request", nullptr, c.started);
       arm_timer(self, c.deadline);
     },
     [=](process_stopped_atom) {
       auto& st = self->state;
-      if (st.phase == worker_phase::gone || st.phase == worker_phase::stopping)
+      if (gone(st) || stopping(st))
         return;
       // A stop comes from outside (an operator, a storm), like a signal
       // that kills: it says nothing about whether workers can start, so a
@@ -667,35 +659,35 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       auto& st = self->state;
       if (st.lease == lease)
         st.lease = 0;
-      return !st.in_flight && st.phase == worker_phase::ready;
+      return !st.in_flight && state_of(st) == ls::ready;
     },
     [=](child_frame_atom, const std::string& payload) {
       auto& st = self->state;
-      switch (st.phase) {
-        case worker_phase::starting:
+      switch (state_of(st)) {
+        case ls::initializing:
           handle_start_frame(self, payload);
           break;
-        case worker_phase::ready:
-        case worker_phase::busy:
-        case worker_phase::degraded:
+        case ls::ready:
+        case ls::busy:
+        case ls::degraded:
           handle_reply_frame(self, payload);
           break;
-        case worker_phase::stopping:
-        case worker_phase::gone:
+        case ls::terminating:
+        case ls::terminated:
           break; // the reply to `shutdown`, or a late reply nobody waits for
       }
     },
     [=](child_broken_atom, const std::string& code, const std::string& message) {
       auto& st = self->state;
-      if (st.phase == worker_phase::gone)
+      if (gone(st))
         return;
-      if (st.phase == worker_phase::stopping) {
+      if (stopping(st)) {
         kill_child(self);
         return;
       }
       auto ctx = worker_context(self);
       ctx["protocol_error"] = code;
-      if (st.phase == worker_phase::starting)
+      if (state_of(st) == ls::initializing)
         fail_worker(self, worker_exit::init_failed,
                     make_error(error_category::initialization_error, "init_failed",
                                "worker " + st.cfg.id + " broke the protocol during start: "
@@ -712,9 +704,9 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     [=](child_exit_atom, bool signaled, int code) {
       auto& st = self->state;
       exit_status status{signaled, code};
-      if (st.phase == worker_phase::gone)
+      if (gone(st))
         return;  // we killed it; the reason is already known
-      if (st.phase == worker_phase::stopping) {
+      if (stopping(st)) {
         log().info("[{}] stopped ({})", st.cfg.id, status.describe());
         quit_worker(self, caf::error{}, "stopped");
         return;
@@ -724,7 +716,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
       auto external = external_signal(st, status);
       if (external)
         ctx["cause"] = "external_signal";
-      if (external && (st.phase == worker_phase::starting)) {
+      if (external && (state_of(st) == ls::initializing)) {
         // Not a start failure: the process was starting fine when it was killed.
         fail_worker(self, worker_exit::killed_at_start,
                     make_error(error_category::initialization_error, "killed_at_start",
@@ -733,7 +725,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                                ctx));
         return;
       }
-      if (st.phase == worker_phase::starting) {
+      if (state_of(st) == ls::initializing) {
         fail_worker(self, worker_exit::init_failed,
                     make_error(error_category::initialization_error, "init_failed",
                                start_failure_detail(self, "worker " + st.cfg.id
@@ -749,7 +741,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     },
     [=](init_timeout_atom) {
       auto& st = self->state;
-      if (st.phase != worker_phase::starting)
+      if (state_of(st) != ls::initializing)
         return;
       fail_worker(self, worker_exit::init_timeout,
                   make_error(error_category::initialization_error, "init_timeout",
@@ -789,23 +781,23 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     },
     [=](release_atom) {
       auto& st = self->state;
-      if (st.phase == worker_phase::gone)
+      if (gone(st))
         quit_worker(self, std::move(st.exit_reason), "released");
     },
     [=](stop_atom) {
       auto& st = self->state;
-      if (st.phase == worker_phase::gone) {
+      if (gone(st)) {
         quit_worker(self, std::move(st.exit_reason), "stopped");
         return;
       }
-      if (st.phase == worker_phase::stopping)
+      if (stopping(st))
         return;  // a second stop: nothing more to do
       // Idle (ready, or degraded with no ping running): the process reads
       // `shutdown` at once; a busy one is stopped by the stop sequence.
       auto was_idle = !st.in_flight
-                      && (st.phase == worker_phase::ready || st.phase == worker_phase::degraded);
-      if (!set_phase(self, worker_phase::stopping, "stop"))
-        st.phase = worker_phase::stopping;  // cannot be refused from these phases
+                      && (state_of(st) == ls::ready || state_of(st) == ls::degraded);
+      st.stop_requested = true;
+      set_state(self, ls::terminating, "stop");  // allowed from every state but the last two
       fail_in_flight_stopping(self, "is stopping");
       const auto& w = st.cfg.config->worker;
       if (was_idle)

@@ -26,7 +26,7 @@ struct worker_stats {
 struct worker_info {
   std::string id;
   int pid = 0;                 ///< 0 while the process is not yet started
-  std::string state;           ///< starting, idle, busy, leased, checking, degraded, removing, stopping
+  std::string state;           ///< in the pool: starting, idle, busy, leased, checking, degraded, configuring, removing, stopping
   double uptime_s = 0;         ///< since the worker actor started
   worker_stats stats;
 };
