@@ -97,17 +97,6 @@ void finish_stop_if_done(pool_actor_t* self) {
   self->quit(st.exit_after_stop);
 }
 
-static caf::behavior held_behavior(pool_actor_t* self) {
-  return {
-    [=](resume_atom) {
-      self->state.held = false;
-      run_waiters(self->state.idle->resume());
-      self->set_default_handler(caf::print_and_drop);
-      self->unbecome();
-    },
-  };
-}
-
 static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config,
                                 std::shared_ptr<worker_contract> contract,
                                 std::shared_ptr<event_bus> events,
@@ -408,14 +397,6 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
       }
       dispatch(self);
       return removed;
-    },
-    [=](hold_atom) {
-      // Tests: requests wait in the mailbox until resume, so deadlines can
-      // pass deterministically while the pool is still.
-      self->state.held = true;
-      self->state.idle->pause();  // a held pool serves nobody, directly or not
-      self->set_default_handler(caf::skip);
-      self->become(caf::keep_behavior, held_behavior(self));
     },
     [=](status_atom) { return make_status(self); },
     [=](await_ready_atom) -> caf::result<outcome> {

@@ -162,7 +162,6 @@ struct pool_state {
   std::optional<error> initial_failure;
   std::vector<caf::response_promise> ready_waiters;
   bool stopping = false;
-  bool held = false;
   std::vector<caf::response_promise> stop_waiters;
   std::deque<worker_info> retired;
   /// Outside the state: the pool's attach_functor runs after the state is gone.

@@ -37,11 +37,15 @@
 #include <thread>
 #include <vector>
 
+#include <caf/atom.hpp>
 #include <caf/fwd.hpp>
 
 #include "dspex/actors/worker_contract.hpp"
 
 namespace dspex::testing {
+
+/// A fake worker's "hold" request is answered once it gets this.
+using resume_atom = caf::atom_constant<caf::atom("resume")>;
 
 /// One scripted callback and its answer.
 /// For init_worker: ok = ready at once (or announced later with async_start),

@@ -1,6 +1,9 @@
 #include "support/test_pool.hpp"
 
+#include <atomic>
 #include <thread>
+
+#include <doctest/doctest.h>
 
 namespace dspex::testing {
 
@@ -23,6 +26,8 @@ test_pool::test_pool(test_pool_options opts)
 }
 
 test_pool::~test_pool() {
+  if (release_)
+    release_->set_value();  // a test that failed while the pool was held
   caf::scoped_actor self{sys_};
   self->monitor(pool_);
   bool answered = false;
@@ -102,11 +107,33 @@ void test_pool::execute_async(call c, std::function<void(outcome)> done) {
 }
 
 void test_pool::hold() {
-  caf::anon_send(pool_, hold_atom::value);
+  REQUIRE_FALSE(release_);
+  release_ = std::make_shared<std::promise<void>>();
+  auto released = release_->get_future().share();
+  auto threads = sys_.scheduler().num_workers();
+  auto entered = std::make_shared<std::atomic<std::size_t>>(0);
+  for (std::size_t i = 0; i < threads; ++i) {
+    // One blocked handler per scheduler thread: a thread running one cannot
+    // take the next, so the stallers end up on distinct threads.
+    auto staller = sys_.spawn([released, entered](caf::event_based_actor* self) -> caf::behavior {
+      return {[=](caf::atom_value) {
+        ++*entered;
+        released.wait_for(60s);  // hang guard
+        self->quit();
+      }};
+    });
+    caf::anon_send(staller, caf::atom("stall"));
+  }
+  auto deadline = after(10s);
+  while (*entered < threads && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
+  REQUIRE_MESSAGE(*entered == threads, "not every scheduler thread could be held");
 }
 
 void test_pool::resume() {
-  caf::anon_send(pool_, resume_atom::value);
+  REQUIRE(release_);
+  release_->set_value();
+  release_.reset();
 }
 
 std::size_t test_pool::ping_idle() {

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <functional>
+#include <future>
 #include <memory>
 #include <optional>
 #include <string>
@@ -56,7 +57,12 @@ public:
   /// The same without waiting: `done` runs on an actor thread with the outcome.
   void execute_async(call c, std::function<void(outcome)> done);
 
-  /// Stops the pool from serving requests until resume() (tests only).
+  /// Holds the pool still until resume(): every scheduler thread of this
+  /// test's actor system is occupied by a blocked actor, so the pool (and
+  /// every other actor of the system) handles nothing while messages queue
+  /// in its mailbox. Callers' own threads and the clock go on, so deadlines
+  /// pass. No hook in the pool: it sees only a busy machine. Bounded: the
+  /// threads are released after 60 s at most even without resume().
   void hold();
   void resume();
 
@@ -69,6 +75,7 @@ private:
   std::shared_ptr<const settings> config_;
   std::shared_ptr<event_bus> events_;
   caf::actor pool_;
+  std::shared_ptr<std::promise<void>> release_;  ///< set while held
 };
 
 /// A caller actor: it checks workers out, uses and checks them in, and can

@@ -69,8 +69,6 @@ using stop_atom = caf::atom_constant<caf::atom("stop")>;            // () → bo
 using checkout_atom = caf::atom_constant<caf::atom("checkout")>;    // (checkout_request) → checkout_reply
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // (token): the caller gave up on that checkout
 using ping_idle_atom = caf::atom_constant<caf::atom("pingidle")>;   // () → number of idle workers removed by handle_ping
-using hold_atom = caf::atom_constant<caf::atom("hold")>;            // tests: stop serving requests until resume
-using resume_atom = caf::atom_constant<caf::atom("resume")>;
 
 // -- worker → owner (the pool, or a test) -------------------------------------
 using worker_spawned_atom = caf::atom_constant<caf::atom("wspawned")>;  // (worker_id, pid): the process exists, the start goes on
