@@ -5,7 +5,7 @@
 // guard (pool_membership), recycling and health pings (pool_maintenance),
 // the pool's setting, the LM (pool_setting), the direct lane (pool_direct_lane) and
 // the status (pool_status). A handler that is a rule of its own (a lease's
-// checkin, cancel, retire, ping_idle, hold) stays here with its message.
+// checkin, cancel, retire, ping_idle) stays here with its message.
 #include "dspex/actors/pool_actor.hpp"
 
 #include <chrono>
@@ -173,6 +173,14 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
       auto& st = self->state;
       if (st.stopping)
         return outcome::failure(pool_stopping_error(c.type));
+      if (self->current_sender() == self->ctrl())
+        // The pool's own setting call (start_setting) belongs to its worker
+        // alone: served elsewhere it would pass for a caller's and become
+        // the pool's setting again. The worker's loss already reached us.
+        return outcome::failure(make_error(error_category::communication_error,
+                                           "worker_exited",
+                                           "the worker was lost before it took the pool's "
+                                           "setting"));
       auto wt = waiter_for(self, std::move(c));
       auto rp = wt.promise;
       if (st.health == "broken") {
@@ -301,11 +309,7 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
       // Its lane goes back to this pool's idle list after each direct call.
       if (auto channel = channel_of(self, e))
         channel->set_board(st.idle);
-      if (e.setting_generation < st.setting_generation && !st.stopping) {
-        start_setting(self, e, true);  // started once it has the pool's setting
-        return;
-      }
-      worker_started(self, e);
+      worker_up(self, e);
     },
     [=](worker_gone_atom, const std::string& id, error& gone) {
       auto& st = self->state;
@@ -379,21 +383,14 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
                                {{"worker_id", id}}));
     },
     [=](ping_idle_atom) -> std::size_t {
+      // The maintenance tick's contract check, at once, on every idle worker.
       auto& st = self->state;
       std::size_t removed = 0;
       for (auto& id : st.idle->ids()) {
         auto it = st.workers.find(id);
-        if (it == st.workers.end() || it->second.state != worker_state_t::idle)
-          continue;
-        auto res = guarded(id, "handle_ping",
-                           [&](std::string) {
-                             return keep_or_remove::remove(callback_failed(id, "handle_ping"));
-                           },
-                           [&] { return st.contract->handle_ping(it->second.w); });
-        if (res.what() == keep_or_remove::kind::remove) {
-          remove_worker(self, it->second, res.reason());
+        if (it != st.workers.end() && it->second.state == worker_state_t::idle
+            && !contract_ping(self, it->second))
           ++removed;
-        }
       }
       dispatch(self);
       return removed;

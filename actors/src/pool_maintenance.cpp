@@ -1,6 +1,7 @@
 // Maintenance of idle workers: a healthy worker over one of its limits
 // (max_requests, max_age, max_rss_mb) is recycled, only when idle; an idle
-// worker is pinged every pool.health_interval, out of the idle list while
+// worker is checked every pool.health_interval (the contract's handle_ping,
+// then a ping through its process), out of the idle list while
 // the ping runs, so no caller waits behind a health check; a process
 // stopped by a signal is killed and replaced. A tick is armed only when a
 // limit or the health interval needs one.
@@ -57,6 +58,20 @@ void recycle(pool_actor_t* self, worker_entry& e, const error& why) {
 
 static void on_health_result(pool_actor_t* self, const std::string& id, const caf::actor& handle,
                              const outcome& o);
+
+bool contract_ping(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  auto id = e.w.id;
+  auto res = guarded(id, "handle_ping",
+                     [&](std::string) {
+                       return keep_or_remove::remove(callback_failed(id, "handle_ping"));
+                     },
+                     [&] { return st.contract->handle_ping(e.w); });
+  if (res.what() != keep_or_remove::kind::remove)
+    return true;
+  remove_worker(self, e, res.reason());
+  return false;
+}
 
 // Pings one idle (or degraded) worker. It is out of the idle list while the
 // ping runs, so no caller ever waits behind a health check.
@@ -189,8 +204,13 @@ void maintain(pool_actor_t* self) {
     }
     if (pc.health_interval.count() == 0)
       continue;
-    if (e.state == worker_state_t::degraded || now - e.last_activity >= pc.health_interval)
+    if (e.state == worker_state_t::degraded || now - e.last_activity >= pc.health_interval) {
+      // The contract's own idle check first (no round trip: for the Python
+      // workers, process alive and pipes open), then a ping through the process.
+      if (e.state == worker_state_t::idle && !contract_ping(self, e))
+        continue;
       check_health(self, e);
+    }
   }
   dispatch(self);
 }

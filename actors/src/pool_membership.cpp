@@ -134,6 +134,10 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
   auto& e = st.workers[id];
   e.w.id = id;
   e.w.overflow = overflow;
+  if (!initial && !overflow && st.initial_heirs > 0) {
+    --st.initial_heirs;
+    initial = true;  // in place of an initial worker lost at start
+  }
   e.initial = initial;
   if (auto max = st.config->pool.max_requests; max > 0) {
     // Each worker draws its own limit from [max * (1 - jitter), max], so
@@ -163,6 +167,11 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
     case init_result::kind::async:
       return;  // worker_ready or its exit follows
     case init_result::kind::ready:
+      if (st.setting_generation > 0) {
+        worker_up(self, e);  // the pool's setting first
+        return;
+      }
+      e.process_up = true;
       e.state = worker_state_t::idle;
       st.idle->put(id, nullptr);
       note_start_success(self, id, 0);
@@ -268,7 +277,12 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
     e.pending_setting.reset();
     run_waiters(st.idle->resume());  // its setting call will not check in
   }
-  auto was_starting = e.state == worker_state_t::starting;
+  // Its own start had not succeeded yet. (Lost while applying the pool's
+  // setting, it had: that loss is a worker lost before serving anyone.)
+  auto was_starting = e.state == worker_state_t::starting && !e.process_up;
+  if (e.initial && e.state == worker_state_t::starting && st.initial_pending > 0
+      && !st.initial_failure && !st.stopping)
+    ++st.initial_heirs;  // its replacement is awaited instead (or the failure answers)
   // Crash-loop guard: a process killed by a signal from outside (an
   // operator, a storm, the OOM killer) says nothing about whether workers
   // can start: it counts neither as a start failure nor as a worker that
@@ -306,6 +320,16 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
     update_health(self);
     fill_pool(self);
   }
+}
+
+void worker_up(pool_actor_t* self, worker_entry& e) {
+  auto& st = self->state;
+  e.process_up = true;
+  if (e.setting_generation < st.setting_generation && !st.stopping) {
+    start_setting(self, e, true);  // started once it has the pool's setting
+    return;
+  }
+  worker_started(self, e);
 }
 
 void worker_started(pool_actor_t* self, worker_entry& e) {

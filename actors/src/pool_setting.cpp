@@ -15,7 +15,8 @@ namespace dspex::pool_detail {
 
 void start_setting(pool_actor_t* self, worker_entry& e, bool at_start) {
   auto& st = self->state;
-  // At start the worker stays `starting`: its exit is still a start failure.
+  // At start the worker stays `starting` (it serves nobody yet; process_up
+  // says its own start succeeded).
   auto expected = at_start ? worker_state_t::starting : worker_state_t::configuring;
   e.state = expected;
   auto id = e.w.id;
@@ -39,6 +40,15 @@ void start_setting(pool_actor_t* self, worker_entry& e, bool at_start) {
             worker_started(self, e);  // or configured again first, if a newer setting came
           else
             make_idle(self, e);       // likewise
+          dispatch(self);
+          return;
+        }
+        // A refusal is the worker's answer (python_error): at start, a
+        // start failure. Anything else (its process lost, killed from
+        // outside, a timeout) is the worker's own loss, removed with its own
+        // error: a worker lost before serving anyone (remove_worker).
+        if (o.error().category != error_category::python_error) {
+          remove_worker(self, e, o.error());
           dispatch(self);
           return;
         }

@@ -82,6 +82,10 @@ struct worker_entry {
   clock_type::time_point started_at = clock_type::now();
   clock_type::time_point last_activity = clock_type::now();
   bool initial = false;            ///< started with the pool (await_ready waits for these)
+  /// Its own start succeeded (init_worker ready, or worker_ready): while it
+  /// is still `starting` it is applying the pool's setting, and its loss is
+  /// no start failure (only a refusal of the setting is).
+  bool process_up = false;
   bool counted_as_removed = false; ///< counters already updated for its removal
   std::uint64_t lease = 0;         ///< the lease it is out under, if leased
   std::uint64_t recycle_after = 0; ///< requests before recycling (max_requests with jitter); 0 = never
@@ -159,6 +163,9 @@ struct pool_state {
   bool restart_pending = false;  ///< a delayed restart_atom is on its way
   bool backoff_served = false;   ///< it arrived: the next fill starts workers
   std::size_t initial_pending = 0;  ///< initial workers not yet ready
+  /// Initial workers lost before they counted as started, not by a start
+  /// failure (a kill from outside): their replacements are awaited instead.
+  std::size_t initial_heirs = 0;
   std::optional<error> initial_failure;
   std::vector<caf::response_promise> ready_waiters;
   bool stopping = false;
@@ -249,6 +256,9 @@ std::optional<error> recycle_reason(pool_actor_t* self, worker_entry& e,
                                     clock_type::time_point now);
 /// Replaces a worker over a limit (counted as recycled, not as a failure).
 void recycle(pool_actor_t* self, worker_entry& e, const error& why);
+/// The contract's idle check (handle_ping) on idle worker `e`: false when it
+/// said remove (the worker is removed).
+bool contract_ping(pool_actor_t* self, worker_entry& e);
 /// Schedules the next maintenance tick, when a limit or the health interval needs one.
 void arm_maintenance(pool_actor_t* self);
 /// One tick: reaps stopped processes, recycles and pings idle workers.
@@ -271,6 +281,10 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
 void answer_ready_waiters(pool_actor_t* self);
 /// An exit_msg: a worker's (as a down), or a linked parent's (ends the pool).
 void on_exit(pool_actor_t* self, caf::exit_msg& msg);
+/// Worker `e`'s own start succeeded (init_worker ready, or worker_ready): it
+/// applies the pool's setting first if it has not got it, then counts as
+/// started (worker_started).
+void worker_up(pool_actor_t* self, worker_entry& e);
 /// Worker `e` is up and has the pool's setting: it counts as started (the
 /// crash-loop guard, await_ready) and serves.
 void worker_started(pool_actor_t* self, worker_entry& e);

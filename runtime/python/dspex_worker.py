@@ -46,7 +46,7 @@ The runtime passes `--max-frame-bytes <pool.max_frame_bytes> --max-json-depth
 Exit statuses: 0 on EOF or after `shutdown` (or when the runtime closed our
 stdout), 1 on EOF inside a frame, 2 on an invalid frame header (zero length or
 more than --max-frame-bytes) or an invalid command line, 3 for
-`--test-init exit`.
+`--test-init exit` (and `setting-exit`, in configure_lm).
 """
 
 import argparse
@@ -696,6 +696,9 @@ class Worker:
         }
 
     def cmd_configure_lm(self, args):
+        if self.test_init == "setting-exit":
+            self.log("test-init setting-exit: exiting with status 3 in configure_lm")
+            os._exit(3)
         lm = self.make_lm(args)
         self.lm = lm
         self.log(f"LM configured: {lm.describe()} (temperature {lm.temperature})")
@@ -966,8 +969,10 @@ def parse_args(argv):
                              "garbage {kind}, hang {after_reply} (never reply, or reply then never "
                              "answer again), stderr {text, lines}, alloc {mb}, fail_pings {count} "
                              "(the next count pings fail)")
-    parser.add_argument("--test-init", choices=("hang", "exit", "traceback", "error"), default=None,
-                        help="make the start fail (only with --test-commands)")
+    parser.add_argument("--test-init", choices=("hang", "exit", "traceback", "error", "setting-exit"),
+                        default=None,
+                        help="make the start fail (only with --test-commands); setting-exit: answer the "
+                             "init ping, then exit with status 3 in configure_lm")
     parser.add_argument("--max-frame-bytes", type=bounded_int(1, FRAME_BYTES_LIMIT), default=MAX_FRAME_BYTES,
                         metavar="N",
                         help=f"largest frame body in both directions (1..{FRAME_BYTES_LIMIT}, default "

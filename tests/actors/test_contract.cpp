@@ -174,6 +174,40 @@ TEST_CASE("handle_ping on idle workers: ok keeps, remove replaces") {
                    "init_worker w3"});
 }
 
+// The maintenance tick: a worker idle for pool.health_interval gets the
+// contract's handle_ping first; remove replaces it, ok goes on to the ping
+// through its process. All scripted before the pool starts: the tick races
+// nothing the test does.
+TEST_CASE("the maintenance tick runs handle_ping on a worker idle for pool.health_interval") {
+  auto contract = std::make_shared<scripted_contract>();
+  for (auto& st : {step::init(act::ok, "w1"), step::ping(act::remove, "w1"),
+                   step::terminate("w1", "scripted_ping_remove"), step::init(act::ok, "w2")})
+    contract->expect(st);
+  contract->allow(step::ping(act::ok, "w2"));  // and then at every tick
+  auto s = test_settings(1);
+  s.pool.health_interval = 20ms;
+  {
+    test_pool pool{test_pool_options{s, contract}};
+    auto pinged = [&](const std::string& id) {
+      auto calls = contract->calls();
+      return std::count(calls.begin(), calls.end(), "handle_ping " + id);
+    };
+    REQUIRE(pool.wait_for([&](const pool_status& st) {
+      return st.replaced == 1 && all_idle(st) && pinged("w2") >= 2;
+    }));
+    auto calls = contract->calls();
+    REQUIRE(calls.size() >= 6);
+    CHECK(calls[0] == "init_worker w1");
+    CHECK(calls[1] == "handle_ping w1");
+    CHECK(calls[2] == "terminate_worker w1 scripted_ping_remove");
+    CHECK(calls[3] == "init_worker w2");
+    for (std::size_t i = 4; i < calls.size(); ++i)
+      CHECK(calls[i] == "handle_ping w2");
+    contract->allow(step::terminate({}, "pool_stopping"));
+  }
+  check_script(*contract);
+}
+
 TEST_CASE("an unknown checkout type is rejected, not a removal") {
   auto parsed = checkout_type::parse("sesion:abc");
   REQUIRE(std::holds_alternative<error>(parsed));

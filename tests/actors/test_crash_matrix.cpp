@@ -547,6 +547,38 @@ TEST_CASE("crash_matrix 8d: a configured LM the workers refuse: start_error sett
   check_no_children();
 }
 
+// Its own start succeeded (the init ping was answered): a worker that dies
+// applying the pool's setting is a worker lost before serving anyone, not a
+// start failure (a kill from outside in that window must cost no backoff).
+// Dying again and again, it is still held by the crash-loop guard.
+TEST_CASE("crash_matrix 8e: a worker that dies applying the pool's setting at start: no start failure, the guard backs off") {
+  auto bus = std::make_shared<event_bus>();
+  event_recorder events{*bus};  // before the pool starts: no event missed
+  {
+    test_pool_options opts;
+    opts.config = test_settings(1);
+    opts.config.worker.extra_args = {"--test-init", "setting-exit"};
+    opts.config.pool.restart_backoff_base = 20ms;
+    opts.config.pool.restart_backoff_max = 100ms;
+    opts.events = bus;
+    test_pool pool{std::move(opts)};
+    REQUIRE(events.wait_for(kind_is(event_kind::restart_scheduled), 1, 20s));
+    auto removed = events.count(kind_is(event_kind::worker_removed));
+    CHECK(removed >= 2);
+    CHECK(events.count(kind_is(event_kind::worker_start_failed)) == 0);
+    for (auto& e : events.all()) {
+      if (e.kind == event_kind::worker_removed) {
+        REQUIRE(e.err);
+        CHECK_MESSAGE(e.err->type == "worker_exited", e.err->describe());
+      }
+      if (e.kind == event_kind::restart_scheduled)
+        CHECK(e.reason == "workers die before serving anyone");
+    }
+    CHECK(pool.status().start_failures == 0);
+  }
+  check_no_children();
+}
+
 // The pool-level variants (broken from the start, degraded while another
 // worker serves, recovery) are in test_crash_loop.cpp; this is the public API
 // with its only worker dying after the interpreter went away.

@@ -98,6 +98,10 @@ caf::behavior fake_worker(fake_actor_t* self, std::string id, caf::actor owner,
                                            "not checked out under this lease"));
       return serve(self, c, false);
     },
+    // A health ping through the "process": a fake worker is always healthy.
+    [=](health_check_atom) {
+      return outcome::success({{"worker_id", self->state.id}, {"health_check", true}});
+    },
     [=](lease_atom, std::uint64_t lease) { self->state.lease = lease; },
     [=](revoke_atom, std::uint64_t lease) -> bool {
       if (self->state.lease == lease)

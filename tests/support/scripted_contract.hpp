@@ -99,6 +99,7 @@ struct step {
 /// and serve leases like a real worker. Their commands:
 ///   "hold" — keep the request in flight until the worker gets (resume_atom)
 ///   "fail" — reply with a python_error (an error checkin)
+/// and answer a health ping (health_check_atom) with ok.
 class scripted_contract : public worker_contract {
 public:
   /// Receives what a verification found (never empty). The default reports

@@ -18,7 +18,9 @@
 //   handle_info(message, w)       → ok | remove(reason)
 //       A message about an idle worker (e.g. its process exited).
 //   handle_ping(w)                → ok | remove(reason)
-//       An idle health check.
+//       An idle check without the process's help, on a worker idle for
+//       pool.health_interval (before the pool pings it through its process)
+//       and on (ping_idle_atom).
 //   terminate_worker(reason, w)
 //       The worker leaves the pool: stop it. Its exit still reaches the pool.
 //
