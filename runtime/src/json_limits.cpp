@@ -2,6 +2,8 @@
 #include "dspex/json_limits.hpp"
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -59,21 +61,29 @@ error invalid_request(std::string_view command, const char* reason, std::string 
 
 std::size_t json_text_depth(std::string_view text, std::size_t limit) noexcept {
   std::size_t depth = 0, deepest = 0;
-  bool in_string = false, escaped = false;
-  for (char c : text) {
-    if (in_string) {
-      if (escaped)
-        escaped = false;
-      else if (c == '\\')
-        escaped = true;
-      else if (c == '"')
-        in_string = false;
-      continue;
-    }
-    switch (c) {
-      case '"':
-        in_string = true;
+  const char* p = text.data();
+  const char* const end = p + text.size();
+  while (p < end) {
+    switch (*p++) {
+      case '"': {
+        // Skip the string with memchr: replies are mostly string bytes (a
+        // 1 MiB echo is one string). Its closing quote is the first one
+        // after an even run of backslashes (`\\` escapes a backslash,
+        // `\"` a quote); an unterminated string runs to the end.
+        const char* const start = p;
+        for (;;) {
+          auto* q = static_cast<const char*>(std::memchr(p, '"', static_cast<std::size_t>(end - p)));
+          if (q == nullptr)
+            return deepest;
+          std::size_t backslashes = 0;
+          for (const char* b = q; b > start && b[-1] == '\\'; --b)
+            ++backslashes;
+          p = q + 1;
+          if (backslashes % 2 == 0)
+            break;
+        }
         break;
+      }
       case '[':
       case '{':
         if (++depth > deepest) {
@@ -115,11 +125,28 @@ std::size_t json_value_depth(const json& value, std::size_t limit) {
 }
 
 bool valid_utf8(std::string_view text) noexcept {
-  while (!text.empty()) {
-    auto n = utf8_sequence(text);
+  const char* p = text.data();
+  const char* const end = p + text.size();
+  while (p < end) {
+    // ASCII runs 8 bytes at a time: most text is ASCII, and a caller's
+    // 1 MiB argument is checked on every call.
+    while (end - p >= 8) {
+      std::uint64_t word;
+      std::memcpy(&word, p, sizeof word);
+      if (word & 0x8080808080808080ULL)
+        break;
+      p += 8;
+    }
+    if (p == end)
+      break;
+    if (static_cast<unsigned char>(*p) < 0x80) {
+      ++p;
+      continue;
+    }
+    auto n = utf8_sequence(std::string_view(p, static_cast<std::size_t>(end - p)));
     if (n == 0)
       return false;
-    text.remove_prefix(n);
+    p += n;
   }
   return true;
 }
