@@ -40,7 +40,8 @@ public:
   virtual void prepare(call& c, completion& done) = 0;
 };
 
-/// One session's (used on its session actor's thread only).
+/// One session's: used by the holder of its card only (session_card.hpp:
+/// the session actor, or one caller running one call).
 class session_adapter {
 public:
   virtual ~session_adapter() = default;
@@ -68,6 +69,10 @@ public:
   /// @returns the answer to a call served from the session's own state, or
   ///          nullopt: the call goes to a worker.
   virtual std::optional<local_answer> answer_locally(const call& c) = 0;
+
+  /// False when answer_locally(c) surely gives nullopt: such a call may be
+  /// run by its caller (session_card.hpp) instead of the session actor.
+  virtual bool may_answer_locally(const call& c) const = 0;
 
   /// Makes a call whole before it goes to a worker, so that any worker can
   /// run it (and says when running it again is safe).

@@ -102,6 +102,12 @@ public:
     return std::nullopt;
   }
 
+  bool may_answer_locally(const call& c) const override {
+    const auto& cmd = c.command;
+    return cmd == "list_programs" || cmd == "get_program_info" || cmd == "delete_program"
+           || cmd == "cleanup_session" || cmd == "configure_lm" || cmd == "create_program";
+  }
+
   void complete(call& c, client_call_options& opts) const override {
     if (c.command == "execute_program" && !c.args.contains("program_data")) {
       auto pid = c.args.value("program_id", nlohmann::json(nullptr));

@@ -15,7 +15,19 @@
 #include "dspex/logging.hpp"
 #include "deadline_timer.hpp"
 #include "command_adapter.hpp"
+#include "session_card.hpp"
 #include "session_directory.hpp"
+
+namespace dspex::detail {
+
+struct session_handover {
+  call c;                           ///< as its caller made it
+  client_call_options opts;
+  completion done;                  ///< the caller's (answer_once)
+  session_adapter::repair fix;      ///< what the reply asked for
+};
+
+} // namespace dspex::detail
 
 namespace dspex {
 
@@ -66,19 +78,14 @@ struct flight {
 };
 
 struct session_state {
-  std::string id;
-  std::shared_ptr<const settings> config;
-  caf::actor client;
-  session_lane lane;  ///< the direct lane (empty: every call through the client)
+  /// The session's own state (adapter, preferred worker, workers, use
+  /// counts) and who may touch it: this actor only while it holds the card
+  /// (acquire_card), else one caller running one call (session_card.hpp).
+  std::shared_ptr<detail::session_card> card;
   affinity_mode default_affinity = affinity_mode::hint;
   double created_at = 0;  ///< wall clock, for session info
   clock_type::time_point started = clock_type::now();
-  clock_type::time_point last_used = started;  ///< its TTL counts from here
-  std::uint64_t operations = 0;
-  std::string preferred_worker;
-  std::set<std::string> workers;  ///< every worker that served this session
-  /// What the session knows of its commands (DSPy: dspy_adapter.hpp).
-  std::unique_ptr<detail::session_adapter> adapter;
+  std::uint64_t operations = 0;  ///< calls this actor took in (its callers count theirs on the card)
   std::deque<queued_call> queue;
   detail::deadline_timer queue_timer;  ///< the earliest queued call's deadline
   flight in_flight;
@@ -86,57 +93,159 @@ struct session_state {
   std::uint64_t next_tag = 1;
   bool ending = false;
   std::vector<caf::response_promise> end_waiters;
+  std::vector<caf::response_promise> info_waiters;  ///< info asked while a caller held the card
+
+  session_state() = default;
+  session_state(const session_state&) = delete;
+  session_state& operator=(const session_state&) = delete;
+  /// However the actor ends (a kill included: CAF destroys the state), the
+  /// calls its callers run or wait with on the card are answered now, as
+  /// the actor's own are (answer_once): sessions_unavailable.
+  ~session_state();
 
   static inline const char* name = "dspex.session";
 };
 
 using session_actor_t = session_actor_handle::stateful_pointer<session_state>;
 
+session_state::~session_state() {
+  if (!card)
+    return;
+  std::deque<detail::session_card::waiting_call> waiting;
+  completion running;
+  std::string running_command;
+  {
+    std::lock_guard<std::mutex> lk{card->mtx};
+    card->gone = true;
+    waiting.swap(card->waiting);
+    if (auto h = card->current.lock()) {
+      running = h->done;  // a copy: one answer between it and the flight's own
+      running_command = h->c.command;
+    }
+  }
+  for (auto& w : waiting)
+    w.done.fn(outcome::failure(session_lost_error(card->id, w.c.command)));
+  if (running.fn)
+    running.fn(outcome::failure(session_lost_error(card->id, running_command)));
+}
+
 void run_next(session_actor_t self);
+
+// Every call the session took: through its actor, or run by its caller
+// (read by the card's holder).
+std::uint64_t operations(const session_state& st) {
+  std::lock_guard<std::mutex> lk{st.card->mtx};
+  return st.operations + st.card->operations;
+}
+
+// The card (session_card.hpp): the actor holds it whenever it has work, and
+// gives it back when it has none.
+bool acquire_card(session_actor_t self) {
+  auto& k = *self->state.card;
+  std::lock_guard<std::mutex> lk{k.mtx};
+  if (k.held == detail::session_card::holder::caller) {
+    k.actor_waits = true;  // the caller hands it over on return (session_card_atom)
+    return false;
+  }
+  k.held = detail::session_card::holder::actor;
+  return true;
+}
+
+bool holds_card(session_actor_t self) {
+  auto& k = *self->state.card;
+  std::lock_guard<std::mutex> lk{k.mtx};
+  return k.held == detail::session_card::holder::actor;
+}
+
+// The card came to the actor: the calls that waited on it go first in the
+// queue (they were made before any call that came through the actor since).
+void take_waiting(session_actor_t self) {
+  auto& st = self->state;
+  std::deque<detail::session_card::waiting_call> waiting;
+  {
+    std::lock_guard<std::mutex> lk{st.card->mtx};
+    waiting.swap(st.card->waiting);
+  }
+  for (auto it = waiting.rbegin(); it != waiting.rend(); ++it) {
+    st.queue_timer.arm(self, it->c.deadline + std::chrono::milliseconds{1},
+                       session_qtmo_atom::value);
+    st.queue.push_front(queued_call{0, std::move(it->c), std::move(it->opts), std::move(it->done)});
+  }
+}
+
+nlohmann::json session_info(session_actor_t self);
+
+// The card came (back) to the actor: the calls that waited on it join the
+// queue, and the info asked meanwhile is answered.
+void card_returned(session_actor_t self) {
+  auto& st = self->state;
+  take_waiting(self);
+  for (auto& rp : st.info_waiters)
+    rp.deliver(outcome::success(session_info(self)));
+  st.info_waiters.clear();
+}
+
+// Gives the card back when nothing is left to do (the end keeps it).
+void release_card_if_idle(session_actor_t self) {
+  auto& st = self->state;
+  if (st.ending || st.in_flight.kind != flight_kind::none || !st.queue.empty()
+      || !st.info_waiters.empty())
+    return;
+  auto& k = *st.card;
+  std::lock_guard<std::mutex> lk{k.mtx};
+  if (k.held == detail::session_card::holder::actor)
+    k.held = detail::session_card::holder::none;
+}
 
 nlohmann::json session_info(session_actor_t self) {
   auto& st = self->state;
-  auto ttl_s = std::chrono::duration<double>(st.config->session.ttl).count();
+  auto ttl_s = std::chrono::duration<double>(st.card->config->session.ttl).count();
   auto last_accessed
-    = st.created_at + std::chrono::duration<double>(st.last_used - st.started).count();
+    = st.created_at + std::chrono::duration<double>(st.card->last_used - st.started).count();
   std::size_t pending = st.queue.size()
                         + (st.in_flight.kind == flight_kind::user
                                || st.in_flight.kind == flight_kind::repair
                              ? 1
                              : 0);
-  auto info = st.adapter->info();
-  info.update(nlohmann::json{{"session_id", st.id},
+  auto info = st.card->adapter->info();
+  info.update(nlohmann::json{{"session_id", st.card->id},
           {"created_at", st.created_at},
           {"last_accessed", last_accessed},
           {"expires_at", last_accessed + ttl_s},
-          {"operations", st.operations},
+          {"operations", operations(st)},
           {"preferred_worker",
-           st.preferred_worker.empty() ? nlohmann::json(nullptr) : nlohmann::json(st.preferred_worker)},
-          {"workers", nlohmann::json(st.workers)},
+           st.card->preferred_worker.empty() ? nlohmann::json(nullptr) : nlohmann::json(st.card->preferred_worker)},
+          {"workers", nlohmann::json(st.card->workers)},
           {"pending", pending},
           {"affinity", to_string(st.default_affinity)}});
   return info;
 }
 
-// Sends one call on the direct lane, or else through the pool client; its
-// answer comes back as (session_reply_atom, tag, outcome) and is awaited by
-// the flight.
+// Sends one of the session's calls on the direct lane, or else through the
+// pool client; `done` gets its answer.
+void start_call(detail::session_card& k, call c, detail::client_call_options opts,
+                completion done) {
+  c.type = checkout_type::session(k.id);
+  if (!c.args.is_object())
+    c.args = nlohmann::json::object();
+  c.args["session_id"] = k.id;
+  if (k.lane && k.lane(c, opts, done))
+    return;
+  caf::anon_send(k.client, execute_atom::value, std::move(c), std::move(done), std::move(opts));
+}
+
+// The actor's calls: answered as (session_reply_atom, tag, outcome), awaited
+// by the flight.
 std::uint64_t send_to_pool(session_actor_t self, call c, detail::client_call_options opts) {
   auto& st = self->state;
   auto tag = st.next_tag++;
   st.in_flight.tags.insert(tag);
-  c.type = checkout_type::session(st.id);
-  if (!c.args.is_object())
-    c.args = nlohmann::json::object();
-  c.args["session_id"] = st.id;
   auto me = self->address();
   completion done{[me, tag](outcome o) {
     if (auto a = caf::actor_cast<caf::actor>(me))
       caf::anon_send(a, session_reply_atom::value, tag, std::move(o));
   }};
-  if (st.lane && st.lane(c, opts, done))
-    return tag;
-  caf::anon_send(st.client, execute_atom::value, std::move(c), std::move(done), std::move(opts));
+  start_call(*st.card, std::move(c), std::move(opts), std::move(done));
   return tag;
 }
 
@@ -154,7 +263,7 @@ call worker_call(std::string command, nlohmann::json args,
 }
 
 std::chrono::milliseconds cleanup_timeout(const session_state& st) {
-  return std::min<std::chrono::milliseconds>(st.config->pool.request_timeout,
+  return std::min<std::chrono::milliseconds>(st.card->config->pool.request_timeout,
                                              std::chrono::seconds{5});
 }
 
@@ -166,9 +275,9 @@ bool start_sweep(session_actor_t self, const detail::session_adapter::worker_swe
   st.in_flight = flight{};
   st.in_flight.kind = flight_kind::sweep;
   st.in_flight.end_after = end_after;
-  if (st.workers.empty())
+  if (st.card->workers.empty())
     return false;
-  for (auto& w : st.workers) {
+  for (auto& w : st.card->workers) {
     auto tag = send_to_pool(
       self, worker_call(sweep.command, sweep.args, w, affinity_mode::strict_queue,
                         cleanup_timeout(st)),
@@ -180,15 +289,15 @@ bool start_sweep(session_actor_t self, const detail::session_adapter::worker_swe
 
 void finish_end(session_actor_t self, nlohmann::json results) {
   auto& st = self->state;
-  auto summary = st.adapter->end_summary(results);
-  summary.update(nlohmann::json{{"session_id", st.id},
+  auto summary = st.card->adapter->end_summary(results);
+  summary.update(nlohmann::json{{"session_id", st.card->id},
                                 {"status", "ended"},
-                                {"operations", st.operations},
+                                {"operations", operations(st)},
                                 {"workers_cleaned", std::move(results)}});
   for (auto& rp : st.end_waiters)
     rp.deliver(outcome::success(summary));
   st.end_waiters.clear();
-  log().info("event=session_ended session={} operations={}", st.id, st.operations);
+  log().info("event=session_ended session={} operations={}", st.card->id, operations(st));
   self->quit();
 }
 
@@ -196,9 +305,9 @@ void begin_end(session_actor_t self) {
   auto& st = self->state;
   for (auto& q : st.queue)
     q.answer(outcome::failure(session_err(
-      "session_ended", "the session ended before this call ran", st.id, q.c.command)));
+      "session_ended", "the session ended before this call ran", st.card->id, q.c.command)));
   st.queue.clear();
-  if (!start_sweep(self, st.adapter->end_sweep(), true))
+  if (!start_sweep(self, st.card->adapter->end_sweep(), true))
     finish_end(self, nlohmann::json::array());
 }
 
@@ -212,10 +321,10 @@ void flight_done(session_actor_t self) {
     run_next(self);
 }
 
-void note_served(session_state& st, const outcome& o) {
+void note_served(detail::session_card& k, const outcome& o) {
   if (!o.served_by().empty()) {
-    st.preferred_worker = o.served_by();
-    st.workers.insert(o.served_by());
+    k.preferred_worker = o.served_by();
+    k.workers.insert(o.served_by());
   }
 }
 
@@ -224,9 +333,9 @@ void note_served(session_state& st, const outcome& o) {
 void send_user_call(session_actor_t self) {
   auto& st = self->state;
   auto c = st.in_flight.q.c;
-  c.preferred_worker = st.preferred_worker;
+  c.preferred_worker = st.card->preferred_worker;
   auto opts = st.in_flight.q.opts;
-  st.adapter->complete(c, opts);
+  st.card->adapter->complete(c, opts);
   send_to_pool(self, std::move(c), opts);
 }
 
@@ -235,7 +344,7 @@ void send_user_call(session_actor_t self) {
 // asks for runs before the session's next call.
 bool answer_locally(session_actor_t self, queued_call& q) {
   auto& st = self->state;
-  auto local = st.adapter->answer_locally(q.c);
+  auto local = st.card->adapter->answer_locally(q.c);
   if (!local)
     return false;
   q.answer(std::move(local->result));
@@ -244,8 +353,37 @@ bool answer_locally(session_actor_t self, queued_call& q) {
   return true;
 }
 
+// The calls at the queue's front that need nothing of the actor run as its
+// callers' calls do (session_card.hpp): `q` now, on this thread, the others
+// waiting on the card behind it. The card comes back to the actor when it
+// has more to do (the rest of its queue).
+void hand_to_callers(session_actor_t self, queued_call q) {
+  auto& st = self->state;
+  std::deque<detail::session_card::waiting_call> plain;
+  while (!st.queue.empty() && !st.card->adapter->may_answer_locally(st.queue.front().c)) {
+    auto& f = st.queue.front();
+    plain.push_back(detail::session_card::waiting_call{std::move(f.c), std::move(f.opts),
+                                                       std::move(f.done)});
+    st.queue.pop_front();
+  }
+  for (auto& w : plain)  // the timer answers them at their deadline if they wait that long
+    st.queue_timer.arm(self, w.c.deadline + std::chrono::milliseconds{1},
+                       session_qtmo_atom::value);
+  {
+    std::lock_guard<std::mutex> lk{st.card->mtx};
+    st.card->held = detail::session_card::holder::caller;
+    st.card->flight_deadline = q.c.deadline;
+    for (auto& w : plain)
+      st.card->waiting.push_back(std::move(w));
+    st.card->actor_waits = !st.queue.empty();
+  }
+  detail::run_held_call(st.card, std::move(q.c), std::move(q.opts), std::move(q.done));
+}
+
 void run_next(session_actor_t self) {
   auto& st = self->state;
+  if (st.in_flight.kind == flight_kind::none && !st.queue.empty() && !acquire_card(self))
+    return;  // a caller's call runs: the card comes back with session_card_atom
   while (st.in_flight.kind == flight_kind::none && !st.queue.empty()) {
     auto q = std::move(st.queue.front());
     st.queue.pop_front();
@@ -253,9 +391,14 @@ void run_next(session_actor_t self) {
       q.answer(outcome::failure(make_error(
         error_category::timeout_error, "checkout_timeout",
         "the deadline passed while the call waited behind the session's earlier calls",
-        {{"session_id", st.id}, {"command", q.c.command}})));
+        {{"session_id", st.card->id}, {"command", q.c.command}})));
       continue;
     }
+    if (!st.card->adapter->may_answer_locally(q.c)) {
+      hand_to_callers(self, std::move(q));
+      return;
+    }
+    st.card->last_used = clock_type::now();
     if (answer_locally(self, q))
       continue;  // (its answer may have started a sweep: the loop ends)
     st.in_flight = flight{};
@@ -263,14 +406,15 @@ void run_next(session_actor_t self) {
     st.in_flight.q = std::move(q);
     send_user_call(self);
   }
+  release_card_if_idle(self);
 }
 
 void on_user_reply(session_actor_t self, outcome o) {
   auto& st = self->state;
   auto& fl = st.in_flight;
-  note_served(st, o);
-  st.last_used = clock_type::now();
-  if (auto r = st.adapter->on_reply(fl.q.c, o, fl.repairs)) {
+  note_served(*st.card, o);
+  st.card->last_used = clock_type::now();
+  if (auto r = st.card->adapter->on_reply(fl.q.c, o, fl.repairs)) {
     ++fl.repairs;
     fl.kind = flight_kind::repair;
     send_to_pool(self,
@@ -283,41 +427,49 @@ void on_user_reply(session_actor_t self, outcome o) {
   flight_done(self);
 }
 
-session_actor_handle::behavior_type session_actor(session_actor_t self, std::string id,
-                            std::shared_ptr<const settings> config, caf::actor client,
-                            session_lane lane, detail::session_adapter_factory make_adapter) {
+// `card`: filled by the registry (session_card.hpp), published in the
+// directory once this actor exists.
+session_actor_handle::behavior_type session_actor(session_actor_t self,
+                                                  std::shared_ptr<detail::session_card> card) {
   auto& st = self->state;
-  st.adapter = make_adapter(id);
-  st.id = std::move(id);
-  st.config = std::move(config);
-  st.client = std::move(client);
-  st.lane = std::move(lane);
-  st.default_affinity = affinity_mode_from_string(st.config->session.affinity)
+  st.card = std::move(card);
+  st.default_affinity = affinity_mode_from_string(st.card->config->session.affinity)
                           .value_or(affinity_mode::hint);
   st.created_at = epoch_now();
   return {
     [=](session_call_atom, call& c, detail::client_call_options& opts, completion& done) {
       auto& st = self->state;
+      {
+        // Taken in: callers may run their calls themselves again (session_card.hpp).
+        std::lock_guard<std::mutex> lk{st.card->mtx};
+        if (st.card->via_actor > 0)
+          --st.card->via_actor;
+      }
       if (st.ending) {
-        done.fn(outcome::failure(session_err("session_ended", "the session is ending", st.id,
+        done.fn(outcome::failure(session_err("session_ended", "the session is ending", st.card->id,
                                              c.command)));
         return;
       }
       ++st.operations;
-      st.last_used = clock_type::now();
-      queued_call q{st.next_seq++, std::move(c), std::move(opts), std::move(done)};
-      bool must_wait = st.in_flight.kind != flight_kind::none || !st.queue.empty();
-      // Just past the deadline, so that the call has expired when it fires.
-      if (must_wait)
-        st.queue_timer.arm(self, q.c.deadline + std::chrono::milliseconds{1},
-                           session_qtmo_atom::value);
-      st.queue.push_back(std::move(q));
+      auto seq = st.next_seq++;
+      auto deadline = c.deadline;
+      st.queue.push_back(queued_call{seq, std::move(c), std::move(opts), std::move(done)});
       run_next(self);
+      // Still waiting (behind a call in flight, or a caller's): just past its
+      // deadline, so that the call has expired when the timer fires.
+      if (!st.queue.empty() && st.queue.back().seq == seq)
+        st.queue_timer.arm(self, deadline + std::chrono::milliseconds{1},
+                           session_qtmo_atom::value);
     },
     [=](session_idle_atom) {
       auto& st = self->state;
-      return !st.ending && st.in_flight.kind == flight_kind::none && st.queue.empty()
-             && clock_type::now() - st.last_used >= st.config->session.ttl;
+      if (st.ending || st.in_flight.kind != flight_kind::none || !st.queue.empty())
+        return false;
+      auto& k = *st.card;
+      std::lock_guard<std::mutex> lk{k.mtx};
+      // A caller's call runs: not idle (and its last_used is the caller's now).
+      return k.held != detail::session_card::holder::caller
+             && clock_type::now() - k.last_used >= k.config->session.ttl;
     },
     [=](session_qtmo_atom, std::uint64_t generation) {
       auto& st = self->state;
@@ -329,10 +481,39 @@ session_actor_handle::behavior_type session_actor(session_actor_t self, std::str
           q.answer(outcome::failure(make_error(
             error_category::timeout_error, "checkout_timeout",
             "the deadline passed while the call waited behind the session's earlier calls",
-            {{"session_id", st.id}, {"command", q.c.command}})));
+            {{"session_id", st.card->id}, {"command", q.c.command}})));
         });
+      // And the calls waiting on the card behind a caller's (session_card.hpp).
+      std::vector<detail::session_card::waiting_call> expired;
+      {
+        std::lock_guard<std::mutex> lk{st.card->mtx};
+        auto later = detail::expire_passed(
+          st.card->waiting, [](const auto& w) { return w.c.deadline; },
+          [&](auto& w) { expired.push_back(std::move(w)); });
+        if (later && (!next || *later < *next))
+          next = later;
+      }
+      for (auto& w : expired)
+        w.done.fn(outcome::failure(make_error(
+          error_category::timeout_error, "checkout_timeout",
+          "the deadline passed while the call waited behind the session's earlier calls",
+          {{"session_id", st.card->id}, {"command", w.c.command}})));
       if (next)
         st.queue_timer.arm(self, *next + std::chrono::milliseconds{1}, session_qtmo_atom::value);
+    },
+    [=](session_watch_atom) {
+      // A call waits on the card, due before the call in flight ends.
+      auto& st = self->state;
+      std::optional<clock_type::time_point> earliest;
+      {
+        std::lock_guard<std::mutex> lk{st.card->mtx};
+        for (auto& w : st.card->waiting)
+          if (!earliest || w.c.deadline < *earliest)
+            earliest = w.c.deadline;
+      }
+      if (earliest)
+        st.queue_timer.arm(self, *earliest + std::chrono::milliseconds{1},
+                           session_qtmo_atom::value);
     },
     [=](session_reply_atom, std::uint64_t tag, outcome& o) {
       auto& st = self->state;
@@ -351,7 +532,7 @@ session_actor_handle::behavior_type session_actor(session_actor_t self, std::str
           nlohmann::json r{{"worker_id", fl.targets[tag]}, {"served_by", o.served_by()},
                            {"ok", o.ok()}};
           if (o)
-            st.adapter->note_sweep_answer(o, r);
+            st.card->adapter->note_sweep_answer(o, r);
           else
             r["error"] = o.error().describe();
           fl.results.push_back(std::move(r));
@@ -369,18 +550,59 @@ session_actor_handle::behavior_type session_actor(session_actor_t self, std::str
           break;
       }
     },
-    [=](session_info_atom) -> outcome { return outcome::success(session_info(self)); },
+    [=](session_info_atom) -> caf::result<outcome> {
+      auto& st = self->state;
+      if (st.in_flight.kind != flight_kind::none || acquire_card(self)) {
+        auto info = outcome::success(session_info(self));
+        release_card_if_idle(self);
+        return info;
+      }
+      auto rp = self->make_response_promise<outcome>();
+      st.info_waiters.push_back(rp);  // answered with the card (session_card_atom)
+      return rp;
+    },
     [=](session_end_atom) -> caf::result<outcome> {
       auto& st = self->state;
       auto rp = self->make_response_promise<outcome>();
       st.end_waiters.push_back(rp);
       if (!st.ending) {
         st.ending = true;
-        if (st.in_flight.kind == flight_kind::none)
+        if (st.in_flight.kind == flight_kind::none && acquire_card(self))
           begin_end(self);
-        // else: the call (or delete fan-out) in flight finishes first (flight_done).
+        // else: the call (or delete fan-out) in flight finishes first
+        // (flight_done), or the caller's call (session_card_atom).
       }
       return rp;
+    },
+    [=](session_card_atom) {
+      // A caller gave the card back to us: what waited for it runs now.
+      auto& st = self->state;
+      if (!holds_card(self))
+        return;
+      card_returned(self);
+      if (st.in_flight.kind != flight_kind::none)
+        return;
+      if (st.ending)
+        begin_end(self);
+      else
+        run_next(self);
+    },
+    [=](session_adopt_atom, std::shared_ptr<detail::session_handover>& h) {
+      // A caller's call whose reply asks for a repair, handed over with the
+      // card: the repair, then the call again, as for the actor's own calls.
+      auto& st = self->state;
+      if (!h)
+        return;
+      st.in_flight = flight{};
+      st.in_flight.kind = flight_kind::repair;
+      st.in_flight.repairs = 1;
+      st.in_flight.q = queued_call{st.next_seq++, std::move(h->c), std::move(h->opts),
+                                   std::move(h->done)};
+      send_to_pool(self,
+                   worker_call(h->fix.command, h->fix.args, h->fix.worker,
+                               affinity_mode::strict_queue, cleanup_timeout(st)),
+                   detail::client_call_options{true, 1});
+      card_returned(self);  // the waiting calls behind it, as they were
     },
   };
 }
@@ -393,7 +615,11 @@ struct registry_state {
   caf::actor_addr parent;
   /// The live sessions; the directory mirrors it for callers (every change
   /// here is made there too, in the same handler).
-  std::unordered_map<std::string, session_actor_handle> sessions;
+  struct live_session {
+    session_actor_handle actor;
+    std::shared_ptr<detail::session_card> card;
+  };
+  std::unordered_map<std::string, live_session> sessions;
   std::shared_ptr<detail::session_directory> directory;
   session_lane lane;
   detail::session_adapter_factory make_adapter;
@@ -421,7 +647,7 @@ void end_entry(registry_t* self, const std::string& id, std::optional<caf::respo
   auto it = st.sessions.find(id);
   if (it == st.sessions.end())
     return;
-  auto actor = it->second;
+  auto actor = it->second.actor;
   st.sessions.erase(it);  // a new call with this id starts a new session
   // Calls sent through the directory before this are in the session's
   // mailbox ahead of the end (and served); later ones come here.
@@ -440,12 +666,12 @@ void end_entry(registry_t* self, const std::string& id, std::optional<caf::respo
 // it without the registry); those that are end.
 void sweep(registry_t* self) {
   auto& st = self->state;
-  for (auto& [id, actor] : st.sessions)
-    self->request(actor, caf::infinite, session_idle_atom::value)
+  for (auto& [id, live] : st.sessions)
+    self->request(live.actor, caf::infinite, session_idle_atom::value)
       .then(
-        [=, id = id, addr = actor.address()](bool expired) {
+        [=, id = id, addr = live.actor.address()](bool expired) {
           auto it = self->state.sessions.find(id);
-          if (!expired || it == self->state.sessions.end() || it->second.address() != addr)
+          if (!expired || it == self->state.sessions.end() || it->second.actor.address() != addr)
             return;
           log().info("event=session_expired session={}", id);
           end_entry(self, id, std::nullopt);
@@ -479,12 +705,19 @@ void forward_call(registry_t* self, session_request& r, completion& done) {
       done.fn(outcome::failure(std::move(err)));
       return;
     }
-    auto actor = self->spawn<caf::linked>(session_actor, r.session_id, st.config, st.client,
-                                          st.lane, st.make_adapter);
-    it = st.sessions.emplace(r.session_id, actor).first;
-    st.directory->add(r.session_id, actor);
+    auto card = std::make_shared<detail::session_card>();
+    card->id = r.session_id;
+    card->config = st.config;
+    card->client = st.client;
+    card->lane = st.lane;
+    card->adapter = st.make_adapter(r.session_id);
+    auto actor = self->spawn<caf::linked>(session_actor, card);
+    card->actor = actor.address();  // before the card is published
+    it = st.sessions.emplace(r.session_id, registry_state::live_session{actor, card}).first;
+    st.directory->add(r.session_id, actor, card);
   }
-  self->send(it->second, session_call_atom::value, std::move(r.c), std::move(r.opts),
+  it->second.card->count_call_to_actor();  // no caller's call overtakes it
+  self->send(it->second.actor, session_call_atom::value, std::move(r.c), std::move(r.opts),
              std::move(done));
 }
 
@@ -510,7 +743,7 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
       // is still registered. What it had not answered is answered by the
       // completions it took with it (answer_once).
       for (auto it = st.sessions.begin(); it != st.sessions.end(); ++it)
-        if (it->second.address() == msg.source) {
+        if (it->second.actor.address() == msg.source) {
           if (msg.reason)
             log().warn("event=session_failed session={} reason=\"{}\"", it->first,
                        self->system().render(msg.reason));
@@ -522,8 +755,8 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
     }
     // The supervisor: every session goes with the registry.
     st.directory->clear();
-    for (auto& [id, actor] : st.sessions)
-      self->send_exit(actor, caf::exit_reason::kill);
+    for (auto& [id, live] : st.sessions)
+      self->send_exit(live.actor, caf::exit_reason::kill);
     st.sessions.clear();
     self->quit(msg.reason);
   });
@@ -555,7 +788,7 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
             return rp;
           }
           auto id = r.session_id;
-          self->request(it->second, caf::infinite, session_info_atom::value)
+          self->request(it->second.actor, caf::infinite, session_info_atom::value)
             .then([=](outcome& o) mutable { rp.deliver(std::move(o)); },
                   [=](caf::error&) mutable {  // it ended meanwhile
                     rp.deliver(outcome::failure(
@@ -584,8 +817,8 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
             g->done();
             return rp;
           }
-          for (auto& [id, actor] : st.sessions)
-            self->request(actor, caf::infinite, session_info_atom::value)
+          for (auto& [id, live] : st.sessions)
+            self->request(live.actor, caf::infinite, session_info_atom::value)
               .then(
                 [g](outcome& o) {
                   if (o)
@@ -608,6 +841,175 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
 }
 
 } // namespace
+
+// -- a session's call run by its caller (session_card.hpp) ---------------------------------
+
+namespace detail {
+
+namespace {
+
+error waited_too_long(const std::string& session_id, const std::string& command) {
+  return make_error(error_category::timeout_error, "checkout_timeout",
+                    "the deadline passed while the call waited behind the session's earlier calls",
+                    {{"session_id", session_id}, {"command", command}});
+}
+
+// The holder's call is over: the card goes to the actor when it waits (with
+// the waiting calls), else to the next waiting call, started here, else it
+// is free. Calls whose deadline passed while they waited are answered.
+void pass_card(const std::shared_ptr<session_card>& card) {
+  std::vector<session_card::waiting_call> expired;
+  std::optional<session_card::waiting_call> next;
+  bool tell = false;
+  bool watch = false;
+  {
+    std::lock_guard<std::mutex> lk{card->mtx};
+    if (card->gone) {
+      card->held = session_card::holder::none;  // its calls were answered with it
+    } else if (card->actor_waits) {
+      card->held = session_card::holder::actor;
+      card->actor_waits = false;
+      tell = true;
+    } else {
+      const auto now = std::chrono::steady_clock::now();
+      while (!card->waiting.empty() && !next) {
+        auto w = std::move(card->waiting.front());
+        card->waiting.pop_front();
+        if (w.c.deadline <= now)
+          expired.push_back(std::move(w));
+        else
+          next = std::move(w);
+      }
+      if (next) {
+        card->flight_deadline = next->c.deadline;  // still held by a caller: this one
+        for (auto& w : card->waiting)
+          if (w.c.deadline < card->flight_deadline)
+            watch = true;  // due before this one ends: the actor's timer answers it
+      } else {
+        card->held = session_card::holder::none;
+      }
+    }
+  }
+  if (watch)
+    if (auto a = caf::actor_cast<session_actor_handle>(card->actor))
+      caf::anon_send(a, session_watch_atom::value);
+  if (tell)
+    if (auto a = caf::actor_cast<session_actor_handle>(card->actor))
+      caf::anon_send(a, session_card_atom::value);
+  for (auto& w : expired)
+    w.done.fn(outcome::failure(waited_too_long(card->id, w.c.command)));
+  if (next)
+    run_held_call(card, std::move(next->c), next->opts, std::move(next->done));
+}
+
+// One call run while its caller holds the card. However it ends, the card
+// passes on (a completion dropped unanswered included; answer_once answers
+// the caller).
+struct fast_flight {
+  std::shared_ptr<session_card> card;
+  std::shared_ptr<session_handover> h;
+  bool settled = false;
+
+  fast_flight(std::shared_ptr<session_card> k, std::shared_ptr<session_handover> call)
+    : card(std::move(k)), h(std::move(call)) {
+  }
+  fast_flight(const fast_flight&) = delete;
+  fast_flight& operator=(const fast_flight&) = delete;
+
+  void finish(outcome o) {
+    if (std::exchange(settled, true))
+      return;
+    auto& k = *card;
+    note_served(k, o);
+    k.last_used = std::chrono::steady_clock::now();
+    if (auto fix = k.adapter->on_reply(h->c, o, 0)) {
+      // A repair first: the actor's work, with the card and the waiting calls.
+      h->fix = std::move(*fix);
+      {
+        std::lock_guard<std::mutex> lk{k.mtx};
+        k.held = session_card::holder::actor;
+        k.actor_waits = false;
+      }
+      if (auto a = caf::actor_cast<session_actor_handle>(k.actor))
+        caf::anon_send(a, session_adopt_atom::value, std::move(h));
+      // else: the session is gone with its card; the completions answer.
+      return;
+    }
+    completion done;
+    {
+      std::lock_guard<std::mutex> lk{k.mtx};
+      done = std::move(h->done);  // the actor's death may be answering it (a copy)
+    }
+    pass_card(card);  // before the answer: the next call need not wait for the caller's code
+    if (done.fn)
+      done.fn(std::move(o));
+  }
+
+  ~fast_flight() {
+    if (!settled)
+      pass_card(card);
+  }
+};
+
+} // namespace
+
+void run_held_call(const std::shared_ptr<session_card>& card, call c, client_call_options opts,
+                   completion done) {
+  auto& k = *card;
+  k.last_used = std::chrono::steady_clock::now();
+  auto flight = std::make_shared<fast_flight>(card, std::make_shared<session_handover>());
+  auto& h = *flight->h;
+  h.c = std::move(c);
+  h.opts = opts;
+  {
+    std::lock_guard<std::mutex> lk{k.mtx};
+    h.done = std::move(done);
+    k.current = flight->h;
+  }
+  // As the actor sends its calls (send_user_call): made whole by the
+  // adapter, the session's worker preferred; h.c stays as the caller made it.
+  call sent = h.c;
+  sent.preferred_worker = k.preferred_worker;
+  auto sent_opts = h.opts;
+  k.adapter->complete(sent, sent_opts);
+  start_call(k, std::move(sent), std::move(sent_opts),
+             completion{[flight](outcome o) { flight->finish(std::move(o)); }});
+}
+
+bool try_fast_call(const std::shared_ptr<session_card>& card, call& c,
+                   client_call_options& opts, completion& done) {
+  auto& k = *card;
+  if (k.adapter->may_answer_locally(c))
+    return false;  // the actor answers it (may_answer_locally reads only `c`)
+  bool queued = false;
+  bool watch = false;
+  {
+    std::lock_guard<std::mutex> lk{k.mtx};
+    if (k.gone || k.held == session_card::holder::actor || k.via_actor > 0 || k.actor_waits)
+      return false;
+    ++k.operations;
+    if (k.held == session_card::holder::caller) {
+      // Behind the call in flight; the actor's timer answers it at its
+      // deadline when that comes first.
+      queued = true;
+      watch = c.deadline < k.flight_deadline;
+      k.waiting.push_back(session_card::waiting_call{std::move(c), opts, std::move(done)});
+    } else {
+      k.held = session_card::holder::caller;
+      k.flight_deadline = c.deadline;
+    }
+  }
+  if (queued) {
+    if (watch)
+      if (auto a = caf::actor_cast<session_actor_handle>(k.actor))
+        caf::anon_send(a, session_watch_atom::value);
+    return true;
+  }
+  run_held_call(card, std::move(c), opts, std::move(done));
+  return true;
+}
+
+} // namespace detail
 
 error session_lost_error(const std::string& session_id, const std::string& command) {
   nlohmann::json ctx{{"session_id", session_id}};

@@ -7,7 +7,7 @@
 // through the registry, which creates the session.
 //
 // Order: calls of one caller reach the session in the order they were
-// made. A call that goes through the registry is counted in transit until
+// made (those its caller runs itself included: session_card.hpp). A call that goes through the registry is counted in transit until
 // the registry has passed it on; while any is, the session's later calls
 // take the same way (behind it), not the direct one. A call is sent under
 // the directory's lock, and the registry removes a session under it before
@@ -31,33 +31,52 @@
 
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/session_actor.hpp"
+#include "session_card.hpp"
 
 namespace dspex::detail {
 
 class session_directory {
 public:
-  /// Sends `xs` to the actor of session `id` when it may go directly.
+  /// Sends a session's call to its actor when it may go directly, counted
+  /// on the session's card until the actor takes it in.
   /// @returns false when the session is not in the directory, or a call of
   ///          it is on its way through the registry (nothing sent: the call
   ///          goes there too, counted with in_transit()).
-  /// @note `xs` are forwarded (moved from) only when sent: on false the
+  /// @note `c` and `done` are moved from only when sent: on false the
   ///       caller still has them, for the registry.
-  template <class... Ts>
-  bool send(const std::string& id, Ts&&... xs) {
+  bool send_call(const std::string& id, call& c, const client_call_options& opts,
+                 completion& done) {
     std::shared_lock<std::shared_mutex> lk{mtx_};
     auto it = sessions_.find(id);
     if (it == sessions_.end() || !it->second.actor || it->second.in_transit > 0)
       return false;
-    caf::anon_send(it->second.actor, std::forward<Ts>(xs)...);
+    it->second.card->count_call_to_actor();
+    caf::anon_send(it->second.actor, session_call_atom::value, std::move(c), opts,
+                   std::move(done));
     return true;
   }
 
-  /// Sends a session's call: directly to its actor when it may, else by
-  /// `via` (the way to the registry: via(session_request, completion)),
-  /// counted in transit; the registry gives the count back (arrived()).
+  /// The card of session `id` when its calls may go directly (none on the
+  /// way through the registry), else null.
+  std::shared_ptr<session_card> card_of(const std::string& id) {
+    std::shared_lock<std::shared_mutex> lk{mtx_};
+    auto it = sessions_.find(id);
+    if (it == sessions_.end() || !it->second.actor || it->second.in_transit > 0)
+      return nullptr;
+    return it->second.card;
+  }
+
+  /// Runs a session's call: by its caller when the session is idle
+  /// (try_fast_call: no message at all), else directly to its actor when it
+  /// may, else by `via` (the way to the registry: via(session_request,
+  /// completion)), counted in transit; the registry gives the count back
+  /// (arrived()). The caller's own run happens outside the directory's
+  /// lock: its completion may run at once, and call again.
   template <class Via>
   void route(session_request r, completion done, Via&& via) {
-    if (send(r.session_id, session_call_atom::value, std::move(r.c), r.opts, done))
+    if (auto card = card_of(r.session_id); card && try_fast_call(card, r.c, r.opts, done))
+      return;
+    if (send_call(r.session_id, r.c, r.opts, done))
       return;
     r.transit = in_transit(r.session_id);
     via(std::move(r), std::move(done));
@@ -82,10 +101,12 @@ public:
       sessions_.erase(it);
   }
 
-  /// The registry: session `id` is served by `actor` from now on.
-  void add(const std::string& id, session_actor_handle actor) {
+  /// The registry: session `id` is served by `actor` (with `card`) from now on.
+  void add(const std::string& id, session_actor_handle actor, std::shared_ptr<session_card> card) {
     std::unique_lock<std::shared_mutex> lk{mtx_};
-    sessions_[id].actor = std::move(actor);
+    auto& e = sessions_[id];
+    e.actor = std::move(actor);
+    e.card = std::move(card);
   }
 
   /// The registry: session `id` is no longer served by `actor` (a newer
@@ -95,8 +116,10 @@ public:
     auto it = sessions_.find(id);
     if (it == sessions_.end() || it->second.actor.address() != actor)
       return;
-    if (it->second.in_transit > 0)
+    if (it->second.in_transit > 0) {
       it->second.actor = nullptr;  // calls on their way: the registry makes a new one
+      it->second.card = nullptr;
+    }
     else
       sessions_.erase(it);
   }
@@ -112,6 +135,7 @@ public:
 private:
   struct entry {
     session_actor_handle actor;  ///< none while the registry has not made it
+    std::shared_ptr<session_card> card;  ///< its card (session_card.hpp)
     std::size_t in_transit = 0;  ///< calls on their way through the registry
   };
   std::shared_mutex mtx_;

@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <caf/all.hpp>
@@ -19,6 +20,7 @@
 #include "dspex/actors/messages.hpp"
 #include "dspex/actors/session_actor.hpp"
 #include "api_support.hpp"
+#include "command_adapter.hpp"
 #include "dspy_adapter.hpp"
 #include "session_directory.hpp"
 #include "support/harness.hpp"
@@ -35,6 +37,7 @@ struct script {
   std::mutex mtx;
   std::condition_variable cv;
   std::vector<call> lane_calls;      ///< calls the lane took
+  std::vector<std::thread::id> lane_threads;  ///< the thread that gave each to the lane
   std::vector<call> client_calls;    ///< execute_atom calls the pool client got
   std::vector<std::string> unscripted;  ///< anything else the client got
   bool lane_answers = true;          ///< false: the lane takes calls and keeps them
@@ -83,7 +86,7 @@ struct session_path {
   caf::actor parent;  ///< the registry's supervisor, here: it only spawns it
   caf::actor registry;
 
-  session_path() {
+  explicit session_path(detail::session_adapter_factory adapter = detail::make_dspy_session) {
     auto config = std::make_shared<settings>(dspex::testing::test_settings(1));
     session_lane lane = [this](call& c, const detail::client_call_options&,
                                const completion& done) {
@@ -93,6 +96,7 @@ struct session_path {
       {
         std::lock_guard<std::mutex> lk{sc.mtx};
         sc.lane_calls.push_back(c);
+        sc.lane_threads.push_back(std::this_thread::get_id());
         answer = sc.lane_answers;
         if (!answer)
           sc.kept.push_back(done);
@@ -106,7 +110,7 @@ struct session_path {
     auto got = spawned->get_future();
     parent = sys.spawn([=](caf::event_based_actor* self) -> caf::behavior {
       spawned->set_value(spawn_linked_session_registry(self, config, client, directory, lane,
-                                                       detail::make_dspy_session));
+                                                       adapter));
       return {[](int) {}};
     });
     REQUIRE(got.wait_for(hang_guard) == std::future_status::ready);
@@ -145,6 +149,13 @@ struct session_path {
             std::move(f)};
   }
 
+  /// A session's call as the runtime makes it (session_directory::route).
+  void route(session_request r, completion done) {
+    directory->route(std::move(r), std::move(done), [this](session_request first, completion d) {
+      caf::anon_send(registry, session_exec_atom::value, std::move(first), std::move(d));
+    });
+  }
+
   outcome wait(std::future<outcome>& f) {
     REQUIRE(f.wait_for(hang_guard) == std::future_status::ready);
     return f.get();
@@ -158,7 +169,7 @@ TEST_CASE("session path: the first call creates the session, the next go straigh
   // First call: no entry in the directory, so through the registry.
   auto first = t.execute("s1", "ping");
   auto [done1, f1] = t.answer(first);
-  CHECK_FALSE(t.directory->send("s1", session_call_atom::value, first.c, first.opts, done1));
+  CHECK_FALSE(t.directory->send_call("s1", first.c, first.opts, done1));
   caf::anon_send(t.registry, session_exec_atom::value, first, done1);
   done1 = {};
   auto r1 = t.wait(f1);
@@ -167,7 +178,7 @@ TEST_CASE("session path: the first call creates the session, the next go straigh
   for (int i = 0; i < 3; ++i) {
     auto next = t.execute("s1", "ping");
     auto [done, f] = t.answer(next);
-    REQUIRE(t.directory->send("s1", session_call_atom::value, next.c, next.opts, done));
+    REQUIRE(t.directory->send_call("s1", next.c, next.opts, done));
     done = {};
     CHECK(t.wait(f).ok());
   }
@@ -193,7 +204,7 @@ TEST_CASE("session path: a call the lane does not take goes to the pool client, 
   CHECK(r.served_by() == "w9");
   auto hint = t.execute("s2", "ping");
   auto [done2, f2] = t.answer(hint);
-  REQUIRE(t.directory->send("s2", session_call_atom::value, hint.c, hint.opts, done2));
+  REQUIRE(t.directory->send_call("s2", hint.c, hint.opts, done2));
   done2 = {};
   CHECK(t.wait(f2).ok());
   std::lock_guard<std::mutex> lk{t.sc.mtx};
@@ -230,7 +241,7 @@ TEST_CASE("session path: after end_session the directory sends nothing to the ol
   }
   auto again = t.execute("s3", "ping");
   auto [done2, f2] = t.answer(again);
-  CHECK_FALSE(t.directory->send("s3", session_call_atom::value, again.c, again.opts, done2));
+  CHECK_FALSE(t.directory->send_call("s3", again.c, again.opts, done2));
   caf::anon_send(t.registry, session_exec_atom::value, again, done2);
   done2 = {};
   REQUIRE(t.wait(f2).ok());
@@ -251,13 +262,21 @@ TEST_CASE("session path: calls a dying session layer took are answered sessions_
     std::unique_lock<std::mutex> lk{t.sc.mtx};
     REQUIRE(t.sc.cv.wait_for(lk, hang_guard, [&] { return !t.sc.kept.empty(); }));
   }
-  // A second call waits behind it in the session.
+  // The first runs as its caller's call would (session_card.hpp): a call
+  // routed now waits behind it on the card, one sent to the actor waits there.
+  auto waiting = t.execute("s4", "ping");
+  auto [done3, f3] = t.answer(waiting);
+  t.route(std::move(waiting), std::move(done3));
   auto second = t.execute("s4", "ping");
   auto [done2, f2] = t.answer(second);
-  REQUIRE(t.directory->send("s4", session_call_atom::value, second.c, second.opts, done2));
+  REQUIRE(t.directory->send_call("s4", second.c, second.opts, done2));
   done2 = {};
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    CHECK(t.sc.lane_calls.size() == 1);  // neither started
+  }
   caf::anon_send_exit(t.registry, caf::exit_reason::kill);
-  for (auto* fut : {&f, &f2}) {
+  for (auto* fut : {&f, &f2, &f3}) {
     auto r = t.wait(*fut);
     REQUIRE_FALSE(r.ok());
     CHECK(r.error().type == "sessions_unavailable");
@@ -277,6 +296,9 @@ static session_actor_handle::behavior_type reporting_session(session_actor_handl
     [](session_end_atom) { return outcome::success(nlohmann::json::object()); },
     [](session_reply_atom, std::uint64_t, outcome&) {},
     [](session_qtmo_atom, std::uint64_t) {},
+    [](session_card_atom) {},
+    [](session_watch_atom) {},
+    [](session_adopt_atom, std::shared_ptr<detail::session_handover>&) {},
   };
 }
 
@@ -288,10 +310,11 @@ TEST_CASE("session directory: a call through the registry holds the session's la
   auto send = [&](const std::string& id, int n) {
     call c;
     c.args = {{"n", n}};
-    return dir.send(id, session_call_atom::value, std::move(c), detail::client_call_options{},
-                    completion{});
+    completion none;
+    return dir.send_call(id, c, detail::client_call_options{}, none);
   };
-  dir.add("s6", actor);
+  auto card = std::make_shared<detail::session_card>();  // only counted here
+  dir.add("s6", actor, card);
   CHECK(send("s6", 1));
   auto token = dir.in_transit("s6");
   CHECK_FALSE(send("s6", 2));
@@ -309,7 +332,7 @@ TEST_CASE("session directory: a call through the registry holds the session's la
   // Counts from before a clear() (the registry restarted) are forgotten.
   auto stale = dir.in_transit("s7");
   dir.clear();
-  dir.add("s7", actor);
+  dir.add("s7", actor, card);
   CHECK(send("s7", 7));
   dir.arrived("s7", stale);
   CHECK(send("s7", 8));
@@ -352,4 +375,205 @@ TEST_CASE("session path: one caller's calls reach the session in the order they 
     ++next[sid];
   }
   CHECK(t.sc.client_calls.empty());
+}
+
+// -- the session card: a session's call run by its caller (session_card.hpp) ---------------
+
+TEST_CASE("session card: an idle session's call is run by its caller, the next waits on the card and is started by the one before it") {
+  session_path t;
+  auto first = t.execute("s8", "ping");
+  auto [done1, f1] = t.answer(first);
+  t.route(std::move(first), std::move(done1));
+  REQUIRE(t.wait(f1).ok());
+  // Idle: this thread starts the next call on the lane itself.
+  auto next = t.execute("s8", "ping");
+  auto [done2, f2] = t.answer(next);
+  t.route(std::move(next), std::move(done2));
+  REQUIRE(t.wait(f2).ok());
+  const auto me = std::this_thread::get_id();
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    REQUIRE(t.sc.lane_calls.size() == 2);
+    CHECK(t.sc.lane_threads.at(0) != me);  // the first: through the registry and the actor
+    CHECK(t.sc.lane_threads.at(1) == me);
+    CHECK(t.sc.lane_calls.at(1).preferred_worker == "w1");  // the session's worker, as before
+    CHECK(t.sc.lane_calls.at(1).args.at("session_id") == "s8");
+    t.sc.lane_answers = false;  // the next call stays in flight, its caller holding the card
+  }
+  auto a = t.execute("s8", "sleep");
+  a.c.args["k"] = 1;
+  auto [done3, f3] = t.answer(a);
+  t.route(std::move(a), std::move(done3));
+  completion kept;
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    REQUIRE(t.sc.kept.size() == 1);  // started on this thread, before route returned
+    CHECK(t.sc.lane_threads.back() == me);
+    kept = t.sc.kept.front();
+    t.sc.kept.clear();
+    t.sc.lane_answers = true;
+  }
+  // Busy: this call waits on the card (one call in flight per session).
+  auto b = t.execute("s8", "ping");
+  b.c.args["k"] = 2;
+  auto [done4, f4] = t.answer(b);
+  t.route(std::move(b), std::move(done4));
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    CHECK(t.sc.lane_calls.size() == 3);  // not on the lane while the first holds the card
+  }
+  // The first is answered (here): it passes the card to the second and starts it.
+  kept.fn(served("w1"));
+  kept = {};
+  REQUIRE(t.wait(f3).ok());
+  REQUIRE(t.wait(f4).ok());
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.lane_calls.size() == 4);
+  CHECK(t.sc.lane_calls.at(3).args.at("k") == 2);
+  CHECK(t.sc.lane_threads.at(3) == me);
+  CHECK(t.sc.client_calls.empty());
+  CHECK(t.sc.unscripted.empty());
+}
+
+TEST_CASE("session card: a call the session answers itself waits for the card, and the calls after it go through the actor") {
+  session_path t;
+  auto first = t.execute("s10", "ping");
+  auto [done1, f1] = t.answer(first);
+  t.route(std::move(first), std::move(done1));
+  REQUIRE(t.wait(f1).ok());
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    t.sc.lane_answers = false;
+  }
+  auto a = t.execute("s10", "sleep");
+  auto [done2, f2] = t.answer(a);
+  t.route(std::move(a), std::move(done2));  // run here, kept in flight: this caller holds the card
+  completion kept;
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    REQUIRE(t.sc.kept.size() == 1);
+    kept = t.sc.kept.front();
+    t.sc.kept.clear();
+    t.sc.lane_answers = true;
+  }
+  // list_programs is the session's own answer: the actor's, once it has the card.
+  auto list = t.execute("s10", "list_programs");
+  auto [done3, f3] = t.answer(list);
+  t.route(std::move(list), std::move(done3));
+  // The actor waits for the card: this call follows it there, not on the card.
+  auto c = t.execute("s10", "ping");
+  c.c.args["k"] = 3;
+  auto [done4, f4] = t.answer(c);
+  t.route(std::move(c), std::move(done4));
+  kept.fn(served("w1"));
+  kept = {};
+  REQUIRE(t.wait(f2).ok());
+  auto listed = t.wait(f3);
+  REQUIRE(listed.ok());
+  CHECK(listed.value().at("total_count") == 0);
+  REQUIRE(t.wait(f4).ok());
+  const auto me = std::this_thread::get_id();
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    REQUIRE(t.sc.lane_calls.size() == 3);  // list_programs never reached a worker
+    CHECK(t.sc.lane_calls.at(2).args.at("k") == 3);
+    CHECK(t.sc.lane_threads.at(2) != me);  // the actor's: it had the card
+  }
+  // Idle again: the card went back to the callers.
+  auto d = t.execute("s10", "ping");
+  auto [done5, f5] = t.answer(d);
+  t.route(std::move(d), std::move(done5));
+  REQUIRE(t.wait(f5).ok());
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.lane_calls.size() == 4);
+  CHECK(t.sc.lane_threads.at(3) == me);
+  CHECK(t.sc.client_calls.empty());
+  CHECK(t.sc.unscripted.empty());
+}
+
+namespace {
+
+// An adapter whose "needs_repair" reply asks for one repair ("fix" on the
+// worker that answered); it answers nothing itself.
+class repairing_adapter : public detail::session_adapter {
+public:
+  std::optional<local_answer> answer_locally(const call&) override { return std::nullopt; }
+  bool may_answer_locally(const call&) const override { return false; }
+  void complete(call&, detail::client_call_options&) const override {}
+  std::optional<repair> on_reply(const call& c, const outcome& o, int repairs) override {
+    if (c.command != "needs_repair" || repairs > 0)
+      return std::nullopt;
+    return repair{o.served_by(), "fix", {{"why", "test"}}};
+  }
+  worker_sweep end_sweep() const override { return {"cleanup_session", {}}; }
+  void note_sweep_answer(const outcome&, nlohmann::json&) const override {}
+  nlohmann::json info() const override { return nlohmann::json::object(); }
+  nlohmann::json end_summary(const nlohmann::json&) const override {
+    return nlohmann::json::object();
+  }
+};
+
+} // namespace
+
+TEST_CASE("session card: a reply its caller got that asks for a repair goes to the actor, with the card") {
+  session_path t{[](const std::string&) { return std::make_unique<repairing_adapter>(); }};
+  auto first = t.execute("s9", "ping");
+  auto [done1, f1] = t.answer(first);
+  t.route(std::move(first), std::move(done1));
+  REQUIRE(t.wait(f1).ok());
+  auto r = t.execute("s9", "needs_repair");
+  auto [done2, f2] = t.answer(r);
+  t.route(std::move(r), std::move(done2));
+  auto o = t.wait(f2);
+  REQUIRE(o.ok());
+  const auto me = std::this_thread::get_id();
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    // The repair (strict_queue: the pool client), on the worker that answered.
+    REQUIRE(t.sc.client_calls.size() == 1);
+    CHECK(t.sc.client_calls.at(0).command == "fix");
+    CHECK(t.sc.client_calls.at(0).preferred_worker == "w1");
+    // The call: first by its caller, then again by the actor.
+    REQUIRE(t.sc.lane_calls.size() == 3);
+    CHECK(t.sc.lane_calls.at(1).command == "needs_repair");
+    CHECK(t.sc.lane_threads.at(1) == me);
+    CHECK(t.sc.lane_calls.at(2).command == "needs_repair");
+    CHECK(t.sc.lane_threads.at(2) != me);
+    CHECK(t.sc.unscripted.empty());
+  }
+  // The card came back to the callers: the next call is this thread's again.
+  auto again = t.execute("s9", "ping");
+  auto [done3, f3] = t.answer(again);
+  t.route(std::move(again), std::move(done3));
+  REQUIRE(t.wait(f3).ok());
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  REQUIRE(t.sc.lane_calls.size() == 4);
+  CHECK(t.sc.lane_threads.at(3) == me);
+}
+
+TEST_CASE("session card: a call waiting on the card is answered at its deadline when it comes before the running call's end") {
+  session_path t;
+  auto first = t.execute("s11", "ping");
+  auto [done1, f1] = t.answer(first);
+  t.route(std::move(first), std::move(done1));
+  REQUIRE(t.wait(f1).ok());
+  {
+    std::lock_guard<std::mutex> lk{t.sc.mtx};
+    t.sc.lane_answers = false;
+  }
+  auto slow = t.execute("s11", "sleep");  // runs here and stays in flight (30 s deadline)
+  auto [done2, f2] = t.answer(slow);
+  t.route(std::move(slow), std::move(done2));
+  auto quick = t.execute("s11", "ping");
+  quick.c.deadline = std::chrono::steady_clock::now() + 200ms;
+  auto [done3, f3] = t.answer(quick);
+  t.route(std::move(quick), std::move(done3));  // waits on the card behind it
+  auto r = t.wait(f3);  // while the first is still in flight
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.error().category == error_category::timeout_error);
+  CHECK(r.error().type == "checkout_timeout");
+  CHECK(r.error().context.at("session_id") == "s11");
+  std::lock_guard<std::mutex> lk{t.sc.mtx};
+  CHECK(t.sc.lane_calls.size() == 2);  // it never reached a worker
+  REQUIRE(t.sc.kept.size() == 1);
 }

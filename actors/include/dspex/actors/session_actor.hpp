@@ -12,6 +12,9 @@
 //   from the worker's I/O thread to the session actor, which answers the
 //   caller's completion. A failed lane attempt goes to the pool client
 //   (retry policy, breaker), whose outcome comes back the same way.
+//   When the session is idle, its caller runs the call itself instead
+//   (session_card.hpp: the same steps, without the actor), and the outcome
+//   goes from the worker's I/O thread straight to the caller.
 //
 // Registry messages:
 //  - (session_exec_atom, session_request, completion): op execute, answered
@@ -22,6 +25,11 @@
 //    caller (through the directory) or the registry;
 //  - (session_reply_atom, tag, outcome), (session_qtmo_atom, generation): its
 //    own calls' answers and its queue's timer;
+//  - from callers holding the session's card (actors/src/session_card.hpp):
+//    (session_card_atom) the card is the actor's now; (session_adopt_atom,
+//    handover) a call whose reply asks for a repair, with the card;
+//    (session_watch_atom) a call waits on the card, due before the running
+//    one ends;
 //  - (session_info_atom) → outcome (the session's info JSON);
 //  - (session_idle_atom) → bool: idle past session.ttl (the registry's sweep);
 //  - (session_end_atom) → outcome: waits for the call in flight, fails the
@@ -89,6 +97,15 @@ using session_idle_atom = caf::atom_constant<caf::atom("sessidle")>; // registry
 using session_end_atom = caf::atom_constant<caf::atom("sessend")>;   // registry → session: () → outcome
 using session_reply_atom = caf::atom_constant<caf::atom("sessreply")>;  // (tag, outcome): its own call's answer
 using session_qtmo_atom = caf::atom_constant<caf::atom("sessqtmo")>;    // (timer generation): the earliest queued call's deadline
+using session_card_atom = caf::atom_constant<caf::atom("sesscard")>;    // a caller gave the card back to the waiting actor
+using session_adopt_atom = caf::atom_constant<caf::atom("sessadopt")>;  // (handover): a caller's call, with the card, for a repair
+using session_watch_atom = caf::atom_constant<caf::atom("sesswatch")>;  // a call waits on the card, due before the one in flight
+
+namespace detail {
+/// A call its caller ran (session_card.hpp) whose reply asks for a repair:
+/// the session actor takes it over, with the card.
+struct session_handover;
+} // namespace detail
 
 /// A session actor's message interface: what callers, the registry and the
 /// session itself (its calls' answers, its queue's timer) may send it.
@@ -98,7 +115,10 @@ using session_actor_handle = caf::typed_actor<
   caf::replies_to<session_idle_atom>::with<bool>,
   caf::replies_to<session_end_atom>::with<outcome>,
   caf::reacts_to<session_reply_atom, std::uint64_t, outcome>,
-  caf::reacts_to<session_qtmo_atom, std::uint64_t>>;
+  caf::reacts_to<session_qtmo_atom, std::uint64_t>,
+  caf::reacts_to<session_card_atom>,
+  caf::reacts_to<session_watch_atom>,
+  caf::reacts_to<session_adopt_atom, std::shared_ptr<detail::session_handover>>>;
 
 namespace detail {
 class session_directory;
@@ -140,3 +160,4 @@ caf::actor spawn_linked_session_registry(caf::event_based_actor* supervisor,
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::detail::client_call_options)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::session_request)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::shared_ptr<dspex::detail::session_handover>)
