@@ -42,6 +42,13 @@ double epoch_now() {
   return duration_cast<duration<double>>(system_clock::now().time_since_epoch()).count();
 }
 
+// A call's deadline passed while it waited behind the session's earlier calls.
+error waited_too_long(const std::string& session_id, const std::string& command) {
+  return make_error(error_category::timeout_error, "checkout_timeout",
+                    "the deadline passed while the call waited behind the session's earlier calls",
+                    {{"session_id", session_id}, {"command", command}});
+}
+
 error session_err(std::string type, std::string message, const std::string& session_id,
                   const std::string& command = {}) {
   nlohmann::json ctx{{"session_id", session_id}};
@@ -388,10 +395,7 @@ void run_next(session_actor_t self) {
     auto q = std::move(st.queue.front());
     st.queue.pop_front();
     if (clock_type::now() >= q.c.deadline) {
-      q.answer(outcome::failure(make_error(
-        error_category::timeout_error, "checkout_timeout",
-        "the deadline passed while the call waited behind the session's earlier calls",
-        {{"session_id", st.card->id}, {"command", q.c.command}})));
+      q.answer(outcome::failure(waited_too_long(st.card->id, q.c.command)));
       continue;
     }
     if (!st.card->adapter->may_answer_locally(q.c)) {
@@ -477,12 +481,7 @@ session_actor_handle::behavior_type session_actor(session_actor_t self,
         return;
       auto next = detail::expire_passed(
         st.queue, [](const queued_call& q) { return q.c.deadline; },
-        [&](queued_call& q) {
-          q.answer(outcome::failure(make_error(
-            error_category::timeout_error, "checkout_timeout",
-            "the deadline passed while the call waited behind the session's earlier calls",
-            {{"session_id", st.card->id}, {"command", q.c.command}})));
-        });
+        [&](queued_call& q) { q.answer(outcome::failure(waited_too_long(st.card->id, q.c.command))); });
       // And the calls waiting on the card behind a caller's (session_card.hpp).
       std::vector<detail::session_card::waiting_call> expired;
       {
@@ -494,10 +493,7 @@ session_actor_handle::behavior_type session_actor(session_actor_t self,
           next = later;
       }
       for (auto& w : expired)
-        w.done.fn(outcome::failure(make_error(
-          error_category::timeout_error, "checkout_timeout",
-          "the deadline passed while the call waited behind the session's earlier calls",
-          {{"session_id", st.card->id}, {"command", w.c.command}})));
+        w.done.fn(outcome::failure(waited_too_long(st.card->id, w.c.command)));
       if (next)
         st.queue_timer.arm(self, *next + std::chrono::milliseconds{1}, session_qtmo_atom::value);
     },
@@ -847,12 +843,6 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
 namespace detail {
 
 namespace {
-
-error waited_too_long(const std::string& session_id, const std::string& command) {
-  return make_error(error_category::timeout_error, "checkout_timeout",
-                    "the deadline passed while the call waited behind the session's earlier calls",
-                    {{"session_id", session_id}, {"command", command}});
-}
 
 // The holder's call is over: the card goes to the actor when it waits (with
 // the waiting calls), else to the next waiting call, started here, else it
