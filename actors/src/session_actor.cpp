@@ -427,8 +427,11 @@ void on_user_reply(session_actor_t self, outcome o) {
                  detail::client_call_options{true, 1});
     return;
   }
-  fl.q.answer(std::move(o));
+  // The next call first, then the answer: the card is back (or passed on)
+  // before the caller runs its next call.
+  auto q = std::move(fl.q);
   flight_done(self);
+  q.answer(std::move(o));
 }
 
 // `card`: filled by the registry (session_card.hpp), published in the
