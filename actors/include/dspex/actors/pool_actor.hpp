@@ -17,9 +17,15 @@
 //  - (stop_atom) → bool: fails queued callers (resource_error/pool_stopping),
 //    stops every worker (shutdown → EOF → TERM → KILL) and answers once all
 //    are reaped; then quits normally.
-// Workers are linked children: a worker's exit reaches the pool as an
-// exit_msg whose reason (make_exit_reason) says why; the pool then starts a
-// replacement, with backoff while starts keep failing.
+//  - leases: (checkout_atom, checkout_request) → checkout_reply,
+//    (checkin_atom, lease_id, checkin_status) → bool, (cancel_atom, token);
+//  - (ping_idle_atom) → the number of idle workers the contract's
+//    handle_ping removed (the maintenance tick's check, at once).
+// Workers are monitored, not linked (a link would let a worker killed with
+// exit_reason::kill take the pool down): a worker's end reaches the pool as a
+// down_msg whose reason (make_exit_reason) says why; the pool then starts a
+// replacement, with backoff while starts keep failing, and kills the workers
+// still alive when it ends itself.
 #pragma once
 
 #include <memory>
