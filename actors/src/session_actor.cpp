@@ -900,11 +900,10 @@ void pass_card(const std::shared_ptr<session_card>& card) {
 // the caller).
 struct fast_flight {
   std::shared_ptr<session_card> card;
-  std::shared_ptr<session_handover> h;
+  session_handover h;  ///< the call, as the actor would take it over
   bool settled = false;
 
-  fast_flight(std::shared_ptr<session_card> k, std::shared_ptr<session_handover> call)
-    : card(std::move(k)), h(std::move(call)) {
+  explicit fast_flight(std::shared_ptr<session_card> k) : card(std::move(k)) {
   }
   fast_flight(const fast_flight&) = delete;
   fast_flight& operator=(const fast_flight&) = delete;
@@ -915,23 +914,25 @@ struct fast_flight {
     auto& k = *card;
     note_served(k, o);
     k.last_used = std::chrono::steady_clock::now();
-    if (auto fix = k.adapter->on_reply(h->c, o, 0)) {
+    if (auto fix = k.adapter->on_reply(h.c, o, 0)) {
       // A repair first: the actor's work, with the card and the waiting calls.
-      h->fix = std::move(*fix);
+      h.fix = std::move(*fix);
+      std::shared_ptr<session_handover> handover;
       {
         std::lock_guard<std::mutex> lk{k.mtx};
+        handover = std::make_shared<session_handover>(std::move(h));  // the actor's death reads h
         k.held = session_card::holder::actor;
         k.actor_waits = false;
       }
       if (auto a = caf::actor_cast<session_actor_handle>(k.actor))
-        caf::anon_send(a, session_adopt_atom::value, std::move(h));
+        caf::anon_send(a, session_adopt_atom::value, std::move(handover));
       // else: the session is gone with its card; the completions answer.
       return;
     }
     completion done;
     {
       std::lock_guard<std::mutex> lk{k.mtx};
-      done = std::move(h->done);  // the actor's death may be answering it (a copy)
+      done = std::move(h.done);  // the actor's death may be answering it (a copy)
     }
     pass_card(card);  // before the answer: the next call need not wait for the caller's code
     if (done.fn)
@@ -950,14 +951,14 @@ void run_held_call(const std::shared_ptr<session_card>& card, call c, client_cal
                    completion done) {
   auto& k = *card;
   k.last_used = std::chrono::steady_clock::now();
-  auto flight = std::make_shared<fast_flight>(card, std::make_shared<session_handover>());
-  auto& h = *flight->h;
+  auto flight = std::make_shared<fast_flight>(card);
+  auto& h = flight->h;
   h.c = std::move(c);
   h.opts = opts;
   {
     std::lock_guard<std::mutex> lk{k.mtx};
     h.done = std::move(done);
-    k.current = flight->h;
+    k.current = std::shared_ptr<session_handover>(flight, &flight->h);  // one allocation per call
   }
   // As the actor sends its calls (send_user_call): made whole by the
   // adapter, the session's worker preferred; h.c stays as the caller made it.

@@ -220,6 +220,17 @@ void check_no_children() {
   CHECK_MESSAGE(left.empty(), "children left: " << describe_processes(left));
 }
 
+/// The error of a runtime::start that must fail (the test fails when it starts).
+error start_error_of(const settings& s) {
+  try {
+    runtime::start(s);
+  } catch (const start_error& e) {
+    return e.details();
+  }
+  FAIL("start should have failed");
+  return {};
+}
+
 /// stop_and_check_no_children, naming the children left if any.
 void stop_and_report(runtime& rt) {
   stop_and_check_no_children(rt);
@@ -493,15 +504,11 @@ TEST_CASE("crash_matrix 8a: an interpreter path that does not exist: start_error
   auto python = (dir.path / "no-such-python3").string();
   auto s = test_settings(2);
   s.worker.python = python;
-  try {
-    runtime::start(s);
-    FAIL("start should have failed");
-  } catch (const start_error& e) {
-    CHECK(e.details().category == error_category::configuration_error);
-    CHECK(e.details().type == "invalid_setting");
-    CHECK(e.details().message.find(python) != std::string::npos);
-    CHECK(e.details().message.find("worker.python") != std::string::npos);
-  }
+  auto err = start_error_of(s);
+  CHECK(err.category == error_category::configuration_error);
+  CHECK(err.type == "invalid_setting");
+  CHECK(err.message.find(python) != std::string::npos);
+  CHECK(err.message.find("worker.python") != std::string::npos);
   check_no_children();
 }
 
@@ -512,15 +519,11 @@ TEST_CASE("crash_matrix 8b: an interpreter whose exec fails: start_error spawn_f
   auto python = dir.write("python3", "#!/nonexistent/dspex-interpreter\n", true).string();
   auto s = test_settings(2);
   s.worker.python = python;
-  try {
-    runtime::start(s);
-    FAIL("start should have failed");
-  } catch (const start_error& e) {
-    CHECK_MESSAGE(e.details().category == error_category::initialization_error,
-                  e.details().describe());
-    CHECK_MESSAGE(e.details().type == "spawn_failed", e.details().describe());
-    CHECK_MESSAGE(e.details().message.find(python) != std::string::npos, e.details().describe());
-  }
+  auto err = start_error_of(s);
+  CHECK_MESSAGE(err.category == error_category::initialization_error,
+                err.describe());
+  CHECK_MESSAGE(err.type == "spawn_failed", err.describe());
+  CHECK_MESSAGE(err.message.find(python) != std::string::npos, err.describe());
   check_no_children();
 }
 
@@ -532,18 +535,14 @@ TEST_CASE("crash_matrix 8d: a configured LM the workers refuse: start_error sett
   s.lm.provider = "no-such-provider";
   s.pool.restart_backoff_base = 20ms;
   s.pool.restart_backoff_max = 100ms;
-  try {
-    runtime::start(s);
-    FAIL("start should have failed");
-  } catch (const start_error& e) {
-    CHECK_MESSAGE(e.details().category == error_category::initialization_error,
-                  e.details().describe());
-    CHECK_MESSAGE(e.details().type == "setting_failed", e.details().describe());
-    CHECK_MESSAGE(e.details().message.find("configure_lm") != std::string::npos,
-                  e.details().describe());
-    CHECK_MESSAGE(e.details().message.find("no-such-provider") != std::string::npos,
-                  e.details().describe());
-  }
+  auto err = start_error_of(s);
+  CHECK_MESSAGE(err.category == error_category::initialization_error,
+                err.describe());
+  CHECK_MESSAGE(err.type == "setting_failed", err.describe());
+  CHECK_MESSAGE(err.message.find("configure_lm") != std::string::npos,
+                err.describe());
+  CHECK_MESSAGE(err.message.find("no-such-provider") != std::string::npos,
+                err.describe());
   check_no_children();
 }
 

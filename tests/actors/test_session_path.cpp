@@ -156,6 +156,14 @@ struct session_path {
     });
   }
 
+  /// One call of `session` made and awaited as the runtime makes it (route).
+  outcome call_and_wait(const std::string& session, const std::string& command) {
+    auto r = execute(session, command);
+    auto [done, f] = answer(r);
+    route(std::move(r), std::move(done));
+    return wait(f);
+  }
+
   outcome wait(std::future<outcome>& f) {
     REQUIRE(f.wait_for(hang_guard) == std::future_status::ready);
     return f.get();
@@ -381,15 +389,9 @@ TEST_CASE("session path: one caller's calls reach the session in the order they 
 
 TEST_CASE("session card: an idle session's call is run by its caller, the next waits on the card and is started by the one before it") {
   session_path t;
-  auto first = t.execute("s8", "ping");
-  auto [done1, f1] = t.answer(first);
-  t.route(std::move(first), std::move(done1));
-  REQUIRE(t.wait(f1).ok());
+  REQUIRE(t.call_and_wait("s8", "ping").ok());
   // Idle: this thread starts the next call on the lane itself.
-  auto next = t.execute("s8", "ping");
-  auto [done2, f2] = t.answer(next);
-  t.route(std::move(next), std::move(done2));
-  REQUIRE(t.wait(f2).ok());
+  REQUIRE(t.call_and_wait("s8", "ping").ok());
   const auto me = std::this_thread::get_id();
   {
     std::lock_guard<std::mutex> lk{t.sc.mtx};
@@ -437,10 +439,7 @@ TEST_CASE("session card: an idle session's call is run by its caller, the next w
 
 TEST_CASE("session card: a call the session answers itself waits for the card, and the calls after it go through the actor") {
   session_path t;
-  auto first = t.execute("s10", "ping");
-  auto [done1, f1] = t.answer(first);
-  t.route(std::move(first), std::move(done1));
-  REQUIRE(t.wait(f1).ok());
+  REQUIRE(t.call_and_wait("s10", "ping").ok());
   {
     std::lock_guard<std::mutex> lk{t.sc.mtx};
     t.sc.lane_answers = false;
@@ -480,10 +479,7 @@ TEST_CASE("session card: a call the session answers itself waits for the card, a
     CHECK(t.sc.lane_threads.at(2) != me);  // the actor's: it had the card
   }
   // Idle again: the card went back to the callers.
-  auto d = t.execute("s10", "ping");
-  auto [done5, f5] = t.answer(d);
-  t.route(std::move(d), std::move(done5));
-  REQUIRE(t.wait(f5).ok());
+  REQUIRE(t.call_and_wait("s10", "ping").ok());
   std::lock_guard<std::mutex> lk{t.sc.mtx};
   REQUIRE(t.sc.lane_calls.size() == 4);
   CHECK(t.sc.lane_threads.at(3) == me);
@@ -517,10 +513,7 @@ public:
 
 TEST_CASE("session card: a reply its caller got that asks for a repair goes to the actor, with the card") {
   session_path t{[](const std::string&) { return std::make_unique<repairing_adapter>(); }};
-  auto first = t.execute("s9", "ping");
-  auto [done1, f1] = t.answer(first);
-  t.route(std::move(first), std::move(done1));
-  REQUIRE(t.wait(f1).ok());
+  REQUIRE(t.call_and_wait("s9", "ping").ok());
   auto r = t.execute("s9", "needs_repair");
   auto [done2, f2] = t.answer(r);
   t.route(std::move(r), std::move(done2));
@@ -542,10 +535,7 @@ TEST_CASE("session card: a reply its caller got that asks for a repair goes to t
     CHECK(t.sc.unscripted.empty());
   }
   // The card came back to the callers: the next call is this thread's again.
-  auto again = t.execute("s9", "ping");
-  auto [done3, f3] = t.answer(again);
-  t.route(std::move(again), std::move(done3));
-  REQUIRE(t.wait(f3).ok());
+  REQUIRE(t.call_and_wait("s9", "ping").ok());
   std::lock_guard<std::mutex> lk{t.sc.mtx};
   REQUIRE(t.sc.lane_calls.size() == 4);
   CHECK(t.sc.lane_threads.at(3) == me);
@@ -553,10 +543,7 @@ TEST_CASE("session card: a reply its caller got that asks for a repair goes to t
 
 TEST_CASE("session card: a call waiting on the card is answered at its deadline when it comes before the running call's end") {
   session_path t;
-  auto first = t.execute("s11", "ping");
-  auto [done1, f1] = t.answer(first);
-  t.route(std::move(first), std::move(done1));
-  REQUIRE(t.wait(f1).ok());
+  REQUIRE(t.call_and_wait("s11", "ping").ok());
   {
     std::lock_guard<std::mutex> lk{t.sc.mtx};
     t.sc.lane_answers = false;
