@@ -427,11 +427,17 @@ void on_user_reply(session_actor_t self, outcome o) {
                  detail::client_call_options{true, 1});
     return;
   }
-  // The next call first, then the answer: the card is back (or passed on)
-  // before the caller runs its next call.
+  // The answers keep the order of the calls: with nothing left to do, the
+  // card goes back first (the caller's next call finds it free); else the
+  // answer goes first, then the next call.
   auto q = std::move(fl.q);
-  flight_done(self);
-  q.answer(std::move(o));
+  if (!st.ending && st.queue.empty() && st.info_waiters.empty()) {
+    flight_done(self);
+    q.answer(std::move(o));
+  } else {
+    q.answer(std::move(o));
+    flight_done(self);
+  }
 }
 
 // `card`: filled by the registry (session_card.hpp), published in the
@@ -850,7 +856,12 @@ namespace {
 // The holder's call is over: the card goes to the actor when it waits (with
 // the waiting calls), else to the next waiting call, started here, else it
 // is free. Calls whose deadline passed while they waited are answered.
-void pass_card(const std::shared_ptr<session_card>& card) {
+// `answer`, the holder's own answer, runs once the card is decided and
+// before anything after it: a caller's next call finds the card free (or
+// queues behind the next waiting call), and the session's answers keep the
+// order of its calls.
+void pass_card(const std::shared_ptr<session_card>& card, completion* done = nullptr,
+               outcome* o = nullptr) {
   std::vector<session_card::waiting_call> expired;
   std::optional<session_card::waiting_call> next;
   bool tell = false;
@@ -883,6 +894,8 @@ void pass_card(const std::shared_ptr<session_card>& card) {
       }
     }
   }
+  if (done && done->fn)
+    done->fn(std::move(*o));
   if (watch)
     if (auto a = caf::actor_cast<session_actor_handle>(card->actor))
       caf::anon_send(a, session_watch_atom::value);
@@ -934,9 +947,7 @@ struct fast_flight {
       std::lock_guard<std::mutex> lk{k.mtx};
       done = std::move(h.done);  // the actor's death may be answering it (a copy)
     }
-    pass_card(card);  // before the answer: the next call need not wait for the caller's code
-    if (done.fn)
-      done.fn(std::move(o));
+    pass_card(card, &done, &o);
   }
 
   ~fast_flight() {
