@@ -4,13 +4,11 @@
 // and writes its frame to the worker's process itself; the worker's I/O
 // thread (or, for a blocking caller, the caller's own thread) answers it.
 // Who owns the call decides what happens to its answer and to a call the
-// lane cannot serve: the API for anonymous calls, the pool client for the
-// session calls it runs (the hooks).
-//
-// A file of its own because more than one owner starts direct calls: the
-// runtime (anonymous calls, start_direct), the pool client (the session
-// calls it runs, direct_job), and later a session actor; start_direct knows
-// none of them, only the sinks its caller gives it.
+// lane cannot serve (the sinks): the API for anonymous calls, the session's
+// lane (runtime_tree) for the calls a session's card runs. Both enter
+// through start_direct, which knows neither, only the sinks it is given; a
+// call the lane does not take goes to the pool client, whose attempts and
+// retries go through the pool actor.
 //
 // Internal to actors/ (CAF included).
 #pragma once

@@ -153,10 +153,6 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
     st.initial_pending = st.config->pool.size;
     for (std::size_t i = 0; i < st.config->pool.size; ++i)
       start_worker(self, true, false);
-    // Workers ready at once (synchronous init) count as ready now.
-    for (auto& [id, e] : st.workers)
-      if (e.state == worker_state_t::idle && st.initial_pending > 0)
-        --st.initial_pending;
     log().info("pool: starting {} workers", st.config->pool.size);
   }
 
@@ -306,10 +302,8 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
         return;
       auto& e = it->second;
       e.w.pid = pid;
-      // Its lane goes back to this pool's idle list after each direct call.
-      if (auto channel = channel_of(self, e))
-        channel->set_board(st.idle);
       worker_up(self, e);
+      dispatch(self);
     },
     [=](worker_gone_atom, const std::string& id, error& gone) {
       auto& st = self->state;

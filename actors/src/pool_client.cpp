@@ -36,8 +36,6 @@
 #include "dspex/logging.hpp"
 #include "api_support.hpp"
 #include "command_adapter.hpp"
-#include "direct_lane.hpp"
-#include "idle_workers.hpp"
 
 namespace dspex::runtime_detail {
 
@@ -46,8 +44,6 @@ namespace {
 using client_retry_atom = caf::atom_constant<caf::atom("cretry")>;      // (id, attempt): resend
 using circuit_tick_atom = caf::atom_constant<caf::atom("ctick")>;       // (generation): open -> half_open due
 using park_timeout_atom = caf::atom_constant<caf::atom("parktmo")>;     // (id, attempt): deadline while parked
-using lane_answer_atom = caf::atom_constant<caf::atom("laneans")>;      // (id, attempt, outcome): a session call's answer from the direct lane
-using lane_reroute_atom = caf::atom_constant<caf::atom("lanerr")>;      // (id, attempt, call): not served on the lane: the pool
 
 enum class call_phase { waiting, parked, in_flight };
 
@@ -343,7 +339,6 @@ void park(pool_client_t* self, std::uint64_t id) {
   self->delayed_send(self, delay, park_timeout_atom::value, id, pc.attempt);
 }
 
-bool try_lane(pool_client_t* self, std::uint64_t id, std::size_t attempt, call& c);
 void send_to_pool(pool_client_t* self, std::uint64_t id, std::size_t attempt, call c);
 
 // Runs the current attempt of call `id`: on the current pool, if the breaker
@@ -376,43 +371,7 @@ void dispatch(pool_client_t* self, std::uint64_t id) {
   // The args are copied only when another attempt may need them.
   call c{pc.c.command, pc.max_attempts > 1 ? pc.c.args : std::move(pc.c.args), pc.c.deadline,
          pc.c.type, pc.c.block, pc.c.preferred_worker, pc.c.affinity};
-  auto attempt = pc.attempt;
-  if (try_lane(self, id, attempt, c))
-    return;
-  send_to_pool(self, id, attempt, std::move(c));
-}
-
-// A session's call with the affinity hint runs on the direct lane when a
-// worker is idle or the line is open: its preferred worker when idle, any
-// other otherwise (counted as the pool counts affinity). Its answer, or its
-// way back when the lane cannot serve it, comes here as a message.
-bool try_lane(pool_client_t* self, std::uint64_t id, std::size_t attempt, call& c) {
-  auto& st = self->state;
-  // Every command of a session may go: the session actor already made the
-  // call whole (program_data, its LM), and the pool adopts no session's
-  // configure_lm.
-  if (c.type.what() != checkout_type::kind::session || c.affinity != affinity_mode::hint
-      || !c.args.is_object() || !c.args.contains("session_id"))
-    return false;
-  auto idle = st.shared->current_idle();
-  if (!idle)
-    return false;
-  auto job = std::make_shared<direct_job>();
-  job->idle = idle;
-  job->c = std::move(c);
-  auto me = caf::actor_cast<caf::actor_addr>(self);
-  job->on_answer = [me, id, attempt](direct_job&, outcome o) {
-    if (auto a = caf::actor_cast<caf::actor>(me))
-      caf::anon_send(a, lane_answer_atom::value, id, attempt, std::move(o));
-  };
-  job->on_reroute = [me, id, attempt](direct_job& j) {
-    if (auto a = caf::actor_cast<caf::actor>(me))
-      caf::anon_send(a, lane_reroute_atom::value, id, attempt, std::move(j.c));
-  };
-  if (job->take(*idle, job->c.preferred_worker))
-    return true;
-  c = std::move(job->c);
-  return false;
+  send_to_pool(self, id, pc.attempt, std::move(c));
 }
 
 // The attempt `attempt` of call `id`, through the current pool.
@@ -723,24 +682,6 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
         finish(self, id, outcome::failure(internal_error(command)));
       else if (f.done.fn)
         run_callback(f.done, outcome::failure(internal_error(command)));
-    },
-    [=](lane_answer_atom, std::uint64_t id, std::size_t attempt, outcome& o) {
-      on_answer(self, id, attempt, std::move(o));
-    },
-    [=](lane_reroute_atom, std::uint64_t id, std::size_t attempt, call& c) {
-      auto it = self->state.calls.find(id);
-      if (it == self->state.calls.end() || it->second.attempt != attempt
-          || it->second.phase != call_phase::in_flight)
-        return;
-      if (!self->state.pool) {  // gone meanwhile: this attempt failed before any worker
-        on_answer(self, id, attempt,
-                  outcome::failure(make_error(error_category::connection_error, "pool_down",
-                                              "the pool terminated before it received the call",
-                                              {{"command", c.command}})));
-        return;
-      }
-      it->second.pool = self->state.pool.address();
-      send_to_pool(self, id, attempt, std::move(c));
     },
     [=](client_retry_atom, std::uint64_t id, std::size_t attempt) {
       auto it = self->state.calls.find(id);

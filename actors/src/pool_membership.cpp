@@ -10,6 +10,7 @@
 #include <caf/all.hpp>
 
 #include "pool_state.hpp"
+#include "worker_channel.hpp"
 
 namespace dspex::pool_detail {
 
@@ -167,14 +168,7 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
     case init_result::kind::async:
       return;  // worker_ready or its exit follows
     case init_result::kind::ready:
-      if (st.setting_generation > 0) {
-        worker_up(self, e);  // the pool's setting first
-        return;
-      }
-      e.process_up = true;
-      e.state = worker_state_t::idle;
-      st.idle->put(id, nullptr);
-      note_start_success(self, id, 0);
+      worker_up(self, e);  // fill_pool's caller serves the queue with it
       return;
     case init_result::kind::failed: {
       log().warn("[{}] init_worker failed: {}", id, res.reason().describe());
@@ -325,6 +319,9 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
 void worker_up(pool_actor_t* self, worker_entry& e) {
   auto& st = self->state;
   e.process_up = true;
+  // Its lane goes back to this pool's idle list after each direct call.
+  if (auto channel = channel_of(self, e))
+    channel->set_board(st.idle);
   if (e.setting_generation < st.setting_generation && !st.stopping) {
     start_setting(self, e, true);  // started once it has the pool's setting
     return;
@@ -337,10 +334,8 @@ void worker_started(pool_actor_t* self, worker_entry& e) {
   note_start_success(self, e.w.id, e.w.pid);
   if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
     answer_ready_waiters(self);
-  if (st.stopping)
-    return;
-  make_idle(self, e);
-  dispatch(self);
+  if (!st.stopping)
+    make_idle(self, e);
 }
 
 void answer_ready_waiters(pool_actor_t* self) {

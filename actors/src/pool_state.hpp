@@ -283,10 +283,14 @@ void answer_ready_waiters(pool_actor_t* self);
 void on_exit(pool_actor_t* self, caf::exit_msg& msg);
 /// Worker `e`'s own start succeeded (init_worker ready, or worker_ready): it
 /// applies the pool's setting first if it has not got it, then counts as
-/// started (worker_started).
+/// started (worker_started). Both ways of a start end here.
+/// @note The queue is not served here (the caller dispatches, or, inside
+///       fill_pool, its caller does): a dispatch from within fill_pool
+///       would start workers fill_pool is about to start.
 void worker_up(pool_actor_t* self, worker_entry& e);
 /// Worker `e` is up and has the pool's setting: it counts as started (the
-/// crash-loop guard, await_ready) and serves.
+/// crash-loop guard, await_ready) and becomes idle (make_idle).
+/// @note As worker_up: the caller dispatches.
 void worker_started(pool_actor_t* self, worker_entry& e);
 /// A worker actor is gone: its entry is removed and a replacement starts.
 void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason);

@@ -922,6 +922,11 @@ struct io_state {
       ssize_t n = ::read(fd, buf, sizeof buf);
       if (n > 0) {
         on_bytes(buf, static_cast<std::size_t>(n));
+        // A pipe's read returns all it holds up to the count asked: a short
+        // one drained it, and another would only say EAGAIN (one syscall per
+        // reply saved; anything written meanwhile wakes the next poll).
+        if (static_cast<std::size_t>(n) < sizeof buf)
+          return;
         continue;
       }
       if (n < 0 && errno == EINTR) {
