@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <map>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "dspex/error.hpp"
@@ -37,75 +38,12 @@ public:
   explicit dspy_session(std::string session_id) : id_(std::move(session_id)) {}
 
   std::optional<local_answer> answer_locally(const call& c) override {
-    const auto& cmd = c.command;
-    if (cmd == "list_programs") {
-      auto list = nlohmann::json::array();
-      for (auto& id : ids_in_order())
-        list.push_back(summary(id, programs_.at(id)));
-      auto n = list.size();
-      return local_answer{outcome::success({{"programs", std::move(list)}, {"total_count", n}}), {}};
-    }
-    if (cmd == "get_program_info" || cmd == "delete_program") {
-      auto v = c.args.value("program_id", nlohmann::json(nullptr));
-      if (!v.is_string() || v.get<std::string>().empty())
-        return local_answer{worker_failure("Missing required argument: program_id", cmd), {}};
-      auto id = v.get<std::string>();
-      auto it = programs_.find(id);
-      if (it == programs_.end())
-        return local_answer{worker_failure("Program not found: " + id, cmd), {}};
-      if (cmd == "get_program_info") {
-        auto& p = it->second;
-        return local_answer{
-          outcome::success({{"program_id", id},
-                            {"signature", p.definition.value("signature", nlohmann::json::object())},
-                            {"created_at", p.created_at},
-                            {"execution_count", p.execution_count},
-                            {"last_executed", p.last_executed}}),
-          {}};
-      }
-      programs_.erase(it);
-      // Workers that cached the program must forget it, or a later program
-      // with the same id would run the old definition there.
-      return local_answer{outcome::success({{"program_id", id}, {"status", "deleted"}}),
-                          worker_sweep{"delete_program", {{"program_id", id}}}};
-    }
-    if (cmd == "cleanup_session") {
-      auto n = programs_.size();
-      programs_.clear();
-      return local_answer{
-        outcome::success({{"status", "cleaned"}, {"session_id", id_}, {"programs_removed", n}}),
-        worker_sweep{"cleanup_session", nlohmann::json::object()}};
-    }
-    if (cmd == "configure_lm") {
-      // A session's LM override: kept here (a worker's LM is shared by every
-      // session it serves) and carried by each execution of the session.
-      auto provider = c.args.value("provider", nlohmann::json(nullptr));
-      if (!provider.is_string() || provider.get<std::string>().empty())
-        return local_answer{worker_failure("Missing required argument: provider", cmd), {}};
-      auto lm = c.args;
-      lm.erase("session_id");
-      lm_override_ = lm;
-      return local_answer{outcome::success({{"status", "configured"},
-                                            {"scope", "session"},
-                                            {"session_id", id_},
-                                            {"provider", provider},
-                                            {"model", lm.value("model", nlohmann::json(nullptr))},
-                                            {"temperature", lm.value("temperature", 0.7)}}),
-                          {}};
-    }
-    if (cmd == "create_program") {
-      auto v = c.args.value("id", nlohmann::json(nullptr));
-      if (v.is_string() && programs_.count(v.get<std::string>()))
-        return local_answer{worker_failure("Program already exists: " + v.get<std::string>(), cmd),
-                            {}};
-    }
-    return std::nullopt;
+    auto* local = local_command_of(c.command);
+    return local ? (this->*(local->answer))(c) : std::nullopt;
   }
 
   bool may_answer_locally(const call& c) const override {
-    const auto& cmd = c.command;
-    return cmd == "list_programs" || cmd == "get_program_info" || cmd == "delete_program"
-           || cmd == "cleanup_session" || cmd == "configure_lm" || cmd == "create_program";
+    return local_command_of(c.command) != nullptr;
   }
 
   void complete(call& c, client_call_options& opts) const override {
@@ -183,6 +121,116 @@ public:
   }
 
 private:
+  // -- the commands a session answers from its own state --------------------
+  // One table: answer_locally runs the entry, may_answer_locally (the
+  // caller's fast path) asks only whether there is one.
+
+  using local_handler = std::optional<local_answer> (dspy_session::*)(const call&);
+  struct local_command {
+    const char* name;
+    local_handler answer;
+  };
+
+  static const local_command* local_command_of(const std::string& command) {
+    static const local_command table[] = {
+      {"list_programs", &dspy_session::list_programs},
+      {"get_program_info", &dspy_session::get_program_info},
+      {"delete_program", &dspy_session::delete_program},
+      {"cleanup_session", &dspy_session::cleanup_session},
+      {"configure_lm", &dspy_session::configure_lm},
+      {"create_program", &dspy_session::refuse_duplicate_program},
+    };
+    for (auto& entry : table)
+      if (command == entry.name)
+        return &entry;
+    return nullptr;
+  }
+
+  std::optional<local_answer> list_programs(const call&) {
+    auto list = nlohmann::json::array();
+    for (auto& id : ids_in_order())
+      list.push_back(summary(id, programs_.at(id)));
+    auto n = list.size();
+    return local_answer{outcome::success({{"programs", std::move(list)}, {"total_count", n}}), {}};
+  }
+
+  /// The session's program named by the call's program_id, or the worker's
+  /// error for a missing argument or an unknown program.
+  std::variant<std::map<std::string, program_entry>::iterator, outcome>
+  program_of(const call& c) {
+    auto v = c.args.value("program_id", nlohmann::json(nullptr));
+    if (!v.is_string() || v.get<std::string>().empty())
+      return worker_failure("Missing required argument: program_id", c.command);
+    auto id = v.get<std::string>();
+    auto it = programs_.find(id);
+    if (it == programs_.end())
+      return worker_failure("Program not found: " + id, c.command);
+    return it;
+  }
+
+  std::optional<local_answer> get_program_info(const call& c) {
+    auto found = program_of(c);
+    if (auto* failed = std::get_if<outcome>(&found))
+      return local_answer{std::move(*failed), {}};
+    auto it = std::get<0>(found);
+    auto& p = it->second;
+    return local_answer{outcome::success({{"program_id", it->first},
+                                          {"signature", p.definition.value(
+                                                          "signature", nlohmann::json::object())},
+                                          {"created_at", p.created_at},
+                                          {"execution_count", p.execution_count},
+                                          {"last_executed", p.last_executed}}),
+                        {}};
+  }
+
+  std::optional<local_answer> delete_program(const call& c) {
+    auto found = program_of(c);
+    if (auto* failed = std::get_if<outcome>(&found))
+      return local_answer{std::move(*failed), {}};
+    auto id = std::get<0>(found)->first;
+    programs_.erase(std::get<0>(found));
+    // Workers that cached the program must forget it, or a later program
+    // with the same id would run the old definition there.
+    return local_answer{outcome::success({{"program_id", id}, {"status", "deleted"}}),
+                        worker_sweep{"delete_program", {{"program_id", id}}}};
+  }
+
+  std::optional<local_answer> cleanup_session(const call&) {
+    auto n = programs_.size();
+    programs_.clear();
+    return local_answer{
+      outcome::success({{"status", "cleaned"}, {"session_id", id_}, {"programs_removed", n}}),
+      worker_sweep{"cleanup_session", nlohmann::json::object()}};
+  }
+
+  // A session's LM override: kept here (a worker's LM is shared by every
+  // session it serves) and carried by each execution of the session.
+  std::optional<local_answer> configure_lm(const call& c) {
+    auto provider = c.args.value("provider", nlohmann::json(nullptr));
+    if (!provider.is_string() || provider.get<std::string>().empty())
+      return local_answer{worker_failure("Missing required argument: provider", c.command), {}};
+    auto lm = c.args;
+    lm.erase("session_id");
+    lm_override_ = lm;
+    return local_answer{outcome::success({{"status", "configured"},
+                                          {"scope", "session"},
+                                          {"session_id", id_},
+                                          {"provider", provider},
+                                          {"model", lm.value("model", nlohmann::json(nullptr))},
+                                          {"temperature", lm.value("temperature", 0.7)}}),
+                        {}};
+  }
+
+  // A create goes to a worker, unless the session already has that id.
+  std::optional<local_answer> refuse_duplicate_program(const call& c) {
+    auto v = c.args.value("id", nlohmann::json(nullptr));
+    if (v.is_string() && programs_.count(v.get<std::string>()))
+      return local_answer{worker_failure("Program already exists: " + v.get<std::string>(),
+                                         c.command),
+                          {}};
+    return std::nullopt;
+  }
+
   // The worker's own error shape for a command answered by the session.
   outcome worker_failure(const std::string& message, const std::string& command) const {
     return outcome::failure(make_error(error_category::python_error, "command_failed", message,
