@@ -56,7 +56,7 @@ void recycle(pool_actor_t* self, worker_entry& e, const error& why) {
   remove_worker(self, e, why);
 }
 
-static void on_health_result(pool_actor_t* self, const std::string& id, const caf::actor& handle,
+static void on_health_result(pool_actor_t* self, const std::string& id, const worker_handle& handle,
                              const outcome& o);
 
 bool contract_ping(pool_actor_t* self, worker_entry& e) {
@@ -96,7 +96,7 @@ static void check_health(pool_actor_t* self, worker_entry& e) {
           });
 }
 
-static void on_health_result(pool_actor_t* self, const std::string& id, const caf::actor& handle,
+static void on_health_result(pool_actor_t* self, const std::string& id, const worker_handle& handle,
                              const outcome& o) {
   auto& st = self->state;
   auto it = st.workers.find(id);

@@ -172,8 +172,8 @@ struct pool_state {
   std::vector<caf::response_promise> stop_waiters;
   std::deque<worker_info> retired;
   /// Outside the state: the pool's attach_functor runs after the state is gone.
-  std::shared_ptr<std::map<std::string, caf::actor>> live_workers
-    = std::make_shared<std::map<std::string, caf::actor>>();
+  std::shared_ptr<std::map<std::string, worker_handle>> live_workers
+    = std::make_shared<std::map<std::string, worker_handle>>();
   std::deque<caf::actor_addr> former_workers;  ///< recently gone: ignore a second exit/down
   caf::error exit_after_stop;  ///< a supervisor's shutdown: quit with it once stopped
 

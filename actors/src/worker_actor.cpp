@@ -161,9 +161,20 @@ struct worker_state {
   static inline const char* name = "dspex.worker";
 };
 
-using worker_actor_t = caf::stateful_actor<worker_state>;
+/// The worker actor's whole interface: its public one (worker_actor_handle)
+/// and what its child's I/O thread and its own timers send it.
+using worker_actor_type = worker_actor_handle::extend<
+  caf::reacts_to<direct_adopt_atom, direct_call>,
+  caf::reacts_to<child_frame_atom, std::string>,
+  caf::reacts_to<child_broken_atom, std::string, std::string>,
+  caf::reacts_to<child_stderr_atom, std::string>,
+  caf::reacts_to<child_exit_atom, bool, int>,
+  caf::reacts_to<init_timeout_atom>,
+  caf::reacts_to<request_timeout_atom, std::uint64_t>>;
 
-nlohmann::json worker_context(worker_actor_t* self) {
+using worker_actor_t = worker_actor_type::stateful_pointer<worker_state>;
+
+nlohmann::json worker_context(worker_actor_t self) {
   auto& st = self->state;
   nlohmann::json ctx{{"worker_id", st.cfg.id}};
   if (st.child)
@@ -173,7 +184,7 @@ nlohmann::json worker_context(worker_actor_t* self) {
 
 // -- lifecycle ---------------------------------------------------------------------
 
-void publish_transition(worker_actor_t* self, const lifecycle_record& rec, const error* cause) {
+void publish_transition(worker_actor_t self, const lifecycle_record& rec, const error* cause) {
   auto& st = self->state;
   if (!st.cfg.events)
     return;
@@ -203,7 +214,7 @@ void publish_transition(worker_actor_t* self, const lifecycle_record& rec, const
 
 // Asks the lifecycle for `to`; publishes the transition, or logs and
 // publishes the refusal (which changes nothing). True when accepted.
-bool transition(worker_actor_t* self, lifecycle_state to, std::string reason,
+bool transition(worker_actor_t self, lifecycle_state to, std::string reason,
                 const error* cause = nullptr, clock_type::time_point now = clock_type::now()) {
   auto& st = self->state;
   auto from = st.lifecycle.state();
@@ -231,7 +242,7 @@ bool transition(worker_actor_t* self, lifecycle_state to, std::string reason,
 
 // Moves the lifecycle to `to` unless it is there already. A refused
 // transition changes nothing.
-bool set_state(worker_actor_t* self, ls to, std::string reason, const error* cause = nullptr,
+bool set_state(worker_actor_t self, ls to, std::string reason, const error* cause = nullptr,
                clock_type::time_point now = clock_type::now()) {
   auto& st = self->state;
   return to == st.lifecycle.state() || transition(self, to, std::move(reason), cause, now);
@@ -253,7 +264,7 @@ bool stopping(const worker_state& st) {
 
 // The one place the actor quits: the lifecycle ends in terminated (through
 // terminating when it is not there yet), published before the state is gone.
-void quit_worker(worker_actor_t* self, caf::error reason, const std::string& why,
+void quit_worker(worker_actor_t self, caf::error reason, const std::string& why,
                  const error* cause = nullptr) {
   auto& st = self->state;
   auto now = clock_type::now();
@@ -267,7 +278,7 @@ void quit_worker(worker_actor_t* self, caf::error reason, const std::string& why
 
 // Our own SIGKILL, remembered so that the exit it causes is not taken for a
 // signal from outside (see external_signal).
-void kill_child(worker_actor_t* self) {
+void kill_child(worker_actor_t self) {
   auto& st = self->state;
   st.killed_child = true;
   if (st.child)
@@ -292,7 +303,7 @@ bool external_signal(const worker_state& st, const exit_status& status) {
 
 // The request in flight (if any) fails with resource_error/worker_stopping:
 // the worker is going away on purpose, not because the process broke.
-void fail_in_flight_stopping(worker_actor_t* self, const std::string& what) {
+void fail_in_flight_stopping(worker_actor_t self, const std::string& what) {
   auto& st = self->state;
   if (!st.in_flight)
     return;
@@ -306,7 +317,7 @@ void fail_in_flight_stopping(worker_actor_t* self, const std::string& what) {
 
 // Quits with a reason the owner sees; the request in flight, if any, gets
 // `err` first, so no caller is ever left waiting on a dead worker.
-void fail_worker(worker_actor_t* self, worker_exit code, error err) {
+void fail_worker(worker_actor_t self, worker_exit code, error err) {
   auto& st = self->state;
   if (st.in_flight) {
     auto req = std::move(*st.in_flight);
@@ -326,30 +337,30 @@ void fail_worker(worker_actor_t* self, worker_exit code, error err) {
     st.exit_reason = std::move(reason);
     // The table allows terminating from these states: it is never refused.
     set_state(self, ls::terminating, err.type, &err);
-    self->send(st.cfg.owner, worker_gone_atom::value, st.cfg.id, err);
+    caf::anon_send(st.cfg.owner, worker_gone_atom::value, st.cfg.id, err);
     return;
   }
   quit_worker(self, std::move(reason), err.type, &err);
 }
 
-void arm_timer(worker_actor_t* self, clock_type::time_point due) {
+void arm_timer(worker_actor_t self, clock_type::time_point due) {
   self->state.request_timer.arm(self, due, request_timeout_atom::value);
 }
 
-void become_ready(worker_actor_t* self) {
+void become_ready(worker_actor_t self) {
   auto& st = self->state;
   set_state(self, ls::ready, "initialized");
   log().info("[{}] ready (pid {})", st.cfg.id, st.child->pid());
-  self->send(st.cfg.owner, worker_ready_atom::value, st.cfg.id,
+  caf::anon_send(st.cfg.owner, worker_ready_atom::value, st.cfg.id,
              static_cast<int>(st.child->pid()));
 }
 
-std::string start_failure_detail(worker_actor_t* self, const std::string& what) {
+std::string start_failure_detail(worker_actor_t self, const std::string& what) {
   auto& line = self->state.last_stderr_line;
   return line.empty() ? what : what + ": " + line;
 }
 
-void handle_start_frame(worker_actor_t* self, const std::string& payload) {
+void handle_start_frame(worker_actor_t self, const std::string& payload) {
   auto& st = self->state;
   auto parsed = parse_reply(payload, init_request_id, st.cfg.config->pool.max_json_depth);
   if (auto* perr = std::get_if<protocol_error>(&parsed)) {
@@ -371,7 +382,7 @@ void handle_start_frame(worker_actor_t* self, const std::string& payload) {
   become_ready(self);
 }
 
-void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
+void handle_reply_frame(worker_actor_t self, const std::string& payload) {
   auto& st = self->state;
   if (!st.in_flight) {
     fail_worker(self, worker_exit::protocol_violation,
@@ -415,18 +426,18 @@ void handle_reply_frame(worker_actor_t* self, const std::string& payload) {
   // Checkin first: once the caller has its reply, the pool already counts
   // the worker as free, so a status query made after a reply sees it.
   if (req.check_in)
-    self->send(st.cfg.owner, checkin_atom::value, st.cfg.id,
+    caf::anon_send(st.cfg.owner, checkin_atom::value, st.cfg.id,
                o ? checkin_status::ok() : checkin_status::failed(o.error()));
   req.answer(std::move(o));
 }
 
 // Sends one request to the process. `check_in`: the call came through the
 // pool (not a lease holder), so the worker checks itself back in.
-caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in) {
+caf::result<outcome> start_request(worker_actor_t self, call& c, bool check_in) {
   auto& st = self->state;
   auto check_in_now = [&] {
     if (check_in)
-      self->send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
+      caf::anon_send(st.cfg.owner, checkin_atom::value, st.cfg.id, checkin_status::ok());
   };
   if (state_of(st) != ls::ready) {
     auto ctx = worker_context(self);
@@ -490,7 +501,7 @@ caf::result<outcome> start_request(worker_actor_t* self, call& c, bool check_in)
 }
 
 // health_check_atom: see worker_actor.hpp and messages.hpp.
-caf::result<outcome> start_health_check(worker_actor_t* self) {
+caf::result<outcome> start_health_check(worker_actor_t self) {
   auto& st = self->state;
   if (st.in_flight || (state_of(st) != ls::ready && state_of(st) != ls::degraded)) {
     auto ctx = worker_context(self);
@@ -527,7 +538,7 @@ caf::result<outcome> start_health_check(worker_actor_t* self) {
   return rp;
 }
 
-caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
+worker_actor_type::behavior_type worker_actor(worker_actor_t self, worker_config cfg) {
   auto& st = self->state;
   st.cfg = std::move(cfg);
   st.lifecycle = worker_lifecycle{st.cfg.id, clock_type::now()};  // spawn → initializing
@@ -544,7 +555,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
     fail_worker(self, worker_exit::spawn_failed,
                 make_error(error_category::initialization_error, "spawn_failed", e.what(),
                            {{"worker_id", st.cfg.id}, {"python", conf.worker.python}}));
-    return {};
+    return worker_actor_type::behavior_type::make_empty_behavior();
   }
   st.cfg.health->process_alive = true;
   st.cfg.health->pipes_open = true;
@@ -556,7 +567,7 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                          o->on_protocol_error(std::move(e));
                      });
   // The pid is known from now on (status, and whoever must find the process).
-  self->send(st.cfg.owner, worker_spawned_atom::value, st.cfg.id,
+  caf::anon_send(st.cfg.owner, worker_spawned_atom::value, st.cfg.id,
              static_cast<int>(st.child->pid()));
   self->attach_functor([health = st.cfg.health] { health->actor_alive = false; });
   // As CAF's default (quit on any reason but normal), with the lifecycle
@@ -779,15 +790,11 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
                                "it was killed and will be replaced",
                              worker_context(self)));
     },
-    [=](release_atom) {
-      auto& st = self->state;
-      if (gone(st))
-        quit_worker(self, std::move(st.exit_reason), "released");
-    },
     [=](stop_atom) {
       auto& st = self->state;
       if (gone(st)) {
-        quit_worker(self, std::move(st.exit_reason), "stopped");
+        // The owner's release: it sends this worker no more calls.
+        quit_worker(self, std::move(st.exit_reason), "released");
         return;
       }
       if (stopping(st))
@@ -809,11 +816,11 @@ caf::behavior worker_actor(worker_actor_t* self, worker_config cfg) {
 
 } // namespace
 
-caf::actor spawn_worker(caf::actor_system& sys, worker_config cfg) {
+worker_actor_handle spawn_worker(caf::actor_system& sys, worker_config cfg) {
   return sys.spawn(worker_actor, std::move(cfg));
 }
 
-caf::actor spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg) {
+worker_actor_handle spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg) {
   return parent->spawn<caf::linked>(worker_actor, std::move(cfg));
 }
 

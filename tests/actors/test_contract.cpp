@@ -511,7 +511,8 @@ TEST_CASE("the Python contract validates worker and caller before a handover (se
   auto health = std::make_shared<worker_health>();
   pool_worker w;
   w.id = "w9";
-  w.handle = stand_in;
+  // Never sent anything: the contract decides from the health record alone.
+  w.handle = caf::actor_cast<worker_handle>(stand_in);
   w.state = health;
   auto config = std::make_shared<settings>(test_settings(1));
   python_worker_contract contract{config};

@@ -641,11 +641,11 @@ private:
   void step_resume_held_request() {
     auto& l = m_.leases[pick(leases_where(true))];
     detail(l.grant.worker_id);
-    caf::anon_send(worker_handle(l.grant.worker_id), resume_atom::value);
+    caf::anon_send(fake_worker(l.grant.worker_id), resume_atom::value);
     l.in_flight = false;
   }
 
-  caf::actor worker_handle(const std::string& id) {
+  fake_worker_handle fake_worker(const std::string& id) {
     auto h = contract_->worker(id);
     if (!h)
       fail("no fake worker " + id);
@@ -656,7 +656,7 @@ private:
   // exit signal. Not exit_reason::kill: CAF never lets a linked actor trap
   // that reason, so the pool would die with its worker.
   void crash(const std::string& id) {
-    auto h = worker_handle(id);
+    auto h = fake_worker(id);
     if (chance(0.5)) {
       detail("(crash)");
       caf::anon_send(h, stop_atom::value);
@@ -997,7 +997,7 @@ private:
       fail("the pool did not stop");
     std::vector<caf::actor> actors{pool_->pool()};
     for (std::uint64_t n = 1; n < m_.next_worker; ++n)
-      actors.push_back(worker_handle(worker_name(n)));
+      actors.push_back(caf::actor_cast<caf::actor>(fake_worker(worker_name(n))));
     for (auto& a : actors)
       self->monitor(a);
     std::size_t down = 0;

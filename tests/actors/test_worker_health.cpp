@@ -305,7 +305,7 @@ TEST_CASE("a hung idle worker fails its health check with health_timeout, is kil
     REQUIRE_FALSE(health_busy.ok());
     CHECK(health_busy.error().type == "worker_busy");
 
-    (*f.self)->send(f.worker, release_atom::value);
+    (*f.self)->send(f.worker, stop_atom::value);  // the owner's release
     auto reason = f.await_down();
     CHECK(exit_code(reason) == worker_exit::health_timeout);
     auto detail = decode_exit_reason(reason);
@@ -364,7 +364,6 @@ TEST_CASE("messages in the wrong state never crash the worker nor make invalid t
     // Sent right after the spawn, long before the process can answer its
     // init ping: answered while initializing.
     auto hc = (*f.self)->request(f.worker, caf::duration{hang_catch}, health_check_atom::value);
-    (*f.self)->send(f.worker, release_atom::value);  // not gone: ignored
     auto ex = (*f.self)->request(f.worker, caf::duration{hang_catch}, execute_atom::value,
                                  call{"ping", nullptr,
                                       std::chrono::steady_clock::now() + std::chrono::seconds{5}});

@@ -59,9 +59,18 @@ struct fake_state {
   static inline const char* name = "dspex.fake_worker";
 };
 
-using fake_actor_t = caf::stateful_actor<fake_state>;
+using fake_actor_t = fake_worker_handle::stateful_pointer<fake_state>;
 
-caf::result<outcome> serve(fake_actor_t* self, call& c, bool check_in) {
+// Ends a held request (if any) with `err`, as a real worker's process loss does.
+void fail_held(fake_actor_t self, error err) {
+  auto& st = self->state;
+  if (!st.held)
+    return;
+  st.held->deliver(outcome::failure(std::move(err)));
+  st.held.reset();
+}
+
+caf::result<outcome> serve(fake_actor_t self, call& c, bool check_in) {
   auto& st = self->state;
   if (st.held)
     return outcome::failure(make_error(error_category::resource_error, "worker_busy",
@@ -76,20 +85,20 @@ caf::result<outcome> serve(fake_actor_t* self, call& c, bool check_in) {
     auto err = make_error(error_category::python_error, "command_failed", "scripted failure",
                           {{"worker_id", st.id}});
     if (check_in)
-      self->send(st.owner, checkin_atom::value, st.id, checkin_status::failed(err));
+      caf::anon_send(st.owner, checkin_atom::value, st.id, checkin_status::failed(err));
     return outcome::failure(err);
   }
   if (check_in)
-    self->send(st.owner, checkin_atom::value, st.id, checkin_status::ok());
+    caf::anon_send(st.owner, checkin_atom::value, st.id, checkin_status::ok());
   return outcome::success({{"worker_id", st.id}, {"command", c.command}, {"args", c.args}});
 }
 
-caf::behavior fake_worker(fake_actor_t* self, std::string id, caf::actor owner,
-                          bool announce_ready) {
+fake_worker_handle::behavior_type fake_worker(fake_actor_t self, std::string id, caf::actor owner,
+                                             bool announce_ready) {
   self->state.id = id;
   self->state.owner = owner;
   if (announce_ready)
-    self->send(owner, worker_ready_atom::value, id, 0);
+    caf::anon_send(owner, worker_ready_atom::value, id, 0);
   return {
     [=](execute_atom, call& c) { return serve(self, c, true); },
     [=](execute_atom, std::uint64_t lease, call& c) -> caf::result<outcome> {
@@ -113,19 +122,21 @@ caf::behavior fake_worker(fake_actor_t* self, std::string id, caf::actor owner,
       if (!st.held)
         return;
       if (st.held_checks_in)
-        self->send(st.owner, checkin_atom::value, st.id, checkin_status::ok());
+        caf::anon_send(st.owner, checkin_atom::value, st.id, checkin_status::ok());
       st.held->deliver(outcome::success({{"worker_id", st.id}, {"command", "hold"}}));
       st.held.reset();
     },
+    // Its "process" seen stopped: ended as the real worker ends one.
+    [=](process_stopped_atom) {
+      auto err = make_error(error_category::health_check_error, "process_stopped",
+                            "fake worker stopped", {{"worker_id", self->state.id}});
+      fail_held(self, err);
+      self->quit(make_exit_reason(worker_exit::health_timeout, err));
+    },
     // Stop, or a crash as the real worker has one: the request in flight fails first.
     [=](stop_atom) {
-      auto& st = self->state;
-      if (st.held) {
-        st.held->deliver(outcome::failure(make_error(error_category::communication_error,
-                                                     "worker_exited", "fake worker crashed",
-                                                     {{"worker_id", st.id}})));
-        st.held.reset();
-      }
+      fail_held(self, make_error(error_category::communication_error, "worker_exited",
+                                 "fake worker crashed", {{"worker_id", self->state.id}}));
       self->quit();
     },
   };
@@ -133,7 +144,7 @@ caf::behavior fake_worker(fake_actor_t* self, std::string id, caf::actor owner,
 
 } // namespace
 
-caf::actor spawn_fake_worker(caf::event_based_actor* pool, const std::string& id,
+fake_worker_handle spawn_fake_worker(caf::event_based_actor* pool, const std::string& id,
                              bool announce_ready) {
   return pool->spawn<caf::linked>(fake_worker, id, caf::actor{pool}, announce_ready);
 }
@@ -244,12 +255,12 @@ bool check_script(scripted_contract& contract) {
   return problems.empty();
 }
 
-caf::actor scripted_contract::worker(const std::string& worker_id) const {
+fake_worker_handle scripted_contract::worker(const std::string& worker_id) const {
   std::lock_guard<std::mutex> guard{mtx_};
   for (auto& [id, handle] : workers_)
     if (id == worker_id)
       return handle;
-  return nullptr;
+  return {};
 }
 
 // The next scripted step if it matches, else a standing allowance, else an
@@ -286,10 +297,11 @@ init_result scripted_contract::init_worker(pool_worker& w, caf::event_based_acto
   // a worker that never becomes ready.
   auto never_ready = act == step::action::async;
   auto async = async_start_ || never_ready;
-  w.handle = spawn_fake_worker(pool, w.id, async_start_ && !never_ready);
+  auto fake = spawn_fake_worker(pool, w.id, async_start_ && !never_ready);
+  w.handle = fake;
   {
     std::lock_guard<std::mutex> guard{mtx_};
-    workers_.emplace_back(w.id, w.handle);
+    workers_.emplace_back(w.id, fake);
   }
   return async ? init_result::async() : init_result::ready();
 }

@@ -47,6 +47,10 @@ namespace dspex::testing {
 /// A fake worker's "hold" request is answered once it gets this.
 using resume_atom = caf::atom_constant<caf::atom("resume")>;
 
+/// A fake worker: every message a pool sends a worker (worker_handle), and
+/// the test's resume.
+using fake_worker_handle = worker_handle::extend<caf::reacts_to<resume_atom>>;
+
 /// One scripted callback and its answer.
 /// For init_worker: ok = ready at once (or announced later with async_start),
 /// async = a worker that never becomes ready, fail = init_result::failed,
@@ -143,7 +147,7 @@ public:
   void on_failure(failure_reporter r);
 
   /// The fake worker actor of `worker_id` (null when unknown).
-  caf::actor worker(const std::string& worker_id) const;
+  fake_worker_handle worker(const std::string& worker_id) const;
 
   init_result init_worker(pool_worker& w, caf::event_based_actor* pool) override;
   checkout_result handle_checkout(const checkout_type& type, const caller_info& caller,
@@ -165,7 +169,7 @@ private:
   std::vector<step> allowed_;
   std::vector<std::string> calls_;
   std::vector<std::string> unscripted_;
-  std::vector<std::pair<std::string, caf::actor>> workers_;
+  std::vector<std::pair<std::string, fake_worker_handle>> workers_;
   failure_reporter reporter_;
 };
 
@@ -173,6 +177,7 @@ private:
 bool check_script(scripted_contract& contract);
 
 /// Spawns a fake worker linked to `pool` (used by scripted_contract).
-caf::actor spawn_fake_worker(caf::event_based_actor* pool, const std::string& id, bool announce_ready);
+fake_worker_handle spawn_fake_worker(caf::event_based_actor* pool, const std::string& id,
+                                     bool announce_ready);
 
 } // namespace dspex::testing

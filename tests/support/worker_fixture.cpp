@@ -58,7 +58,7 @@ caf::error worker_fixture::await_down() {
     (*self)->receive([&](caf::down_msg& dm) { down_reason = dm.reason; done = true; },
                      [&](checkin_atom, const std::string&, const checkin_status&) {},
                      [&](worker_gone_atom, const std::string&, const dspex::error&) {
-                       (*self)->send(worker, release_atom::value);
+                       (*self)->send(worker, stop_atom::value);
                      },
                      [&](worker_ready_atom, const std::string&, int) {},
                      caf::after(hang_catch) >> [&] { done = true; });

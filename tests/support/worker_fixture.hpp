@@ -24,7 +24,7 @@ struct worker_fixture {
   std::unique_ptr<caf::scoped_actor> self = std::make_unique<caf::scoped_actor>(sys);
   std::shared_ptr<event_bus> bus = std::make_shared<event_bus>();
   std::unique_ptr<event_recorder> events = std::make_unique<event_recorder>(*bus);
-  caf::actor worker;
+  worker_actor_handle worker;
   int pid = 0;
   caf::error down_reason;
 

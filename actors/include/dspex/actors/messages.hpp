@@ -65,7 +65,7 @@ struct checkout_reply {
 using execute_atom = caf::atom_constant<caf::atom("execute")>;      // (call) → outcome
 using status_atom = caf::atom_constant<caf::atom("status")>;        // () → pool_status
 using await_ready_atom = caf::atom_constant<caf::atom("awaitready")>;  // () → outcome (ok once all initial workers are ready)
-using stop_atom = caf::atom_constant<caf::atom("stop")>;            // () → bool (graceful, bounded)
+using stop_atom = caf::atom_constant<caf::atom("stop")>;            // pool: () → bool (graceful, bounded); worker: see worker_handle
 using checkout_atom = caf::atom_constant<caf::atom("checkout")>;    // (checkout_request) → checkout_reply
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;        // (token): the caller gave up on that checkout
 using ping_idle_atom = caf::atom_constant<caf::atom("pingidle")>;   // () → number of idle workers removed by handle_ping
@@ -91,7 +91,6 @@ using health_check_atom = caf::atom_constant<caf::atom("hcheck")>;
 using process_stopped_atom = caf::atom_constant<caf::atom("pstopped")>;
 
 // -- owner → worker -------------------------------------------------------------
-using release_atom = caf::atom_constant<caf::atom("release")>;      // the owner sends no more calls: quit now
 using lease_atom = caf::atom_constant<caf::atom("lease")>;          // (lease_id): who may send requests; 0 = nobody
 using revoke_atom = caf::atom_constant<caf::atom("revoke")>;        // (lease_id) → bool in sync
 

@@ -2,7 +2,8 @@
 // pipes, stop sequence), runs the initialisation handshake, serves one request
 // at a time and quits with a reason that says what happened to the process.
 //
-// Contract with its owner (the pool actor, or a test):
+// Contract with its owner (the pool actor, or a test); its messages are
+// worker_handle's (worker_handle.hpp), plus lifecycle_atom:
 //  - sends (worker_ready_atom, id, pid) once the init ping succeeded within
 //    init_timeout (the pool then applies its setting, e.g. the LM, with a
 //    call like any other: see worker_contract::initial_pool_setting);
@@ -23,8 +24,8 @@
 //    calls the owner handed it before learning of the loss are still on their
 //    way. It sends (worker_gone_atom, id), hands every call that arrives back
 //    to the owner unserved as (retry_atom, call) with the caller's promise,
-//    and quits with its reason on (release_atom), which the owner sends after
-//    its last call to this worker. So no caller is failed by a worker it
+//    and quits with its reason on (stop_atom), which the owner sends after
+//    its last call to this worker (its release: lifecycle reason "released"). So no caller is failed by a worker it
 //    never reached: it is served by the next one. (Same for a degraded
 //    worker: the owner knows it.)
 //  - (health_check_atom) → outcome, see messages.hpp: only in ready, or in
@@ -68,7 +69,10 @@
 #include <caf/allowed_unsafe_message_type.hpp>
 #include <caf/atom.hpp>
 #include <caf/fwd.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
 
+#include "dspex/actors/worker_handle.hpp"
 #include "dspex/events.hpp"
 #include "dspex/settings.hpp"
 #include "dspex/worker_lifecycle.hpp"
@@ -106,13 +110,22 @@ using lifecycle_history = std::vector<lifecycle_record>;
 /// anyone → worker: () → lifecycle_history (local only).
 using lifecycle_atom = caf::atom_constant<caf::atom("lifecycle")>;
 
-/// Spawns a worker actor linked to nothing; the caller decides (the pool
-/// spawns it linked).
-caf::actor spawn_worker(caf::actor_system& sys, worker_config cfg);
-
-/// Same, linked to `parent` (exits travel both ways, as in OTP).
-caf::actor spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg);
-
 } // namespace dspex
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(dspex::lifecycle_history)
+
+namespace dspex {
+
+/// The bundled worker actor: a worker (worker_handle) that also tells its
+/// lifecycle.
+using worker_actor_handle
+  = worker_handle::extend<caf::replies_to<lifecycle_atom>::with<lifecycle_history>>;
+
+/// Spawns a worker actor linked to nothing; the caller decides (the pool
+/// spawns it linked).
+worker_actor_handle spawn_worker(caf::actor_system& sys, worker_config cfg);
+
+/// Same, linked to `parent` (exits travel both ways, as in OTP).
+worker_actor_handle spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg);
+
+} // namespace dspex

@@ -34,10 +34,12 @@
 #include <string>
 
 #include <caf/actor.hpp>
+#include <caf/actor_cast.hpp>
 #include <caf/actor_addr.hpp>
 #include <caf/fwd.hpp>
 #include <nlohmann/json.hpp>
 
+#include "dspex/actors/worker_handle.hpp"
 #include "dspex/checkout.hpp"
 #include "dspex/error.hpp"
 #include "dspex/status.hpp"
@@ -52,7 +54,7 @@ class worker_channel;
 /// `state` belongs to the contract implementation.
 struct pool_worker {
   std::string id;
-  caf::actor handle;                 ///< set by init_worker; the pool links to it
+  worker_handle handle;              ///< set by init_worker; the pool monitors it
   int pid = 0;                       ///< reported with worker_ready
   bool overflow = false;             ///< started beyond pool.size, retired when idle
   worker_stats stats;                ///< changed only by update_worker_stats (Fix 6)
@@ -90,6 +92,10 @@ public:
   enum class kind { ok, remove, skip };
   static checkout_result ok(caf::actor client) {
     return checkout_result{kind::ok, std::move(client), {}};
+  }
+  /// The worker itself is the client (the usual case).
+  static checkout_result ok(const worker_handle& worker) {
+    return ok(caf::actor_cast<caf::actor>(worker));
   }
   static checkout_result remove(error reason) {
     return checkout_result{kind::remove, nullptr, std::move(reason)};
