@@ -7,7 +7,7 @@
 
 namespace dspex {
 
-caf::actor spawn_bridge(caf::actor_system& sys, std::shared_ptr<const settings> config) {
+pool_handle spawn_bridge(caf::actor_system& sys, std::shared_ptr<const settings> config) {
   auto one = std::make_shared<settings>(*config);
   one->pool.size = 1;
   one->pool.max_overflow = 0;

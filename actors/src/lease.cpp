@@ -47,7 +47,7 @@ struct lease_holder_state {
 
 using lease_holder_t = caf::stateful_actor<lease_holder_state>;
 
-caf::behavior lease_holder(lease_holder_t* self, caf::actor pool) {
+caf::behavior lease_holder(lease_holder_t* self, pool_handle pool) {
   self->monitor(pool);
   self->set_down_handler([=](caf::down_msg&) {
     // The pool is gone: the lease is over, and whatever waited is told so.
@@ -124,7 +124,7 @@ caf::behavior lease_holder(lease_holder_t* self, caf::actor pool) {
 
 } // namespace
 
-caf::actor spawn_lease_holder(caf::actor_system& sys, caf::actor pool) {
+caf::actor spawn_lease_holder(caf::actor_system& sys, pool_handle pool) {
   return sys.spawn(lease_holder, std::move(pool));
 }
 

@@ -13,6 +13,7 @@
 #include <caf/fwd.hpp>
 
 #include "dspex/actors/messages.hpp"
+#include "dspex/actors/pool_actor.hpp"
 #include "dspex/json_limits.hpp"
 #include "dspex/runtime.hpp"
 #include "api_support.hpp"
@@ -56,6 +57,6 @@ namespace dspex::runtime_detail {
 /// @param pool the pool to check out from; the holder monitors it and quits
 ///        when it goes
 /// @returns the holder
-caf::actor spawn_lease_holder(caf::actor_system& sys, caf::actor pool);
+caf::actor spawn_lease_holder(caf::actor_system& sys, pool_handle pool);
 
 } // namespace dspex::runtime_detail

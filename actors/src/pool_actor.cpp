@@ -39,7 +39,7 @@ error callback_failed(const std::string& worker_id, const char* callback) {
 
 // -- events ---------------------------------------------------------------------------------
 
-void publish(pool_actor_t* self, event e) {
+void publish(pool_actor_t self, event e) {
   if (e.source.empty())
     e.source = "pool";
   self->state.events->publish(e);
@@ -57,7 +57,7 @@ event make_event(event_kind kind, std::string worker_id, std::string reason) {
 
 // Stop: queued callers fail with pool_stopping, every worker is stopped
 // (shutdown → EOF → TERM → KILL); the pool quits once all are reaped.
-void begin_stop(pool_actor_t* self) {
+void begin_stop(pool_actor_t self) {
   auto& st = self->state;
   st.stopping = true;
   log().info("pool: stopping {} workers", st.workers.size());
@@ -86,7 +86,7 @@ void begin_stop(pool_actor_t* self) {
   }
 }
 
-void finish_stop_if_done(pool_actor_t* self) {
+void finish_stop_if_done(pool_actor_t self) {
   auto& st = self->state;
   if (!st.stopping || !st.workers.empty())
     return;
@@ -97,7 +97,7 @@ void finish_stop_if_done(pool_actor_t* self) {
   self->quit(st.exit_after_stop);
 }
 
-static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settings> config,
+static pool_actor_type::behavior_type pool_actor(pool_actor_t self, std::shared_ptr<const settings> config,
                                 std::shared_ptr<worker_contract> contract,
                                 std::shared_ptr<event_bus> events,
                                 std::shared_ptr<pool_metrics> metrics,
@@ -414,7 +414,7 @@ static caf::behavior pool_actor(pool_actor_t* self, std::shared_ptr<const settin
 
 } // namespace pool_detail
 
-caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
+pool_handle spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
                       std::shared_ptr<worker_contract> contract,
                       std::shared_ptr<event_bus> events, std::shared_ptr<pool_metrics> metrics,
                       std::shared_ptr<detail::idle_workers> idle) {
@@ -422,7 +422,7 @@ caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> co
                    std::move(events), std::move(metrics), std::move(idle));
 }
 
-caf::actor spawn_linked_pool(caf::event_based_actor* parent,
+pool_handle spawn_linked_pool(caf::event_based_actor* parent,
                              std::shared_ptr<const settings> config,
                              std::shared_ptr<worker_contract> contract,
                              std::shared_ptr<event_bus> events,

@@ -68,7 +68,7 @@ struct pool_client_state {
   retry_settings retry;  ///< the template of every call's policy
   bool breaker = false;  ///< circuit.enabled: shared->breaker is set
   std::uint64_t tick_generation = 0;
-  caf::actor pool;
+  pool_handle pool;
   caf::actor_addr root;  ///< monitored: its end (other than by stop) fails every call
   std::unordered_map<std::uint64_t, pending_call> calls;
   std::deque<std::uint64_t> parked;  ///< waiting for a pool, in arrival order
@@ -440,7 +440,7 @@ void root_gone(pool_client_t* self, error err) {
   fail_sessions_parked(self, *st.gave_up);
 }
 
-void set_pool(pool_client_t* self, caf::actor pool) {
+void set_pool(pool_client_t* self, pool_handle pool) {
   auto& st = self->state;
   if (!pool || pool == st.pool)
     return;
@@ -452,7 +452,7 @@ void set_pool(pool_client_t* self, caf::actor pool) {
   }
   // Service detection (seed Fix 5): the current pool is "dspexpool".
   if (!st.closing)
-    register_pool(self->system(), pool);
+    register_pool(self->system(), caf::actor_cast<caf::actor>(pool));  // the registry is untyped
   for (auto& rp : st.ready_waiters)
     deliver_ready(self, std::move(rp));
   st.ready_waiters.clear();
@@ -718,7 +718,7 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
     [=](sup_event_atom, event& e, caf::actor& child) {
       auto child_id = e.fields.value("child_id", std::string{});
       if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "pool")
-        set_pool(self, std::move(child));
+        set_pool(self, caf::actor_cast<pool_handle>(child));  // the "pool" child is one
       if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "sessions")
         set_sessions(self, child);
       if (e.to == "gave_up")

@@ -20,6 +20,7 @@
 
 #include "dspex/actors/events_actor.hpp"  // sup_event_atom carries an event
 #include "dspex/actors/messages.hpp"
+#include "dspex/actors/pool_actor.hpp"
 #include "dspex/actors/session_actor.hpp"
 #include "dspex/circuit_breaker.hpp"
 #include "dspex/error.hpp"
@@ -35,7 +36,7 @@ class anonymous_adapter;
 /// runtime::checkout read without a round trip through the client.
 struct client_shared {
   std::mutex mtx;
-  caf::actor pool;               ///< the current pool; none while it restarts
+  pool_handle pool;              ///< the current pool; none while it restarts
   std::optional<error> gave_up;  ///< set once the root supervisor gave up
   /// The current pool's idle workers, which the direct lane takes from
   /// (set by the root's pool child before the pool starts).
@@ -49,7 +50,7 @@ struct client_shared {
   std::optional<circuit_breaker> breaker;
   std::vector<circuit_transition> transitions;
 
-  caf::actor current_pool() {
+  pool_handle current_pool() {
     std::lock_guard<std::mutex> guard{mtx};
     return pool;
   }

@@ -29,13 +29,13 @@ void reroute_waiters(std::vector<detail::direct_waiter> waiters) {
 /// The worker's lane for direct calls, bound to this pool, or null (the
 /// contract offers none, or the worker is an overflow one: those must come
 /// back to the pool at every checkin to be retired when idle).
-std::shared_ptr<detail::worker_channel> channel_of(pool_actor_t* self, worker_entry& e) {
+std::shared_ptr<detail::worker_channel> channel_of(pool_actor_t self, worker_entry& e) {
   return guarded(e.w.id, "direct_channel",
                  [](std::string) { return std::shared_ptr<detail::worker_channel>{}; },
                  [&] { return self->state.contract->direct_channel(e.w); });
 }
 
-static std::shared_ptr<detail::worker_channel> direct_channel_of(pool_actor_t* self,
+static std::shared_ptr<detail::worker_channel> direct_channel_of(pool_actor_t self,
                                                                  worker_entry& e) {
   if (e.w.overflow || self->state.stopping)
     return nullptr;
@@ -44,7 +44,7 @@ static std::shared_ptr<detail::worker_channel> direct_channel_of(pool_actor_t* s
 
 /// Folds the calls a worker served directly into its statistics (Fix 6:
 /// the pool's record stays the one place they are read from).
-void fold_direct_calls(pool_actor_t* self, worker_entry& e) {
+void fold_direct_calls(pool_actor_t self, worker_entry& e) {
   auto channel = channel_of(self, e);
   if (!channel)
     return;
@@ -61,11 +61,11 @@ void fold_direct_calls(pool_actor_t* self, worker_entry& e) {
 }
 
 /// The direct lane yields to callers queued here (FIFO across both lanes).
-void sync_waiting(pool_actor_t* self) {
+void sync_waiting(pool_actor_t self) {
   self->state.idle->set_pool_waiting(!self->state.queue.empty());
 }
 
-void make_idle(pool_actor_t* self, worker_entry& e) {
+void make_idle(pool_actor_t self, worker_entry& e) {
   auto& st = self->state;
   if (e.setting_generation < st.setting_generation && !st.stopping) {
     start_setting(self, e);  // it serves nobody with a stale setting

@@ -33,7 +33,7 @@ std::uint64_t new_lease_id(const std::map<std::uint64_t, lease_record>& open) {
   }
 }
 
-void end_lease(pool_actor_t* self, worker_entry& e) {
+void end_lease(pool_actor_t self, worker_entry& e) {
   auto& st = self->state;
   if (e.lease == 0)
     return;
@@ -46,7 +46,7 @@ void end_lease(pool_actor_t* self, worker_entry& e) {
 }
 
 // A caller went away: its queued checkouts are dropped, its leases revoked.
-void on_caller_down(pool_actor_t* self, caf::down_msg& msg) {
+void on_caller_down(pool_actor_t self, caf::down_msg& msg) {
   auto& st = self->state;
   if (st.monitored.erase(msg.source) == 0) {
     on_worker_down(self, msg.source, std::move(msg.reason));

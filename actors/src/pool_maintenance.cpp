@@ -18,7 +18,7 @@ namespace dspex::pool_detail {
 
 // A healthy worker over one of its limits is drained (it is only recycled
 // when idle, i.e. at checkin or from the maintenance tick) and replaced.
-std::optional<error> recycle_reason(pool_actor_t* self, worker_entry& e,
+std::optional<error> recycle_reason(pool_actor_t self, worker_entry& e,
                                     clock_type::time_point now) {
   const auto& pc = self->state.config->pool;
   auto recycled = [&](const char* limit, std::string what, std::uint64_t value,
@@ -51,15 +51,15 @@ std::optional<error> recycle_reason(pool_actor_t* self, worker_entry& e,
   return std::nullopt;
 }
 
-void recycle(pool_actor_t* self, worker_entry& e, const error& why) {
+void recycle(pool_actor_t self, worker_entry& e, const error& why) {
   ++self->state.recycled;
   remove_worker(self, e, why);
 }
 
-static void on_health_result(pool_actor_t* self, const std::string& id, const worker_handle& handle,
+static void on_health_result(pool_actor_t self, const std::string& id, const worker_handle& handle,
                              const outcome& o);
 
-bool contract_ping(pool_actor_t* self, worker_entry& e) {
+bool contract_ping(pool_actor_t self, worker_entry& e) {
   auto& st = self->state;
   auto id = e.w.id;
   auto res = guarded(id, "handle_ping",
@@ -75,7 +75,7 @@ bool contract_ping(pool_actor_t* self, worker_entry& e) {
 
 // Pings one idle (or degraded) worker. It is out of the idle list while the
 // ping runs, so no caller ever waits behind a health check.
-static void check_health(pool_actor_t* self, worker_entry& e) {
+static void check_health(pool_actor_t self, worker_entry& e) {
   auto& st = self->state;
   if (e.state == worker_state_t::idle && !st.idle->take(e.w.id))
     return;  // out on a direct call: busy, so not pinged
@@ -96,7 +96,7 @@ static void check_health(pool_actor_t* self, worker_entry& e) {
           });
 }
 
-static void on_health_result(pool_actor_t* self, const std::string& id, const worker_handle& handle,
+static void on_health_result(pool_actor_t self, const std::string& id, const worker_handle& handle,
                              const outcome& o) {
   auto& st = self->state;
   auto it = st.workers.find(id);
@@ -149,7 +149,7 @@ static clock_type::duration maintenance_period(const settings::pool_settings& pc
   return period.value_or(clock_type::duration::zero());
 }
 
-void arm_maintenance(pool_actor_t* self) {
+void arm_maintenance(pool_actor_t self) {
   auto& st = self->state;
   auto period = maintenance_period(st.config->pool);
   if (st.tick_armed || st.stopping || period == clock_type::duration::zero())
@@ -163,7 +163,7 @@ void arm_maintenance(pool_actor_t* self) {
 // stopped on two ticks in a row, whatever the worker's state, it is killed
 // by its worker actor and replaced. Two ticks, so a stop/continue in
 // between (job control, a quick inspection) costs nothing.
-static void reap_stopped_processes(pool_actor_t* self) {
+static void reap_stopped_processes(pool_actor_t self) {
   for (auto& [id, e] : self->state.workers) {
     if (e.w.pid <= 0 || e.state == worker_state_t::removing
         || e.state == worker_state_t::stopping || !e.w.handle)
@@ -179,7 +179,7 @@ static void reap_stopped_processes(pool_actor_t* self) {
 
 // Idle workers: recycled when over a limit, pinged when idle for
 // pool.health_interval; degraded workers are pinged at every tick.
-void maintain(pool_actor_t* self) {
+void maintain(pool_actor_t self) {
   auto& st = self->state;
   auto now = clock_type::now();
   const auto& pc = st.config->pool;

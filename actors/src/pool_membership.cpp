@@ -14,7 +14,7 @@
 
 namespace dspex::pool_detail {
 
-static std::size_t active_count(pool_actor_t* self, bool overflow) {
+static std::size_t active_count(pool_actor_t self, bool overflow) {
   std::size_t n = 0;
   for (auto& [id, e] : self->state.workers)
     if (e.state != worker_state_t::removing && e.state != worker_state_t::stopping
@@ -23,7 +23,7 @@ static std::size_t active_count(pool_actor_t* self, bool overflow) {
   return n;
 }
 
-static std::size_t starting_count(pool_actor_t* self) {
+static std::size_t starting_count(pool_actor_t self) {
   std::size_t n = 0;
   for (auto& [id, e] : self->state.workers)
     n += e.state == worker_state_t::starting ? 1 : 0;
@@ -31,7 +31,7 @@ static std::size_t starting_count(pool_actor_t* self) {
 }
 
 /// Workers that serve or can serve soon (not starting, not on their way out).
-static std::size_t serving_count(pool_actor_t* self) {
+static std::size_t serving_count(pool_actor_t self) {
   std::size_t n = 0;
   for (auto& [id, e] : self->state.workers)
     switch (e.state) {
@@ -49,7 +49,7 @@ static std::size_t serving_count(pool_actor_t* self) {
   return n;
 }
 
-error pool_unavailable(pool_actor_t* self, const checkout_type& type) {
+error pool_unavailable(pool_actor_t self, const checkout_type& type) {
   auto& st = self->state;
   auto ctx = caller_context(type);
   ctx["consecutive_start_failures"] = st.consecutive_start_failures;
@@ -70,7 +70,7 @@ error pool_unavailable(pool_actor_t* self, const checkout_type& type) {
 // no worker serves: callers fail fast with pool_unavailable (naming the last
 // start failure) instead of waiting for their deadlines. The guard keeps
 // trying; the first start that succeeds makes the pool healthy again.
-static void update_health(pool_actor_t* self) {
+static void update_health(pool_actor_t self) {
   auto& st = self->state;
   std::string now_health = "healthy";
   if (st.consecutive_start_failures >= st.config->pool.broken_after && serving_count(self) == 0)
@@ -105,7 +105,7 @@ static void update_health(pool_actor_t* self) {
   }
 }
 
-static void note_start_failure(pool_actor_t* self, const std::string& worker_id, const error& why) {
+static void note_start_failure(pool_actor_t self, const std::string& worker_id, const error& why) {
   auto& st = self->state;
   ++st.start_failures;
   ++st.consecutive_start_failures;
@@ -117,7 +117,7 @@ static void note_start_failure(pool_actor_t* self, const std::string& worker_id,
   update_health(self);
 }
 
-void note_start_success(pool_actor_t* self, const std::string& worker_id, int pid) {
+void note_start_success(pool_actor_t self, const std::string& worker_id, int pid) {
   auto& st = self->state;
   st.consecutive_start_failures = 0;
   st.last_start_failure.reset();
@@ -129,7 +129,7 @@ void note_start_success(pool_actor_t* self, const std::string& worker_id, int pi
 
 // -- worker lifecycle -------------------------------------------------------------------
 
-void start_worker(pool_actor_t* self, bool initial, bool overflow) {
+void start_worker(pool_actor_t self, bool initial, bool overflow) {
   auto& st = self->state;
   auto id = "w" + std::to_string(st.next_worker++);
   auto& e = st.workers[id];
@@ -186,7 +186,7 @@ void start_worker(pool_actor_t* self, bool initial, bool overflow) {
 // serving anyone), the next start waits pool.restart_backoff_base doubling
 // to pool.restart_backoff_max, with jitter, so a broken interpreter costs a
 // bounded number of spawns instead of a busy loop.
-static clock_type::duration restart_delay(pool_actor_t* self, std::uint32_t consecutive_failures) {
+static clock_type::duration restart_delay(pool_actor_t self, std::uint32_t consecutive_failures) {
   if (consecutive_failures == 0)
     return clock_type::duration::zero();
   return self->state.restart_backoff.delay(consecutive_failures);
@@ -195,7 +195,7 @@ static clock_type::duration restart_delay(pool_actor_t* self, std::uint32_t cons
 // Keeps pool.size workers (eager), or as many as callers need up to
 // pool.size (lazy), plus overflow workers for callers beyond that. Returns
 // true when a worker became idle at once (synchronous init_worker).
-bool fill_pool(pool_actor_t* self) {
+bool fill_pool(pool_actor_t self) {
   auto& st = self->state;
   if (st.stopping || st.restart_pending)
     return false;
@@ -250,7 +250,7 @@ bool fill_pool(pool_actor_t* self) {
   return st.idle->size() > idle_before;
 }
 
-static void retire(pool_actor_t* self, const worker_entry& e) {
+static void retire(pool_actor_t self, const worker_entry& e) {
   auto& st = self->state;
   st.retired.push_back(info_of(e, clock_type::now()));
   if (st.retired.size() > max_retired)
@@ -258,7 +258,7 @@ static void retire(pool_actor_t* self, const worker_entry& e) {
 }
 
 // `remove`: the worker leaves the pool for good and a replacement starts.
-void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
+void remove_worker(pool_actor_t self, worker_entry& e, const error& reason,
                    bool start_failure) {
   auto& st = self->state;
   if (e.state == worker_state_t::removing)
@@ -316,7 +316,7 @@ void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
   }
 }
 
-void worker_up(pool_actor_t* self, worker_entry& e) {
+void worker_up(pool_actor_t self, worker_entry& e) {
   auto& st = self->state;
   e.process_up = true;
   // Its lane goes back to this pool's idle list after each direct call.
@@ -329,7 +329,7 @@ void worker_up(pool_actor_t* self, worker_entry& e) {
   worker_started(self, e);
 }
 
-void worker_started(pool_actor_t* self, worker_entry& e) {
+void worker_started(pool_actor_t self, worker_entry& e) {
   auto& st = self->state;
   note_start_success(self, e.w.id, e.w.pid);
   if (e.initial && st.initial_pending > 0 && --st.initial_pending == 0)
@@ -338,7 +338,7 @@ void worker_started(pool_actor_t* self, worker_entry& e) {
     make_idle(self, e);
 }
 
-void answer_ready_waiters(pool_actor_t* self) {
+void answer_ready_waiters(pool_actor_t self) {
   auto& st = self->state;
   auto result = st.initial_failure ? outcome::failure(*st.initial_failure)
                                    : outcome::success(nlohmann::json{{"ready", true}});
@@ -355,12 +355,12 @@ void answer_ready_waiters(pool_actor_t* self) {
 // A worker that died before the unlink may report twice (exit_msg through
 // the link, then down_msg): the first one is handled, the second finds no
 // entry and is ignored.
-static bool is_former_worker(pool_actor_t* self, const caf::actor_addr& addr) {
+static bool is_former_worker(pool_actor_t self, const caf::actor_addr& addr) {
   auto& f = self->state.former_workers;
   return std::find(f.begin(), f.end(), addr) != f.end();
 }
 
-void on_exit(pool_actor_t* self, caf::exit_msg& msg) {
+void on_exit(pool_actor_t self, caf::exit_msg& msg) {
   auto& st = self->state;
   auto it = std::find_if(st.workers.begin(), st.workers.end(), [&](auto& kv) {
     return kv.second.w.handle.address() == msg.source;
@@ -383,7 +383,7 @@ void on_exit(pool_actor_t* self, caf::exit_msg& msg) {
     self->quit(std::move(msg.reason));
 }
 
-void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason) {
+void on_worker_down(pool_actor_t self, const caf::actor_addr& source, caf::error reason) {
   auto& st = self->state;
   auto it = std::find_if(st.workers.begin(), st.workers.end(), [&](auto& kv) {
     return kv.second.w.handle.address() == source;

@@ -15,14 +15,14 @@
 
 namespace dspex::pool_detail {
 
-void watch_caller(pool_actor_t* self, const caf::actor_addr& caller) {
+void watch_caller(pool_actor_t self, const caf::actor_addr& caller) {
   if (!caller)
     return;
   if (self->state.monitored[caller]++ == 0)
     self->monitor(caller);
 }
 
-void unwatch_caller(pool_actor_t* self, const caf::actor_addr& caller) {
+void unwatch_caller(pool_actor_t self, const caf::actor_addr& caller) {
   auto& m = self->state.monitored;
   auto it = m.find(caller);
   if (it == m.end())
@@ -55,7 +55,7 @@ void fail_waiter(waiter& wt, error err) {
     wt.promise.deliver(checkout_reply{std::nullopt, std::move(err)});
 }
 
-void arm_queue_timer(pool_actor_t* self, clock_type::time_point due) {
+void arm_queue_timer(pool_actor_t self, clock_type::time_point due) {
   self->state.queue_timer.arm(self, due, queue_timeout_atom::value);
 }
 
@@ -76,7 +76,7 @@ static void update_worker_stats(worker_entry& e, const checkin_status& status) {
 }
 
 // A checkout ended (pool-mediated call, lease checkin, cancel, revoke).
-void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& status) {
+void finish_checkin(pool_actor_t self, worker_entry& e, const checkin_status& status) {
   auto& st = self->state;
   update_worker_stats(e, status);
   if (e.running_since) {
@@ -125,7 +125,7 @@ void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& s
 
 // -- checkout -------------------------------------------------------------------------------
 
-static std::optional<std::string> take_idle(pool_actor_t* self) {
+static std::optional<std::string> take_idle(pool_actor_t self) {
   auto& st = self->state;
   auto id = st.idle->take_any();
   if (id)
@@ -140,7 +140,7 @@ enum class preferred_is { none, idle, occupied, gone };
 } // namespace
 
 /// The state of the worker a session's call prefers.
-static preferred_is preferred_state(pool_actor_t* self, const waiter& wt) {
+static preferred_is preferred_state(pool_actor_t self, const waiter& wt) {
   if (!wt.request || wt.request->preferred_worker.empty())
     return preferred_is::none;
   auto it = self->state.workers.find(wt.request->preferred_worker);
@@ -158,7 +158,7 @@ static preferred_is preferred_state(pool_actor_t* self, const waiter& wt) {
 
 /// The idle worker `wt` may take now, or nothing: no idle worker, or a
 /// strict_queue call whose worker is occupied (it keeps waiting for it).
-static std::optional<std::string> take_idle_for(pool_actor_t* self, const waiter& wt) {
+static std::optional<std::string> take_idle_for(pool_actor_t self, const waiter& wt) {
   auto& st = self->state;
   switch (preferred_state(self, wt)) {
     case preferred_is::idle: {
@@ -183,7 +183,7 @@ static std::optional<std::string> take_idle_for(pool_actor_t* self, const waiter
   return std::nullopt;
 }
 
-static void count_affinity(pool_actor_t* self, const worker_entry& e, const waiter& wt) {
+static void count_affinity(pool_actor_t self, const worker_entry& e, const waiter& wt) {
   auto& st = self->state;
   if (!wt.request || wt.request->preferred_worker.empty())
     return;
@@ -195,7 +195,7 @@ static void count_affinity(pool_actor_t* self, const worker_entry& e, const wait
     ++st.affinity_misses;
 }
 
-static void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf::actor& client) {
+static void hand_over(pool_actor_t self, worker_entry& e, waiter& wt, const caf::actor& client) {
   auto& st = self->state;
   count_affinity(self, e, wt);
   st.consecutive_young_removals = 0;
@@ -230,7 +230,7 @@ static void hand_over(pool_actor_t* self, worker_entry& e, waiter& wt, const caf
 
 // Offers the worker `id` to `wt`. Returns true when `wt` is answered (served
 // or skipped); false when the worker was removed and `wt` still waits.
-static bool offer(pool_actor_t* self, const std::string& id, waiter& wt) {
+static bool offer(pool_actor_t self, const std::string& id, waiter& wt) {
   auto& st = self->state;
   auto& e = st.workers.at(id);
   // A caller that just asked is alive; a queued one is monitored, and its
@@ -262,7 +262,7 @@ static bool offer(pool_actor_t* self, const std::string& id, waiter& wt) {
 // Matches waiting callers with idle workers, oldest first. An expired caller
 // is answered here and never handed a worker; a removal retries the same
 // caller on the next worker.
-static void match_waiters(pool_actor_t* self, clock_type::time_point now) {
+static void match_waiters(pool_actor_t self, clock_type::time_point now) {
   auto& st = self->state;
   auto it = st.queue.begin();
   while (it != st.queue.end()) {
@@ -292,7 +292,7 @@ static void match_waiters(pool_actor_t* self, clock_type::time_point now) {
 }
 
 // Serves waiters, starting workers as they are needed.
-void dispatch(pool_actor_t* self) {
+void dispatch(pool_actor_t self) {
   auto& st = self->state;
   if (st.stopping)
     return;
@@ -309,7 +309,7 @@ static error full_error(const checkout_type& t) {
 }
 
 // Entry of every checkout: serve now, or queue with the caller's deadline.
-caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
+caf::response_promise enqueue(pool_actor_t self, waiter wt, bool block) {
   auto& st = self->state;
   auto rp = wt.promise;
   if (wt.deadline <= clock_type::now()) {
@@ -355,7 +355,7 @@ caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block) {
 }
 
 // The waiter of a pool-mediated call from the current sender.
-waiter waiter_for(pool_actor_t* self, call c) {
+waiter waiter_for(pool_actor_t self, call c) {
   waiter wt;
   wt.type = c.type;
   wt.deadline = c.deadline;

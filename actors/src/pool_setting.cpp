@@ -13,7 +13,7 @@
 
 namespace dspex::pool_detail {
 
-void start_setting(pool_actor_t* self, worker_entry& e, bool at_start) {
+void start_setting(pool_actor_t self, worker_entry& e, bool at_start) {
   auto& st = self->state;
   // At start the worker stays `starting` (it serves nobody yet; process_up
   // says its own start succeeded).
@@ -69,7 +69,7 @@ void start_setting(pool_actor_t* self, worker_entry& e, bool at_start) {
 }
 
 // A caller's configure_lm succeeded on worker `e`: it is the pool's now.
-void adopt_setting(pool_actor_t* self, worker_entry& e, nlohmann::json args) {
+void adopt_setting(pool_actor_t self, worker_entry& e, nlohmann::json args) {
   auto& st = self->state;
   args.erase("session_id");
   st.setting_args = std::move(args);

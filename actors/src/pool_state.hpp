@@ -25,9 +25,11 @@
 #include <caf/fwd.hpp>
 #include <caf/response_promise.hpp>
 #include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
 #include <nlohmann/json.hpp>
 
 #include "dspex/actors/messages.hpp"
+#include "dspex/actors/pool_actor.hpp"
 #include "dspex/actors/worker_contract.hpp"
 #include "dspex/backoff.hpp"
 #include "dspex/events.hpp"
@@ -180,14 +182,24 @@ struct pool_state {
   static inline const char* name = "dspex.pool";
 };
 
-using pool_actor_t = caf::stateful_actor<pool_state>;
-
 /// (worker_id): a worker's direct call was answered and the worker is the
 /// pool's again (idle_workers::to_pool).
 using direct_back_atom = caf::atom_constant<caf::atom("dback")>;
 /// (steady-clock ns): a caller waits in idle_workers until then at most;
 /// the queue timer must wake the pool by that time (idle_workers::expire).
 using direct_due_atom = caf::atom_constant<caf::atom("ddue")>;
+
+/// The pool actor's whole interface: its public one (pool_handle), its
+/// direct lane's (idle_workers) and its own timers'.
+using pool_actor_type = pool_handle::extend<
+  caf::reacts_to<direct_back_atom, std::string>,
+  caf::reacts_to<direct_due_atom, std::int64_t>,
+  caf::reacts_to<queue_timeout_atom, std::uint64_t>,
+  caf::reacts_to<maintenance_atom>,
+  caf::reacts_to<restart_atom>,
+  caf::reacts_to<retire_atom, std::string>>;
+
+using pool_actor_t = pool_actor_type::stateful_pointer<pool_state>;
 
 // The contract runs user code: an exception becomes `on_throw(what)` (a
 // removal), never a crash. `on_throw` only runs when something was thrown.
@@ -210,19 +222,19 @@ auto guarded(const std::string& worker_id, const char* callback, OnThrow&& on_th
 /// The contract callback `callback` threw: the error that removes the worker.
 error callback_failed(const std::string& worker_id, const char* callback);
 /// Publishes a pool event on the pool's bus (source "pool" unless set).
-void publish(pool_actor_t* self, event e);
+void publish(pool_actor_t self, event e);
 /// A pool event of `kind`, about a worker when `worker_id` is set.
 event make_event(event_kind kind, std::string worker_id = {}, std::string reason = {});
 /// Stop: queued callers fail, every worker is stopped; the pool quits once all are reaped.
-void begin_stop(pool_actor_t* self);
+void begin_stop(pool_actor_t self);
 /// Quits (answering the stop callers) once stopping and the last worker is reaped.
-void finish_stop_if_done(pool_actor_t* self);
+void finish_stop_if_done(pool_actor_t self);
 
 // -- pool_queue.cpp: callers waiting for a worker, checkout and checkin ------------------
 
 /// Queued callers and lease holders are monitored, counted per caller.
-void watch_caller(pool_actor_t* self, const caf::actor_addr& caller);
-void unwatch_caller(pool_actor_t* self, const caf::actor_addr& caller);
+void watch_caller(pool_actor_t self, const caf::actor_addr& caller);
+void unwatch_caller(pool_actor_t self, const caf::actor_addr& caller);
 /// The checkout type (and session) a pool-made error names.
 nlohmann::json caller_context(const checkout_type& t);
 /// checkout_timeout: the caller's deadline passed before a worker was free.
@@ -230,79 +242,79 @@ outcome timeout_outcome(const waiter& wt);
 /// Answers a waiter with an error, as an outcome or a checkout_reply.
 void fail_waiter(waiter& wt, error err);
 /// Wakes the pool by `due` (the earliest deadline of a waiting caller).
-void arm_queue_timer(pool_actor_t* self, clock_type::time_point due);
+void arm_queue_timer(pool_actor_t self, clock_type::time_point due);
 /// A checkout ended: counts it, then keeps, recycles or removes the worker.
-void finish_checkin(pool_actor_t* self, worker_entry& e, const checkin_status& status);
+void finish_checkin(pool_actor_t self, worker_entry& e, const checkin_status& status);
 /// Serves waiters, starting workers as they are needed.
-void dispatch(pool_actor_t* self);
+void dispatch(pool_actor_t self);
 /// Entry of every checkout: serve now, or queue with the caller's deadline.
-caf::response_promise enqueue(pool_actor_t* self, waiter wt, bool block);
+caf::response_promise enqueue(pool_actor_t self, waiter wt, bool block);
 /// The waiter of a pool-mediated call from the current sender.
-waiter waiter_for(pool_actor_t* self, call c);
+waiter waiter_for(pool_actor_t self, call c);
 
 // -- pool_leases.cpp: leases --------------------------------------------------------------
 
 /// A fresh lease id from the kernel's CSPRNG: a capability, never 0, never reused while open.
 std::uint64_t new_lease_id(const std::map<std::uint64_t, lease_record>& open);
 /// Forgets the worker's lease (and stops watching its holder), if it has one.
-void end_lease(pool_actor_t* self, worker_entry& e);
+void end_lease(pool_actor_t self, worker_entry& e);
 /// A caller went away: its queued checkouts are dropped, its leases revoked.
-void on_caller_down(pool_actor_t* self, caf::down_msg& msg);
+void on_caller_down(pool_actor_t self, caf::down_msg& msg);
 
 // -- pool_maintenance.cpp: recycling, health pings, the maintenance tick ------------------
 
 /// Why a healthy worker is over one of its limits (and is recycled), if it is.
-std::optional<error> recycle_reason(pool_actor_t* self, worker_entry& e,
+std::optional<error> recycle_reason(pool_actor_t self, worker_entry& e,
                                     clock_type::time_point now);
 /// Replaces a worker over a limit (counted as recycled, not as a failure).
-void recycle(pool_actor_t* self, worker_entry& e, const error& why);
+void recycle(pool_actor_t self, worker_entry& e, const error& why);
 /// The contract's idle check (handle_ping) on idle worker `e`: false when it
 /// said remove (the worker is removed).
-bool contract_ping(pool_actor_t* self, worker_entry& e);
+bool contract_ping(pool_actor_t self, worker_entry& e);
 /// Schedules the next maintenance tick, when a limit or the health interval needs one.
-void arm_maintenance(pool_actor_t* self);
+void arm_maintenance(pool_actor_t self);
 /// One tick: reaps stopped processes, recycles and pings idle workers.
-void maintain(pool_actor_t* self);
+void maintain(pool_actor_t self);
 
 // -- pool_membership.cpp: starting, replacing and removing workers ------------------------
 
 /// pool_unavailable: the pool is broken, callers fail fast naming the last start failure.
-error pool_unavailable(pool_actor_t* self, const checkout_type& type);
+error pool_unavailable(pool_actor_t self, const checkout_type& type);
 /// A worker is ready: resets the crash-loop guard, publishes worker_ready.
-void note_start_success(pool_actor_t* self, const std::string& worker_id, int pid);
+void note_start_success(pool_actor_t self, const std::string& worker_id, int pid);
 /// Starts one worker through the contract (ready now, later, or failed).
-void start_worker(pool_actor_t* self, bool initial, bool overflow);
+void start_worker(pool_actor_t self, bool initial, bool overflow);
 /// Starts the workers the pool lacks, unless the crash-loop guard delays them.
-bool fill_pool(pool_actor_t* self);
+bool fill_pool(pool_actor_t self);
 /// The worker leaves the pool for good and a replacement starts.
-void remove_worker(pool_actor_t* self, worker_entry& e, const error& reason,
+void remove_worker(pool_actor_t self, worker_entry& e, const error& reason,
                    bool start_failure = false);
 /// Answers await_ready: every initial worker is ready, or the first failure.
-void answer_ready_waiters(pool_actor_t* self);
+void answer_ready_waiters(pool_actor_t self);
 /// An exit_msg: a worker's (as a down), or a linked parent's (ends the pool).
-void on_exit(pool_actor_t* self, caf::exit_msg& msg);
+void on_exit(pool_actor_t self, caf::exit_msg& msg);
 /// Worker `e`'s own start succeeded (init_worker ready, or worker_ready): it
 /// applies the pool's setting first if it has not got it, then counts as
 /// started (worker_started). Both ways of a start end here.
 /// @note The queue is not served here (the caller dispatches, or, inside
 ///       fill_pool, its caller does): a dispatch from within fill_pool
 ///       would start workers fill_pool is about to start.
-void worker_up(pool_actor_t* self, worker_entry& e);
+void worker_up(pool_actor_t self, worker_entry& e);
 /// Worker `e` is up and has the pool's setting: it counts as started (the
 /// crash-loop guard, await_ready) and becomes idle (make_idle).
 /// @note As worker_up: the caller dispatches.
-void worker_started(pool_actor_t* self, worker_entry& e);
+void worker_started(pool_actor_t self, worker_entry& e);
 /// A worker actor is gone: its entry is removed and a replacement starts.
-void on_worker_down(pool_actor_t* self, const caf::actor_addr& source, caf::error reason);
+void on_worker_down(pool_actor_t self, const caf::actor_addr& source, caf::error reason);
 
 // -- pool_setting.cpp: one setting per pool (the Python workers' LM) -----------------------
 
 /// Applies the pool's setting to a worker before it serves again.
 /// `at_start`: a new worker's first; it stays `starting` until it has it, and
 /// a refusal is a start failure.
-void start_setting(pool_actor_t* self, worker_entry& e, bool at_start = false);
+void start_setting(pool_actor_t self, worker_entry& e, bool at_start = false);
 /// A caller's setting call succeeded on `e`: it becomes the pool's, for every worker.
-void adopt_setting(pool_actor_t* self, worker_entry& e, nlohmann::json args);
+void adopt_setting(pool_actor_t self, worker_entry& e, nlohmann::json args);
 
 // -- pool_direct_lane.cpp: the pool's side of the direct lane -----------------------------
 
@@ -312,19 +324,19 @@ void run_waiters(std::vector<std::pair<detail::direct_waiter,
 /// Sends waiters of the direct lane the usual way (through the pool actor).
 void reroute_waiters(std::vector<detail::direct_waiter> waiters);
 /// The worker's lane for direct calls (the contract's), or null.
-std::shared_ptr<detail::worker_channel> channel_of(pool_actor_t* self, worker_entry& e);
+std::shared_ptr<detail::worker_channel> channel_of(pool_actor_t self, worker_entry& e);
 /// Folds the calls a worker served directly into its statistics.
-void fold_direct_calls(pool_actor_t* self, worker_entry& e);
+void fold_direct_calls(pool_actor_t self, worker_entry& e);
 /// The direct lane yields to callers queued here (FIFO across both lanes).
-void sync_waiting(pool_actor_t* self);
+void sync_waiting(pool_actor_t self);
 /// The worker is idle: configured first if stale, retired if overflow, else offered to both lanes.
-void make_idle(pool_actor_t* self, worker_entry& e);
+void make_idle(pool_actor_t self, worker_entry& e);
 
 // -- pool_status.cpp: status ---------------------------------------------------------------
 
 /// One worker as pool_status (and the retired list) shows it.
 worker_info info_of(const worker_entry& e, clock_type::time_point now);
 /// The pool's status, computed from the live state.
-pool_status make_status(pool_actor_t* self);
+pool_status make_status(pool_actor_t self);
 
 } // namespace dspex::pool_detail

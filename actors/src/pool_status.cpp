@@ -19,7 +19,7 @@ worker_info info_of(const worker_entry& e, clock_type::time_point now) {
   return info;
 }
 
-pool_status make_status(pool_actor_t* self) {
+pool_status make_status(pool_actor_t self) {
   auto& st = self->state;
   auto now = clock_type::now();
   pool_status s;

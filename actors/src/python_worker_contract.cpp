@@ -38,12 +38,12 @@ python_worker_contract::python_worker_contract(std::shared_ptr<const settings> c
     events_(events ? std::move(events) : std::make_shared<event_bus>()) {
 }
 
-init_result python_worker_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
+init_result python_worker_contract::init_worker(pool_worker& w, caf::local_actor* pool) {
   auto health = std::make_shared<worker_health>();
   health->channel = std::make_shared<detail::worker_channel>(w.id, config_->pool.max_frame_bytes,
                                                              config_->pool.max_json_depth);
   w.state = health;
-  worker_config cfg{w.id, config_, caf::actor{pool}, health};
+  worker_config cfg{w.id, config_, caf::actor_cast<caf::actor>(pool), health};
   cfg.mode = mode_;
   cfg.events = events_;
   // Not linked: the pool monitors its workers and kills them when it ends

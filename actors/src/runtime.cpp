@@ -491,7 +491,7 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
   auto promise = std::make_shared<std::promise<checkout_reply>>();
   auto future = promise->get_future();
   caf::actor holder;
-  caf::actor pool;
+  pool_handle pool;
   {
     std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
     if (impl_->gate->closed)
@@ -597,7 +597,7 @@ caf::actor_system& runtime_access::system(runtime& rt) {
   return *rt.impl_->system;
 }
 
-caf::actor runtime_access::pool(runtime& rt) {
+pool_handle runtime_access::pool(runtime& rt) {
   return rt.impl_->shared->current_pool();
 }
 

@@ -65,7 +65,9 @@ caf::actor spawn_runtime_tree(caf::actor_system& sys, const settings& config,
         std::lock_guard<std::mutex> guard{shared->mtx};
         shared->idle = idle;
       }
-      return spawn_linked_pool(sup, cfg, nullptr, events, metrics, idle);
+      // The supervisor's children are untyped; the client's observer types
+      // the pool again (pool_client: current_pool).
+      return caf::actor_cast<caf::actor>(spawn_linked_pool(sup, cfg, nullptr, events, metrics, idle));
     };
     // The pool's own stop: workers in parallel, each bounded by its graces.
     pool.shutdown_timeout = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -820,7 +820,7 @@ worker_actor_handle spawn_worker(caf::actor_system& sys, worker_config cfg) {
   return sys.spawn(worker_actor, std::move(cfg));
 }
 
-worker_actor_handle spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg) {
+worker_actor_handle spawn_linked_worker(caf::local_actor* parent, worker_config cfg) {
   return parent->spawn<caf::linked>(worker_actor, std::move(cfg));
 }
 

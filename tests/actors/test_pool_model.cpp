@@ -995,7 +995,7 @@ private:
       .receive([&](bool b) { stopped = b; }, [&](caf::error&) {});
     if (!stopped)
       fail("the pool did not stop");
-    std::vector<caf::actor> actors{pool_->pool()};
+    std::vector<caf::actor> actors{caf::actor_cast<caf::actor>(pool_->pool())};
     for (std::uint64_t n = 1; n < m_.next_worker; ++n)
       actors.push_back(caf::actor_cast<caf::actor>(fake_worker(worker_name(n))));
     for (auto& a : actors)

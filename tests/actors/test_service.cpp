@@ -44,14 +44,17 @@ public:
   caf::actor_system& sys() { return sys_; }
 
   caf::actor start_pool(std::size_t size = 1) {
-    auto a = spawn_pool(sys_, std::make_shared<const settings>(test_settings(size)));
+    // As the registry holds it: untyped.
+    auto a = caf::actor_cast<caf::actor>(
+      spawn_pool(sys_, std::make_shared<const settings>(test_settings(size))));
     started_.push_back(a);
     REQUIRE(await_ready(a).ok());
     return a;
   }
 
   caf::actor start_bridge(settings s = test_settings(1), bool wait_ready = true) {
-    auto a = spawn_bridge(sys_, std::make_shared<const settings>(std::move(s)));
+    auto a = caf::actor_cast<caf::actor>(
+      spawn_bridge(sys_, std::make_shared<const settings>(std::move(s))));
     started_.push_back(a);
     if (wait_ready)
       REQUIRE(await_ready(a).ok());

@@ -144,9 +144,9 @@ fake_worker_handle::behavior_type fake_worker(fake_actor_t self, std::string id,
 
 } // namespace
 
-fake_worker_handle spawn_fake_worker(caf::event_based_actor* pool, const std::string& id,
+fake_worker_handle spawn_fake_worker(caf::local_actor* pool, const std::string& id,
                              bool announce_ready) {
-  return pool->spawn<caf::linked>(fake_worker, id, caf::actor{pool}, announce_ready);
+  return pool->spawn<caf::linked>(fake_worker, id, caf::actor_cast<caf::actor>(pool), announce_ready);
 }
 
 std::string step::describe() const {
@@ -287,7 +287,7 @@ std::optional<step::action> scripted_contract::next(step::callback cb,
   return std::nullopt;
 }
 
-init_result scripted_contract::init_worker(pool_worker& w, caf::event_based_actor* pool) {
+init_result scripted_contract::init_worker(pool_worker& w, caf::local_actor* pool) {
   auto act = next(step::callback::init_worker, w.id, {}, "init_worker " + w.id);
   if (act == step::action::raise)
     throw std::runtime_error("scripted init_worker exception");

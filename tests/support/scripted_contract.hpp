@@ -149,7 +149,7 @@ public:
   /// The fake worker actor of `worker_id` (null when unknown).
   fake_worker_handle worker(const std::string& worker_id) const;
 
-  init_result init_worker(pool_worker& w, caf::event_based_actor* pool) override;
+  init_result init_worker(pool_worker& w, caf::local_actor* pool) override;
   checkout_result handle_checkout(const checkout_type& type, const caller_info& caller,
                                   pool_worker& w) override;
   keep_or_remove handle_checkin(const checkin_status& status, pool_worker& w) override;
@@ -177,7 +177,7 @@ private:
 bool check_script(scripted_contract& contract);
 
 /// Spawns a fake worker linked to `pool` (used by scripted_contract).
-fake_worker_handle spawn_fake_worker(caf::event_based_actor* pool, const std::string& id,
+fake_worker_handle spawn_fake_worker(caf::local_actor* pool, const std::string& id,
                                      bool announce_ready);
 
 } // namespace dspex::testing

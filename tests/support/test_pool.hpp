@@ -32,7 +32,7 @@ public:
   ~test_pool();  ///< stops the pool (bounded) and the actor system
 
   caf::actor_system& system() { return sys_; }
-  const caf::actor& pool() const { return pool_; }
+  const pool_handle& pool() const { return pool_; }
   const settings& config() const { return *config_; }
   event_bus& events() { return *events_; }
 
@@ -74,7 +74,7 @@ private:
   caf::actor_system sys_;
   std::shared_ptr<const settings> config_;
   std::shared_ptr<event_bus> events_;
-  caf::actor pool_;
+  pool_handle pool_;
   std::shared_ptr<std::promise<void>> release_;  ///< set while held
 };
 

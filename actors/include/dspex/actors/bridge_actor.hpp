@@ -12,9 +12,9 @@
 
 #include <memory>
 
-#include <caf/actor.hpp>
 #include <caf/fwd.hpp>
 
+#include "dspex/actors/pool_actor.hpp"
 #include "dspex/settings.hpp"
 
 namespace dspex {
@@ -22,6 +22,6 @@ namespace dspex {
 /// Spawns a standalone bridge (not registered: see register_bridge in
 /// dspex/actors/service.hpp). Uses config->worker, config->lm and the pool's
 /// timeouts and limits; pool.size, max_overflow and lazy are fixed (1, 0, eager).
-caf::actor spawn_bridge(caf::actor_system& sys, std::shared_ptr<const settings> config);
+pool_handle spawn_bridge(caf::actor_system& sys, std::shared_ptr<const settings> config);
 
 } // namespace dspex

@@ -28,10 +28,17 @@
 // still alive when it ends itself.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
+#include <string>
 
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
+
+#include "dspex/actors/messages.hpp"
 
 #include "dspex/events.hpp"
 #include "dspex/settings.hpp"
@@ -44,6 +51,24 @@ namespace detail {
 class idle_workers;
 } // namespace detail
 
+/// A pool's message interface: its callers' messages (above) and its
+/// workers' (worker_actor.hpp: started, ready, checked in, gone, a call
+/// handed back unserved).
+using pool_handle = caf::typed_actor<
+  caf::replies_to<execute_atom, call>::with<outcome>,
+  caf::replies_to<status_atom>::with<pool_status>,
+  caf::replies_to<await_ready_atom>::with<outcome>,
+  caf::replies_to<stop_atom>::with<bool>,
+  caf::replies_to<checkout_atom, checkout_request>::with<checkout_reply>,
+  caf::replies_to<checkin_atom, std::uint64_t, checkin_status>::with<bool>,
+  caf::reacts_to<cancel_atom, std::uint64_t>,
+  caf::replies_to<ping_idle_atom>::with<std::size_t>,
+  caf::replies_to<retry_atom, call>::with<outcome>,
+  caf::reacts_to<checkin_atom, std::string, checkin_status>,
+  caf::reacts_to<worker_spawned_atom, std::string, int>,
+  caf::reacts_to<worker_ready_atom, std::string, int>,
+  caf::reacts_to<worker_gone_atom, std::string, error>>;
+
 /// Spawns a pool. `contract` drives its workers; null means the bundled
 /// Python workers (python_worker_contract). `events` receives the pool's and
 /// its workers' events; null means a private bus (events are only logged).
@@ -51,14 +76,14 @@ class idle_workers;
 /// null means the pool's own, which ends with it. `idle` is where its idle
 /// workers wait, which callers of the direct lane take them from (the
 /// runtime keeps it; null means the pool's own, which only the pool uses).
-caf::actor spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
+pool_handle spawn_pool(caf::actor_system& sys, std::shared_ptr<const settings> config,
                       std::shared_ptr<worker_contract> contract = nullptr,
                       std::shared_ptr<event_bus> events = nullptr,
                       std::shared_ptr<pool_metrics> metrics = nullptr,
                       std::shared_ptr<detail::idle_workers> idle = nullptr);
 
 /// Same, linked to `parent`: a supervisor's child (see supervisor.hpp).
-caf::actor spawn_linked_pool(caf::event_based_actor* parent,
+pool_handle spawn_linked_pool(caf::event_based_actor* parent,
                              std::shared_ptr<const settings> config,
                              std::shared_ptr<worker_contract> contract = nullptr,
                              std::shared_ptr<event_bus> events = nullptr,

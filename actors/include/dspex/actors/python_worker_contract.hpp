@@ -19,7 +19,7 @@ public:
                                   std::shared_ptr<event_bus> events = nullptr);
 
   /// Spawns a worker_actor (the pool monitors it); it reports ready asynchronously.
-  init_result init_worker(pool_worker& w, caf::event_based_actor* pool) override;
+  init_result init_worker(pool_worker& w, caf::local_actor* pool) override;
 
   /// Seed Fix 2 (validate_port + safe_port_connect), unless
   /// pool.use_safe_port_connect is off: the worker actor alive

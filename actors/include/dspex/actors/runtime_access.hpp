@@ -8,6 +8,7 @@
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
 
+#include "dspex/actors/pool_actor.hpp"
 #include "dspex/runtime.hpp"
 
 namespace dspex {
@@ -17,7 +18,7 @@ struct runtime_access {
   static caf::actor_system& system(runtime& rt);
   /// The current pool actor; invalid while the root supervisor restarts it,
   /// after it gave up, and after stop.
-  static caf::actor pool(runtime& rt);
+  static pool_handle pool(runtime& rt);
   /// The root supervisor "dspex.root" (invalid after stop).
   static caf::actor root(runtime& rt);
   /// The pool client, which every execute_anonymous goes through.

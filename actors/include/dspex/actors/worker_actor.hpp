@@ -121,11 +121,11 @@ namespace dspex {
 using worker_actor_handle
   = worker_handle::extend<caf::replies_to<lifecycle_atom>::with<lifecycle_history>>;
 
-/// Spawns a worker actor linked to nothing; the caller decides (the pool
-/// spawns it linked).
+/// Spawns a worker actor linked to nothing (the pool monitors its workers:
+/// see python_worker_contract::init_worker).
 worker_actor_handle spawn_worker(caf::actor_system& sys, worker_config cfg);
 
 /// Same, linked to `parent` (exits travel both ways, as in OTP).
-worker_actor_handle spawn_linked_worker(caf::event_based_actor* parent, worker_config cfg);
+worker_actor_handle spawn_linked_worker(caf::local_actor* parent, worker_config cfg);
 
 } // namespace dspex

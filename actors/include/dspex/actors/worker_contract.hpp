@@ -7,7 +7,9 @@
 //
 //   init_worker(w, pool)          → ready | async | failed(error)
 //       Start one worker. `async`: it reports (worker_ready_atom, id, pid) to
-//       the pool later, or exits (it is a linked child of the pool).
+//       the pool later, or exits (the pool monitors every worker it gets:
+//       its end is a down message, however it ends). `pool` is the pool
+//       actor: the owner a worker reports to, and the parent to spawn from.
 //   handle_checkout(type, caller, w) → ok(client) | remove(reason) | skip(error)
 //       Called before a worker is handed to a caller. ok: hand it over;
 //       `client` is the actor the caller's requests go to. remove: the worker
@@ -137,7 +139,7 @@ private:
 class worker_contract {
 public:
   virtual ~worker_contract();
-  virtual init_result init_worker(pool_worker& w, caf::event_based_actor* pool) = 0;
+  virtual init_result init_worker(pool_worker& w, caf::local_actor* pool) = 0;
   virtual checkout_result handle_checkout(const checkout_type& type, const caller_info& caller,
                                           pool_worker& w) = 0;
   virtual keep_or_remove handle_checkin(const checkin_status& status, pool_worker& w) = 0;
