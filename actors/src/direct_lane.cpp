@@ -28,7 +28,7 @@ std::shared_ptr<const direct_sinks> sinks_to_client(std::shared_ptr<detail::api_
   // client is held weakly: the sinks may outlive it.
   auto send = [gate, client](auto&&... xs) {
     std::shared_lock<std::shared_timed_mutex> lk{gate->mtx};
-    auto to = caf::actor_cast<caf::actor>(client);
+    auto to = caf::actor_cast<pool_client_handle>(client);
     if (gate->closed || !to)
       return false;
     caf::anon_send(to, std::forward<decltype(xs)>(xs)...);

@@ -97,7 +97,13 @@ struct pool_client_state {
   static inline const char* name = "dspex.pool_client";
 };
 
-using pool_client_t = caf::stateful_actor<pool_client_state>;
+/// Its whole interface: the public one and its own timers'.
+using pool_client_type = pool_client_handle::extend<
+  caf::reacts_to<client_retry_atom, std::uint64_t, std::size_t>,
+  caf::reacts_to<park_timeout_atom, std::uint64_t, std::size_t>,
+  caf::reacts_to<circuit_tick_atom, std::uint64_t>>;
+
+using pool_client_t = pool_client_type::stateful_pointer<pool_client_state>;
 
 retry_settings make_retry_settings(const settings& cfg) {
   retry_settings r;
@@ -133,7 +139,7 @@ error stopping_error(const std::string& command) {
                     {{"command", command}});
 }
 
-void publish(pool_client_t* self, event e) {
+void publish(pool_client_t self, event e) {
   e.source = "client";
   self->state.events->publish(e);
 }
@@ -162,7 +168,7 @@ error internal_error(const std::string& command) {
 }
 
 // A stopping client quits once nothing is pending.
-void quit_when_drained(pool_client_t* self) {
+void quit_when_drained(pool_client_t self) {
   auto& st = self->state;
   if (st.stopping && st.calls.empty() && st.session_ops.empty())
     self->quit();
@@ -170,7 +176,7 @@ void quit_when_drained(pool_client_t* self) {
 
 // Answers the entry `id` of `pending` (calls or session operations) and forgets it.
 template <class Pending>
-void answer_and_forget(pool_client_t* self, Pending& pending, std::uint64_t id, outcome o) {
+void answer_and_forget(pool_client_t self, Pending& pending, std::uint64_t id, outcome o) {
   auto it = pending.find(id);
   if (it == pending.end())
     return;
@@ -181,18 +187,18 @@ void answer_and_forget(pool_client_t* self, Pending& pending, std::uint64_t id, 
 }
 
 // Answers the call and forgets it.
-void finish(pool_client_t* self, std::uint64_t id, outcome o) {
+void finish(pool_client_t self, std::uint64_t id, outcome o) {
   answer_and_forget(self, self->state.calls, id, std::move(o));
 }
 
-void fail_final(pool_client_t* self, std::uint64_t id, error e) {
+void fail_final(pool_client_t self, std::uint64_t id, error e) {
   auto& pc = self->state.calls.at(id);
   auto o = outcome::failure(with_call_context(std::move(e), pc));
   o.set_served_by(pc.served_by);  // e.g. a python_error: the session learns its worker
   finish(self, id, std::move(o));
 }
 
-void arm_circuit_tick(pool_client_t* self, circuit_breaker::time_point at) {
+void arm_circuit_tick(pool_client_t self, circuit_breaker::time_point at) {
   using namespace std::chrono;
   auto left = at - clock_type::now();
   // Rounded up, so the tick never comes before the breaker's own deadline.
@@ -202,7 +208,7 @@ void arm_circuit_tick(pool_client_t* self, circuit_breaker::time_point at) {
   self->delayed_send(self, delay, circuit_tick_atom::value, ++self->state.tick_generation);
 }
 
-void on_circuit_transition(pool_client_t* self, const circuit_transition& t) {
+void on_circuit_transition(pool_client_t self, const circuit_transition& t) {
   event e;
   e.kind = event_kind::circuit_changed;
   e.from = to_string(t.from);
@@ -216,7 +222,7 @@ void on_circuit_transition(pool_client_t* self, const circuit_transition& t) {
 }
 
 // A failed attempt: retry it, or answer the caller.
-void handle_failure(pool_client_t* self, std::uint64_t id, const error& err) {
+void handle_failure(pool_client_t self, std::uint64_t id, const error& err) {
   auto& st = self->state;
   auto& pc = st.calls.at(id);
   pc.phase = call_phase::waiting;
@@ -269,11 +275,11 @@ void handle_failure(pool_client_t* self, std::uint64_t id, const error& err) {
   fail_final(self, id, err);
 }
 
-void on_circuit_transition(pool_client_t* self, const circuit_transition& t);
+void on_circuit_transition(pool_client_t self, const circuit_transition& t);
 
 // Runs `f` on the breaker under its lock, then publishes what changed.
 template <class F>
-auto with_breaker(pool_client_t* self, F&& f) {
+auto with_breaker(pool_client_t self, F&& f) {
   auto& sh = *self->state.shared;
   std::vector<circuit_transition> changes;
   auto result = [&] {
@@ -287,7 +293,7 @@ auto with_breaker(pool_client_t* self, F&& f) {
   return result;
 }
 
-void settle_permit(pool_client_t* self, pending_call& pc, const outcome& o) {
+void settle_permit(pool_client_t self, pending_call& pc, const outcome& o) {
   if (!pc.permit || !self->state.breaker)
     return;
   auto permit = *pc.permit;
@@ -311,7 +317,7 @@ outcome from_request_error(caf::actor_system& sys, const caf::error& e, const st
 }
 
 // The answer of attempt `attempt` of call `id` (stale answers are dropped).
-void on_answer(pool_client_t* self, std::uint64_t id, std::size_t attempt, outcome o) {
+void on_answer(pool_client_t self, std::uint64_t id, std::size_t attempt, outcome o) {
   auto& st = self->state;
   auto it = st.calls.find(id);
   if (it == st.calls.end() || it->second.attempt != attempt
@@ -328,7 +334,7 @@ void on_answer(pool_client_t* self, std::uint64_t id, std::size_t attempt, outco
   handle_failure(self, id, o.error());
 }
 
-void park(pool_client_t* self, std::uint64_t id) {
+void park(pool_client_t self, std::uint64_t id) {
   auto& pc = self->state.calls.at(id);
   pc.phase = call_phase::parked;
   self->state.parked.push_back(id);
@@ -339,11 +345,11 @@ void park(pool_client_t* self, std::uint64_t id) {
   self->delayed_send(self, delay, park_timeout_atom::value, id, pc.attempt);
 }
 
-void send_to_pool(pool_client_t* self, std::uint64_t id, std::size_t attempt, call c);
+void send_to_pool(pool_client_t self, std::uint64_t id, std::size_t attempt, call c);
 
 // Runs the current attempt of call `id`: on the current pool, if the breaker
 // allows it; parked while there is no pool.
-void dispatch(pool_client_t* self, std::uint64_t id) {
+void dispatch(pool_client_t self, std::uint64_t id) {
   auto& st = self->state;
   auto& pc = st.calls.at(id);
   if (st.closing) {
@@ -375,7 +381,7 @@ void dispatch(pool_client_t* self, std::uint64_t id) {
 }
 
 // The attempt `attempt` of call `id`, through the current pool.
-void send_to_pool(pool_client_t* self, std::uint64_t id, std::size_t attempt, call c) {
+void send_to_pool(pool_client_t self, std::uint64_t id, std::size_t attempt, call c) {
   auto& st = self->state;
   // No CAF timeout: the pool and the worker answer every call by its
   // deadline, and a lost answer (the pool died) is caught by the down
@@ -390,12 +396,12 @@ void send_to_pool(pool_client_t* self, std::uint64_t id, std::size_t attempt, ca
           });
 }
 
-void start_attempt(pool_client_t* self, std::uint64_t id) {
+void start_attempt(pool_client_t self, std::uint64_t id) {
   ++self->state.calls.at(id).attempt;
   dispatch(self, id);
 }
 
-void deliver_ready(pool_client_t* self, caf::response_promise rp) {
+void deliver_ready(pool_client_t self, caf::response_promise rp) {
   auto& st = self->state;
   if (st.gave_up) {
     rp.deliver(outcome::failure(*st.gave_up));
@@ -408,7 +414,7 @@ void deliver_ready(pool_client_t* self, caf::response_promise rp) {
           });
 }
 
-void fail_waiting(pool_client_t* self, const error& err, bool parked_only) {
+void fail_waiting(pool_client_t self, const error& err, bool parked_only) {
   auto& st = self->state;
   std::vector<std::uint64_t> ids;
   for (auto& [id, pc] : st.calls)
@@ -423,11 +429,11 @@ void fail_waiting(pool_client_t* self, const error& err, bool parked_only) {
   st.ready_waiters.clear();
 }
 
-void fail_sessions_parked(pool_client_t* self, const error& err);
+void fail_sessions_parked(pool_client_t self, const error& err);
 
 // The root supervisor gave up (or ended otherwise, outside stop): every call
 // fails at once from now on.
-void root_gone(pool_client_t* self, error err) {
+void root_gone(pool_client_t self, error err) {
   auto& st = self->state;
   if (st.gave_up)
     return;
@@ -440,7 +446,7 @@ void root_gone(pool_client_t* self, error err) {
   fail_sessions_parked(self, *st.gave_up);
 }
 
-void set_pool(pool_client_t* self, pool_handle pool) {
+void set_pool(pool_client_t self, pool_handle pool) {
   auto& st = self->state;
   if (!pool || pool == st.pool)
     return;
@@ -473,11 +479,11 @@ void set_pool(pool_client_t* self, pool_handle pool) {
 // retries and the circuit breaker. While the registry restarts, requests wait
 // for the new one (parked); once the root gave up or stop began they fail.
 
-void session_op_done(pool_client_t* self, std::uint64_t op, outcome o) {
+void session_op_done(pool_client_t self, std::uint64_t op, outcome o) {
   answer_and_forget(self, self->state.session_ops, op, std::move(o));
 }
 
-void forward_session_op(pool_client_t* self, session_request r, completion done) {
+void forward_session_op(pool_client_t self, session_request r, completion done) {
   auto& st = self->state;
   if (st.closing) {
     run_callback(done, outcome::failure(stopping_error(r.c.command)));
@@ -494,7 +500,7 @@ void forward_session_op(pool_client_t* self, session_request r, completion done)
   if (r.op == session_op::execute) {
     // Answered by the session through the completion (answer_once: a
     // registry or session that goes away with it still answers).
-    self->send(st.sessions, session_exec_atom::value, std::move(r), std::move(done));
+    caf::anon_send(st.sessions, session_exec_atom::value, std::move(r), std::move(done));
     return;
   }
   auto op = st.next_session_op++;
@@ -518,14 +524,14 @@ void forward_session_op(pool_client_t* self, session_request r, completion done)
           });
 }
 
-void fail_sessions_parked(pool_client_t* self, const error& err) {
+void fail_sessions_parked(pool_client_t self, const error& err) {
   auto parked = std::move(self->state.sessions_parked);
   self->state.sessions_parked.clear();
   for (auto& [r, done] : parked)
     run_callback(done, outcome::failure(err));
 }
 
-void set_sessions(pool_client_t* self, caf::actor registry) {
+void set_sessions(pool_client_t self, caf::actor registry) {
   auto& st = self->state;
   if (!registry || registry == st.sessions)
     return;
@@ -539,7 +545,7 @@ void set_sessions(pool_client_t* self, caf::actor registry) {
 
 // The root or a pool (current or former) terminated. Calls in flight on a
 // pool lost their answer: they fail as on a dead worker (retried if idempotent).
-void on_down(pool_client_t* self, const caf::down_msg& dm) {
+void on_down(pool_client_t self, const caf::down_msg& dm) {
   auto& st = self->state;
   if (dm.source == st.root) {
     // Normally the gave_up event came first; this covers a root that could
@@ -597,7 +603,7 @@ void on_down(pool_client_t* self, const caf::down_msg& dm) {
   }
 }
 
-caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> config,
+pool_client_type::behavior_type pool_client(pool_client_t self, std::shared_ptr<const settings> config,
                           std::shared_ptr<event_bus> events,
                           std::shared_ptr<detail::client_shared> shared,
                           std::shared_ptr<detail::anonymous_adapter> anonymous) {
@@ -768,7 +774,7 @@ caf::behavior pool_client(pool_client_t* self, std::shared_ptr<const settings> c
 
 } // namespace
 
-caf::actor spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
+pool_client_handle spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
                              std::shared_ptr<event_bus> events,
                              std::shared_ptr<detail::client_shared> shared,
                              std::shared_ptr<detail::anonymous_adapter> anonymous) {

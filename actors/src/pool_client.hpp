@@ -86,15 +86,27 @@ using sup_event_atom = caf::atom_constant<caf::atom("supevent")>;       // (even
 using closing_atom = caf::atom_constant<caf::atom("closing")>;          // runtime::stop began
 using watch_root_atom = caf::atom_constant<caf::atom("watchroot")>;     // (root supervisor)
 
-/// Spawns the runtime's pool client. It takes
+/// The pool client's message interface:
 ///  - (execute_atom, call, completion, client_call_options): an anonymous
-///    call, or a session's call (from a session actor);
+///    call, or a session's call (from a session's card or actor);
 ///  - detail::direct_failure: a direct-lane call whose attempt failed;
 ///  - (session_op_atom, session_request, completion): a session request;
 ///  - (await_ready_atom) → outcome: ok once the current pool is ready;
-///  - sup_event_atom, watch_root_atom: from the supervision tree;
+///  - (sup_event_atom, event, child), (watch_root_atom, root): from the
+///    supervision tree;
 ///  - closing_atom, then stop_atom: runtime::stop.
 /// Every call's completion is run on the client's thread (run_callback).
+using pool_client_handle = caf::typed_actor<
+  caf::reacts_to<execute_atom, call, completion, detail::client_call_options>,
+  caf::reacts_to<detail::direct_failure>,
+  caf::reacts_to<session_op_atom, session_request, completion>,
+  caf::replies_to<await_ready_atom>::with<outcome>,
+  caf::reacts_to<sup_event_atom, event, caf::actor>,
+  caf::reacts_to<watch_root_atom, caf::actor>,
+  caf::reacts_to<closing_atom>,
+  caf::reacts_to<stop_atom>>;
+
+/// Spawns the runtime's pool client (pool_client_handle).
 /// @param sys the runtime's actor system
 /// @param config the runtime's settings (retry.*, circuit.*, session.*)
 /// @param events where the client publishes retries, circuit transitions and
@@ -104,7 +116,7 @@ using watch_root_atom = caf::atom_constant<caf::atom("watchroot")>;     // (root
 /// @param anonymous what the client knows of anonymous calls' commands
 ///        (DSPy: detail::make_dspy_anonymous)
 /// @returns the pool client
-caf::actor spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
+pool_client_handle spawn_pool_client(caf::actor_system& sys, std::shared_ptr<const settings> config,
                              std::shared_ptr<event_bus> events,
                              std::shared_ptr<detail::client_shared> shared,
                              std::shared_ptr<detail::anonymous_adapter> anonymous);

@@ -86,7 +86,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // The current pool and what the client knows, for status() and checkout().
   std::shared_ptr<detail::client_shared> shared = std::make_shared<detail::client_shared>();
   caf::actor root;    // the root supervisor "dspex.root"
-  caf::actor client;  // the pool client: every execute_anonymous goes through it
+  runtime_detail::pool_client_handle client;  // the pool client: every execute_anonymous goes through it
   // Set first by stop(): new calls fail fast without touching the gate.
   std::atomic<bool> stopped{false};
   // Closed by stop() before the system goes (see api_gate); shared with leases.
@@ -606,7 +606,7 @@ caf::actor runtime_access::root(runtime& rt) {
 }
 
 caf::actor runtime_access::client(runtime& rt) {
-  return rt.impl_->client;
+  return caf::actor_cast<caf::actor>(rt.impl_->client);
 }
 
 } // namespace dspex

@@ -93,7 +93,8 @@ caf::actor spawn_runtime_tree(caf::actor_system& sys, const settings& config,
     };
     sessions.start = [cfg = p.shared_config, client = p.client, dir = p.sessions,
                       lane](caf::event_based_actor* sup) {
-      return spawn_linked_session_registry(sup, cfg, client, dir, lane, detail::make_dspy_session);
+      return spawn_linked_session_registry(sup, cfg, caf::actor_cast<caf::actor>(client), dir, lane,
+                                           detail::make_dspy_session);
     };
     sessions.shutdown_timeout = std::chrono::seconds{2};
     children.push_back(std::move(sessions));

@@ -14,6 +14,7 @@
 
 #include "dspex/events.hpp"
 #include "dspex/settings.hpp"
+#include "pool_client.hpp"
 
 namespace dspex {
 class pool_metrics;
@@ -35,7 +36,7 @@ struct runtime_tree_parts {
   std::shared_ptr<event_bus> events;
   std::shared_ptr<pool_metrics> metrics;
   std::shared_ptr<detail::client_shared> shared;  ///< the pool child sets its idle_workers here
-  caf::actor client;  ///< the pool client: told every (re)started child, and the root to watch
+  pool_client_handle client;  ///< the pool client: told every (re)started child, and the root to watch
   /// Filled by the session registry: a session's call goes to its actor directly.
   std::shared_ptr<detail::session_directory> sessions;
   /// The direct lane's way to the pool client, for the sessions' calls.

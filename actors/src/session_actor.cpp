@@ -616,7 +616,7 @@ session_actor_handle::behavior_type session_actor(session_actor_t self,
 
 struct registry_state {
   std::shared_ptr<const settings> config;
-  caf::actor client;
+  runtime_detail::pool_client_handle client;
   caf::actor_addr parent;
   /// The live sessions; the directory mirrors it for callers (every change
   /// here is made there too, in the same handler).
@@ -732,7 +732,9 @@ caf::behavior session_registry(registry_t* self, std::shared_ptr<const settings>
                                session_lane lane, detail::session_adapter_factory make_adapter) {
   auto& st = self->state;
   st.config = std::move(config);
-  st.client = std::move(client);
+  // The runtime's pool client (the public spawn function takes it untyped:
+  // its interface is internal to actors/).
+  st.client = caf::actor_cast<runtime_detail::pool_client_handle>(client);
   st.parent = std::move(parent);
   st.directory = std::move(directory);
   st.lane = std::move(lane);

@@ -38,6 +38,7 @@
 
 #include "command_adapter.hpp"
 #include "dspex/actors/session_actor.hpp"
+#include "pool_client.hpp"
 
 namespace dspex::detail {
 
@@ -48,7 +49,7 @@ public:
   // -- fixed before the card is published (the registry fills them) --------
   std::string id;
   std::shared_ptr<const settings> config;
-  caf::actor client;         ///< the pool client: calls the lane does not take
+  runtime_detail::pool_client_handle client;  ///< the pool client: calls the lane does not take
   session_lane lane;         ///< the direct lane (empty: every call through the client)
   caf::actor_addr actor;     ///< the session actor
 
