@@ -44,7 +44,7 @@ void print_help(std::ostream& out) {
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
-      << dspex::default_config_file << ")\n"
+      << dspex::bundled_config_file() << ")\n"
       << dspex::describe_settings()
       << "note: scheduler.policy defaults to 'sharing' in dspex (CAF's own default is "
          "'stealing').\n";
@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
     return exit_usage;
   }
   std::vector<std::string> remainder;
-  auto loaded = dspex::load_settings(args, dspex::default_config_file, &remainder);
+  auto loaded = dspex::load_settings(args, dspex::bundled_config_file(), &remainder);
   if (auto* err = std::get_if<dspex::error>(&loaded)) {
     std::cerr << "dspex: configuration error: " << err->message << "\n";
     return exit_usage;

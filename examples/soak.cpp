@@ -532,7 +532,7 @@ int main(int argc, char** argv) {
   if (!has_option(args, "log.level"))
     args.insert(args.begin(), "--log.level=error");
   std::vector<std::string> remainder;
-  auto loaded = dspex::load_settings(args, dspex::default_config_file, &remainder);
+  auto loaded = dspex::load_settings(args, dspex::bundled_config_file(), &remainder);
   if (auto* err = std::get_if<dspex::error>(&loaded)) {
     std::cerr << "dspex_soak: configuration error: " << err->message << "\n";
     return exit_usage;

@@ -18,8 +18,6 @@
 
 namespace dspex {
 
-const char* const default_config_file = DSPEX_DEFAULT_CONFIG_FILE;
-
 namespace {
 
 error config_error(std::string type, std::string message, nlohmann::json ctx = {}) {
@@ -135,7 +133,9 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                         "the config file '" + sanitize_utf8(path) + "' nests lists or maps more than "
                           + std::to_string(max_config_nesting) + " levels deep",
                         {{"path", sanitize_utf8(path)}});
+  system_config cfg;
   std::vector<std::string> cli;
+  std::vector<std::pair<const caf::config_option*, bool>> flags;  // applied after CAF's parse
   for (auto& a : args) {
     if (!valid_utf8(a))
       return config_error("invalid_setting",
@@ -144,8 +144,42 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
     if (json_text_depth(a, max_config_nesting) > max_config_nesting)
       return config_error("invalid_setting", "argument nests lists or maps too deeply",
                           {{"argument", sanitize_utf8(a.substr(0, 64))}});
-    if (a.rfind("--config-file=", 0) != 0)
-      cli.push_back(a);
+    if (a.rfind("--config-file=", 0) == 0)
+      continue;
+    // Every option takes every value of its type from the command line,
+    // which CAF 0.17's own parser does not allow for two kinds: a boolean
+    // is only a flag there (--circuit.enabled=false is refused), and an
+    // empty value is a missing one (--lm.provider= is refused).
+    auto cli_option = [&]() -> std::optional<std::pair<const caf::config_option*, std::string>> {
+      if (a.rfind("--", 0) != 0)
+        return std::nullopt;
+      auto eq = a.find('=');
+      auto name = a.substr(2, eq == std::string::npos ? std::string::npos : eq - 2);
+      auto dot = name.find('.');
+      if (dot == std::string::npos)
+        return std::nullopt;
+      auto* opt = cfg.options().qualified_name_lookup(name.substr(0, dot), name.substr(dot + 1));
+      if (!opt)
+        return std::nullopt;  // CAF names it: unknown option
+      return std::make_pair(opt, eq == std::string::npos ? std::string{} : a.substr(eq));
+    }();
+    if (cli_option && cli_option->first->is_flag()) {
+      const auto& value = cli_option->second;  // "", "=true" or "=false"
+      if (value.empty() || value == "=true" || value == "=false") {
+        flags.emplace_back(cli_option->first, value != "=false");
+        continue;
+      }
+      auto key = a.substr(2, a.find('=') - 2);
+      return config_error("invalid_setting",
+                          key + " must be true or false (got '" + sanitize_utf8(value.substr(1))
+                            + "')",
+                          {{"key", key}, {"argument", sanitize_utf8(a)}});
+    }
+    if (cli_option && cli_option->second == "=" && cli_option->first->type_name() == "string") {
+      cli.push_back(a + "\"\"");  // the empty string, quoted as CAF reads it
+      continue;
+    }
+    cli.push_back(a);
   }
   {
     std::istringstream lines{text};
@@ -160,9 +194,12 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                             {{"value", *literal}, {"argument", source}});
   }
   std::istringstream ini{text};
-  system_config cfg;
   if (auto err = cfg.parse(cli, ini))
     return parse_failure(err, path);
+  for (auto& [opt, on] : flags) {  // in the order given: the last one wins
+    opt->store(caf::config_value{on});
+    caf::put(cfg.content, opt->full_name(), on);
+  }
   // CAF keeps unknown INI keys silently; a misspelled key must not be ignored.
   for (auto group : {"pool", "worker", "lm", "log", "scheduler"}) {
     auto entries = caf::get_if<caf::settings>(&cfg.content, group);

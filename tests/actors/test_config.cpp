@@ -7,6 +7,7 @@
 
 #include <doctest/doctest.h>
 
+#include "dspex/actors/system_config.hpp"
 #include "dspex/config.hpp"
 #include "support/harness.hpp"
 
@@ -15,7 +16,7 @@ using namespace dspex;
 namespace {
 
 std::variant<settings, error> load(std::vector<std::string> args) {
-  return load_settings(args, default_config_file);
+  return load_settings(args, bundled_config_file());
 }
 
 std::string error_of(std::vector<std::string> args) {
@@ -176,4 +177,58 @@ TEST_CASE("supervision, health, recycling, retry and circuit keys are read and c
   CHECK(error_of({"--retry.max_attempts=0"}).find("retry.max_attempts") != std::string::npos);
   CHECK(error_of({"--circuit.success_threshold=0"}).find("circuit.success_threshold")
         != std::string::npos);
+}
+
+TEST_CASE("every option takes every value of its type from the command line") {
+  // A boolean both ways, in the order given (CAF's own parser only knows the bare flag).
+  auto r = load({"--circuit.enabled=false", "--pool.use_safe_port_connect=false"});
+  REQUIRE(std::holds_alternative<settings>(r));
+  CHECK_FALSE(std::get<settings>(r).circuit.enabled);
+  CHECK_FALSE(std::get<settings>(r).pool.use_safe_port_connect);
+  r = load({"--circuit.enabled=false", "--circuit.enabled=true"});
+  REQUIRE(std::holds_alternative<settings>(r));
+  CHECK(std::get<settings>(r).circuit.enabled);
+  r = load({"--circuit.enabled=false", "--circuit.enabled"});
+  REQUIRE(std::holds_alternative<settings>(r));
+  CHECK(std::get<settings>(r).circuit.enabled);
+  r = load({"--worker.test_commands"});
+  REQUIRE(std::holds_alternative<settings>(r));
+  CHECK(std::get<settings>(r).worker.test_commands);
+  auto bad = error_of({"--circuit.enabled=maybe"});
+  CHECK(bad.find("circuit.enabled must be true or false") != std::string::npos);
+  CHECK(bad.find("maybe") != std::string::npos);
+
+  // An empty string, unquoted as a shell passes it.
+  r = load({"--lm.provider="});
+  REQUIRE(std::holds_alternative<settings>(r));
+  CHECK(std::get<settings>(r).lm.provider.empty());
+
+  // Every boolean and every string option of every group: a false, a true
+  // and an empty value are read (an empty one may still be refused by the
+  // option's own rule, with its name, but never as a missing argument).
+  system_config probe;
+  std::size_t flags = 0;
+  std::size_t strings = 0;
+  for (auto& opt : probe.options()) {
+    std::string name{opt.full_name().data(), opt.full_name().size()};
+    if (name.rfind("pool.", 0) != 0 && name.rfind("worker.", 0) != 0 && name.rfind("lm.", 0) != 0
+        && name.rfind("log.", 0) != 0 && name.rfind("retry.", 0) != 0
+        && name.rfind("circuit.", 0) != 0 && name.rfind("session.", 0) != 0)
+      continue;
+    CAPTURE(name);
+    if (opt.is_flag()) {
+      ++flags;
+      CHECK(std::holds_alternative<settings>(load({"--" + name + "=false"})));
+      CHECK(std::holds_alternative<settings>(load({"--" + name + "=true"})));
+    } else if (opt.type_name() == "string") {
+      ++strings;
+      auto empty = load({"--" + name + "="});
+      if (auto* err = std::get_if<error>(&empty)) {
+        CHECK(err->message.find(name) != std::string::npos);
+        CHECK(err->message.find("missing argument") == std::string::npos);
+      }
+    }
+  }
+  CHECK(flags >= 3);    // circuit.enabled, pool.use_safe_port_connect, worker.test_commands, ...
+  CHECK(strings >= 5);  // worker.python, worker.script, lm.provider, lm.model, log.level, ...
 }

@@ -11,9 +11,6 @@
 
 namespace dspex {
 
-/// Where the bundled default configuration lives in the source tree.
-extern const char* const default_config_file;
-
 /// Reads `ini_file` (CAF's INI syntax; `--config-file=PATH` in `args`
 /// replaces it), applies the `--group.key=value` overrides in `args` and
 /// validates the result. An explicitly named config file that cannot be read,

@@ -15,6 +15,7 @@
 #include "dspex/error.hpp"
 #include "dspex/framing.hpp"
 #include "dspex/json_limits.hpp"
+#include "dspex/resource_paths.hpp"
 
 namespace dspex {
 
@@ -86,7 +87,7 @@ struct settings {
 
   struct worker_settings {
     std::string python = "python3";    ///< worker.python: interpreter, looked up in PATH
-    std::string script = DSPEX_DEFAULT_WORKER_SCRIPT;  ///< worker.script
+    std::string script = bundled_worker_script();  ///< worker.script
     std::vector<std::string> extra_args;  ///< worker.extra_args: appended to the command line
     bool test_commands = false;        ///< worker.test_commands: pass --test-commands (tests only)
     ms shutdown_grace{1'000};          ///< worker.shutdown_grace: after `shutdown` + EOF, before SIGTERM
