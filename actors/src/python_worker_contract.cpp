@@ -99,7 +99,10 @@ nlohmann::json python_worker_contract::initial_pool_setting() const {
   const auto& lm = config_->lm;
   if (lm.provider.empty())
     return nullptr;
-  return {{"provider", lm.provider}, {"model", lm.model}, {"temperature", lm.temperature}};
+  nlohmann::json args{{"provider", lm.provider}, {"model", lm.model}, {"temperature", lm.temperature}};
+  if (!lm.api_key_env.empty())
+    args["api_key_env"] = lm.api_key_env;  // the name: each worker reads the key itself
+  return args;
 }
 
 std::shared_ptr<detail::worker_channel> python_worker_contract::direct_channel(pool_worker& w) {

@@ -171,7 +171,10 @@ void system_config::bind_options() {
   lm.add(values_.lm.provider, "provider",
          "LM applied to every worker before it serves; empty for none (default mock)")
     .add(values_.lm.model, "model", "LM model (default mock)")
-    .add(values_.lm.temperature, "temperature", "LM temperature (default 0.7)");
+    .add(values_.lm.temperature, "temperature", "LM temperature (default 0.7)")
+    .add(values_.lm.api_key_env, "api_key_env",
+         "name of the environment variable holding the LM's API key, e.g. GEMINI_API_KEY; "
+         "the key itself is never configured, logged or shown (default none)");
   caf::config_option_adder{custom_options_, "log"}.add(
     values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)");
 }

@@ -398,6 +398,7 @@ class MockLM:
     """Deterministic offline LM: outputs depend only on program id, field and inputs."""
 
     provider = "mock"
+    has_api_key = False
 
     def __init__(self, model="mock", temperature=DEFAULT_TEMPERATURE):
         self.model = model
@@ -703,7 +704,7 @@ class Worker:
         self.lm = lm
         self.log(f"LM configured: {lm.describe()} (temperature {lm.temperature})")
         return {"status": "configured", "provider": lm.provider, "model": lm.model,
-                "temperature": lm.temperature}
+                "temperature": lm.temperature, "has_key": lm.has_api_key}
 
     def session_lm(self, spec):
         """The LM of a session's override (`lm_override` in execute_program), built once per spec."""
@@ -731,6 +732,7 @@ class Worker:
         model = args.get("model")
         if model is not None and not isinstance(model, str):
             raise CommandError("model must be a string")
+        api_key = self.api_key_of(args)
         if provider == "mock":
             lm = MockLM(model or "mock", temperature)
         else:
@@ -738,8 +740,23 @@ class Worker:
                 raise CommandError(f"Missing required argument: model (provider {provider})")
             if not self.dspy_available:
                 raise CommandError(f"DSPy is not available: cannot configure provider {provider}")
-            lm = DSPyLM(provider, model, temperature, args.get("api_key"))
+            lm = DSPyLM(provider, model, temperature, api_key)
+        lm.has_api_key = bool(api_key)
         return lm
+
+    @staticmethod
+    def api_key_of(args):
+        """The LM's key: `api_key` itself, or read from the environment variable `api_key_env` names
+        (the runtime's lm.api_key_env: only the name travels). Never logged, never in a reply."""
+        name = args.get("api_key_env")
+        if name is None:
+            return args.get("api_key")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise CommandError("api_key_env must name an environment variable")
+        key = os.environ.get(name)
+        if not key:
+            raise CommandError(f"the environment variable {name} (api_key_env) is not set")
+        return key
 
     def cmd_create_program(self, args):
         session_id = self.session_of(args)
@@ -824,6 +841,7 @@ class Worker:
             "memory_usage": self.memory_usage(),
             "dspy_available": self.dspy_available,
             "lm": self.lm_description(),
+            "lm_has_key": bool(self.lm is not None and self.lm.has_api_key),
         }
 
     def cmd_cleanup(self, args):

@@ -545,10 +545,29 @@ class CommandTests(WorkerTestCase):
         worker = self.start()
         result = worker.ok("configure_lm", {"provider": "mock", "model": "mock-large", "temperature": 0.2})
         self.assertEqual(result, {"status": "configured", "provider": "mock", "model": "mock-large",
-                                  "temperature": 0.2})
+                                  "temperature": 0.2, "has_key": False})
         result = worker.ok("configure_lm", {"provider": "mock"})
-        self.assertEqual(result, {"status": "configured", "provider": "mock", "model": "mock", "temperature": 0.7})
+        self.assertEqual(result, {"status": "configured", "provider": "mock", "model": "mock", "temperature": 0.7,
+                                  "has_key": False})
         self.assertEqual(worker.ok("get_stats")["lm"], "mock/mock")
+
+    def test_configure_lm_reads_the_key_from_the_variable_api_key_env_names(self):
+        key = "sk-PLANTED-env-4b1d"
+        os.environ["DSPEX_TEST_LM_KEY"] = key
+        self.addCleanup(os.environ.pop, "DSPEX_TEST_LM_KEY", None)
+        worker = self.start()  # inherits the variable, as the runtime's workers do
+        result = worker.ok("configure_lm", {"provider": "mock", "model": "m", "api_key_env": "DSPEX_TEST_LM_KEY"})
+        self.assertTrue(result["has_key"])
+        self.assertNotIn(key, json.dumps(result))
+        self.assertNotIn(key, json.dumps(worker.ok("get_stats")))
+        # A variable that is not set, or not a variable's name: an error, and the LM stays as it was.
+        self.assertEqual(worker.error("configure_lm", {"provider": "mock", "api_key_env": "DSPEX_TEST_NO_SUCH_VAR"}),
+                         "the environment variable DSPEX_TEST_NO_SUCH_VAR (api_key_env) is not set")
+        self.assertEqual(worker.error("configure_lm", {"provider": "mock", "api_key_env": "no-such name"}),
+                         "api_key_env must name an environment variable")
+        self.assertEqual(worker.ok("ping")["lm"], "mock/m")
+        worker.close()
+        self.assertFalse(any(key in line for line in worker.stderr_lines), worker.stderr_lines)
 
     def test_configure_lm_errors(self):
         worker = self.start()
@@ -773,7 +792,7 @@ class CommandTests(WorkerTestCase):
         worker.error("frobnicate")
         stats = worker.ok("get_stats")
         self.assertEqual(set(stats), {"programs_count", "command_count", "error_count", "uptime",
-                                      "memory_usage", "dspy_available", "lm"})
+                                      "memory_usage", "dspy_available", "lm", "lm_has_key"})
         self.assertEqual(stats["programs_count"], 2)
         self.assertEqual(stats["command_count"], 5)  # init ping, 2 creates, frobnicate, get_stats
         self.assertEqual(stats["error_count"], 1)

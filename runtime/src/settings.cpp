@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "dspex/backoff.hpp"
+#include "dspex/json_limits.hpp"
 
 namespace dspex {
 
@@ -20,6 +21,16 @@ error bad(const std::string& key, const std::string& what) {
 
 bool positive(settings::ms d) {
   return d.count() > 0;
+}
+
+// POSIX's portable names: a letter or '_', then letters, digits and '_'.
+bool valid_env_name(const std::string& name) {
+  if (name.empty() || name.size() > 255 || (name[0] >= '0' && name[0] <= '9'))
+    return false;
+  for (char c : name)
+    if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'))
+      return false;
+  return true;
 }
 
 } // namespace
@@ -76,7 +87,11 @@ nlohmann::json to_json(const settings& s) {
       {"max_sessions", s.session.max_sessions},
       {"affinity", s.session.affinity},
       {"max_anonymous_programs", s.session.max_anonymous_programs}}},
-    {"lm", {{"provider", s.lm.provider}, {"model", s.lm.model}, {"temperature", s.lm.temperature}}},
+    {"lm",
+     {{"provider", s.lm.provider},
+      {"model", s.lm.model},
+      {"temperature", s.lm.temperature},
+      {"api_key_env", s.lm.api_key_env}}},
     {"log", {{"level", s.log_level}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
   };
@@ -201,6 +216,19 @@ std::optional<error> settings::validate() const {
     return bad("lm.temperature", fmt::format("must be between 0 and 2 (got {})", lm.temperature));
   if (!lm.provider.empty() && lm.model.empty())
     return bad("lm.model", "must be set when lm.provider is set");
+  if (!lm.api_key_env.empty()) {
+    // A name only: its value is never read here, only whether there is one.
+    if (!valid_env_name(lm.api_key_env))
+      return bad("lm.api_key_env",
+                 fmt::format("must name an environment variable (letters, digits, '_'; got '{}')",
+                             sanitize_utf8(lm.api_key_env)));
+    const char* value = std::getenv(lm.api_key_env.c_str());
+    if (value == nullptr || *value == '\0')
+      return bad("lm.api_key_env",
+                 fmt::format("names {}, which is not set in this process's environment (the "
+                             "workers read the LM's key from it)",
+                             lm.api_key_env));
+  }
   static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
   bool level_ok = false;
   for (auto* l : levels)

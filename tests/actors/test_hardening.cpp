@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <sys/stat.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -213,6 +214,86 @@ TEST_CASE("a planted API key appears in no log, status, session info, event or e
   // ...while what was redacted is visibly there (the test looked at real output).
   CHECK(shown.find("[redacted]") != std::string::npos);
   CHECK(logs.text().find("[redacted]") != std::string::npos);
+}
+
+TEST_CASE("lm.api_key_env: every worker gets the key from its environment, nothing shows it") {
+  const std::string key = "sk-PLANTED-env-91c4e2";
+  ::setenv("DSPEX_TEST_LM_KEY", key.c_str(), 1);
+  log_capture logs;
+  auto s = test_settings(2);
+  s.log_level = "debug";
+  s.lm.provider = "mock";
+  s.lm.model = "m";
+  s.lm.api_key_env = "DSPEX_TEST_LM_KEY";
+  std::string shown;
+  {
+    auto rt = start_runtime(s);
+    std::mutex mtx;
+    std::string events_text;
+    auto sub = rt->subscribe([&](const event& e) {
+      std::lock_guard<std::mutex> lk(mtx);
+      events_text += e.to_json().dump() + "\n";
+    });
+    // Each worker applied the pool's setting, key included: a worker says
+    // whether its LM has one (never what it is).
+    for (int i = 0; i < 4; ++i) {
+      auto r = rt->execute_anonymous("get_stats");
+      REQUIRE(r.ok());
+      CHECK(r.value()["lm_has_key"] == true);
+      shown += r.to_json().dump() + "\n";
+    }
+    // A replacement gets it too: kill one worker and wait for the next.
+    auto before = rt->status();
+    REQUIRE(before.workers.size() == 2);
+    REQUIRE(::kill(before.workers[0].pid, SIGKILL) == 0);
+    REQUIRE(wait_gone(before.workers[0].pid, 10s));
+    REQUIRE(wait_for_status(*rt, [](const pool_status& st) {
+              return st.replaced >= 1 && full_and_idle(st);
+            }).ok);
+    for (int i = 0; i < 4; ++i) {  // the replacement's LM has its key too
+      auto r = rt->execute_anonymous("get_stats");
+      REQUIRE(r.ok());
+      CHECK(r.value()["lm_has_key"] == true);
+      shown += r.to_json().dump() + "\n";
+    }
+    auto configured = rt->execute_in_session("s1", "configure_lm",
+                                             {{"provider", "mock"}, {"model", "m2"},
+                                              {"api_key_env", "DSPEX_TEST_LM_KEY"}});
+    REQUIRE(configured.ok());
+    shown += configured.to_json().dump() + "\n";
+    auto pool_lm = rt->execute_anonymous("configure_lm", {{"provider", "mock"}, {"model", "m3"},
+                                                          {"api_key_env", "DSPEX_TEST_LM_KEY"}});
+    REQUIRE(pool_lm.ok());
+    CHECK(pool_lm.value()["has_key"] == true);
+    shown += pool_lm.to_json().dump() + "\n";
+    shown += rt->status().to_json().dump();
+    shown += rt->get_session_info("s1").to_json().dump();
+    rt->unsubscribe(sub);
+    stop_and_check_no_children(*rt);
+    std::lock_guard<std::mutex> lk(mtx);
+    CHECK(events_text.find(key) == std::string::npos);
+  }
+  ::unsetenv("DSPEX_TEST_LM_KEY");
+  CHECK(shown.find(key) == std::string::npos);
+  CHECK(logs.text().find(key) == std::string::npos);
+  CHECK(logs.text().find("LM configured: mock/m") != std::string::npos);  // the workers' lines were captured
+}
+
+TEST_CASE("lm.api_key_env naming a variable that is not set: the runtime does not start") {
+  ::unsetenv("DSPEX_TEST_NO_SUCH_KEY");
+  auto s = test_settings(1);
+  s.lm.api_key_env = "DSPEX_TEST_NO_SUCH_KEY";
+  try {
+    auto never = runtime::start(s);
+    FAIL("the start should fail");
+  } catch (const start_error& e) {
+    CHECK(e.details().category == error_category::configuration_error);
+    CHECK(e.details().context["key"] == "lm.api_key_env");
+    CHECK(e.details().message.find("DSPEX_TEST_NO_SUCH_KEY") != std::string::npos);
+  }
+  s.lm.api_key_env = "not a name";
+  CHECK_THROWS_AS(runtime::start(s), start_error);
+  CHECK(wait_no_children(::getpid(), 10s).empty());
 }
 
 TEST_CASE("stop() from an asynchronous callback and from an event handler does not hang") {

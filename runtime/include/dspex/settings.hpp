@@ -98,6 +98,12 @@ struct settings {
     std::string provider = "mock";     ///< lm.provider: applied to every worker before it serves; "" = none
     std::string model = "mock";        ///< lm.model
     double temperature = 0.7;          ///< lm.temperature
+    /// lm.api_key_env: the name of the environment variable that holds the
+    /// LM's API key (e.g. GEMINI_API_KEY); "" = no key. Only the name is
+    /// configured, sent (in configure_lm, as `api_key_env`) and shown: each
+    /// worker reads the key from the environment it inherits, so the key is
+    /// never in a file, a log, a status, a reply or a message of the runtime.
+    std::string api_key_env;
   } lm;
 
   std::string log_level = "info";      ///< log.level: trace, debug, info, warn, error, critical, off
