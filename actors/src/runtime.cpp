@@ -347,7 +347,8 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   if (auto err = config.validate())
     throw start_error(*err);
   release_caf_thread_state release;
-  set_log_level(config.log_level);
+  if (auto err = configure_logging(config))
+    throw start_error(*err);
   auto p = std::make_shared<impl>();
   p->config = config;
   p->shared_config = std::make_shared<const settings>(config);

@@ -202,11 +202,15 @@ std::vector<std::string> child_ids(sup_actor* self) {
   return ids;
 }
 
-void emit(sup_actor* self, supervisor_event_kind kind, const child_rec& c,
+/// Reports a child's event to the observer. Returns false when there is
+/// none: the caller logs the event itself. With an observer, the event is
+/// the observer's to log (the runtime's publishes it on its event bus, which
+/// logs each event once), so no event has two log lines.
+bool emit(sup_actor* self, supervisor_event_kind kind, const child_rec& c,
           caf::actor_addr child, caf::error reason = caf::error{}, bool killed = false) {
   auto& obs = self->state.flags.observer;
   if (!obs)
-    return;
+    return false;
   supervisor_event ev;
   ev.kind = kind;
   ev.supervisor = self->state.flags.name;
@@ -223,6 +227,7 @@ void emit(sup_actor* self, supervisor_event_kind kind, const child_rec& c,
   } catch (...) {
     log().error("supervisor={} event=observer_failed what=unknown", self->state.flags.name);
   }
+  return true;
 }
 
 void remember_former(sup_actor* self, const caf::actor_addr& addr) {
@@ -257,9 +262,9 @@ caf::error start_child(sup_actor* self, child_rec& c) {
   }
   if (why) {
     c.status = child_status::down;
-    log().error("supervisor={} event=child_start_failed child={} reason=\"{}\"", st.flags.name,
-                c.spec.id, render(self, why));
-    emit(self, supervisor_event_kind::child_start_failed, c, caf::actor_addr{}, why);
+    if (!emit(self, supervisor_event_kind::child_start_failed, c, caf::actor_addr{}, why))
+      log().error("supervisor={} event=child_start_failed child={} reason=\"{}\"", st.flags.name,
+                  c.spec.id, render(self, why));
     return why;
   }
   // Supervised by monitor, not by link: see the header (kill through a link).
@@ -270,14 +275,14 @@ caf::error start_child(sup_actor* self, child_rec& c) {
   st.live->push_back(h);
   if (c.started_once) {
     ++c.restarts;
-    log().info("supervisor={} event=child_restarted child={} restarts={} actor={}",
-               st.flags.name, c.spec.id, c.restarts, h.id());
-    emit(self, supervisor_event_kind::child_restarted, c, h.address());
+    if (!emit(self, supervisor_event_kind::child_restarted, c, h.address()))
+      log().info("supervisor={} event=child_restarted child={} restarts={} actor={}",
+                 st.flags.name, c.spec.id, c.restarts, h.id());
   } else {
     c.started_once = true;
-    log().debug("supervisor={} event=child_started child={} actor={}", st.flags.name,
-                c.spec.id, h.id());
-    emit(self, supervisor_event_kind::child_started, c, h.address());
+    if (!emit(self, supervisor_event_kind::child_started, c, h.address()))
+      log().debug("supervisor={} event=child_started child={} actor={}", st.flags.name,
+                  c.spec.id, h.id());
   }
   return caf::error{};
 }
@@ -413,11 +418,11 @@ void give_up(sup_actor* self, child_rec& c, const caf::error& reason) {
   auto restarts = st.restart_log.size();
   auto exit_reason = make_supervisor_exit(supervisor_exit::gave_up, st.flags.name, c.spec.id,
                                           reason, restarts);
-  log().error("supervisor={} event=gave_up child={} restarts={} max_restarts={} "
-              "max_seconds_ms={} reason=\"{}\"",
-              st.flags.name, c.spec.id, restarts, st.flags.max_restarts,
-              st.flags.max_seconds.count(), render(self, reason));
-  emit(self, supervisor_event_kind::gave_up, c, caf::actor_addr{}, exit_reason);
+  if (!emit(self, supervisor_event_kind::gave_up, c, caf::actor_addr{}, exit_reason))
+    log().error("supervisor={} event=gave_up child={} restarts={} max_restarts={} "
+                "max_seconds_ms={} reason=\"{}\"",
+                st.flags.name, c.spec.id, restarts, st.flags.max_restarts,
+                st.flags.max_seconds.count(), render(self, reason));
   begin_shutdown(self, std::move(exit_reason));
 }
 
@@ -497,17 +502,17 @@ void on_child_down(sup_actor* self, const caf::down_msg& dm) {
   c->status = child_status::down;
   if (was == child_status::stopping) {
     c->stop_marked = false;
-    log().info("supervisor={} event=child_stopped child={} killed={} reason=\"{}\"",
-               st.flags.name, c->spec.id, c->killed, render(self, dm.reason));
-    emit(self, supervisor_event_kind::child_stopped, *c, dm.source, dm.reason, c->killed);
+    if (!emit(self, supervisor_event_kind::child_stopped, *c, dm.source, dm.reason, c->killed))
+      log().info("supervisor={} event=child_stopped child={} killed={} reason=\"{}\"",
+                 st.flags.name, c->spec.id, c->killed, render(self, dm.reason));
     stop_next(self);
     return;
   }
   // It ended on its own.
   auto lvl = is_normal_exit(dm.reason) ? spdlog::level::info : spdlog::level::warn;
-  log().log(lvl, "supervisor={} event=child_exited child={} restart={} reason=\"{}\"",
-            st.flags.name, c->spec.id, to_string(c->spec.restart), render(self, dm.reason));
-  emit(self, supervisor_event_kind::child_exited, *c, dm.source, dm.reason);
+  if (!emit(self, supervisor_event_kind::child_exited, *c, dm.source, dm.reason))
+    log().log(lvl, "supervisor={} event=child_exited child={} restart={} reason=\"{}\"",
+              st.flags.name, c->spec.id, to_string(c->spec.restart), render(self, dm.reason));
   if (st.shutting_down) {
     // Never restarted during a shutdown; it is simply one fewer to stop.
     c->stop_marked = false;

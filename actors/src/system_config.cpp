@@ -175,8 +175,16 @@ void system_config::bind_options() {
     .add(values_.lm.api_key_env, "api_key_env",
          "name of the environment variable holding the LM's API key, e.g. GEMINI_API_KEY; "
          "the key itself is never configured, logged or shown (default none)");
-  caf::config_option_adder{custom_options_, "log"}.add(
-    values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)");
+  caf::config_option_adder{custom_options_, "log"}
+    .add(values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)")
+    .add(values_.log_format, "format",
+         "text (key=value pairs) or json (one object per line) (default text)")
+    .add(values_.log_worker_level, "worker_level",
+         "the level of the workers' stderr lines in the log (default info)")
+    .add(values_.log_file, "file", "also write the log to this file, rotated (default none)")
+    .add(values_.log_file_max_bytes, "file_max_bytes",
+         "size at which log.file rotates (default 10485760)")
+    .add(values_.log_file_count, "file_count", "rotated files of log.file kept (default 3)");
 }
 
 settings system_config::to_settings() const {

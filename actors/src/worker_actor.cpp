@@ -544,7 +544,8 @@ worker_actor_type::behavior_type worker_actor(worker_actor_t self, worker_config
   st.lifecycle = worker_lifecycle{st.cfg.id, clock_type::now()};  // spawn → initializing
   const auto& conf = *st.cfg.config;
   process_spec spec{conf.worker.python, conf.worker_args(st.cfg.id, st.cfg.mode), st.cfg.id,
-                  conf.pool.max_frame_bytes};
+                  conf.pool.max_frame_bytes,
+                  log_level_of(conf.log_worker_level).value_or(spdlog::level::info)};
   st.channel = st.cfg.health->channel ? st.cfg.health->channel
                               : std::make_shared<worker_channel>(st.cfg.id, conf.pool.max_frame_bytes,
                                                                  conf.pool.max_json_depth);

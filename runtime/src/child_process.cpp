@@ -877,7 +877,14 @@ struct io_state {
     // The bytes are the child's: invalid UTF-8 would make a JSON encoder throw
     // downstream, and a CR or ESC could forge log lines.
     std::string line = sanitize_line(stderr_line);
-    log().info("[{}] {}", label(), line);
+    // One worker id per line: a child that names itself ("[w1] ...", as the
+    // bundled worker does) is not named twice.
+    std::string_view own = line;
+    if (own.size() > label().size() + 3 && own[0] == '[' && own.compare(1, label().size(), label()) == 0
+        && own.compare(1 + label().size(), 2, "] ") == 0)
+      own.remove_prefix(label().size() + 3);
+    if (log().should_log(spec.stderr_level))
+      log().log(spec.stderr_level, "[{}] {}", label(), own);
     notify(label(), "on_stderr_line", [&] { observer->on_stderr_line(line); });
     stderr_line.clear();
     if (stderr_line.capacity() > 4096)

@@ -35,6 +35,12 @@ spdlog::level::level_enum level_of(const event& e) {
       return e.to == "healthy" ? spdlog::level::info : spdlog::level::warn;
     case event_kind::circuit_changed:
       return e.to == "closed" ? spdlog::level::info : spdlog::level::warn;
+    case event_kind::supervisor:
+      // A supervisor's own view: giving up and a child that cannot start are
+      // errors, a child that ended on its own a warning.
+      if (e.to == "gave_up" || e.to == "child_start_failed")
+        return spdlog::level::err;
+      return e.to == "child_exited" ? spdlog::level::warn : spdlog::level::info;
     case event_kind::worker_transition:
     case event_kind::worker_started:
     case event_kind::worker_ready:

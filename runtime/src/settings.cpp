@@ -92,7 +92,13 @@ nlohmann::json to_json(const settings& s) {
       {"model", s.lm.model},
       {"temperature", s.lm.temperature},
       {"api_key_env", s.lm.api_key_env}}},
-    {"log", {{"level", s.log_level}}},
+    {"log",
+     {{"level", s.log_level},
+      {"format", s.log_format},
+      {"worker_level", s.log_worker_level},
+      {"file", s.log_file},
+      {"file_max_bytes", s.log_file_max_bytes},
+      {"file_count", s.log_file_count}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
   };
 }
@@ -236,6 +242,19 @@ std::optional<error> settings::validate() const {
   if (!level_ok)
     return bad("log.level", fmt::format("must be one of trace, debug, info, warn, error, "
                                         "critical, off (got '{}')", log_level));
+  bool worker_level_ok = false;
+  for (auto* l : levels)
+    worker_level_ok = worker_level_ok || log_worker_level == l;
+  if (!worker_level_ok)
+    return bad("log.worker_level", fmt::format("must be one of trace, debug, info, warn, error, "
+                                               "critical, off (got '{}')", log_worker_level));
+  if (log_format != "text" && log_format != "json")
+    return bad("log.format", fmt::format("must be 'text' or 'json' (got '{}')", log_format));
+  if (log_file_max_bytes < 4096 || log_file_max_bytes > (std::size_t{1} << 40))
+    return bad("log.file_max_bytes",
+               fmt::format("must be between 4096 and 1099511627776 (got {})", log_file_max_bytes));
+  if (log_file_count < 1 || log_file_count > 100)
+    return bad("log.file_count", fmt::format("must be between 1 and 100 (got {})", log_file_count));
   if (scheduler_policy != "sharing" && scheduler_policy != "stealing")
     return bad("scheduler.policy",
                fmt::format("must be 'sharing' or 'stealing' (got '{}')", scheduler_policy));

@@ -24,6 +24,8 @@
 #include <string_view>
 #include <vector>
 
+#include <spdlog/common.h>
+
 #include "dspex/framing.hpp"
 
 namespace dspex {
@@ -34,6 +36,8 @@ struct process_spec {
   std::vector<std::string> args;  ///< arguments after the program name
   std::string label;              ///< worker id, used in every log line
   std::size_t max_frame_bytes = default_max_frame_bytes;
+  /// The level at which the child's stderr lines are logged (log.worker_level).
+  spdlog::level::level_enum stderr_level = spdlog::level::info;
 };
 
 /// How a child ended: an exit code or a signal.

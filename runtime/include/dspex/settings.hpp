@@ -107,6 +107,11 @@ struct settings {
   } lm;
 
   std::string log_level = "info";      ///< log.level: trace, debug, info, warn, error, critical, off
+  std::string log_format = "text";     ///< log.format: text (key=value pairs) or json (one object per line)
+  std::string log_worker_level = "info";  ///< log.worker_level: the level of the workers' stderr lines
+  std::string log_file;                ///< log.file: also write the log to this file, rotated; "" = stderr only
+  std::size_t log_file_max_bytes = 10 * 1024 * 1024;  ///< log.file_max_bytes: size at which the file rotates
+  std::size_t log_file_count = 3;      ///< log.file_count: rotated files kept (FILE.1 .. FILE.N)
   std::string scheduler_policy = "sharing";  ///< scheduler.policy: sharing or stealing (CAF's own key)
   std::size_t scheduler_max_threads = 0;     ///< scheduler.max-threads: 0 = half the cores, at least 1 (CAF's own default is max(4, cores))
 
