@@ -725,6 +725,8 @@ pool_client_type::behavior_type pool_client(pool_client_t self, std::shared_ptr<
       auto child_id = e.fields.value("child_id", std::string{});
       if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "pool")
         set_pool(self, caf::actor_cast<pool_handle>(child));  // the "pool" child is one
+      if (e.to == "child_restarted" && child_id == "pool")
+        self->state.shared->pool_restarts.fetch_add(1, std::memory_order_relaxed);
       if ((e.to == "child_started" || e.to == "child_restarted") && child_id == "sessions")
         set_sessions(self, child);
       if (e.to == "gave_up")

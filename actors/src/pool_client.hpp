@@ -37,6 +37,8 @@ class anonymous_adapter;
 struct client_shared {
   std::mutex mtx;
   pool_handle pool;              ///< the current pool; none while it restarts
+  /// Times the supervisor restarted the pool (dspex_pool_restarts_total).
+  std::atomic<std::uint64_t> pool_restarts{0};
   std::optional<error> gave_up;  ///< set once the root supervisor gave up
   /// The current pool's idle workers, which the direct lane takes from
   /// (set by the root's pool child before the pool starts).

@@ -119,6 +119,7 @@ static void note_start_failure(pool_actor_t self, const std::string& worker_id, 
 
 void note_start_success(pool_actor_t self, const std::string& worker_id, int pid) {
   auto& st = self->state;
+  ++st.workers_started;
   st.consecutive_start_failures = 0;
   st.last_start_failure.reset();
   auto e = make_event(event_kind::worker_ready, worker_id);
@@ -288,6 +289,8 @@ void remove_worker(pool_actor_t self, worker_entry& e, const error& reason,
   e.state = worker_state_t::removing;
   if (!e.counted_as_removed) {
     e.counted_as_removed = true;
+    // By the error's type: a bounded set, the runtime's own words.
+    ++st.removed_by_reason[reason.type.empty() ? std::string{"unknown"} : reason.type];
     if ((start_failure || was_starting) && !external) {
       note_start_failure(self, e.w.id, reason);
     } else if (reason.type == "overflow_retired" || reason.type == "recycled") {

@@ -140,6 +140,8 @@ struct pool_state {
   std::map<caf::actor_addr, std::size_t> monitored;  ///< callers and how many entries name them
   std::uint64_t next_worker = 1;
   std::uint64_t replaced = 0;
+  std::uint64_t workers_started = 0;                        ///< pool_status::workers_started
+  std::map<std::string, std::uint64_t> removed_by_reason;  ///< pool_status::removed_by_reason
   std::uint64_t start_failures = 0;
   std::uint32_t consecutive_start_failures = 0;  ///< reset when a start succeeds
   /// Workers removed before serving anyone, reset at the next handover: a

@@ -26,6 +26,8 @@ pool_status make_status(pool_actor_t self) {
   s.size = st.config->pool.size;
   s.queued = st.queue.size() + st.idle->waiting();
   s.replaced = st.replaced;
+  s.workers_started = st.workers_started;
+  s.removed_by_reason = st.removed_by_reason;
   s.start_failures = st.start_failures;
   s.stopping = st.stopping;
   s.leased = st.leases.size();

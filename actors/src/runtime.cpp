@@ -118,12 +118,18 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // Validates the arguments of one call and fixes its deadline.
   std::variant<call, outcome> make_call(const std::string& command, nlohmann::json args,
                                         const call_options& options) const {
+    // A call refused here is counted as every answered call is (timed).
+    auto refused = [&](error e) {
+      auto o = outcome::failure(std::move(e));
+      metrics->calls.count(command, o);
+      return o;
+    };
     if (auto invalid = validate_request(command, args, limits()))
-      return outcome::failure(std::move(*invalid));
+      return refused(std::move(*invalid));
     if (args.is_null())
       args = nlohmann::json::object();
     if (stopped)
-      return outcome::failure(stopping_error(command));
+      return refused(stopping_error(command));
     auto timeout = options.timeout.value_or(config.pool.request_timeout);
     call c;
     c.command = command;
@@ -154,10 +160,13 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   }
 
   // The call's whole time counts from here to its outcome (pool_metrics::total).
-  completion timed(std::function<void(outcome)> done) {
+  // It is counted by command and outcome then too (pool_metrics::calls).
+  completion timed(const std::string& command, std::function<void(outcome)> done) {
     metrics->call_started();
-    return completion{[m = metrics, started = clock_type::now(), fn = std::move(done)](outcome o) {
+    return completion{[m = metrics, started = clock_type::now(), command,
+                       fn = std::move(done)](outcome o) {
       m->call_finished(started);
+      m->calls.count(command, o);
       fn(std::move(o));
     }};
   }
@@ -251,7 +260,8 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     std::function<void(outcome)> deliver = [promise](outcome o) {
       promise->set_value(std::move(o));
     };
-    auto comp = r.op == session_op::execute ? timed(std::move(deliver)) : completion{std::move(deliver)};
+    auto comp = r.op == session_op::execute ? timed(command, std::move(deliver))
+                                            : completion{std::move(deliver)};
     if (r.op == session_op::execute)
       send_session_call(std::move(r), std::move(comp));
     else if (!send_to_client(session_op_atom::value, std::move(r), comp))
@@ -397,7 +407,7 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   // costs an actor spawn and several timer-thread wake-ups (measured).
   auto bound = c.deadline + reply_margin;
   auto blocked = std::make_shared<blocked_caller>(c.deadline);
-  auto comp = impl_->timed(blocked->completion());
+  auto comp = impl_->timed(command, blocked->completion());
   if (!impl_->try_direct(c, options, comp, blocked)
       && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
                                 detail::client_call_options{options.idempotent,
@@ -417,7 +427,7 @@ void runtime::execute_anonymous_async(const std::string& command, nlohmann::json
     done(std::move(*early));
     return;
   }
-  auto comp = impl_->timed(std::move(done));
+  auto comp = impl_->timed(command, std::move(done));
   auto& c = std::get<call>(made);
   if (!impl_->try_direct(c, options, comp)
       && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
@@ -450,7 +460,7 @@ void runtime::execute_in_session_async(const std::string& session_id, const std:
     return;
   }
   impl_->send_session_call(std::move(std::get<session_request>(made)),
-                           impl_->timed(std::move(done)));
+                           impl_->timed(command, std::move(done)));
 }
 
 std::future<outcome> runtime::execute_in_session_async(const std::string& session_id,
@@ -552,6 +562,42 @@ pool_status runtime::status() {
   result.circuit = to_string(impl_->shared->circuit.load());
   result.metrics = impl_->metrics->summary();  // also while the pool restarts
   return result;
+}
+
+metrics_snapshot runtime::metrics() {
+  auto st = status();
+  metrics_snapshot m;
+  m.size = st.size;
+  m.idle = st.idle;
+  m.busy = st.busy;
+  m.leased = st.leased;
+  m.queued = st.queued;
+  m.starting = st.starting;
+  m.overflow = st.overflow;
+  m.in_flight = st.metrics.in_flight;
+  m.utilisation = st.metrics.utilisation;
+  m.circuit = st.circuit;
+  m.health = st.health;
+  m.sessions = impl_->sessions->live();
+  m.workers_started = st.workers_started;
+  m.workers_removed = st.removed_by_reason;
+  m.workers_recycled = st.recycled;
+  m.worker_start_failures = st.start_failures;
+  m.health_check_failures = st.health_check_failures;
+  m.pool_restarts = impl_->shared->pool_restarts.load(std::memory_order_relaxed);
+  m.calls = impl_->metrics->calls.snapshot();
+  const auto& bounds = latency_bucket_bounds();
+  std::vector<std::uint64_t> bounds_ns;
+  for (auto b : bounds)
+    bounds_ns.push_back(static_cast<std::uint64_t>(std::llround(b * 1e9)));
+  auto histogram = [&](const latency_histogram& h) {
+    return histogram_snapshot{bounds, h.counts_at_or_below(bounds_ns),
+                              static_cast<double>(h.sum_ns()) / 1e9};
+  };
+  m.queue_wait = histogram(impl_->metrics->queue_wait);
+  m.run = histogram(impl_->metrics->run);
+  m.total = histogram(impl_->metrics->total);
+  return m;
 }
 
 std::uint64_t runtime::subscribe(std::function<void(const event&)> handler) {

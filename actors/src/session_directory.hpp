@@ -126,6 +126,15 @@ public:
 
   /// The registry starts or stops: none of its sessions is served any more,
   /// and calls counted before are forgotten (their registry is gone).
+  /// @returns the sessions with a live actor (dspex_sessions).
+  std::size_t live() {
+    std::shared_lock<std::shared_mutex> lk{mtx_};
+    std::size_t n = 0;
+    for (auto& kv : sessions_)
+      n += kv.second.actor ? 1 : 0;
+    return n;
+  }
+
   void clear() {
     std::unique_lock<std::shared_mutex> lk{mtx_};
     sessions_.clear();

@@ -30,6 +30,7 @@ nlohmann::json pool_status::to_json() const {
           {"overflow", overflow},
           {"queued", queued},     {"replaced", replaced},
           {"start_failures", start_failures}, {"stopping", stopping},
+          {"workers_started", workers_started}, {"removed_by_reason", removed_by_reason},
           {"health", health}, {"consecutive_start_failures", consecutive_start_failures},
           {"recycled", recycled}, {"health_check_failures", health_check_failures},
           {"circuit", circuit},

@@ -51,6 +51,23 @@ void latency_histogram::record(std::chrono::nanoseconds d) noexcept {
   }
 }
 
+std::vector<std::uint64_t> latency_histogram::counts_at_or_below(
+  const std::vector<std::uint64_t>& bounds_ns) const {
+  std::vector<std::uint64_t> out(bounds_ns.size() + 1, 0);
+  std::uint64_t total = 0;
+  std::size_t next = 0;  // the first bound this bucket may still count toward
+  for (std::size_t b = 0; b < bucket_count; ++b) {
+    auto n = buckets_[b].load(std::memory_order_relaxed);
+    total += n;
+    while (next < bounds_ns.size() && upper_bound_of(b) > bounds_ns[next])
+      out[next++] = total - n;  // this bucket reaches past the bound: what came before it
+  }
+  while (next < bounds_ns.size())
+    out[next++] = total;
+  out.back() = total;
+  return out;
+}
+
 latency_summary latency_histogram::summary() const {
   // Percentiles come from one copy of the buckets, so they agree with each
   // other even while other threads record.

@@ -24,6 +24,7 @@
 #include "dspex/checkout.hpp"
 #include "dspex/error.hpp"
 #include "dspex/events.hpp"
+#include "dspex/prometheus.hpp"
 #include "dspex/settings.hpp"
 #include "dspex/status.hpp"
 
@@ -179,6 +180,13 @@ public:
   /// `circuit` and `health` ("restarting", or "unavailable" once the root
   /// supervisor gave up).
   pool_status status();
+
+  /// Everything the Prometheus exposition shows, read now: the status's
+  /// gauges and counters, calls by command and outcome, the supervisor's
+  /// restarts of the pool, live sessions and the three latency histograms
+  /// in fixed buckets. Render it with dspex::render_prometheus.
+  /// @returns a snapshot labelled pool="default"
+  metrics_snapshot metrics();
 
   /// The runtime's event stream: worker lifecycle, pool health, restarts,
   /// circuit changes, retries, supervisor events (see dspex/events.hpp).

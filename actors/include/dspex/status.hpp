@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,10 @@ struct pool_status {
   std::size_t queued = 0;      ///< callers waiting for a worker
   std::uint64_t replaced = 0;  ///< workers removed and replaced so far
   std::uint64_t start_failures = 0;  ///< worker starts that failed so far
+  std::uint64_t workers_started = 0;  ///< workers that started (and had the pool's setting) so far
+  /// Workers removed so far, by the type of the error that removed them
+  /// (worker_exited, request_timeout, recycled, overflow_retired, ...).
+  std::map<std::string, std::uint64_t> removed_by_reason;
   bool stopping = false;
   /// healthy: serving as configured; degraded: a worker start failed lately
   /// (or fewer workers run than configured); broken: pool.broken_after

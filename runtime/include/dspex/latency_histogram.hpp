@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -46,6 +47,18 @@ public:
 
   /// @returns the percentiles of everything recorded so far.
   latency_summary summary() const;
+
+  /// @returns how many values were counted at or below each of `bounds_ns`
+  ///          (ascending), then all of them (the +Inf bucket), from one copy
+  ///          of the buckets, for formats with fixed buckets (Prometheus). A
+  ///          log bucket counts below a bound only when all of it is, so a
+  ///          count never includes a value above its bound (it may miss
+  ///          values within 1/16 below it).
+  std::vector<std::uint64_t> counts_at_or_below(const std::vector<std::uint64_t>& bounds_ns) const;
+  /// @returns the number of values counted.
+  std::uint64_t count() const noexcept { return count_.load(std::memory_order_relaxed); }
+  /// @returns the sum of the values counted, in nanoseconds.
+  std::uint64_t sum_ns() const noexcept { return sum_ns_.load(std::memory_order_relaxed); }
 
   /// @returns the bucket a value of `ns` nanoseconds is counted in.
   static std::size_t bucket_of(std::uint64_t ns) noexcept;

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "dspex/call_counts.hpp"
 #include "dspex/latency_histogram.hpp"
 
 namespace dspex {
@@ -42,6 +43,7 @@ public:
   latency_histogram queue_wait;
   latency_histogram run;
   latency_histogram total;
+  call_counts calls;  ///< every call the API answered, by command and outcome
 
   /// A call was made (whole-call accounting starts).
   void call_started() noexcept { in_flight_.fetch_add(1, std::memory_order_relaxed); }
