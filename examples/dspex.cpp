@@ -3,6 +3,9 @@
 //   dspex run [--requests=N] [--concurrency=N] [--programs=N] [--quiet]
 //             [--storm [--storm-cycles=N] [--storm-interval-ms=N] [--storm-kills=N]]
 //             [--config-file=PATH] [--pool.size=8 ...any setting...]
+//   dspex call COMMAND [JSON] [--session=ID] [--json]  one call, its reply as JSON
+//   dspex doctor [--json]                            what a pool needs, and what to fix
+//   dspex metrics [--requests=N]                     the Prometheus exposition
 //   dspex config [--config-file=PATH] [overrides]   print the effective settings
 //   dspex help                                       keys, defaults and commands
 #include <algorithm>
@@ -15,6 +18,7 @@
 
 #include "dspex/config.hpp"
 #include "dspex/runtime.hpp"
+#include "operator_commands.hpp"
 #include "storm_run.hpp"
 #include "workload.hpp"
 
@@ -41,6 +45,15 @@ void print_help(std::ostream& out) {
          "           --storm-stop-percent=N (10: share of the hits that are SIGSTOP; the pool\n"
          "             finds stopped processes at its maintenance tick, so --storm lowers\n"
          "             pool.health_interval to 100ms unless it is set explicitly)\n"
+         "  call     COMMAND [JSON-ARGS] [--session=ID] [--json]: start a pool (1 worker unless\n"
+         "           --pool.size is given), run one command, print its reply as JSON; exit code\n"
+         "           by outcome: 0 ok, 1 the command failed (python_error), 2 usage or\n"
+         "           configuration, 3 the pool could not start, 4 timeout, 5 the worker was lost,\n"
+         "           6 no capacity (resource or session error), 7 any other error\n"
+         "  doctor   [--json]: check the interpreter, the worker script, a worker's start, dspy,\n"
+         "           the LM key variable and the file limit; say what to fix (exit 1 if any fails)\n"
+         "  metrics  [--requests=N]: start the pool, run N pings, print the metrics in\n"
+         "           Prometheus' text format\n"
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
@@ -118,7 +131,8 @@ int main(int argc, char** argv) {
   }
   auto command = args[0];
   args.erase(args.begin());
-  if (command != "run" && command != "config") {
+  if (command != "run" && command != "config" && command != "call" && command != "doctor"
+      && command != "metrics") {
     std::cerr << "dspex: unknown command '" << command << "' (try: dspex help)\n";
     return exit_usage;
   }
@@ -128,9 +142,26 @@ int main(int argc, char** argv) {
     std::cerr << "dspex: " << bad << "\n";
     return exit_usage;
   }
+  // The operator commands' own arguments (positional, --json, ...) are theirs;
+  // the --group.key=value settings and --config-file go to the configuration.
+  std::vector<std::string> own;
+  if (command == "call" || command == "doctor" || command == "metrics") {
+    std::vector<std::string> setting_args;
+    for (auto& a : args) {
+      auto dot = a.find('.');
+      auto eq = a.find('=');
+      bool setting = a.rfind("--", 0) == 0
+                     && (a.rfind("--config-file=", 0) == 0
+                         || (dot != std::string::npos && (eq == std::string::npos || dot < eq)));
+      (setting ? setting_args : own).push_back(a);
+    }
+    args.swap(setting_args);
+  }
   std::vector<std::string> remainder;
   auto loaded = dspex::load_settings(args, dspex::bundled_config_file(), &remainder);
   if (auto* err = std::get_if<dspex::error>(&loaded)) {
+    if (command == "doctor")  // a finding like any other
+      return dspex::report_configuration_failure(own, *err, std::cout, std::cerr);
     std::cerr << "dspex: configuration error: " << err->message << "\n";
     return exit_usage;
   }
@@ -153,6 +184,16 @@ int main(int argc, char** argv) {
     std::cout << dspex::to_json(config).dump(2) << "\n";
     return exit_ok;
   }
+  if (command == "call") {
+    auto size_given = std::any_of(args.begin(), args.end(), [](const std::string& a) {
+      return a.rfind("--pool.size=", 0) == 0;
+    });
+    return dspex::run_call(own, config, size_given, std::cout, std::cerr);
+  }
+  if (command == "doctor")
+    return dspex::run_doctor(own, config, std::cout, std::cerr);
+  if (command == "metrics")
+    return dspex::run_metrics(own, config, std::cout, std::cerr);
   try {
     std::cerr << fmt::format("dspex: starting {} workers ({} LM)...\n", config.pool.size,
                              config.lm.provider.empty() ? "no" : config.lm.provider);

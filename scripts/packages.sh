@@ -4,7 +4,7 @@
 # without root it names them and fails (NAME prefixes its messages).
 
 dspex_packages=(g++ cmake make python3 ccache libcaf-dev libboost-dev libboost-filesystem-dev
-                libspdlog-dev libfmt-dev nlohmann-json3-dev doctest-dev)
+                libspdlog-dev libfmt-dev nlohmann-json3-dev doctest-dev python3-prometheus-client)
 
 ensure_packages() {
   local name=$1
