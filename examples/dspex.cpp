@@ -18,6 +18,7 @@
 
 #include "dspex/config.hpp"
 #include "dspex/runtime.hpp"
+#include "http_service.hpp"
 #include "operator_commands.hpp"
 #include "storm_run.hpp"
 #include "workload.hpp"
@@ -54,6 +55,8 @@ void print_help(std::ostream& out) {
          "           the LM key variable and the file limit; say what to fix (exit 1 if any fails)\n"
          "  metrics  [--requests=N]: start the pool, run N pings, print the metrics in\n"
          "           Prometheus' text format\n"
+         "  serve    [--bind=127.0.0.1] [--port=8080]: the example HTTP/JSON service (README);\n"
+         "           0 picks a free port; SIGTERM drains it (finishes the calls in flight)\n"
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
@@ -132,7 +135,7 @@ int main(int argc, char** argv) {
   auto command = args[0];
   args.erase(args.begin());
   if (command != "run" && command != "config" && command != "call" && command != "doctor"
-      && command != "metrics") {
+      && command != "metrics" && command != "serve") {
     std::cerr << "dspex: unknown command '" << command << "' (try: dspex help)\n";
     return exit_usage;
   }
@@ -145,7 +148,7 @@ int main(int argc, char** argv) {
   // The operator commands' own arguments (positional, --json, ...) are theirs;
   // the --group.key=value settings and --config-file go to the configuration.
   std::vector<std::string> own;
-  if (command == "call" || command == "doctor" || command == "metrics") {
+  if (command == "call" || command == "doctor" || command == "metrics" || command == "serve") {
     std::vector<std::string> setting_args;
     for (auto& a : args) {
       auto dot = a.find('.');
@@ -194,6 +197,30 @@ int main(int argc, char** argv) {
     return dspex::run_doctor(own, config, std::cout, std::cerr);
   if (command == "metrics")
     return dspex::run_metrics(own, config, std::cout, std::cerr);
+  if (command == "serve") {
+    dspex::service_options so;
+    for (auto& a : own) {
+      if (a.rfind("--bind=", 0) == 0) {
+        so.bind = a.substr(7);
+      } else if (a.rfind("--port=", 0) == 0) {
+        try {
+          std::size_t used = 0;
+          auto v = a.substr(7);
+          auto port = std::stoul(v, &used);
+          if (used != v.size() || port > 65535 || v[0] == '-')
+            throw std::invalid_argument{v};
+          so.port = static_cast<std::uint16_t>(port);
+        } catch (const std::exception&) {
+          std::cerr << "dspex serve: --port must be 0..65535 (got '" << a.substr(7) << "')\n";
+          return exit_usage;
+        }
+      } else {
+        std::cerr << "dspex serve: unknown argument '" << a << "' (try: dspex help)\n";
+        return exit_usage;
+      }
+    }
+    return dspex::run_service(config, so, std::cout, std::cerr);
+  }
   try {
     std::cerr << fmt::format("dspex: starting {} workers ({} LM)...\n", config.pool.size,
                              config.lm.provider.empty() ? "no" : config.lm.provider);

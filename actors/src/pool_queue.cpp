@@ -339,7 +339,9 @@ caf::response_promise enqueue(pool_actor_t self, waiter wt, bool block) {
     fail_waiter(wt, full_error(wt.type));
     return rp;
   }
-  if (st.queue.size() >= st.config->pool.max_queue) {
+  // pool.max_queue bounds every caller waiting for a worker: those in the
+  // direct lane's line too (a caller the full line refused comes here).
+  if (st.queue.size() + st.idle->waiting() >= st.config->pool.max_queue) {
     fail_waiter(wt, make_error(error_category::resource_error, "pool_saturated",
                                "the wait queue is full ("
                                  + std::to_string(st.config->pool.max_queue) + " callers)",

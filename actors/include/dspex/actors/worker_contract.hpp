@@ -28,6 +28,15 @@
 //
 // An exception thrown by a callback counts as remove(connect_error(...)) for
 // handle_checkout and remove(callback_failed) for the others.
+//
+// What blocks the pool: every callback runs on the pool actor, in the middle
+// of its work, so while one runs the pool serves nobody (no checkout, no
+// checkin, no deadline, no replacement). A callback must return at once:
+// no waiting on a process, a socket or a lock held elsewhere. Starting a
+// process is init_worker's `async` (the worker reports when it is ready);
+// stopping one is terminate_worker's message to the worker (its exit comes
+// back as a down message). A slow handle_checkout delays every queued
+// caller behind it, as in NimblePool.
 #pragma once
 
 #include <cstdint>
@@ -139,12 +148,54 @@ private:
 class worker_contract {
 public:
   virtual ~worker_contract();
+
+  /// Starts one worker: sets `w.handle` (and `w.state`, the contract's own).
+  /// @param w the pool's record of the new worker (its id is set)
+  /// @param pool the pool actor: the owner the worker reports to, and the
+  ///        parent to spawn it from
+  /// @returns ready (serves now), async (reports worker_ready_atom later; a
+  ///          worker that exits first is a failed start), or failed(error)
+  ///          (no worker: counted by the crash-loop guard)
+  /// @note Runs on the pool actor: must not wait for the worker.
   virtual init_result init_worker(pool_worker& w, caf::local_actor* pool) = 0;
+
+  /// Decides whether worker `w` may serve a caller, just before it does.
+  /// @param type the checkout's type (anonymous, session(id), any_worker)
+  /// @param caller the caller as the pool sees it (`alive` false: it is gone)
+  /// @param w the idle worker the pool chose
+  /// @returns ok(client): the caller's requests go to `client` (usually the
+  ///          worker); remove(reason): the worker is terminated and
+  ///          replaced, and the same caller is tried on the next worker;
+  ///          skip(error): that caller fails with `error`, the worker stays
+  /// @note Runs on the pool actor, once per handover: every queued caller
+  ///       waits for it.
   virtual checkout_result handle_checkout(const checkout_type& type, const caller_info& caller,
                                           pool_worker& w) = 0;
+
+  /// A checkout of `w` ended.
+  /// @param status ok, error(reason) (the call failed) or close (the holder
+  ///        wants the worker gone)
+  /// @returns ok (the worker is idle again) or remove(reason)
+  /// @note Runs on the pool actor.
   virtual keep_or_remove handle_checkin(const checkin_status& status, pool_worker& w) = 0;
+
+  /// A message about idle worker `w` that the pool does not know (e.g.
+  /// worker_gone_atom: its process exited).
+  /// @returns ok or remove(reason)
+  /// @note Runs on the pool actor.
   virtual keep_or_remove handle_info(const caf::message& msg, pool_worker& w) = 0;
+
+  /// An idle check without the process's help: on a worker idle for
+  /// pool.health_interval, before the pool pings it through its process,
+  /// and on ping_idle_atom.
+  /// @returns ok or remove(reason) (category health_check_error)
+  /// @note Runs on the pool actor, for every idle worker at a tick.
   virtual keep_or_remove handle_ping(pool_worker& w) = 0;
+
+  /// Worker `w` leaves the pool: stop it. Its exit still reaches the pool
+  /// (a down message); the pool kills what is left when it ends itself.
+  /// @param reason why it leaves (a removal's reason, or the pool's stop)
+  /// @note Runs on the pool actor: send the stop, do not wait for it.
   virtual void terminate_worker(const error& reason, pool_worker& w) = 0;
   /// The worker's direct lane, or null (the default): with one, a caller
   /// may take the worker while it is idle and run an anonymous call on it
