@@ -18,6 +18,7 @@
 
 #include "dspex/config.hpp"
 #include "dspex/runtime.hpp"
+#include "bench.hpp"
 #include "http_service.hpp"
 #include "operator_commands.hpp"
 #include "storm_run.hpp"
@@ -55,6 +56,8 @@ void print_help(std::ostream& out) {
          "           the LM key variable and the file limit; say what to fix (exit 1 if any fails)\n"
          "  metrics  [--requests=N]: start the pool, run N pings, print the metrics in\n"
          "           Prometheus' text format\n"
+         "  bench    [--quick] [--anchor] [--iterations=N] [--python=PATH] ...: the benchmark of\n"
+         "           the request path (bench_pool's options), with a progress bar on a terminal\n"
          "  serve    [--bind=127.0.0.1] [--port=8080]: the example HTTP/JSON service (README);\n"
          "           0 picks a free port; SIGTERM drains it (finishes the calls in flight)\n"
          "  config   print the effective settings as JSON and exit\n"
@@ -134,6 +137,29 @@ int main(int argc, char** argv) {
   }
   auto command = args[0];
   args.erase(args.begin());
+  if (command == "bench") {
+    // The benchmark's own options (bench_pool's); a progress bar on a terminal.
+    std::vector<std::string> argv_strings{"dspex bench"};
+    argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+    std::vector<char*> bench_argv;
+    for (auto& a : argv_strings)
+      bench_argv.push_back(a.data());
+    dspex::bench::progress_fn progress;
+    if (dspex::is_terminal(std::cerr)) {
+      progress = [done = 0](const std::string& row) mutable {
+        ++done;
+        constexpr int width = 30;
+        int filled = std::min(width, done * width / dspex::bench::expected_rows);
+        std::cerr << "\r[" << std::string(static_cast<std::size_t>(filled), '#')
+                  << std::string(static_cast<std::size_t>(width - filled), ' ') << "] "
+                  << fmt::format("{:<48.48}", row) << std::flush;
+      };
+    }
+    auto rc = dspex::bench::run(static_cast<int>(bench_argv.size()), bench_argv.data(), progress);
+    if (progress)
+      std::cerr << "\n";
+    return rc;
+  }
   if (command != "run" && command != "config" && command != "call" && command != "doctor"
       && command != "metrics" && command != "serve") {
     std::cerr << "dspex: unknown command '" << command << "' (try: dspex help)\n";

@@ -141,5 +141,20 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(buckets[-1].value, 5)
 
 
+class BenchTests(unittest.TestCase):
+    def test_a_quick_run_prints_every_ratio_from_its_own_figures(self):
+        # A smoke run: that the command runs and reports, never its figures.
+        p = subprocess.run([DSPEX, "bench", "--quick", f"--python={PYTHON}"], capture_output=True, text=True,
+                           timeout=600)
+        self.assertEqual(p.returncode, 0, p.stderr[-2000:])
+        self.assertIn("ratios (every figure from this run)", p.stdout)
+        self.assertIn("pool sequential p50 / raw p50", p.stdout)
+        self.assertIn("raw pipe, 1 worker, sequential", p.stdout)
+        # Not a terminal: no progress bar in the output.
+        self.assertNotIn("\r[", p.stderr)
+        rc = subprocess.run([DSPEX, "bench", "--no-such-option"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(rc.returncode, 2)
+
+
 if __name__ == "__main__":
     unittest.main()
