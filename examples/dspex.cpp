@@ -35,8 +35,9 @@ constexpr int exit_storm_violation = 4;
 void print_help(std::ostream& out) {
   out << "usage: dspex <command> [options] [--group.key=value ...]\n\n"
          "commands:\n"
-         "  run      start the pool, run a workload, print a summary\n"
+         "  run      start the pool, run a workload, print a summary (progress on a terminal)\n"
          "           --requests=N (400) --concurrency=N (8) --programs=N (8) --quiet\n"
+         "           --json: the summary as one JSON object\n"
          "           --storm: SIGKILL (and SIGSTOP some) random workers in any state while the\n"
          "             workload runs, then check\n"
          "             that every request succeeded or failed with a structured error, the\n"
@@ -115,6 +116,10 @@ bool take_run_options(std::vector<std::string>& args, run_options& run, std::str
     }
     if (a == "--quiet") {
       opts.progress = false;
+      continue;
+    }
+    if (a == "--json") {
+      opts.json = true;
       continue;
     }
     rest.push_back(a);
@@ -268,6 +273,9 @@ int main(int argc, char** argv) {
       return dspex::storm_violations(report, storm, left).empty() ? exit_ok
                                                                   : exit_storm_violation;
     }
+    // Progress on a terminal only: a pipe gets the summary alone.
+    if (!dspex::is_terminal(std::cerr))
+      opts.workload.progress = false;
     auto failed = dspex::run_workload(*rt, opts.workload, std::cout, std::cerr);
     rt->stop();
     return failed == 0 ? exit_ok : exit_failed_requests;

@@ -210,6 +210,29 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
   r.programs_lost = programs_lost;
   r.elapsed_s = elapsed;
   auto total = t.latencies.count();
+  if (opts.json) {
+    auto st = rt.status();
+    nlohmann::json errors = nlohmann::json::object();
+    for (auto& [key, n] : r.errors)
+      errors[key] = {{"count", n}, {"example", r.first_message[key]}};
+    out << nlohmann::json{
+             {"requests", total},
+             {"succeeded", r.ok},
+             {"failed", r.failed()},
+             {"errors", errors},
+             {"unstructured", r.unstructured},
+             {"latency_us", {{"p50", t.latencies.percentile_us(50)},
+                             {"p99", t.latencies.percentile_us(99)}}},
+             {"throughput_rps", elapsed > 0 ? static_cast<double>(total) / elapsed : 0.0},
+             {"wall_time_s", elapsed},
+             {"sessions", {{"count", sessions}, {"programs_listed", listed_total},
+                           {"programs_created", created_total}, {"programs_lost", programs_lost}}},
+             {"pool", st.to_json()}}
+             .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+        << "\n";
+    out.flush();
+    return r;
+  }
   out << "\n== dspex run summary ==\n";
   out << fmt::format("{:<28}{}\n", "requests", total);
   out << fmt::format("{:<28}{}\n", "succeeded", r.ok);

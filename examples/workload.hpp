@@ -23,6 +23,8 @@ struct workload_options {
   std::size_t requests = 400;   ///< execute_program calls (at least)
   std::size_t concurrency = 8;  ///< concurrent callers
   bool progress = true;
+  /// The summary as one JSON object (for scripts) instead of the tables.
+  bool json = false;
   /// The callers keep executing beyond `requests` until this long after the
   /// executions began (e.g. for the whole of a crash storm); 0 = off.
   std::chrono::milliseconds min_duration{0};

@@ -141,6 +141,18 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(buckets[-1].value, 5)
 
 
+class RunTests(unittest.TestCase):
+    def test_json_summary_and_no_progress_in_a_pipe(self):
+        rc, out, err = dspex("run", "--requests=30", "--json", "--pool.size=2")
+        self.assertEqual(rc, 0, err[-2000:])
+        summary = json.loads(out)
+        self.assertEqual(summary["failed"], 0)
+        self.assertEqual(summary["succeeded"], summary["requests"])
+        self.assertEqual(summary["sessions"]["programs_lost"], 0)
+        self.assertEqual(summary["pool"]["size"], 2)
+        self.assertNotIn("progress:", err)  # stderr is a pipe here
+
+
 class BenchTests(unittest.TestCase):
     def test_a_quick_run_prints_every_ratio_from_its_own_figures(self):
         # A smoke run: that the command runs and reports, never its figures.
