@@ -18,8 +18,11 @@ class checkout_type {
 public:
   enum class kind { session, anonymous, any_worker };
 
+  /// A checkout for session `session_id` (recorded on the worker until checkin).
   static checkout_type session(std::string session_id);
+  /// A checkout for no session.
   static checkout_type anonymous();
+  /// Any worker, for maintenance (no session recorded).
   static checkout_type any_worker();
 
   /// Parses "session:<id>", "anonymous" or "any_worker"; anything else is
@@ -28,6 +31,7 @@ public:
 
   kind what() const noexcept { return kind_; }
   const std::string& session_id() const noexcept { return session_id_; }
+  /// @returns "session:<id>", "anonymous" or "any_worker".
   std::string to_string() const;
 
 private:
@@ -48,6 +52,8 @@ enum class affinity_mode { hint, strict_queue, strict_fail_fast };
 
 /// "hint", "strict_queue", "strict_fail_fast".
 const char* to_string(affinity_mode m) noexcept;
+/// @returns the mode named `name` (hint, strict_queue, strict_fail_fast), or
+///          nullopt for any other name.
 std::optional<affinity_mode> affinity_mode_from_string(std::string_view name) noexcept;
 
 /// How a lease ends, as NimblePool's checkin statuses: the worker is fine

@@ -88,7 +88,9 @@ public:
   /// when the pool no longer knew the lease (revoked, worker gone, stopped).
   bool checkin(checkin_status status = checkin_status::ok());
 
+  /// @returns the id of the leased worker (e.g. "w3").
   const std::string& worker_id() const noexcept;
+  /// @returns true once checkin was called (the lease is over).
   bool checked_in() const noexcept;
 
   struct impl;
@@ -195,6 +197,8 @@ public:
   /// Returns the id for unsubscribe. To deliver events to an actor, see
   /// dspex/actors/events_actor.hpp (subscribe_actor).
   std::uint64_t subscribe(std::function<void(const event&)> handler);
+  /// Removes the handler `id` (from subscribe). Once it returns, the handler
+  /// runs no more, except a call already running on this very thread.
   void unsubscribe(std::uint64_t id);
   /// The bus itself (it outlives stop(), and the runtime object).
   event_bus& events() noexcept;
@@ -211,6 +215,7 @@ public:
   ///       with resource_error/pool_stopping.
   void stop();
 
+  /// @returns the settings the runtime was started with (validated).
   const settings& config() const noexcept;
 
   struct impl;

@@ -66,6 +66,7 @@ struct pool_status {
   std::vector<worker_info> workers;
   std::vector<worker_info> retired;  ///< the last removed workers (bounded), for summaries
 
+  /// @returns every field as JSON (status output, dspex run, /v1/status).
   nlohmann::json to_json() const;
 };
 

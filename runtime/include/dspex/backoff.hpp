@@ -33,6 +33,8 @@ enum class backoff_kind {
 
 /// "exponential", "linear", "fibonacci", "decorrelated_jitter".
 const char* to_string(backoff_kind k) noexcept;
+/// @returns the strategy named `name` (exponential, linear, fibonacci,
+///          decorrelated_jitter), or nullopt.
 std::optional<backoff_kind> backoff_kind_from_string(std::string_view name) noexcept;
 
 struct backoff_config {
@@ -102,6 +104,7 @@ enum class retry_class {
   idempotent_only,  ///< the worker may have run it (it died / hung mid-request)
 };
 
+/// @returns the snake_case name of `c`.
 const char* to_string(retry_class c) noexcept;
 
 /// One row of the classification table: `type` empty matches every type of

@@ -105,7 +105,9 @@ public:
   child_process(const child_process&) = delete;
   child_process& operator=(const child_process&) = delete;
 
+  /// @returns the child's pid (its process group's id too).
   pid_t pid() const noexcept;
+  /// @returns the label of every log line about the child (the worker id).
   const std::string& label() const noexcept;
 
   /// Sends one frame (header + payload) to the child's stdin without ever

@@ -37,7 +37,9 @@ const char* to_string(error_category c) noexcept;
 ///             resource_error/pool_unavailable, resource_error/supervisor_gave_up)
 enum class error_severity { info, warning, error, critical };
 
+/// @returns "info", "warning", "error" or "critical".
 const char* to_string(error_severity s) noexcept;
+/// @returns the category named `name` (e.g. "timeout_error"), or nullopt.
 std::optional<error_category> category_from_string(std::string_view name) noexcept;
 
 /// A structured error. `type` is a stable snake_case word within the category

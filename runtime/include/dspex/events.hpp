@@ -60,6 +60,8 @@ struct event {
   nlohmann::json fields = nlohmann::json::object();  ///< anything else worth a field
   std::chrono::steady_clock::time_point at = std::chrono::steady_clock::now();
 
+  /// @returns the event as JSON: kind, source, worker_id, from, to, reason,
+  ///          attempt, delay_ms, error and fields (the empty ones left out).
   nlohmann::json to_json() const;
   /// "event=worker_transition source=w1 worker=w1 from=ready to=busy reason=..."
   std::string describe() const;

@@ -43,6 +43,7 @@ std::string encode_frame(std::string_view payload);
 /// Incremental decoder: bytes in any split in, whole frames out.
 class frame_decoder {
 public:
+  /// @param max_frame_bytes a larger frame is a protocol error (oversize).
   explicit frame_decoder(std::size_t max_frame_bytes = default_max_frame_bytes);
 
   /// Consumes `bytes`. Every frame they complete is appended to `out`, in

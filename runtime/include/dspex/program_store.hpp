@@ -30,6 +30,7 @@ public:
   /// drops the least recently used one beyond the capacity.
   void put(key k, nlohmann::json definition);
 
+  /// Forgets the definition of `k` (nothing when unknown).
   void erase(const key& k);
 
   std::size_t size() const noexcept { return entries_.size(); }

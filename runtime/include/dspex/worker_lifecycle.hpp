@@ -87,6 +87,7 @@ public:
   bool accepts_work() const noexcept { return state_ == lifecycle_state::ready; }
   bool terminated() const noexcept { return state_ == lifecycle_state::terminated; }
   time_point entered_at() const noexcept { return entered_at_; }
+  /// @returns how long the worker has been in its current state at `now`.
   duration time_in_state(time_point now) const noexcept;
 
   /// Oldest first; at most history_capacity entries.

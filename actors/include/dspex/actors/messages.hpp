@@ -126,6 +126,11 @@ enum class worker_exit : std::uint8_t {
   killed_at_start,      ///< a signal from outside ended the child during its start (not a start failure)
 };
 
+/// The reason a worker actor quits with: `code` (what happened to its
+/// process) and `detail` (the structured error), as decode_exit_reason reads it.
+/// @param code the worker_exit that names the end
+/// @param detail the error callers of that worker got
+/// @returns a caf::error of the worker_exit category
 caf::error make_exit_reason(worker_exit code, const error& detail);
 
 /// The structured error a worker actor quit with; nullopt for any other reason

@@ -61,6 +61,12 @@ using detect_result = std::variant<service, error>;
 /// The message of the error detect_service returns when nothing is running.
 inline constexpr const char* service_unavailable_message = "Python bridge not available";
 
+/// Finds a running service (seed Fix 5): the pool registered as dspexpool if
+/// alive, else a live bridge registered as dspexbrdg, else the first live
+/// entry of the fallback registry.
+/// @returns the service, or connection_error/service_unavailable
+///          (service_unavailable_message)
+/// @note Liveness is checked now (is_alive), not trusted from the registry.
 detect_result detect_service(caf::actor_system& sys);
 
 /// True while `actor` has not terminated (nor decided to: quit() called).

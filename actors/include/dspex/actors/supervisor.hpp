@@ -100,7 +100,9 @@ enum class restart_strategy : std::uint8_t {
   rest_for_one,
 };
 
+/// @returns the snake_case name (permanent, transient, temporary).
 const char* to_string(restart_type x) noexcept;
+/// @returns the snake_case name (one_for_one, one_for_all, rest_for_one).
 const char* to_string(restart_strategy x) noexcept;
 
 /// One child of a supervisor.
@@ -129,6 +131,7 @@ enum class supervisor_event_kind : std::uint8_t {
                        ///< reason: the supervisor's own exit reason)
 };
 
+/// @returns the snake_case name (child_started, child_restarted, ...).
 const char* to_string(supervisor_event_kind x) noexcept;
 
 struct supervisor_event {
@@ -178,6 +181,7 @@ enum class supervisor_exit : std::uint8_t {
   start_failed,  ///< a child failed to start while the supervisor started
 };
 
+/// @returns the snake_case name of a supervisor's exit code.
 const char* to_string(supervisor_exit x) noexcept;
 
 struct supervisor_exit_info {

@@ -221,9 +221,18 @@ public:
 
 // -- Fix 1: the error terms of a failed checkout, each a `remove` reason ------
 
+/// connection_error/checkout_failed: the worker cannot be handed over (logged).
+/// @param reason what is wrong, e.g. "worker has no actor"
 error checkout_failed(std::string reason, const std::string& worker_id);
+/// connection_error/connect_failed: its process is gone or its pipes closed.
+/// @param reason process_not_alive or port_closed
 error connect_failed(std::string reason, const std::string& worker_id);
+/// connection_error/connect_exited: its worker actor has exited.
 error connect_exited(std::string reason, const std::string& worker_id);
+/// connection_error/connect_error: anything else, e.g. kind "exception" for a
+/// handle_checkout that threw.
+/// @param kind what failed
+/// @param reason why
 error connect_error(std::string kind, std::string reason, const std::string& worker_id);
 
 } // namespace dspex
