@@ -52,6 +52,8 @@ struct backoff_config {
 
   /// configuration_error/invalid_setting naming the field, or nothing when
   /// valid: base >= 0, max_delay >= base, factor >= 1, jitter in [0, 1].
+  /// @returns configuration_error/invalid_setting naming the retry.* key out
+  ///          of range, or nullopt
   std::optional<error> validate() const;
 };
 
@@ -69,6 +71,8 @@ class backoff {
 public:
   using ms = std::chrono::milliseconds;
 
+  /// @param cfg the strategy and its numbers (clamped, see above)
+  /// @param seed the jitter's seed: give concurrent sequences different ones
   explicit backoff(backoff_config cfg = {}, std::uint64_t seed = 0x5eed);
 
   /// The delay before retry number `retry` (1 = the first retry). The
@@ -79,6 +83,7 @@ public:
 
   /// Restarts the decorrelated walk (and re-seeds when a seed is given).
   void reset();
+  /// Restarts the walk with the jitter seeded by `seed`.
   void reset(std::uint64_t seed);
 
   const backoff_config& config() const noexcept { return cfg_; }
@@ -145,6 +150,8 @@ struct retry_settings {
   std::chrono::milliseconds min_attempt_budget{0};
   std::vector<retry_rule> rules = default_retry_rules();
 
+  /// @returns configuration_error/invalid_setting naming the retry.* key out
+  ///          of range, or nullopt
   std::optional<error> validate() const;
 };
 
@@ -158,6 +165,7 @@ enum class retry_reason {
   deadline,               ///< the delay (plus min_attempt_budget) would pass the deadline
 };
 
+/// @returns the snake_case name of `r`.
 const char* to_string(retry_reason r) noexcept;
 
 struct retry_decision {
@@ -173,6 +181,8 @@ class retry_policy {
 public:
   using time_point = std::chrono::steady_clock::time_point;
 
+  /// @param s the shared settings (max_attempts, backoff, rules)
+  /// @param seed this call's jitter seed (e.g. from its id)
   explicit retry_policy(retry_settings s = {}, std::uint64_t seed = 0x5eed);
 
   /// `last`: the error of attempt number `attempt` (1 = the first attempt).

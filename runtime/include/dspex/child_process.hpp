@@ -63,6 +63,7 @@ public:
 class child_observer {
 public:
   virtual ~child_observer();
+  /// One complete frame from stdout, its 4-byte length removed.
   virtual void on_frame(std::string payload) = 0;
   /// The stdout stream broke the framing rules (reported once; later stdout
   /// bytes are discarded). The owner is expected to kill the child.
@@ -78,6 +79,7 @@ public:
   /// The time given to child_process::set_alarm has come (once per
   /// set_alarm; a later set_alarm replaces an earlier one). Default: nothing.
   virtual void on_alarm();
+  /// The child was reaped: how it ended. The last call, exactly once.
   virtual void on_exit(exit_status status) = 0;
 };
 

@@ -112,6 +112,8 @@ public:
   /// After a call with a permit. Stale permits (from an earlier epoch) and
   /// repeated reports of a probe are ignored.
   void record_success(const circuit_permit& p);
+  /// After a failed call with a permit: `e` counts toward opening only when
+  /// its class says something about the pool (the config's `counts`).
   void record_failure(const circuit_permit& p, const error& e);
   /// The call ended without an outcome that says anything about the pool
   /// (cancelled, caller gone): frees a probe slot, counts nothing.

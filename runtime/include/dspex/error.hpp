@@ -68,7 +68,9 @@ error make_error(error_category category, std::string type, std::string message,
 class outcome {
 public:
   outcome() = default;
+  /// A success carrying `result` (the worker's reply).
   static outcome success(nlohmann::json result);
+  /// A failure carrying `err`.
   static outcome failure(error err);
 
   bool ok() const noexcept { return ok_; }

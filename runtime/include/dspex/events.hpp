@@ -100,6 +100,7 @@ public:
   }
 
 private:
+  /// @returns true when trace-level events are logged (cheap: check before building one).
   static bool trace_enabled() noexcept;
 
   struct subscription;

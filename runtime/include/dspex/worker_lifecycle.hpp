@@ -28,6 +28,7 @@ enum class lifecycle_state {
 /// "initializing", "ready", "busy", "degraded", "terminating", "terminated";
 /// "unknown" for a value outside the enum.
 const char* to_string(lifecycle_state s) noexcept;
+/// @returns the state named `name` (initializing, ready, ...), or nullopt.
 std::optional<lifecycle_state> lifecycle_state_from_string(std::string_view name) noexcept;
 
 /// The whole transition table; every pair not listed is invalid, including
