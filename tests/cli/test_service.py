@@ -209,6 +209,22 @@ class SaturationTests(unittest.TestCase):
         self.assertEqual(results, [200, 200])
 
 
+class CircuitTests(unittest.TestCase):
+    def test_an_open_circuit_is_a_503(self):
+        # One failure that says the pool is in trouble opens the circuit: the next call is refused.
+        svc = Service("--pool.size=1", "--circuit.failure_threshold=1", "--circuit.open_timeout=60s",
+                      "--retry.max_attempts=1")
+        try:
+            code, reply = svc.json("POST", "/v1/execute", {"command": "crash"})
+            self.assertEqual(code, 502, reply)
+            code, reply = svc.json("POST", "/v1/execute", {"command": "ping"})
+            self.assertEqual(code, 503, reply)
+            self.assertEqual(reply["error"]["category"], "resource_error")
+            self.assertEqual(reply["error"]["type"], "circuit_open")
+        finally:
+            self.assertEqual(svc.stop(), 0)
+
+
 class DrainTests(unittest.TestCase):
     def test_sigterm_finishes_the_calls_in_flight_and_leaves_no_worker(self):
         svc = Service("--pool.size=3")
