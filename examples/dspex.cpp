@@ -90,15 +90,10 @@ bool take_run_options(std::vector<std::string>& args, run_options& run, std::str
       if (a.rfind(prefix, 0) != 0)
         return false;
       auto value = a.substr(prefix.size());
-      try {
-        std::size_t used = 0;
-        auto n = std::stoul(value, &used);
-        if (used != value.size() || n > 10'000'000 || value[0] == '-')
-          throw std::invalid_argument{value};
-        field = n;
-      } catch (const std::exception&) {
+      if (auto n = dspex::parse_count(value, 10'000'000))
+        field = *n;
+      else
         bad = fmt::format("--{} must be a non-negative integer (got '{}')", name, value);
-      }
       return true;
     };
     if (take("requests", opts.requests) || take("concurrency", opts.concurrency)
@@ -234,17 +229,12 @@ int main(int argc, char** argv) {
       if (a.rfind("--bind=", 0) == 0) {
         so.bind = a.substr(7);
       } else if (a.rfind("--port=", 0) == 0) {
-        try {
-          std::size_t used = 0;
-          auto v = a.substr(7);
-          auto port = std::stoul(v, &used);
-          if (used != v.size() || port > 65535 || v[0] == '-')
-            throw std::invalid_argument{v};
-          so.port = static_cast<std::uint16_t>(port);
-        } catch (const std::exception&) {
+        auto port = dspex::parse_count(a.substr(7), 65535);
+        if (!port) {
           std::cerr << "dspex serve: --port must be 0..65535 (got '" << a.substr(7) << "')\n";
           return exit_usage;
         }
+        so.port = static_cast<std::uint16_t>(*port);
       } else {
         std::cerr << "dspex serve: unknown argument '" << a << "' (try: dspex help)\n";
         return exit_usage;

@@ -104,6 +104,15 @@ std::string trimmed(std::string s) {
 
 } // namespace
 
+std::optional<std::size_t> parse_count(const std::string& text, std::size_t max) {
+  if (text.empty() || text.find_first_not_of("0123456789") != std::string::npos || text.size() > 19)
+    return std::nullopt;
+  auto n = std::stoull(text);
+  if (n > max)
+    return std::nullopt;
+  return static_cast<std::size_t>(n);
+}
+
 bool is_terminal(std::ostream& out) {
   if (&out == &std::cout)
     return ::isatty(STDOUT_FILENO) == 1;
@@ -348,17 +357,13 @@ int run_metrics(const std::vector<std::string>& args, settings config, std::ostr
   std::size_t requests = 0;
   for (auto& a : args) {
     if (a.rfind("--requests=", 0) == 0) {
-      try {
-        std::size_t used = 0;
-        auto v = a.substr(11);
-        requests = std::stoul(v, &used);
-        if (used != v.size() || v[0] == '-' || requests > 1'000'000)
-          throw std::invalid_argument{v};
-        continue;
-      } catch (const std::exception&) {
+      auto n = parse_count(a.substr(11), 1'000'000);
+      if (!n) {
         err << "dspex metrics: --requests must be an integer from 0 to 1000000\n";
         return 2;
       }
+      requests = *n;
+      continue;
     }
     err << "dspex metrics: unknown argument '" << a << "' (try: dspex help)\n";
     return 2;

@@ -4,7 +4,9 @@
 // wrong to `err`, and returns the process's exit code.
 #pragma once
 
+#include <cstddef>
 #include <iosfwd>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,6 +25,10 @@ enum call_exit : int {
   call_no_capacity = 6,      ///< resource_error, session_error
   call_runtime_error = 7,    ///< system_error, health_check_error, anything else
 };
+
+/// A command-line count: decimal digits only, at most `max`.
+/// @returns the number, or nullopt for anything else ("-1", "3x", "", too large)
+std::optional<std::size_t> parse_count(const std::string& text, std::size_t max);
 
 /// The exit code of `dspex call` for an error of `category`.
 int call_exit_code(error_category category) noexcept;

@@ -587,9 +587,12 @@ metrics_snapshot runtime::metrics() {
   m.pool_restarts = impl_->shared->pool_restarts.load(std::memory_order_relaxed);
   m.calls = impl_->metrics->calls.snapshot();
   const auto& bounds = latency_bucket_bounds();
-  std::vector<std::uint64_t> bounds_ns;
-  for (auto b : bounds)
-    bounds_ns.push_back(static_cast<std::uint64_t>(std::llround(b * 1e9)));
+  static const std::vector<std::uint64_t> bounds_ns = [&] {
+    std::vector<std::uint64_t> ns;
+    for (auto b : bounds)
+      ns.push_back(static_cast<std::uint64_t>(std::llround(b * 1e9)));
+    return ns;
+  }();
   auto histogram = [&](const latency_histogram& h) {
     return histogram_snapshot{bounds, h.counts_at_or_below(bounds_ns),
                               static_cast<double>(h.sum_ns()) / 1e9};

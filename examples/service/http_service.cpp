@@ -109,11 +109,9 @@ response_t handle(runtime& rt, const request_t& req) {
                            .to_json());
   };
   auto wrong_method = [&] {
-    auto res = json_response(req, 405,
-                             outcome::failure(body_error("method_not_allowed",
-                                                         "method not allowed on " + target))
-                               .to_json());
-    return res;
+    return json_response(req, 405, outcome::failure(body_error("method_not_allowed",
+                                                               "method not allowed on " + target))
+                                     .to_json());
   };
   if (target == "/healthz") {
     if (method != http::verb::get)

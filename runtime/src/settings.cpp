@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 
@@ -235,19 +236,13 @@ std::optional<error> settings::validate() const {
                              "workers read the LM's key from it)",
                              lm.api_key_env));
   }
-  static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
-  bool level_ok = false;
-  for (auto* l : levels)
-    level_ok = level_ok || log_level == l;
-  if (!level_ok)
-    return bad("log.level", fmt::format("must be one of trace, debug, info, warn, error, "
-                                        "critical, off (got '{}')", log_level));
-  bool worker_level_ok = false;
-  for (auto* l : levels)
-    worker_level_ok = worker_level_ok || log_worker_level == l;
-  if (!worker_level_ok)
-    return bad("log.worker_level", fmt::format("must be one of trace, debug, info, warn, error, "
-                                               "critical, off (got '{}')", log_worker_level));
+  for (auto [key, level] : {std::pair<const char*, const std::string*>{"log.level", &log_level},
+                            {"log.worker_level", &log_worker_level}}) {
+    static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
+    if (std::none_of(std::begin(levels), std::end(levels), [&](const char* l) { return *level == l; }))
+      return bad(key, fmt::format("must be one of trace, debug, info, warn, error, critical, off "
+                                  "(got '{}')", *level));
+  }
   if (log_format != "text" && log_format != "json")
     return bad("log.format", fmt::format("must be 'text' or 'json' (got '{}')", log_format));
   if (log_file_max_bytes < 4096 || log_file_max_bytes > (std::size_t{1} << 40))

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include <caf/all.hpp>
 #include <spdlog/sinks/ostream_sink.h>
@@ -71,6 +72,32 @@ struct log_capture {
     sink->flush();
     return out.str();
   }
+};
+
+/// Every event a runtime publishes, as JSON lines, until stop().
+class event_capture {
+public:
+  explicit event_capture(runtime& rt) : rt_(rt) {
+    id_ = rt_.subscribe([this](const event& e) {
+      std::lock_guard<std::mutex> lk(mtx_);
+      text_ += e.to_json().dump() + "\n";
+    });
+  }
+  ~event_capture() { stop(); }
+  void stop() {
+    if (id_ != 0)
+      rt_.unsubscribe(std::exchange(id_, 0));
+  }
+  std::string text() {
+    std::lock_guard<std::mutex> lk(mtx_);
+    return text_;
+  }
+
+private:
+  runtime& rt_;
+  std::uint64_t id_ = 0;
+  std::mutex mtx_;
+  std::string text_;
 };
 
 } // namespace
@@ -180,12 +207,7 @@ TEST_CASE("a planted API key appears in no log, status, session info, event or e
   auto s = test_settings(2);
   s.log_level = "debug";
   auto rt = start_runtime(s);
-  std::mutex mtx;
-  std::string events_text;
-  auto sub = rt->subscribe([&](const event& e) {
-    std::lock_guard<std::mutex> lk(mtx);
-    events_text += e.to_json().dump() + "\n";
-  });
+  event_capture events{*rt};
   std::string shown;
   auto show = [&](const outcome& o) { shown += o.to_json().dump() + "\n"; };
   // The pool's LM, with a key: it becomes every worker's configuration.
@@ -202,15 +224,12 @@ TEST_CASE("a planted API key appears in no log, status, session info, event or e
   show(rt->execute_in_session("s1", "execute_program", {{"program_id", "nope"}, {"api_key", key}}));
   auto st = rt->status();
   shown += st.to_json().dump();
-  rt->unsubscribe(sub);
+  events.stop();
   stop_and_check_no_children(*rt);
   // The planted key is nowhere...
   CHECK(shown.find(key) == std::string::npos);
   CHECK(logs.text().find(key) == std::string::npos);
-  {
-    std::lock_guard<std::mutex> lk(mtx);
-    CHECK(events_text.find(key) == std::string::npos);
-  }
+  CHECK(events.text().find(key) == std::string::npos);
   // ...while what was redacted is visibly there (the test looked at real output).
   CHECK(shown.find("[redacted]") != std::string::npos);
   CHECK(logs.text().find("[redacted]") != std::string::npos);
@@ -228,20 +247,18 @@ TEST_CASE("lm.api_key_env: every worker gets the key from its environment, nothi
   std::string shown;
   {
     auto rt = start_runtime(s);
-    std::mutex mtx;
-    std::string events_text;
-    auto sub = rt->subscribe([&](const event& e) {
-      std::lock_guard<std::mutex> lk(mtx);
-      events_text += e.to_json().dump() + "\n";
-    });
+    event_capture events{*rt};
     // Each worker applied the pool's setting, key included: a worker says
-    // whether its LM has one (never what it is).
-    for (int i = 0; i < 4; ++i) {
-      auto r = rt->execute_anonymous("get_stats");
-      REQUIRE(r.ok());
-      CHECK(r.value()["lm_has_key"] == true);
-      shown += r.to_json().dump() + "\n";
-    }
+    // whether its LM has one (never what it is). Four calls reach both.
+    auto every_worker_has_the_key = [&] {
+      for (int i = 0; i < 4; ++i) {
+        auto r = rt->execute_anonymous("get_stats");
+        REQUIRE(r.ok());
+        CHECK(r.value()["lm_has_key"] == true);
+        shown += r.to_json().dump() + "\n";
+      }
+    };
+    every_worker_has_the_key();
     // A replacement gets it too: kill one worker and wait for the next.
     auto before = rt->status();
     REQUIRE(before.workers.size() == 2);
@@ -250,12 +267,7 @@ TEST_CASE("lm.api_key_env: every worker gets the key from its environment, nothi
     REQUIRE(wait_for_status(*rt, [](const pool_status& st) {
               return st.replaced >= 1 && full_and_idle(st);
             }).ok);
-    for (int i = 0; i < 4; ++i) {  // the replacement's LM has its key too
-      auto r = rt->execute_anonymous("get_stats");
-      REQUIRE(r.ok());
-      CHECK(r.value()["lm_has_key"] == true);
-      shown += r.to_json().dump() + "\n";
-    }
+    every_worker_has_the_key();  // the replacement's LM has its key too
     auto configured = rt->execute_in_session("s1", "configure_lm",
                                              {{"provider", "mock"}, {"model", "m2"},
                                               {"api_key_env", "DSPEX_TEST_LM_KEY"}});
@@ -268,10 +280,9 @@ TEST_CASE("lm.api_key_env: every worker gets the key from its environment, nothi
     shown += pool_lm.to_json().dump() + "\n";
     shown += rt->status().to_json().dump();
     shown += rt->get_session_info("s1").to_json().dump();
-    rt->unsubscribe(sub);
+    events.stop();
     stop_and_check_no_children(*rt);
-    std::lock_guard<std::mutex> lk(mtx);
-    CHECK(events_text.find(key) == std::string::npos);
+    CHECK(events.text().find(key) == std::string::npos);
   }
   ::unsetenv("DSPEX_TEST_LM_KEY");
   CHECK(shown.find(key) == std::string::npos);
