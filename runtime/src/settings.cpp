@@ -236,12 +236,14 @@ std::optional<error> settings::validate() const {
                              "workers read the LM's key from it)",
                              lm.api_key_env));
   }
-  for (auto [key, level] : {std::pair<const char*, const std::string*>{"log.level", &log_level},
+  // A pair, not a structured binding: C++17 lambdas may not capture bindings (clang refuses).
+  for (const auto& entry : {std::pair<const char*, const std::string*>{"log.level", &log_level},
                             {"log.worker_level", &log_worker_level}}) {
     static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
-    if (std::none_of(std::begin(levels), std::end(levels), [&](const char* l) { return *level == l; }))
-      return bad(key, fmt::format("must be one of trace, debug, info, warn, error, critical, off "
-                                  "(got '{}')", *level));
+    const std::string& level = *entry.second;
+    if (std::none_of(std::begin(levels), std::end(levels), [&](const char* l) { return level == l; }))
+      return bad(entry.first, fmt::format("must be one of trace, debug, info, warn, error, critical, off "
+                                          "(got '{}')", level));
   }
   if (log_format != "text" && log_format != "json")
     return bad("log.format", fmt::format("must be 'text' or 'json' (got '{}')", log_format));
