@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <memory>
 #include <optional>
 
 #include <caf/actor_system.hpp>
@@ -99,6 +100,153 @@ error parse_failure(const caf::error& err, const std::string& path) {
   return config_error("invalid_setting", message, {{"key", key}, {"argument", argument}});
 }
 
+// The groups a [pools.NAME] section may set; log and scheduler are the runtime's.
+constexpr const char* pool_groups[] = {"pool", "worker", "retry", "circuit", "session", "lm"};
+
+bool is_pool_group(const std::string& group) {
+  return std::any_of(std::begin(pool_groups), std::end(pool_groups),
+                     [&](const char* g) { return group == g; });
+}
+
+std::string type_name_of(const caf::config_option& opt) {
+  auto t = opt.type_name();
+  return std::string(t.data(), t.size());
+}
+
+/// One named pool being read: its options bound to a copy of the base settings.
+struct pool_reader {
+  std::string name;
+  std::unique_ptr<system_config> cfg;
+};
+
+/// Stores `value` for `group.key` of pool `r` (checked by the option's type).
+std::optional<error> store_pool_option(pool_reader& r, const std::string& group,
+                                       const std::string& key, const caf::config_value& value,
+                                       const std::string& where) {
+  auto full = "pools." + r.name + "." + group + "." + key;
+  if (!is_pool_group(group))
+    return config_error("invalid_setting",
+                        full + ": a pool sets only the groups pool, worker, retry, circuit, "
+                               "session and lm (in '" + where + "')",
+                        {{"key", full}});
+  auto* opt = r.cfg->options().qualified_name_lookup(group, key);
+  if (!opt)
+    return config_error("invalid_setting", "unknown option " + full + " (in '" + where + "')",
+                        {{"key", full}});
+  if (auto err = opt->check(value))
+    return config_error("invalid_setting",
+                        full + " has an invalid value (expected " + type_name_of(*opt)
+                          + ", in '" + where + "')",
+                        {{"key", full}});
+  opt->store(value);
+  return std::nullopt;
+}
+
+/// Reads the [pools.NAME] sections of `content` and the --pools.NAME.group.key
+/// arguments in `overrides` (applied after the file) into `base.pools`, each
+/// pool starting from `base`'s values. @returns the first bad key, named.
+std::optional<error> read_named_pools(const caf::settings& content,
+                                      const std::vector<std::string>& overrides,
+                                      const std::string& path, settings& base) {
+  std::vector<pool_reader> readers;
+  auto reader = [&](const std::string& name) -> std::optional<pool_reader*> {
+    for (auto& r : readers)
+      if (r.name == name)
+        return &r;
+    if (!valid_pool_name(name) || name == "default")
+      return std::nullopt;
+    readers.push_back(pool_reader{name, std::make_unique<system_config>(base)});
+    return &readers.back();
+  };
+  auto bad_name = [](const std::string& name) {
+    return config_error("invalid_setting",
+                        "pools." + sanitize_utf8(name)
+                          + ": a pool's name is 1 to 64 letters, digits, '_' or '-', and "
+                            "'default' is the top-level pool",
+                        {{"key", "pools." + sanitize_utf8(name)}});
+  };
+  // The file: [pools.NAME] sections of group maps, e.g. pool = { size = 2 }.
+  const caf::config_value* pools_value = caf::get_if(&content, "pools");
+  const auto* pools = pools_value ? caf::get_if<caf::settings>(pools_value) : nullptr;
+  if (pools_value && !pools)
+    return config_error("invalid_setting", "pools must hold [pools.NAME] sections (in '" + path + "')",
+                        {{"key", "pools"}});
+  if (pools) {
+    for (auto& [name, section] : *pools) {
+      auto r = reader(name);
+      if (!r)
+        return bad_name(name);
+      auto* groups = caf::get_if<caf::settings>(&section);
+      if (!groups)
+        return config_error("invalid_setting",
+                            "pools." + name + " must be a section of groups, e.g. [pools." + name
+                              + "] with pool = { size = 2 } (in '" + path + "')",
+                            {{"key", "pools." + name}});
+      for (auto& [group, entries] : *groups) {
+        auto* keys = caf::get_if<caf::settings>(&entries);
+        if (!keys)
+          return config_error("invalid_setting",
+                              "pools." + name + "." + group + " must be a group of keys, e.g. "
+                                + group + " = { ... } (in '" + path + "')",
+                              {{"key", "pools." + name + "." + group}});
+        for (auto& [key, value] : *keys)
+          if (auto err = store_pool_option(**r, group, key, value, path))
+            return err;
+      }
+    }
+  }
+  // The command line, after the file: --pools.NAME.group.key=value.
+  for (const auto& a : overrides) {
+    auto eq = a.find('=');
+    auto dotted = a.substr(8, eq == std::string::npos ? std::string::npos : eq - 8);
+    auto first = dotted.find('.');
+    auto second = first == std::string::npos ? first : dotted.find('.', first + 1);
+    if (second == std::string::npos || eq == std::string::npos)
+      return config_error("invalid_setting",
+                          "'" + sanitize_utf8(a) + "' is not --pools.NAME.group.key=value",
+                          {{"argument", sanitize_utf8(a)}});
+    auto name = dotted.substr(0, first);
+    auto group = dotted.substr(first + 1, second - first - 1);
+    auto key = dotted.substr(second + 1);
+    auto r = reader(name);
+    if (!r)
+      return bad_name(name);
+    auto text = a.substr(eq + 1);
+    caf::config_value value{text};  // an empty string stays one
+    if (is_pool_group(group) && !text.empty())
+      if (auto* opt = (*r)->cfg->options().qualified_name_lookup(group, key)) {
+        auto parsed = opt->parse(text);  // as CAF reads the option's type from a command line
+        if (!parsed)
+          return config_error("invalid_setting",
+                              "pools." + name + "." + group + "." + key + " has an invalid value ('"
+                                + sanitize_utf8(text) + "', expected "
+                                + type_name_of(*opt) + ")",
+                              {{"key", "pools." + name + "." + group + "." + key}});
+        value = std::move(*parsed);
+      }
+    if (auto err = store_pool_option(**r, group, key, value, "command line"))
+      return err;
+  }
+  for (auto& r : readers) {
+    auto p = r.cfg->to_settings();
+    p.pool_name = r.name;
+    p.pools.clear();
+    // The runtime's own keys stay the runtime's.
+    p.log_level = base.log_level;
+    p.log_format = base.log_format;
+    p.log_worker_level = base.log_worker_level;
+    p.log_file = base.log_file;
+    p.log_file_max_bytes = base.log_file_max_bytes;
+    p.log_file_count = base.log_file_count;
+    p.scheduler_policy = base.scheduler_policy;
+    p.scheduler_max_threads = base.scheduler_max_threads;
+    base.pools.push_back(std::move(p));
+  }
+  std::sort(base.pools.begin(), base.pools.end(),
+            [](const settings& a, const settings& b) { return a.pool_name < b.pool_name; });
+  return std::nullopt;
+}
+
 } // namespace
 
 std::variant<settings, error> load_settings(const std::vector<std::string>& args,
@@ -135,6 +283,7 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                         {{"path", sanitize_utf8(path)}});
   system_config cfg;
   std::vector<std::string> cli;
+  std::vector<std::string> pool_overrides;  // --pools.NAME.group.key=value
   std::vector<std::pair<const caf::config_option*, bool>> flags;  // applied after CAF's parse
   for (auto& a : args) {
     if (!valid_utf8(a))
@@ -146,6 +295,10 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
                           {{"argument", sanitize_utf8(a.substr(0, 64))}});
     if (a.rfind("--config-file=", 0) == 0)
       continue;
+    if (a.rfind("--pools.", 0) == 0) {  // CAF knows no such option: applied per pool below
+      pool_overrides.push_back(a);
+      continue;
+    }
     // Every option takes every value of its type from the command line,
     // which CAF 0.17's own parser does not allow for two kinds: a boolean
     // is only a flag there (--circuit.enabled=false is refused), and an
@@ -215,6 +368,8 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
   if (remainder)
     *remainder = cfg.remainder;
   auto s = cfg.to_settings();
+  if (auto err = read_named_pools(cfg.content, pool_overrides, path, s))
+    return *err;
   if (auto err = s.validate())
     return *err;
   return s;

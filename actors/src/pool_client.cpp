@@ -457,8 +457,15 @@ void set_pool(pool_client_t self, pool_handle pool) {
     st.shared->pool = pool;
   }
   // Service detection (seed Fix 5): the current pool is "dspexpool".
-  if (!st.closing)
-    register_pool(self->system(), caf::actor_cast<caf::actor>(pool));  // the registry is untyped
+  // A named pool is "dspexpool.NAME" in the dspex registry (a CAF registry
+  // name is an atom of at most 10 characters).
+  if (!st.closing) {
+    auto untyped = caf::actor_cast<caf::actor>(pool);  // the registries are untyped
+    if (st.config->pool_name == "default")
+      register_pool(self->system(), untyped);
+    else
+      register_service("dspexpool." + st.config->pool_name, service_kind::pool, untyped);
+  }
   for (auto& rp : st.ready_waiters)
     deliver_ready(self, std::move(rp));
   st.ready_waiters.clear();

@@ -23,6 +23,7 @@ pool_status make_status(pool_actor_t self) {
   auto& st = self->state;
   auto now = clock_type::now();
   pool_status s;
+  s.pool = st.config->pool_name;
   s.size = st.config->pool.size;
   s.queued = st.queue.size() + st.idle->waiting();
   s.replaced = st.replaced;

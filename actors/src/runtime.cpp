@@ -72,52 +72,47 @@ struct release_caf_thread_state {
 
 } // namespace
 
-struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
-  settings config;
-  std::shared_ptr<const settings> shared_config;
-  // actor_system keeps a reference to its config: it must outlive the system.
-  std::unique_ptr<system_config> system_cfg;
-  std::unique_ptr<caf::actor_system> system;
-  // The event stream: shared with the pool and its workers (and it outlives
-  // the actor system: subscribers may keep using it after stop()).
-  std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
-  // Shared with every pool the root starts: it outlives a pool's restart.
+// One pool of the runtime (issue 13): its settings, its event bus, its
+// metrics and what serves its calls (the pool client, the direct lane's
+// sinks, the session directory). Each pool is its own supervision subtree
+// (runtime_tree.cpp); what the pools share (the actor system, the gate, the
+// stop) is the runtime's (runtime::impl).
+struct pool_unit {
+  // The pool's settings; pool_name is its name.
+  std::shared_ptr<const settings> config;
+  // The pool's bus: every event published on it names the pool and goes on
+  // to the runtime's bus.
+  std::shared_ptr<event_bus> events;
+  // Shared with every pool actor the subtree starts: it outlives a restart.
   std::shared_ptr<pool_metrics> metrics;
-  // The current pool and what the client knows, for status() and checkout().
+  // The current pool actor and what the client knows, for status() and checkout().
   std::shared_ptr<detail::client_shared> shared = std::make_shared<detail::client_shared>();
-  caf::actor root;    // the root supervisor "dspex.root"
-  runtime_detail::pool_client_handle client;  // the pool client: every execute_anonymous goes through it
-  // Set first by stop(): new calls fail fast without touching the gate.
-  std::atomic<bool> stopped{false};
-  // Closed by stop() before the system goes (see api_gate); shared with leases.
-  std::shared_ptr<detail::api_gate> gate = std::make_shared<detail::api_gate>();
+  runtime_detail::pool_client_handle client;  // every call not on the direct lane goes through it
   // What the runtime knows of anonymous calls' commands (DSPy's), shared
   // with the pool client.
   std::shared_ptr<detail::anonymous_adapter> anonymous;
   // The direct lane's way to the pool client (sinks_to_client), built once.
   std::shared_ptr<const direct_sinks> sinks;
-  // Which actor serves each session (filled by the session registry): a
-  // session's call goes there directly.
+  // Which actor serves each session of this pool (filled by its session
+  // registry): a session's call goes there directly.
   std::shared_ptr<detail::session_directory> sessions
     = std::make_shared<detail::session_directory>();
-  // stop() runs once; whoever calls it later waits for that one run.
-  std::once_flag stop_once;
-  std::promise<void> stop_done;
-  std::shared_future<void> stop_finished = stop_done.get_future().share();
+  // The runtime's: set first by stop() (new calls fail fast without
+  // touching the gate), and closed by stop() before the system goes.
+  const std::atomic<bool>* stopped = nullptr;
+  std::shared_ptr<detail::api_gate> gate;
+
+  const std::string& name() const noexcept { return config->pool_name; }
 
   request_limits limits() const {
     request_limits l;
-    l.max_json_depth = config.pool.max_json_depth;
+    l.max_json_depth = config->pool.max_json_depth;
     return l;
-  }
-
-  static error stopping_error(const std::string& command) {
-    return stopped_error(command);
   }
 
   // Validates the arguments of one call and fixes its deadline.
   std::variant<call, outcome> make_call(const std::string& command, nlohmann::json args,
-                                        const call_options& options) const {
+                                        std::optional<std::chrono::milliseconds> timeout) const {
     // A call refused here is counted as every answered call is (timed).
     auto refused = [&](error e) {
       auto o = outcome::failure(std::move(e));
@@ -128,13 +123,12 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       return refused(std::move(*invalid));
     if (args.is_null())
       args = nlohmann::json::object();
-    if (stopped)
-      return refused(stopping_error(command));
-    auto timeout = options.timeout.value_or(config.pool.request_timeout);
+    if (*stopped)
+      return refused(stopped_error(command));
     call c;
     c.command = command;
     c.args = std::move(args);
-    c.deadline = clock_type::now() + timeout;
+    c.deadline = clock_type::now() + timeout.value_or(config->pool.request_timeout);
     return c;
   }
 
@@ -148,7 +142,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
 
   // Starts `c` on the direct lane (start_direct: a job, or null when the
   // call goes the usual way). A failed or rerouted attempt goes to the pool
-  // client while the runtime lives (sinks), else fails with stopping_error.
+  // client while the runtime lives (sinks), else fails with stopped_error.
   std::shared_ptr<direct_job> try_direct(call& c, const call_options& options,
                                          const completion& done,
                                          std::shared_ptr<blocked_caller> blocked = nullptr) {
@@ -171,6 +165,16 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     }};
   }
 
+  // Starts an anonymous call: the direct lane, else the pool client; `comp`
+  // is answered whatever happens.
+  void start_anonymous(call& c, const call_options& options, const completion& comp,
+                       std::shared_ptr<blocked_caller> blocked = nullptr) {
+    if (!try_direct(c, options, comp, std::move(blocked))
+        && !send_to_client(execute_atom::value, std::move(c), comp,
+                           detail::client_call_options{options.idempotent, options.max_attempts}))
+      comp.fn(outcome::failure(stopped_error(c.command)));
+  }
+
   // Sends one message to the pool client while the system is sure to live.
   // False once stop() closed the gate.
   template <class... Ts>
@@ -186,10 +190,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   std::variant<session_request, outcome> make_session_request(
     session_op op, const std::string& session_id, const std::string& command, nlohmann::json args,
     const session_call_options& options) const {
-    const char* what = op == session_op::execute ? command.c_str()
-                       : op == session_op::end   ? "end_session"
-                       : op == session_op::info  ? "get_session_info"
-                                                 : "list_sessions";
+    const char* what = session_op_name(op, command);
     if (op != session_op::list && (session_id.empty() || !valid_utf8(session_id)))
       return outcome::failure(make_error(
         error_category::system_error, "invalid_request",
@@ -199,9 +200,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     r.op = op;
     r.session_id = session_id;
     if (op == session_op::execute) {
-      call_options co;
-      co.timeout = options.timeout;
-      auto made = make_call(command, std::move(args), co);
+      auto made = make_call(command, std::move(args), options.timeout);
       if (auto* early = std::get_if<outcome>(&made)) {
         auto o = std::move(*early);
         if (!o) {
@@ -215,13 +214,13 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       r.c.args["session_id"] = session_id;
       r.c.type = checkout_type::session(session_id);
       r.c.affinity = options.affinity.value_or(
-        affinity_mode_from_string(config.session.affinity).value_or(affinity_mode::hint));
+        affinity_mode_from_string(config->session.affinity).value_or(affinity_mode::hint));
       r.opts = detail::client_call_options{options.idempotent, options.max_attempts};
     } else {
-      if (stopped)
-        return outcome::failure(stopping_error(what));
+      if (*stopped)
+        return outcome::failure(stopped_error(what));
       r.c.command = what;
-      r.c.deadline = clock_type::now() + config.pool.request_timeout;
+      r.c.deadline = clock_type::now() + config->pool.request_timeout;
     }
     return r;
   }
@@ -235,7 +234,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     std::shared_lock<std::shared_timed_mutex> lk{gate->mtx};
     if (gate->closed) {
       lk.unlock();
-      done.fn(outcome::failure(stopping_error(command)));
+      done.fn(outcome::failure(stopped_error(command)));
       return;
     }
     sessions->route(std::move(r), std::move(done), [this](session_request first, completion d) {
@@ -265,7 +264,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     if (r.op == session_op::execute)
       send_session_call(std::move(r), std::move(comp));
     else if (!send_to_client(session_op_atom::value, std::move(r), comp))
-      comp.fn(outcome::failure(stopping_error(command)));
+      comp.fn(outcome::failure(stopped_error(command)));
     return await_bounded(future, bound, [&](bool) {
       return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                          "no reply from the session layer in time",
@@ -273,24 +272,93 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     });
   }
 
+  // The error of a lease or a status query while there is no pool.
+  error no_pool_error() const {
+    if (auto gave_up = shared->gave_up_error())
+      return *gave_up;
+    return make_error(error_category::resource_error, "pool_unavailable",
+                      "the pool is restarting", {{"pool", name()}});
+  }
+
+  static const char* session_op_name(session_op op, const std::string& command) {
+    return op == session_op::execute ? command.c_str()
+           : op == session_op::end   ? "end_session"
+           : op == session_op::info  ? "get_session_info"
+                                     : "list_sessions";
+  }
+};
+
+struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
+  settings config;
+  // actor_system keeps a reference to its config: it must outlive the system.
+  std::unique_ptr<system_config> system_cfg;
+  std::unique_ptr<caf::actor_system> system;
+  // The runtime's event stream: every pool's bus forwards to it (and it
+  // outlives the actor system: subscribers may keep using it after stop()).
+  std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
+  // The pools, "default" first, then the named ones (settings::pools).
+  std::vector<std::unique_ptr<pool_unit>> pools;
+  caf::actor root;    // the root supervisor "dspex.root"
+  // Set first by stop(): new calls fail fast without touching the gate.
+  std::atomic<bool> stopped{false};
+  // Closed by stop() before the system goes (see api_gate); shared with leases.
+  std::shared_ptr<detail::api_gate> gate = std::make_shared<detail::api_gate>();
+  // stop() runs once; whoever calls it later waits for that one run.
+  std::once_flag stop_once;
+  std::promise<void> stop_done;
+  std::shared_future<void> stop_finished = stop_done.get_future().share();
+
+  // The pool a call names ("" = default), or the structured error of a name
+  // the runtime does not know (the caller's mistake: nothing else happens).
+  std::variant<pool_unit*, error> find_pool(const std::string& name, const std::string& command) {
+    const auto& wanted = name.empty() ? pools.front()->name() : name;
+    for (auto& p : pools)
+      if (p->name() == wanted)
+        return p.get();
+    std::string known;
+    for (auto& p : pools)
+      known += (known.empty() ? "" : ", ") + p->name();
+    return make_error(error_category::system_error, "invalid_request",
+                      "no pool named '" + sanitize_utf8(name) + "' (pools: " + known + ")",
+                      {{"command", sanitize_utf8(command)},
+                       {"reason", "unknown_pool"},
+                       {"pool", sanitize_utf8(name)}});
+  }
+
+  // end_session, get_session_info, list_sessions: on the named pool.
+  outcome session_op(session_op op, const std::string& session_id, const std::string& pool_name) {
+    auto found = find_pool(pool_name, pool_unit::session_op_name(op, {}));
+    if (auto* e = std::get_if<error>(&found))
+      return outcome::failure(std::move(*e));
+    auto& pool = *std::get<pool_unit*>(found);
+    return pool.session_blocking(pool.make_session_request(op, session_id, {}, nullptr, {}));
+  }
+
   // The stop itself (see runtime::stop for the thread it runs on).
   void run_stop() {
     auto& sys = *system;
     // No retries and no new attempts from now on; calls waiting for a retry
     // or for a pool fail with resource_error/pool_stopping.
-    caf::anon_send(client, closing_atom::value);
+    for (auto& p : pools)
+      caf::anon_send(p->client, closing_atom::value);
     // Service detection: no longer "dspexpool" (and a registry entry must not
     // outlive the system: ~actor_system() would wait for it forever).
     unregister_pool(sys);
-    const auto& w = config.worker;
-    // The root stops its children in reverse start order, each bounded by its
-    // shutdown_timeout (the pool's: both graces + 2 s); the margin covers
-    // reaping and message hops.
-    auto bound = caf::duration{w.shutdown_grace + w.kill_grace + std::chrono::seconds{2}
-                               + reply_margin};
+    // The root stops its subtrees in reverse start order, each pool's
+    // children bounded by their shutdown_timeout (the pool's: both graces +
+    // 2 s; the sessions': 2 s); the margin covers reaping and message hops.
+    caf::duration bound{reply_margin};
+    {
+      auto total = std::chrono::milliseconds{0};
+      for (auto& p : pools) {
+        const auto& w = p->config->worker;
+        total += w.shutdown_grace + w.kill_grace + std::chrono::seconds{5};
+      }
+      bound = caf::duration{total + reply_margin};
+    }
     {
       caf::scoped_actor self{sys};
-      self->monitor(root);  // a root that already gave up: down at once
+      self->monitor(root);  // a root that already ended: down at once
       bool stopped_cleanly = false;
       self->request(root, bound, supervisor_stop_atom::value)
         .receive([&](bool) { stopped_cleanly = true; },
@@ -309,38 +377,36 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
         std::unique_lock<std::shared_timed_mutex> lk{gate->mtx};
         gate->closed = true;
       }
-      // Every call has its answer now (or fails on the pool's down); the
+      // Every call has its answer now (or fails on the pool's down); each
       // client quits once it passed the last one on.
-      self->monitor(client);
-      self->send(client, stop_atom::value);
-      self->receive([](caf::down_msg&) {},
-                    caf::after(bound) >> [&] {
-                      log().error("the pool client did not finish its calls");
-                      self->send_exit(client, caf::exit_reason::kill);
-                    });
+      for (auto& p : pools) {
+        self->monitor(p->client);
+        self->send(p->client, stop_atom::value);
+      }
+      for (std::size_t i = 0; i < pools.size(); ++i)
+        self->receive([](caf::down_msg&) {},
+                      caf::after(bound) >> [&] {
+                        log().error("a pool client did not finish its calls");
+                        for (auto& p : pools)
+                          self->send_exit(p->client, caf::exit_reason::kill);
+                      });
     }
     // A restart racing with the unregistration above may have registered a
     // pool again; its entry goes with the pool, but leave nothing to chance.
     unregister_services(sys);
-    {
-      std::lock_guard<std::mutex> guard{shared->mtx};
-      shared->pool = nullptr;
+    for (auto& p : pools) {
+      {
+        std::lock_guard<std::mutex> guard{p->shared->mtx};
+        p->shared->pool = nullptr;
+      }
+      p->client = nullptr;
     }
     root = nullptr;
-    client = nullptr;
     // ~actor_system() blocks while any actor lives; every actor of ours is
     // gone or going now (workers die with the pool, lease holders with it).
     log().debug("runtime stop: {} actors still running", sys.registry().running());
     system.reset();
     stop_done.set_value();
-  }
-
-  // The error of a lease or a status query while there is no pool.
-  error no_pool_error() const {
-    if (auto gave_up = shared->gave_up_error())
-      return *gave_up;
-    return make_error(error_category::resource_error, "pool_unavailable",
-                      "the pool is restarting");
   }
 };
 
@@ -361,43 +427,75 @@ std::unique_ptr<runtime> runtime::start(settings config) {
     throw start_error(*err);
   auto p = std::make_shared<impl>();
   p->config = config;
-  p->shared_config = std::make_shared<const settings>(config);
-  p->metrics = std::make_shared<pool_metrics>(config.pool.size);
   p->system_cfg = std::make_unique<system_config>(config);
   p->system = std::make_unique<caf::actor_system>(*p->system_cfg);
   auto& sys = *p->system;
-  // The client first: the root supervisor's observer tells it about every
-  // (re)started pool, from the first start on.
-  p->anonymous = detail::make_dspy_anonymous(config.session.max_anonymous_programs);
-  p->client = spawn_pool_client(sys, p->shared_config, p->events, p->shared, p->anonymous);
-  p->sinks = sinks_to_client(p->gate, p->client.address());
+  // Each pool's client first: its subtree supervisor's observer tells it
+  // about every (re)started pool, from the first start on.
+  std::vector<runtime_tree_parts> parts;
+  auto add_pool = [&](const settings& pool_config) {
+    auto u = std::make_unique<pool_unit>();
+    u->config = std::make_shared<const settings>(pool_config);
+    u->events = std::make_shared<event_bus>(p->events, pool_config.pool_name);
+    u->metrics = std::make_shared<pool_metrics>(pool_config.pool.size);
+    u->anonymous = detail::make_dspy_anonymous(pool_config.session.max_anonymous_programs);
+    u->stopped = &p->stopped;
+    u->gate = p->gate;
+    u->client = spawn_pool_client(sys, u->config, u->events, u->shared, u->anonymous);
+    u->sinks = sinks_to_client(p->gate, u->client.address());
+    parts.push_back(runtime_tree_parts{u->config, u->events, u->metrics, u->shared, u->client,
+                                       u->sessions, u->sinks});
+    p->pools.push_back(std::move(u));
+  };
+  {
+    auto default_pool = config;
+    default_pool.pools.clear();  // each pool holds its own settings only
+    add_pool(default_pool);
+  }
+  for (const auto& named : config.pools)
+    add_pool(named);
 
   // The supervision tree (runtime_tree.cpp).
-  p->root = spawn_runtime_tree(sys, config,
-                               runtime_tree_parts{p->shared_config, p->events, p->metrics,
-                                                  p->shared, p->client, p->sessions, p->sinks});
+  p->root = spawn_runtime_tree(sys, p->events, parts);
 
   std::unique_ptr<runtime> rt{new runtime(std::move(p))};
-  outcome ready;
+  // Every pool must start: each client answers once it knows its pool (and
+  // has registered it), then asks the pool. The pools start in parallel.
+  std::optional<error> failed;
   {
-    // Through the client: it answers once it knows the pool (and has
-    // registered it), then asks the pool.
     caf::scoped_actor self{*rt->impl_->system};
-    auto bound = caf::duration{config.pool.init_timeout + reply_margin};
-    self->request(rt->impl_->client, bound, await_ready_atom::value)
-      .receive([&](outcome& o) { ready = std::move(o); },
-               [&](caf::error& e) { ready = from_caf_error(*rt->impl_->system, e, "start"); });
+    auto longest = std::chrono::milliseconds{0};
+    for (auto& u : rt->impl_->pools)
+      longest = std::max(longest, u->config->pool.init_timeout);
+    auto bound = caf::duration{longest + reply_margin};
+    for (auto& u : rt->impl_->pools) {
+      outcome ready;
+      self->request(u->client, bound, await_ready_atom::value)
+        .receive([&](outcome& o) { ready = std::move(o); },
+                 [&](caf::error& e) { ready = from_caf_error(*rt->impl_->system, e, "start"); });
+      if (!ready && !failed) {
+        auto e = ready.error();
+        e.context["pool"] = u->name();
+        if (rt->impl_->pools.size() > 1)
+          e.message = "pool '" + u->name() + "': " + e.message;
+        failed = std::move(e);
+      }
+    }
   }
-  if (!ready) {
+  if (failed) {
     rt->stop();
-    throw start_error(ready.error());
+    throw start_error(*failed);
   }
   return rt;
 }
 
 outcome runtime::execute_anonymous(const std::string& command, nlohmann::json args,
                                    call_options options) {
-  auto made = impl_->make_call(command, std::move(args), options);
+  auto found = impl_->find_pool(options.pool, command);
+  if (auto* e = std::get_if<error>(&found))
+    return outcome::failure(std::move(*e));
+  auto& pool = *std::get<pool_unit*>(found);
+  auto made = pool.make_call(command, std::move(args), options.timeout);
   if (auto* early = std::get_if<outcome>(&made))
     return std::move(*early);
   if (must_not_block())
@@ -407,12 +505,8 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
   // costs an actor spawn and several timer-thread wake-ups (measured).
   auto bound = c.deadline + reply_margin;
   auto blocked = std::make_shared<blocked_caller>(c.deadline);
-  auto comp = impl_->timed(command, blocked->completion());
-  if (!impl_->try_direct(c, options, comp, blocked)
-      && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
-                                detail::client_call_options{options.idempotent,
-                                                            options.max_attempts}))
-    comp.fn(outcome::failure(impl_->stopping_error(command)));
+  auto comp = pool.timed(command, blocked->completion());
+  pool.start_anonymous(c, options, comp, blocked);
   comp = {};  // its last copy is the call's (see blocked_caller::completion)
   return blocked->wait(bound, [&](bool) {
     return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
@@ -422,17 +516,18 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
 
 void runtime::execute_anonymous_async(const std::string& command, nlohmann::json args,
                                       call_options options, std::function<void(outcome)> done) {
-  auto made = impl_->make_call(command, std::move(args), options);
+  auto found = impl_->find_pool(options.pool, command);
+  if (auto* e = std::get_if<error>(&found)) {
+    done(outcome::failure(std::move(*e)));
+    return;
+  }
+  auto& pool = *std::get<pool_unit*>(found);
+  auto made = pool.make_call(command, std::move(args), options.timeout);
   if (auto* early = std::get_if<outcome>(&made)) {
     done(std::move(*early));
     return;
   }
-  auto comp = impl_->timed(command, std::move(done));
-  auto& c = std::get<call>(made);
-  if (!impl_->try_direct(c, options, comp)
-      && !impl_->send_to_client(execute_atom::value, std::move(c), comp,
-                                detail::client_call_options{options.idempotent, options.max_attempts}))
-    comp.fn(outcome::failure(impl_->stopping_error(command)));
+  pool.start_anonymous(std::get<call>(made), options, pool.timed(command, std::move(done)));
 }
 
 std::future<outcome> runtime::execute_anonymous_async(const std::string& command,
@@ -446,21 +541,31 @@ std::future<outcome> runtime::execute_anonymous_async(const std::string& command
 
 outcome runtime::execute_in_session(const std::string& session_id, const std::string& command,
                                     nlohmann::json args, session_call_options options) {
-  return impl_->session_blocking(impl_->make_session_request(
-    session_op::execute, session_id, command, std::move(args), options));
+  auto found = impl_->find_pool(options.pool, command);
+  if (auto* e = std::get_if<error>(&found))
+    return outcome::failure(std::move(*e));
+  auto& pool = *std::get<pool_unit*>(found);
+  return pool.session_blocking(pool.make_session_request(session_op::execute, session_id, command,
+                                                         std::move(args), options));
 }
 
 void runtime::execute_in_session_async(const std::string& session_id, const std::string& command,
                                        nlohmann::json args, session_call_options options,
                                        std::function<void(outcome)> done) {
-  auto made = impl_->make_session_request(session_op::execute, session_id, command,
-                                          std::move(args), options);
+  auto found = impl_->find_pool(options.pool, command);
+  if (auto* e = std::get_if<error>(&found)) {
+    done(outcome::failure(std::move(*e)));
+    return;
+  }
+  auto& pool = *std::get<pool_unit*>(found);
+  auto made = pool.make_session_request(session_op::execute, session_id, command, std::move(args),
+                                        options);
   if (auto* early = std::get_if<outcome>(&made)) {
     done(std::move(*early));
     return;
   }
-  impl_->send_session_call(std::move(std::get<session_request>(made)),
-                           impl_->timed(command, std::move(done)));
+  pool.send_session_call(std::move(std::get<session_request>(made)),
+                         pool.timed(command, std::move(done)));
 }
 
 std::future<outcome> runtime::execute_in_session_async(const std::string& session_id,
@@ -474,30 +579,31 @@ std::future<outcome> runtime::execute_in_session_async(const std::string& sessio
   return future;
 }
 
-outcome runtime::end_session(const std::string& session_id) {
-  return impl_->session_blocking(
-    impl_->make_session_request(session_op::end, session_id, {}, nullptr, {}));
+outcome runtime::end_session(const std::string& session_id, const std::string& pool) {
+  return impl_->session_op(session_op::end, session_id, pool);
 }
 
-outcome runtime::get_session_info(const std::string& session_id) {
-  return impl_->session_blocking(
-    impl_->make_session_request(session_op::info, session_id, {}, nullptr, {}));
+outcome runtime::get_session_info(const std::string& session_id, const std::string& pool) {
+  return impl_->session_op(session_op::info, session_id, pool);
 }
 
-outcome runtime::list_sessions() {
-  return impl_->session_blocking(
-    impl_->make_session_request(session_op::list, {}, {}, nullptr, {}));
+outcome runtime::list_sessions(const std::string& pool) {
+  return impl_->session_op(session_op::list, {}, pool);
 }
 
 std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type,
                                                              checkout_options options) {
   if (impl_->stopped)
-    return impl_->stopping_error("checkout");
+    return stopped_error("checkout");
+  auto found = impl_->find_pool(options.pool, "checkout");
+  if (auto* e = std::get_if<error>(&found))
+    return std::move(*e);
+  auto& unit = *std::get<pool_unit*>(found);
   if (must_not_block())
     return blocking_in_callback("checkout");
   static std::atomic<std::uint64_t> next_token{1};
   release_caf_thread_state release;  // the holder is spawned on this thread
-  auto timeout = options.timeout.value_or(impl_->config.pool.request_timeout);
+  auto timeout = options.timeout.value_or(unit.config->pool.request_timeout);
   auto deadline = clock_type::now() + timeout;
   auto promise = std::make_shared<std::promise<checkout_reply>>();
   auto future = promise->get_future();
@@ -506,10 +612,10 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
   {
     std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
     if (impl_->gate->closed)
-      return impl_->stopping_error("checkout");
-    pool = impl_->shared->current_pool();
+      return stopped_error("checkout");
+    pool = unit.shared->current_pool();
     if (!pool)
-      return impl_->no_pool_error();
+      return unit.no_pool_error();
     holder = spawn_lease_holder(*impl_->system, pool);
     caf::anon_send(holder, checkout_atom::value,
                    checkout_request{std::move(type), next_token++, deadline, options.block},
@@ -536,21 +642,33 @@ std::variant<std::unique_ptr<lease>, error> runtime::checkout(checkout_type type
   p->holder = holder;
   p->grant = std::move(*reply.grant);
   p->gate = impl_->gate;
-  p->limits = impl_->limits();
+  p->limits = unit.limits();
   return std::make_unique<lease>(std::move(p));
 }
 
-pool_status runtime::status() {
+std::vector<std::string> runtime::pools() const {
+  std::vector<std::string> names;
+  for (auto& p : impl_->pools)
+    names.push_back(p->name());
+  return names;
+}
+
+pool_status runtime::status(const std::string& pool_name) {
   pool_status result;
+  auto found = impl_->find_pool(pool_name, "status");
+  if (std::holds_alternative<error>(found))
+    return result;  // pool_status::pool stays empty: no such pool
+  auto& unit = *std::get<pool_unit*>(found);
+  result.pool = unit.name();
   if (impl_->stopped || must_not_block())
     return result;
   std::shared_lock<std::shared_timed_mutex> lk{impl_->gate->mtx};
   if (impl_->gate->closed)
     return result;
-  auto pool = impl_->shared->current_pool();
+  auto pool = unit.shared->current_pool();
   if (!pool) {
-    result.size = impl_->config.pool.size;
-    result.health = impl_->shared->gave_up_error() ? "unavailable" : "restarting";
+    result.size = unit.config->pool.size;
+    result.health = unit.shared->gave_up_error() ? "unavailable" : "restarting";
   } else {
     // Bounded (10 s); stop() waits for it before the system goes.
     release_caf_thread_state release;
@@ -559,14 +677,22 @@ pool_status runtime::status() {
       .receive([&](pool_status& s) { result = std::move(s); },
                [&](caf::error& e) { log().warn("status: {}", impl_->system->render(e)); });
   }
-  result.circuit = to_string(impl_->shared->circuit.load());
-  result.metrics = impl_->metrics->summary();  // also while the pool restarts
+  result.pool = unit.name();
+  result.circuit = to_string(unit.shared->circuit.load());
+  result.metrics = unit.metrics->summary();  // also while the pool restarts
   return result;
 }
 
-metrics_snapshot runtime::metrics() {
-  auto st = status();
+metrics_snapshot runtime::metrics(const std::string& pool_name) {
+  auto st = status(pool_name);
   metrics_snapshot m;
+  auto found = impl_->find_pool(pool_name, "metrics");
+  if (std::holds_alternative<error>(found)) {
+    m.pool.clear();  // no such pool
+    return m;
+  }
+  auto& unit = *std::get<pool_unit*>(found);
+  m.pool = unit.name();
   m.size = st.size;
   m.idle = st.idle;
   m.busy = st.busy;
@@ -578,14 +704,14 @@ metrics_snapshot runtime::metrics() {
   m.utilisation = st.metrics.utilisation;
   m.circuit = st.circuit;
   m.health = st.health;
-  m.sessions = impl_->sessions->live();
+  m.sessions = unit.sessions->live();
   m.workers_started = st.workers_started;
   m.workers_removed = st.removed_by_reason;
   m.workers_recycled = st.recycled;
   m.worker_start_failures = st.start_failures;
   m.health_check_failures = st.health_check_failures;
-  m.pool_restarts = impl_->shared->pool_restarts.load(std::memory_order_relaxed);
-  m.calls = impl_->metrics->calls.snapshot();
+  m.pool_restarts = unit.shared->pool_restarts.load(std::memory_order_relaxed);
+  m.calls = unit.metrics->calls.snapshot();
   const auto& bounds = latency_bucket_bounds();
   static const std::vector<std::uint64_t> bounds_ns = [&] {
     std::vector<std::uint64_t> ns;
@@ -597,9 +723,9 @@ metrics_snapshot runtime::metrics() {
     return histogram_snapshot{bounds, h.counts_at_or_below(bounds_ns),
                               static_cast<double>(h.sum_ns()) / 1e9};
   };
-  m.queue_wait = histogram(impl_->metrics->queue_wait);
-  m.run = histogram(impl_->metrics->run);
-  m.total = histogram(impl_->metrics->total);
+  m.queue_wait = histogram(unit.metrics->queue_wait);
+  m.run = histogram(unit.metrics->run);
+  m.total = histogram(unit.metrics->total);
   return m;
 }
 
@@ -647,16 +773,39 @@ caf::actor_system& runtime_access::system(runtime& rt) {
   return *rt.impl_->system;
 }
 
-pool_handle runtime_access::pool(runtime& rt) {
-  return rt.impl_->shared->current_pool();
+pool_handle runtime_access::pool(runtime& rt, const std::string& name) {
+  for (auto& p : rt.impl_->pools)
+    if (p->name() == (name.empty() ? std::string{"default"} : name))
+      return p->shared->current_pool();
+  return {};
+}
+
+caf::actor runtime_access::pool_supervisor(runtime& rt, const std::string& name) {
+  caf::actor found;
+  if (!rt.impl_->root)
+    return found;
+  release_caf_thread_state release;
+  caf::scoped_actor self{*rt.impl_->system};
+  self->request(rt.impl_->root, caf::duration{std::chrono::seconds{10}}, which_children_atom::value)
+    .receive(
+      [&](std::vector<child_info>& children) {
+        for (auto& c : children)
+          if (c.id == "pool." + (name.empty() ? std::string{"default"} : name))
+            found = c.actor;
+      },
+      [&](caf::error&) {});
+  return found;
 }
 
 caf::actor runtime_access::root(runtime& rt) {
   return rt.impl_->root;
 }
 
-caf::actor runtime_access::client(runtime& rt) {
-  return caf::actor_cast<caf::actor>(rt.impl_->client);
+caf::actor runtime_access::client(runtime& rt, const std::string& name) {
+  for (auto& p : rt.impl_->pools)
+    if (p->name() == (name.empty() ? std::string{"default"} : name))
+      return caf::actor_cast<caf::actor>(p->client);
+  return nullptr;
 }
 
 } // namespace dspex

@@ -17,39 +17,51 @@
 
 namespace dspex::runtime_detail {
 
-caf::actor spawn_runtime_tree(caf::actor_system& sys, const settings& config,
-                              const runtime_tree_parts& p) {
-  // The supervision tree (issue 4, item 1):
-  //   dspex.root (one_for_one, at most 3 restarts in 5 s)
-  //   └── pool (permanent): the pool actor, which links its workers
-  supervisor_flags flags;
-  flags.name = "dspex.root";
-  flags.strategy = restart_strategy::one_for_one;
-  flags.max_restarts = 3;
-  flags.max_seconds = std::chrono::seconds{5};
-  // Runs on the supervisor's thread: it only renders and sends. The client
-  // switches to a new pool, re-registers it and publishes the event, in that
-  // order, so a subscriber that sees child_restarted finds the new pool in use.
-  flags.observer = [client = p.client, sys = &sys](const supervisor_event& ev) {
-    event e;
-    e.kind = event_kind::supervisor;
-    e.source = ev.supervisor;
-    e.to = to_string(ev.kind);
-    if (ev.reason)
-      e.reason = sys->render(ev.reason);
-    e.attempt = ev.restarts;
-    e.fields = {{"child_id", ev.child_id}, {"restarts", ev.restarts}};
-    if (ev.kind == supervisor_event_kind::child_stopped)
-      e.fields["killed"] = ev.killed;
-    if (ev.kind == supervisor_event_kind::gave_up)
-      if (auto info = decode_supervisor_exit(ev.reason))
-        e.err = to_error(*info);
+namespace {
+
+// A supervisor's event as the runtime's event stream shows it.
+event to_event(caf::actor_system& sys, const supervisor_event& ev) {
+  event e;
+  e.kind = event_kind::supervisor;
+  e.source = ev.supervisor;
+  e.to = to_string(ev.kind);
+  if (ev.reason)
+    e.reason = sys.render(ev.reason);
+  e.attempt = ev.restarts;
+  e.fields = {{"child_id", ev.child_id}, {"restarts", ev.restarts}};
+  if (ev.kind == supervisor_event_kind::child_stopped)
+    e.fields["killed"] = ev.killed;
+  if (ev.kind == supervisor_event_kind::gave_up)
+    if (auto info = decode_supervisor_exit(ev.reason))
+      e.err = to_error(*info);
+  return e;
+}
+
+// The supervisor events of one pool's subtree go to that pool's client.
+// Runs on the supervisor's thread: it only renders and sends. The client
+// switches to a new pool, re-registers it and publishes the event, in that
+// order, so a subscriber that sees child_restarted finds the new pool in use.
+std::function<void(const supervisor_event&)> tell_client(caf::actor_system& sys,
+                                                          pool_client_handle client) {
+  return [client, sys = &sys](const supervisor_event& ev) {
     caf::actor child;
     if (ev.kind == supervisor_event_kind::child_started
         || ev.kind == supervisor_event_kind::child_restarted)
       child = caf::actor_cast<caf::actor>(ev.child);
-    caf::anon_send(client, sup_event_atom::value, std::move(e), std::move(child));
+    caf::anon_send(client, sup_event_atom::value, to_event(*sys, ev), std::move(child));
   };
+}
+
+// One pool's subtree (issue 13): the supervisor "dspex.pool.NAME" with the
+// pool actor and the session registry.
+child_spec pool_subtree(caf::actor_system& sys, const runtime_tree_parts& p) {
+  const settings& config = *p.shared_config;
+  supervisor_flags flags;
+  flags.name = "dspex.pool." + config.pool_name;
+  flags.strategy = restart_strategy::one_for_one;
+  flags.max_restarts = 3;
+  flags.max_seconds = std::chrono::seconds{5};
+  flags.observer = tell_client(sys, p.client);
   std::vector<child_spec> children;
   {
     child_spec pool;
@@ -99,8 +111,50 @@ caf::actor spawn_runtime_tree(caf::actor_system& sys, const settings& config,
     sessions.shutdown_timeout = std::chrono::seconds{2};
     children.push_back(std::move(sessions));
   }
+  auto bound = children[0].shutdown_timeout + children[1].shutdown_timeout + std::chrono::seconds{1};
+  // Temporary: a pool whose supervisor gave up stays unavailable (its
+  // client fails its calls with supervisor_gave_up); restarting it from the
+  // root would let one pool's crash loop use up the root's restarts and end
+  // every other pool.
+  return supervisor_child("pool." + config.pool_name, std::move(flags), std::move(children),
+                          restart_type::temporary, bound);
+}
+
+} // namespace
+
+caf::actor spawn_runtime_tree(caf::actor_system& sys, std::shared_ptr<event_bus> bus,
+                              const std::vector<runtime_tree_parts>& pools) {
+  // The supervision tree (issue 4, item 1; one subtree per pool since issue 13):
+  //   dspex.root (one_for_one; its children are temporary)
+  //   └── pool.NAME: supervisor dspex.pool.NAME (one_for_one, at most 3 restarts in 5 s)
+  //       ├── pool (permanent): the pool actor, which monitors its workers
+  //       └── sessions (permanent): the session registry
+  supervisor_flags flags;
+  flags.name = "dspex.root";
+  flags.strategy = restart_strategy::one_for_one;
+  // Its own events (a pool's subtree started, ended, stopped) go on the
+  // runtime's bus, naming the pool (its child "pool.NAME").
+  flags.observer = [sys = &sys, events = bus](const supervisor_event& ev) {
+    auto e = to_event(*sys, ev);
+    if (ev.child_id.rfind("pool.", 0) == 0)
+      e.pool = ev.child_id.substr(5);
+    events->publish(e);
+  };
+  std::vector<child_spec> children;
+  for (const auto& p : pools)
+    children.push_back(pool_subtree(sys, p));
   auto root = spawn_supervisor(sys, std::move(flags), std::move(children));
-  caf::anon_send(p.client, watch_root_atom::value, root);
+  // Each client watches its pool's supervisor: the root's child, found by id.
+  caf::scoped_actor self{sys};
+  self->request(root, caf::duration{std::chrono::seconds{10}}, which_children_atom::value)
+    .receive(
+      [&](std::vector<child_info>& running) {
+        for (const auto& p : pools)
+          for (const auto& c : running)
+            if (c.id == "pool." + p.shared_config->pool_name)
+              caf::anon_send(p.client, watch_root_atom::value, c.actor);
+      },
+      [&](caf::error&) {});
   return root;
 }
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
@@ -32,8 +33,8 @@ struct direct_sinks;
 /// What the tree's children share with the runtime that starts it; each
 /// outlives a child's restart.
 struct runtime_tree_parts {
-  std::shared_ptr<const settings> shared_config;
-  std::shared_ptr<event_bus> events;
+  std::shared_ptr<const settings> shared_config;  ///< the pool's settings (pool_name: its name)
+  std::shared_ptr<event_bus> events;  ///< the pool's bus (stamps its name on every event)
   std::shared_ptr<pool_metrics> metrics;
   std::shared_ptr<detail::client_shared> shared;  ///< the pool child sets its idle_workers here
   pool_client_handle client;  ///< the pool client: told every (re)started child, and the root to watch
@@ -43,13 +44,15 @@ struct runtime_tree_parts {
   std::shared_ptr<const direct_sinks> sinks;
 };
 
-/// Spawns the root supervisor "dspex.root" with its children "pool" and
-/// "sessions", and tells the pool client to watch it.
+/// Spawns the root supervisor "dspex.root" with one subtree per pool (the
+/// supervisor "dspex.pool.NAME" with the children "pool" and "sessions"),
+/// and tells each pool's client to watch its subtree's supervisor.
 /// @param sys the runtime's actor system (spawned on the calling thread)
-/// @param config the runtime's settings (the pool's shutdown bound)
-/// @param p what the children share with the runtime
+/// @param bus the runtime's event bus (the root's own events go there)
+/// @param pools what each pool's children share with the runtime, the
+///        default pool first
 /// @returns the root supervisor
-caf::actor spawn_runtime_tree(caf::actor_system& sys, const settings& config,
-                              const runtime_tree_parts& p);
+caf::actor spawn_runtime_tree(caf::actor_system& sys, std::shared_ptr<event_bus> bus,
+                              const std::vector<runtime_tree_parts>& pools);
 
 } // namespace dspex::runtime_detail

@@ -24,7 +24,7 @@ nlohmann::json pool_status::to_json() const {
   auto retired_json = nlohmann::json::array();
   for (auto& w : retired)
     retired_json.push_back(dspex::to_json(w));
-  nlohmann::json j = {{"size", size},         {"idle", idle},
+  nlohmann::json j = {{"pool", pool}, {"size", size},         {"idle", idle},
           {"busy", busy},         {"starting", starting},
           {"leased", leased},     {"removing", removing},
           {"overflow", overflow},

@@ -59,6 +59,8 @@ const char* to_string(event_kind k) noexcept {
 
 nlohmann::json event::to_json() const {
   nlohmann::json j{{"event", to_string(kind)}, {"source", source}};
+  if (!pool.empty())
+    j["pool"] = pool;
   if (!worker_id.empty())
     j["worker_id"] = worker_id;
   if (!from.empty())
@@ -81,6 +83,8 @@ nlohmann::json event::to_json() const {
 std::string event::describe() const {
   std::string out = "event=";
   out += to_string(kind);
+  if (!pool.empty())
+    out += " pool=" + pool;
   out += " source=" + source;
   if (!worker_id.empty())
     out += " worker=" + worker_id;
@@ -155,11 +159,36 @@ bool event_bus::trace_enabled() noexcept {
   return log().should_log(spdlog::level::trace);
 }
 
+event_bus::event_bus(std::shared_ptr<event_bus> parent, std::string pool)
+    : parent_(std::move(parent)), pool_(std::move(pool)) {
+}
+
+bool event_bus::has_subscribers() const noexcept {
+  return count_.load(std::memory_order_relaxed) > 0 || (parent_ && parent_->has_subscribers());
+}
+
 void event_bus::publish(const event& e) {
+  if (parent_) {
+    // A pool's bus: its events name the pool; the runtime's bus logs them.
+    if (e.pool.empty()) {
+      auto stamped = e;
+      stamped.pool = pool_;
+      deliver(stamped);
+      parent_->publish(stamped);
+    } else {
+      deliver(e);
+      parent_->publish(e);
+    }
+    return;
+  }
   auto level = level_of(e);
   if (log().should_log(level))
     log().log(level, "{}", e.describe());
-  if (!has_subscribers())
+  deliver(e);
+}
+
+void event_bus::deliver(const event& e) {
+  if (count_.load(std::memory_order_relaxed) == 0)
     return;
   std::vector<std::shared_ptr<subscription>> copy;
   {

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <fstream>
 
@@ -38,7 +39,7 @@ bool valid_env_name(const std::string& name) {
 
 nlohmann::json to_json(const settings& s) {
   auto ms = [](settings::ms d) { return std::to_string(d.count()) + "ms"; };
-  return {
+  nlohmann::json j = {
     {"pool",
      {{"size", s.pool.size},
       {"init_timeout", ms(s.pool.init_timeout)},
@@ -102,6 +103,17 @@ nlohmann::json to_json(const settings& s) {
       {"file_count", s.log_file_count}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
   };
+  // A named pool shows its own groups only (log and scheduler are the runtime's).
+  if (!s.pools.empty()) {
+    auto& pools = j["pools"] = nlohmann::json::object();
+    for (const auto& p : s.pools) {
+      auto full = to_json(p);
+      full.erase("log");
+      full.erase("scheduler");
+      pools[p.pool_name] = std::move(full);
+    }
+  }
+  return j;
 }
 
 std::string find_executable(const std::string& program) {
@@ -258,7 +270,55 @@ std::optional<error> settings::validate() const {
   if (scheduler_max_threads > 256)
     return bad("scheduler.max-threads",
                fmt::format("must be between 0 and 256 (got {})", scheduler_max_threads));
+  if (!pools.empty() && pool_name != "default")
+    return bad("pools", "may only be declared at the top level (a named pool has no pools)");
+  std::vector<std::string> seen;
+  for (const auto& p : pools) {
+    auto key = "pools." + sanitize_utf8(p.pool_name);
+    if (!valid_pool_name(p.pool_name))
+      return bad(key, "is not a valid pool name (1 to 64 letters, digits, '_' or '-')");
+    if (p.pool_name == "default")
+      return bad(key, "is reserved: the top-level keys configure the pool 'default'");
+    if (std::find(seen.begin(), seen.end(), p.pool_name) != seen.end())
+      return bad(key, "is declared twice");
+    seen.push_back(p.pool_name);
+    if (!p.pools.empty())
+      return bad(key, "must not declare pools of its own");
+    if (auto err = p.validate()) {
+      // The error names the key as written in the file: pools.NAME.group.key.
+      auto e = *err;
+      auto inner = e.context.value("key", std::string{});
+      e.context["key"] = key + "." + inner;
+      e.context["pool"] = p.pool_name;
+      e.message = key + "." + e.message;
+      return e;
+    }
+  }
   return std::nullopt;
+}
+
+bool valid_pool_name(const std::string& name) noexcept {
+  if (name.empty() || name.size() > 64)
+    return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-';
+  });
+}
+
+const settings* settings::find_pool(const std::string& name) const noexcept {
+  if (name.empty() || name == pool_name)
+    return this;
+  for (const auto& p : pools)
+    if (p.pool_name == name)
+      return &p;
+  return nullptr;
+}
+
+std::vector<std::string> settings::pool_names() const {
+  std::vector<std::string> names{pool_name};
+  for (const auto& p : pools)
+    names.push_back(p.pool_name);
+  return names;
 }
 
 std::vector<std::string> settings::worker_args(const std::string& worker_id,

@@ -55,9 +55,11 @@ TEST_CASE("log.file in text: one line per event and one worker id per worker lin
   auto lines = lines_of(dir.path / "dspex.log");
   REQUIRE_FALSE(lines.empty());
   // The supervisor's view of the pool starting and stopping, once each.
-  CHECK(count_containing(lines, "to=child_started child_id=pool") == 1);
+  CHECK(count_containing(lines, "to=child_started child_id=pool restarts") == 1);
+  CHECK(count_containing(lines, "to=child_started child_id=pool.default restarts") == 1);
   CHECK(count_containing(lines, "event=child_started") == 0);
   CHECK(count_containing(lines, "child_id=pool killed=false") == 1);
+  CHECK(count_containing(lines, "child_id=pool.default killed=false") == 1);
   CHECK(count_containing(lines, "event=child_stopped") == 0);
   // The worker's own lines name it once ("[w1] started ...", not "[w1] [w1] started ...").
   CHECK(count_containing(lines, "[w1] started (mode=pool-worker") == 1);

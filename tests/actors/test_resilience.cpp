@@ -232,7 +232,7 @@ TEST_CASE("the circuit breaker goes through all its states") {
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("the root supervisor restarts a killed pool and calls reach the new one") {
+TEST_CASE("the pool's supervisor restarts a killed pool and calls reach the new one") {
   auto rt = start_runtime(test_settings(1));
   event_recorder rec{rt->events()};
   auto old_pids = worker_pids(rt->status());
@@ -249,7 +249,8 @@ TEST_CASE("the root supervisor restarts a killed pool and calls reach the new on
   auto during = rt->execute_anonymous_async("ping");
   REQUIRE(rec.wait_for(kind_is(event_kind::supervisor, "child_restarted")));
   auto restarted = first(rec, kind_is(event_kind::supervisor, "child_restarted"));
-  CHECK(restarted->source == "dspex.root");
+  CHECK(restarted->source == "dspex.pool.default");
+  CHECK(restarted->pool == "default");
   CHECK(restarted->fields["child_id"] == "pool");
   CHECK(restarted->attempt == 1);
   auto exited = first(rec, kind_is(event_kind::supervisor, "child_exited"));
@@ -282,10 +283,10 @@ TEST_CASE("the root supervisor restarts a killed pool and calls reach the new on
   stop_and_check_no_children(*rt);
 }
 
-TEST_CASE("calls fail with supervisor_gave_up once the root supervisor gave up") {
+TEST_CASE("calls fail with supervisor_gave_up once the pool's supervisor gave up") {
   auto rt = start_runtime(test_settings(1));
   event_recorder rec{rt->events()};
-  // dspex.root allows 3 restarts within 5 s: the 4th failure makes it give up.
+  // dspex.pool.default allows 3 restarts within 5 s: the 4th failure makes it give up.
   for (std::size_t i = 1; i <= 4; ++i) {
     {
       auto pool = runtime_access::pool(*rt);
@@ -304,7 +305,7 @@ TEST_CASE("calls fail with supervisor_gave_up once the root supervisor gave up")
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().category == error_category::resource_error);
   CHECK(r.error().type == "supervisor_gave_up");
-  CHECK(r.error().context["supervisor"] == "dspex.root");
+  CHECK(r.error().context["supervisor"] == "dspex.pool.default");
   CHECK(r.error().context["child_id"] == "pool");
   auto lease = rt->checkout();
   REQUIRE(std::holds_alternative<error>(lease));

@@ -488,10 +488,10 @@ event_recorder::predicate restarted(const std::string& child_id) {
   };
 }
 
-caf::actor child_of_root(runtime& rt, const std::string& id) {
+caf::actor child_of_pool_supervisor(runtime& rt, const std::string& id) {
   caf::actor found;
   caf::scoped_actor self{runtime_access::system(rt)};
-  self->request(runtime_access::root(rt), caf::duration{std::chrono::seconds{10}},
+  self->request(runtime_access::pool_supervisor(rt), caf::duration{std::chrono::seconds{10}},
                 which_children_atom::value)
     .receive(
       [&](std::vector<child_info>& children) {
@@ -520,7 +520,7 @@ TEST_CASE("sessions go on across a pool restart, the session layer is supervised
 
   // The registry is the root's child "sessions": killed, it is restarted
   // (the sessions' state goes with it) and new sessions work.
-  auto registry = child_of_root(*rt, "sessions");
+  auto registry = child_of_pool_supervisor(*rt, "sessions");
   REQUIRE(registry);
   auto inflight = rt->execute_in_session_async("sup-busy", "sleep", {{"ms", 60000}}, generous());
   REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 1; }).ok);

@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 #include <variant>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -45,6 +46,10 @@ struct call_options {
   /// Attempts in all for this call, the first included; default
   /// retry.max_attempts. 1 disables retries.
   std::optional<std::size_t> max_attempts = std::nullopt;
+  /// The pool that runs the call (settings::pools); "" = "default". A name
+  /// the runtime does not know fails with system_error/invalid_request
+  /// (reason unknown_pool).
+  std::string pool = {};
 };
 
 /// Per-call options of a session call (execute_in_session).
@@ -58,6 +63,9 @@ struct session_call_options {
   /// As call_options::idempotent and max_attempts (retries through the pool client).
   std::optional<bool> idempotent = std::nullopt;
   std::optional<std::size_t> max_attempts = std::nullopt;
+  /// The pool whose session this is; "" = "default". Sessions belong to one
+  /// pool: the same id on two pools names two sessions.
+  std::string pool = {};
 };
 
 /// Options of an explicit checkout.
@@ -66,6 +74,8 @@ struct checkout_options {
   std::optional<std::chrono::milliseconds> timeout;
   /// false: fail at once with resource_error/full when no worker is idle.
   bool block = true;
+  /// The pool to check a worker out of; "" = "default".
+  std::string pool = {};
 };
 
 /// One worker checked out by one caller (the lease holder): only requests
@@ -163,15 +173,18 @@ public:
   /// (session_error/session_ended), sends cleanup_session to every worker that
   /// served it, and answers {"session_id","status":"ended","operations",
   /// "workers_cleaned":[...],...}. Unknown id: session_error/session_not_found.
-  outcome end_session(const std::string& session_id);
+  /// @param pool the session's pool ("" = "default")
+  outcome end_session(const std::string& session_id, const std::string& pool = {});
 
   /// {"session_id","created_at","last_accessed","expires_at" (epoch seconds),
   /// "operations","preferred_worker","workers","programs","program_count",
   /// "pending","affinity"}; unknown id: session_error/session_not_found.
-  outcome get_session_info(const std::string& session_id);
+  /// @param pool the session's pool ("" = "default")
+  outcome get_session_info(const std::string& session_id, const std::string& pool = {});
 
   /// {"sessions":[info...],"total_count":N}, sorted by session id.
-  outcome list_sessions();
+  /// @param pool the pool whose sessions are listed ("" = "default")
+  outcome list_sessions(const std::string& pool = {});
 
   /// Checks a worker out for a sequence of requests (see `lease`).
   std::variant<std::unique_ptr<lease>, error> checkout(
@@ -181,14 +194,23 @@ public:
   /// "open", "half_open"). While the pool restarts it is empty but for
   /// `circuit` and `health` ("restarting", or "unavailable" once the root
   /// supervisor gave up).
-  pool_status status();
+  /// @param pool the pool's name ("" = "default")
+  /// @returns its status, `pool` naming it; for a name the runtime does not
+  ///          know, an empty status whose `pool` is empty
+  pool_status status(const std::string& pool = {});
+
+  /// @returns the names of the runtime's pools: "default", then the
+  ///          `[pools.NAME]` ones (settings::pools)
+  std::vector<std::string> pools() const;
 
   /// Everything the Prometheus exposition shows, read now: the status's
   /// gauges and counters, calls by command and outcome, the supervisor's
   /// restarts of the pool, live sessions and the three latency histograms
   /// in fixed buckets. Render it with dspex::render_prometheus.
-  /// @returns a snapshot labelled pool="default"
-  metrics_snapshot metrics();
+  /// @param pool the pool's name ("" = "default")
+  /// @returns a snapshot labelled with the pool's name (empty for a name
+  ///          the runtime does not know)
+  metrics_snapshot metrics(const std::string& pool = {});
 
   /// The runtime's event stream: worker lifecycle, pool health, restarts,
   /// circuit changes, retries, supervisor events (see dspex/events.hpp).

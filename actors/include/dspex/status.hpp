@@ -33,6 +33,7 @@ struct worker_info {
 };
 
 struct pool_status {
+  std::string pool;            ///< the pool's name ("default" or a [pools.NAME])
   std::size_t size = 0;        ///< configured pool.size
   std::size_t idle = 0;
   std::size_t busy = 0;         ///< running a call or out under a lease

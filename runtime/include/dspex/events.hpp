@@ -49,6 +49,7 @@ const char* to_string(event_kind k) noexcept;
 
 struct event {
   event_kind kind = event_kind::worker_transition;
+  std::string pool;       ///< the pool it concerns ("default" or a [pools.NAME]); empty for the runtime's own
   std::string source;     ///< who published it: "pool", a worker id, "client", a supervisor's name
   std::string worker_id;  ///< the worker concerned, when there is one
   std::string from;       ///< transitions: the state left
@@ -72,6 +73,17 @@ class event_bus {
 public:
   using handler = std::function<void(const event&)>;
 
+  /// The runtime's bus: it logs what is published and hands it to its subscribers.
+  event_bus() = default;
+  /// A pool's bus (issue 13): every event published here carries `pool`
+  /// (event::pool), reaches this bus's subscribers and then `parent`'s,
+  /// which logs it once.
+  /// @param parent the runtime's bus
+  /// @param pool the pool's name
+  event_bus(std::shared_ptr<event_bus> parent, std::string pool);
+  event_bus(const event_bus&) = delete;
+  event_bus& operator=(const event_bus&) = delete;
+
   /// Returns an id for unsubscribe. Handlers run in subscription order.
   std::uint64_t subscribe(handler h);
   /// Removes a subscription. When it returns, its handler is not running on
@@ -85,7 +97,7 @@ public:
 
   /// Cheap: lets publishers skip building events nobody reads (ready <-> busy
   /// happens twice per request).
-  bool has_subscribers() const noexcept { return count_.load(std::memory_order_relaxed) > 0; }
+  bool has_subscribers() const noexcept;
 
   /// Logs the event (debug for ready <-> busy, info or warn otherwise) and
   /// hands it to every subscriber. A handler that throws is logged and skipped.
@@ -105,6 +117,11 @@ private:
 
   struct subscription;
 
+  /// Hands `e` to this bus's own subscribers.
+  void deliver(const event& e);
+
+  std::shared_ptr<event_bus> parent_;  ///< a pool's bus: the runtime's
+  std::string pool_;                   ///< a pool's bus: the name stamped on its events
   mutable std::mutex mtx_;
   std::condition_variable calls_done_;  ///< a call of a removed subscription returned
   std::vector<std::shared_ptr<subscription>> handlers_;

@@ -106,6 +106,24 @@ struct settings {
     std::string api_key_env;
   } lm;
 
+  // -- named pools (issue 13) -------------------------------------------------------
+
+  /// The pool these settings configure: "default" for the top-level keys, NAME
+  /// for a `[pools.NAME]` section. Not an option: the loader sets it.
+  std::string pool_name = "default";
+  /// The runtime's further pools, one per `[pools.NAME]` section: each a copy
+  /// of these settings with its own pool, worker, retry, circuit, session and
+  /// lm keys overridden (log and scheduler are the runtime's, left as here).
+  /// Each has a distinct pool_name and no pools of its own.
+  std::vector<settings> pools;
+
+  /// @param name a pool's name; "" means "default"
+  /// @returns the settings of that pool (this object for the default pool),
+  ///          or nullptr when the runtime has no pool of that name
+  const settings* find_pool(const std::string& name) const noexcept;
+  /// @returns "default", then the named pools (the loader sorts them by name)
+  std::vector<std::string> pool_names() const;
+
   std::string log_level = "info";      ///< log.level: trace, debug, info, warn, error, critical, off
   std::string log_format = "text";     ///< log.format: text (key=value pairs) or json (one object per line)
   std::string log_worker_level = "info";  ///< log.worker_level: the level of the workers' stderr lines
@@ -129,6 +147,10 @@ struct settings {
 /// Every key and its value, grouped as in the INI file; durations as "<n>ms".
 /// What `dspex config` prints.
 nlohmann::json to_json(const settings& s);
+
+/// @returns true when `name` may name a pool: 1 to 64 ASCII letters, digits,
+///          '_' or '-' (it appears in metric labels, log lines and URLs).
+bool valid_pool_name(const std::string& name) noexcept;
 
 /// Finds `program` in PATH (or checks it when it contains '/'); empty when not
 /// found or not executable.

@@ -5,6 +5,8 @@
 // translation units that use CAF.
 #pragma once
 
+#include <string>
+
 #include <caf/actor.hpp>
 #include <caf/fwd.hpp>
 
@@ -16,13 +18,20 @@ namespace dspex {
 struct runtime_access {
   /// The runtime's actor system (valid until runtime::stop).
   static caf::actor_system& system(runtime& rt);
-  /// The current pool actor; invalid while the root supervisor restarts it,
-  /// after it gave up, and after stop.
-  static pool_handle pool(runtime& rt);
-  /// The root supervisor "dspex.root" (invalid after stop).
+  /// @param name a pool's name ("" or "default": the default pool)
+  /// @returns the pool's current pool actor; invalid while its supervisor
+  ///          restarts it, after it gave up, after stop, and for a name the
+  ///          runtime does not know
+  static pool_handle pool(runtime& rt, const std::string& name = {});
+  /// @returns the root supervisor "dspex.root" (invalid after stop)
   static caf::actor root(runtime& rt);
-  /// The pool client, which every execute_anonymous goes through.
-  static caf::actor client(runtime& rt);
+  /// @param name a pool's name ("" or "default": the default pool)
+  /// @returns the supervisor "dspex.pool.NAME" of that pool's subtree
+  ///          (invalid once it ended, and after stop)
+  static caf::actor pool_supervisor(runtime& rt, const std::string& name = {});
+  /// @param name a pool's name ("" or "default": the default pool)
+  /// @returns that pool's client, which every call not on the direct lane goes through
+  static caf::actor client(runtime& rt, const std::string& name = {});
 };
 
 } // namespace dspex
