@@ -2,7 +2,7 @@
 //
 //   dspex run [--requests=N] [--concurrency=N] [--programs=N] [--quiet]
 //             [--storm [--storm-cycles=N] [--storm-interval-ms=N] [--storm-kills=N]]
-//             [--config-file=PATH] [--pool.size=8 ...any setting...]
+//             [--config-file=PATH | --topology=FILE] [--pool.size=8 ...any setting...]
 //   dspex call COMMAND [JSON] [--session=ID] [--json]  one call, its reply as JSON
 //   dspex doctor [--json]                            what a pool needs, and what to fix
 //   dspex metrics [--requests=N]                     the Prometheus exposition
@@ -48,8 +48,11 @@ void print_help(std::ostream& out) {
          "           --storm-stop-percent=N (10: share of the hits that are SIGSTOP; the pool\n"
          "             finds stopped processes at its maintenance tick, so --storm lowers\n"
          "             pool.health_interval to 100ms unless it is set explicitly)\n"
-         "  call     COMMAND [JSON-ARGS] [--session=ID] [--json]: start a pool (1 worker unless\n"
-         "           --pool.size is given), run one command, print its reply as JSON; exit code\n"
+         "           --topology=FILE: the configuration of a topology (config/topologies/): the\n"
+         "             workload's callers are spread over all of its pools\n"
+         "  call     COMMAND [JSON-ARGS] [--session=ID] [--pool=NAME] [--json]: start the pools\n"
+         "           (the default one with 1 worker unless --pool.size is given), run one command\n"
+         "           on pool NAME (default: default), print its reply as JSON; exit code\n"
          "           by outcome: 0 ok, 1 the command failed (python_error), 2 usage or\n"
          "           configuration, 3 the pool could not start, 4 timeout, 5 the worker was lost,\n"
          "           6 no capacity (resource or session error), 7 any other error\n"
@@ -115,6 +118,15 @@ bool take_run_options(std::vector<std::string>& args, run_options& run, std::str
     }
     if (a == "--json") {
       opts.json = true;
+      continue;
+    }
+    // A topology is a configuration file that declares pools (and, later,
+    // nodes): it is read as --config-file.
+    if (a.rfind("--topology=", 0) == 0) {
+      if (std::any_of(args.begin(), args.end(),
+                      [](const std::string& x) { return x.rfind("--config-file=", 0) == 0; }))
+        bad = "--topology is a configuration file: give it or --config-file, not both";
+      rest.push_back("--config-file=" + a.substr(11));
       continue;
     }
     rest.push_back(a);
@@ -243,8 +255,17 @@ int main(int argc, char** argv) {
     return dspex::run_service(config, so, std::cout, std::cerr);
   }
   try {
-    std::cerr << fmt::format("dspex: starting {} workers ({} LM)...\n", config.pool.size,
-                             config.lm.provider.empty() ? "no" : config.lm.provider);
+    if (config.pools.empty()) {
+      std::cerr << fmt::format("dspex: starting {} workers ({} LM)...\n", config.pool.size,
+                               config.lm.provider.empty() ? "no" : config.lm.provider);
+    } else {
+      std::string which;
+      for (const auto& name : config.pool_names())
+        which += fmt::format("{}{} {}", which.empty() ? "" : ", ", name,
+                             config.find_pool(name)->pool.size);
+      std::cerr << fmt::format("dspex: starting {} pools ({})...\n", config.pools.size() + 1,
+                               which);
+    }
     auto rt = dspex::runtime::start(config);
     if (opts.storm) {
       dspex::storm_run_options storm;

@@ -141,12 +141,15 @@ int run_call(const std::vector<std::string>& args, settings config, bool size_gi
              std::ostream& out, std::ostream& err) {
   std::vector<std::string> positional;
   std::optional<std::string> session;
+  std::string pool;
   bool json_out = false;
   for (auto& a : args) {
     if (a == "--json")
       json_out = true;
     else if (a.rfind("--session=", 0) == 0)
       session = a.substr(10);
+    else if (a.rfind("--pool=", 0) == 0)
+      pool = a.substr(7);
     else if (a.rfind("--", 0) == 0) {
       err << "dspex call: unknown option '" << a << "' (try: dspex help)\n";
       return call_usage;
@@ -154,7 +157,8 @@ int run_call(const std::vector<std::string>& args, settings config, bool size_gi
       positional.push_back(a);
   }
   if (positional.empty() || positional.size() > 2) {
-    err << "dspex call: usage: dspex call COMMAND [JSON-ARGS] [--session=ID] [--json]\n";
+    err << "dspex call: usage: dspex call COMMAND [JSON-ARGS] [--session=ID] [--pool=NAME] "
+           "[--json]\n";
     return call_usage;
   }
   nlohmann::json call_args = nlohmann::json::object();
@@ -181,8 +185,13 @@ int run_call(const std::vector<std::string>& args, settings config, bool size_gi
     return e.details().category == error_category::configuration_error ? call_usage
                                                                         : call_start_failed;
   }
-  auto result = session ? rt->execute_in_session(*session, positional[0], std::move(call_args))
-                        : rt->execute_anonymous(positional[0], std::move(call_args));
+  session_call_options in_session;
+  in_session.pool = pool;
+  call_options anonymous;
+  anonymous.pool = pool;
+  auto result = session ? rt->execute_in_session(*session, positional[0], std::move(call_args),
+                                                 in_session)
+                        : rt->execute_anonymous(positional[0], std::move(call_args), anonymous);
   rt->stop();
   auto indent = is_terminal(out) ? 2 : -1;
   auto dump = [&](const nlohmann::json& j) {
@@ -374,7 +383,10 @@ int run_metrics(const std::vector<std::string>& args, settings config, std::ostr
     std::size_t failed = 0;
     for (std::size_t i = 0; i < requests; ++i)
       failed += rt->execute_anonymous("ping") ? 0 : 1;
-    out << render_prometheus(rt->metrics());
+    std::vector<metrics_snapshot> pools;
+    for (const auto& name : rt->pools())
+      pools.push_back(rt->metrics(name));
+    out << render_prometheus(pools);
     rt->stop();
     return failed == 0 ? 0 : 1;
   } catch (const start_error& e) {

@@ -27,12 +27,13 @@ struct tally {
   latency_recorder latencies;
   workload_result result;
 
-  void add(const outcome& o, clock_type::duration took) {
+  void add(const std::string& pool, const outcome& o, clock_type::duration took) {
     std::lock_guard<std::mutex> guard{mtx};
     latencies.record(took);
     ++result.requests;
     if (o) {
       ++result.ok;
+      ++result.ok_by_pool[pool];
       return;
     }
     if (!is_structured(o.error())) {
@@ -63,14 +64,19 @@ private:
 
 // execute_* never throw by contract; a throw is counted, not propagated, so
 // the workload (and a storm around it) always completes.
-// `session`: the call runs in that session (empty: anonymously).
-outcome timed(runtime& rt, tally& t, const std::string& session, const std::string& command,
-              nlohmann::json args) {
+// `session`: the call runs in that session (empty: anonymously) of `pool`.
+outcome timed(runtime& rt, tally& t, const std::string& pool, const std::string& session,
+              const std::string& command, nlohmann::json args) {
   auto start = clock_type::now();
   try {
-    auto o = session.empty() ? rt.execute_anonymous(command, std::move(args))
-                             : rt.execute_in_session(session, command, std::move(args));
-    t.add(o, clock_type::now() - start);
+    session_call_options in_session;
+    in_session.pool = pool;
+    call_options anonymous;
+    anonymous.pool = pool;
+    auto o = session.empty()
+               ? rt.execute_anonymous(command, std::move(args), anonymous)
+               : rt.execute_in_session(session, command, std::move(args), in_session);
+    t.add(pool, o, clock_type::now() - start);
     return o;
   } catch (const std::exception& e) {
     t.add_exception(e.what(), clock_type::now() - start);
@@ -127,12 +133,16 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
     defs.push_back(program_definition(i));
   const auto sessions = std::max<std::size_t>(1, opts.concurrency);
   auto session_name = [](std::size_t c) { return fmt::format("session-{}", c); };
+  // Sessions are spread over every pool of the runtime (a topology's named
+  // pools too): session c belongs to pool c mod the pools' count.
+  const auto pools = rt.pools();
+  auto pool_of = [&](std::size_t c) -> const std::string& { return pools[c % pools.size()]; };
 
   // Phase 1: each session creates its programs (counted when created).
   std::vector<std::size_t> created(sessions, 0);
   for (std::size_t c = 0; c < sessions; ++c)
     for (auto& def : defs)
-      created[c] += timed(rt, t, session_name(c), "create_program", def) ? 1 : 0;
+      created[c] += timed(rt, t, pool_of(c), session_name(c), "create_program", def) ? 1 : 0;
 
   // Phase 2: executions from concurrent callers, one session each.
   std::atomic<std::size_t> next{0};
@@ -148,7 +158,7 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
       auto session = session_name(c);
       for (auto i = next++; more(i); i = next++) {
         const auto& def = defs.empty() ? program_definition(0) : defs[i % defs.size()];
-        timed(rt, t, session, "execute_program",
+        timed(rt, t, pool_of(c), session, "execute_program",
               {{"program_id", def["id"]},
                {"inputs", {{"question", fmt::format("What is {} + {}?", i, i)}}}});
         ++done;
@@ -192,7 +202,8 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
   std::size_t listed_total = 0;
   std::size_t programs_lost = 0;
   for (std::size_t c = 0; c < sessions; ++c) {
-    auto listed = timed(rt, t, session_name(c), "list_programs", nlohmann::json::object());
+    auto listed = timed(rt, t, pool_of(c), session_name(c), "list_programs",
+                        nlohmann::json::object());
     auto n = listed ? listed.value().value("total_count", std::size_t{0}) : std::size_t{0};
     listed_total += n;
     programs_lost += created[c] - std::min(created[c], n);
@@ -227,7 +238,18 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
              {"wall_time_s", elapsed},
              {"sessions", {{"count", sessions}, {"programs_listed", listed_total},
                            {"programs_created", created_total}, {"programs_lost", programs_lost}}},
-             {"pool", st.to_json()}}
+             {"pool", st.to_json()},
+             {"pools", [&] {
+                auto j = nlohmann::json::object();
+                for (const auto& name : pools) {
+                  auto ps = name == st.pool ? st : rt.status(name);
+                  j[name] = {{"succeeded", r.ok_by_pool[name]},
+                             {"health", ps.health},
+                             {"size", ps.size},
+                             {"replaced", ps.replaced}};
+                }
+                return j;
+              }()}}
              .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
         << "\n";
     out.flush();
@@ -257,6 +279,12 @@ workload_result run_workload_detailed(runtime& rt, const workload_options& opts,
                      "recycled {}, health {}, circuit {}\n",
                      "pool", st.size, st.idle, st.busy, st.starting, st.queued, st.replaced,
                      st.recycled, st.health, st.circuit);
+  if (pools.size() > 1)  // a topology: each pool's share
+    for (const auto& name : pools) {
+      auto ps = rt.status(name);
+      out << fmt::format("{:<28}{} calls succeeded; size {}, replaced {}, health {}\n",
+                         "pool " + name, r.ok_by_pool[name], ps.size, ps.replaced, ps.health);
+    }
   // The pool's own accounting (pool_metrics): every call since start, the
   // pool's view, beside the workload's view above.
   out << fmt::format("\n{:<12}{:>9}{:>10}{:>10}{:>10}{:>11}{:>10}\n", "pool latency", "calls",

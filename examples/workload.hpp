@@ -35,6 +35,7 @@ struct workload_result {
   std::size_t requests = 0;  ///< every call: create, execute, list
   std::size_t executions = 0;  ///< execute_program calls
   std::size_t ok = 0;
+  std::map<std::string, std::size_t> ok_by_pool;  ///< succeeded calls by pool
   std::map<std::string, std::size_t> errors;  ///< "category/type" → count (structured failures)
   std::map<std::string, std::string> first_message;
   /// Outcomes that were not a structured dspex::error (unknown category,

@@ -132,7 +132,9 @@ void note_start_success(pool_actor_t self, const std::string& worker_id, int pid
 
 void start_worker(pool_actor_t self, bool initial, bool overflow) {
   auto& st = self->state;
-  auto id = "w" + std::to_string(st.next_worker++);
+  // A named pool's workers carry its name, so its log lines and events tell them apart.
+  auto id = (st.config->pool_name == "default" ? std::string{"w"} : st.config->pool_name + ".w")
+            + std::to_string(st.next_worker++);
   auto& e = st.workers[id];
   e.w.id = id;
   e.w.overflow = overflow;

@@ -10,6 +10,8 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/signal_set.hpp>
@@ -63,6 +65,7 @@ struct execute_body {
   std::string command;
   nlohmann::json args = nlohmann::json::object();
   std::optional<std::chrono::milliseconds> timeout;
+  std::string pool;  ///< "pool": a named pool ("" = the query's, else default)
 };
 
 std::variant<execute_body, error> parse_execute(const std::string& text) {
@@ -84,6 +87,11 @@ std::variant<execute_body, error> parse_execute(const std::string& text) {
       return body_error("malformed_body", "\"timeout_ms\" must be an integer from 1 to 3600000");
     b.timeout = std::chrono::milliseconds{t->get<std::uint64_t>()};
   }
+  if (auto pool = j.find("pool"); pool != j.end() && !pool->is_null()) {
+    if (!pool->is_string())
+      return body_error("malformed_body", "\"pool\" must be a string");
+    b.pool = pool->get<std::string>();
+  }
   return b;
 }
 
@@ -100,8 +108,31 @@ std::optional<std::string> session_of(const std::string& target, const std::stri
   return id;
 }
 
+/// The target's path, and its query's `pool` parameter ("" when absent).
+std::pair<std::string, std::string> split_target(const std::string& full) {
+  auto q = full.find('?');
+  if (q == std::string::npos)
+    return {full, {}};
+  std::string pool;
+  auto query = full.substr(q + 1);
+  std::size_t pos = 0;
+  while (pos <= query.size()) {
+    auto end = query.find('&', pos);
+    auto param = query.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
+    if (param.rfind("pool=", 0) == 0)
+      pool = param.substr(5);  // pool names need no percent-decoding (valid_pool_name)
+    if (end == std::string::npos)
+      break;
+    pos = end + 1;
+  }
+  return {full.substr(0, q), pool};
+}
+
 response_t handle(runtime& rt, const request_t& req) {
-  const std::string target{req.target()};
+  // Named, not a structured binding: the lambdas below capture them.
+  const auto split = split_target(std::string{req.target()});
+  const std::string& target = split.first;
+  const std::string& query_pool = split.second;
   const auto method = req.method();
   auto not_found = [&] {
     return json_response(req, 404,
@@ -116,9 +147,18 @@ response_t handle(runtime& rt, const request_t& req) {
   if (target == "/healthz") {
     if (method != http::verb::get)
       return wrong_method();
-    auto st = rt.status();
-    return json_response(req, st.health == "healthy" ? 200 : 503,
-                         {{"ok", st.health == "healthy"}, {"health", st.health}});
+    // Healthy only while every pool is.
+    std::string health = "healthy";  // the first pool's that is not
+    nlohmann::json pools = nlohmann::json::object();
+    for (const auto& name : rt.pools()) {
+      auto st = rt.status(name);
+      if (health == "healthy")
+        health = st.health;
+      pools[name] = st.health;
+    }
+    bool healthy = health == "healthy";
+    return json_response(req, healthy ? 200 : 503,
+                         {{"ok", healthy}, {"health", health}, {"pools", std::move(pools)}});
   }
   if (target == "/metrics") {
     if (method != http::verb::get)
@@ -126,27 +166,42 @@ response_t handle(runtime& rt, const request_t& req) {
     response_t res{http::status::ok, req.version()};
     res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
     res.set(http::field::connection, "close");
-    res.body() = render_prometheus(rt.metrics());
+    std::vector<metrics_snapshot> pools;
+    for (const auto& name : rt.pools())
+      pools.push_back(rt.metrics(name));
+    res.body() = render_prometheus(pools);
     res.prepare_payload();
     return res;
   }
   if (target == "/v1/status") {
     if (method != http::verb::get)
       return wrong_method();
-    return json_response(req, 200, {{"ok", true}, {"result", rt.status().to_json()}});
+    auto st = rt.status(query_pool);
+    if (st.pool.empty())
+      return not_found();
+    return json_response(req, 200, {{"ok", true}, {"result", st.to_json()}});
+  }
+  if (target == "/v1/pools") {
+    if (method != http::verb::get)
+      return wrong_method();
+    auto names = rt.pools();
+    return json_response(req, 200, {{"ok", true}, {"result", {{"pools", names}}}});
   }
   auto run = [&](const std::optional<std::string>& session) {
     auto parsed = parse_execute(req.body());
     if (auto* e = std::get_if<error>(&parsed))
       return error_response(req, *e);
     auto& b = std::get<execute_body>(parsed);
+    auto pool = b.pool.empty() ? query_pool : b.pool;
     if (session) {
       session_call_options o;
       o.timeout = b.timeout;
+      o.pool = pool;
       return outcome_response(req, rt.execute_in_session(*session, b.command, std::move(b.args), o));
     }
     call_options o;
     o.timeout = b.timeout;
+    o.pool = pool;
     return outcome_response(req, rt.execute_anonymous(b.command, std::move(b.args), o));
   };
   if (target == "/v1/execute")
@@ -156,7 +211,7 @@ response_t handle(runtime& rt, const request_t& req) {
   if (auto id = session_of(target, "")) {
     if (method != http::verb::delete_)
       return wrong_method();
-    return outcome_response(req, rt.end_session(*id));
+    return outcome_response(req, rt.end_session(*id, query_pool));
   }
   return not_found();
 }

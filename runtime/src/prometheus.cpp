@@ -154,4 +154,35 @@ std::string render_prometheus(const metrics_snapshot& m) {
   return w.take();
 }
 
+std::string render_prometheus(const std::vector<metrics_snapshot>& pools) {
+  // The format wants each family once (HELP, TYPE, then all its samples):
+  // render every pool, then put each family's samples of all pools together.
+  std::vector<std::string> order;                      // families, first seen first
+  std::map<std::string, std::string> heads, samples;  // family -> its HELP+TYPE, its samples
+  for (const auto& m : pools) {
+    auto text = render_prometheus(m);
+    std::string family;
+    std::size_t pos = 0;
+    while (pos < text.size()) {
+      auto end = text.find('\n', pos);
+      auto line = text.substr(pos, end - pos + 1);
+      pos = end + 1;
+      if (line.rfind("# HELP ", 0) == 0) {
+        family = line.substr(7, line.find(' ', 7) - 7);
+        if (!heads.count(family))
+          order.push_back(family);
+        heads[family] = line;
+      } else if (line.rfind("# TYPE ", 0) == 0) {
+        heads[family] = heads[family].substr(0, heads[family].find('\n') + 1) + line;
+      } else {
+        samples[family] += line;
+      }
+    }
+  }
+  std::string out;
+  for (const auto& family : order)
+    out += heads[family] + samples[family];
+  return out;
+}
+
 } // namespace dspex

@@ -232,3 +232,90 @@ TEST_CASE("every option takes every value of its type from the command line") {
   CHECK(flags >= 3);    // circuit.enabled, pool.use_safe_port_connect, worker.test_commands, ...
   CHECK(strings >= 5);  // worker.python, worker.script, lm.provider, lm.model, log.level, ...
 }
+
+namespace {
+
+/// Loads `content` as the config file, with `args` after it.
+std::variant<settings, error> load_file(const std::string& content, std::vector<std::string> args = {}) {
+  auto path = std::string{"/tmp/dspex-test-pools-"} + std::to_string(::getpid()) + ".ini";
+  {
+    std::ofstream out{path};
+    out << content;
+  }
+  args.push_back("--config-file=" + path);
+  auto r = load(std::move(args));
+  std::remove(path.c_str());
+  return r;
+}
+
+std::string pool_error(const std::string& content, std::vector<std::string> args = {}) {
+  auto r = load_file(content, std::move(args));
+  auto* err = std::get_if<error>(&r);
+  REQUIRE_MESSAGE(err != nullptr, "accepted: " << content);
+  CHECK(err->category == error_category::configuration_error);
+  return err->message;
+}
+
+} // namespace
+
+TEST_CASE("[pools.NAME] sections declare named pools that start from the default pool's values") {
+  auto r = load_file("[pool]\nsize=2\nmax_requests=500\n[lm]\nmodel=\"fast\"\n[log]\nlevel=\"warn\"\n"
+                     "[pools.qa]\npool={size=3, request_timeout=5s}\nlm={temperature=0.0}\n"
+                     "session={affinity=\"strict_queue\"}\n"
+                     "[pools.batch]\nworker={extra_args=[\"--x\"]}\n",
+                     {"--pools.qa.pool.size=4", "--pools.cli.lm.provider=", "--pools.batch.circuit.enabled=false"});
+  REQUIRE_MESSAGE(std::holds_alternative<settings>(r), std::get<error>(r).message);
+  auto& s = std::get<settings>(r);
+  CHECK(s.pool_name == "default");
+  CHECK(s.pool_names() == std::vector<std::string>{"default", "batch", "cli", "qa"});
+  const auto* qa = s.find_pool("qa");
+  REQUIRE(qa != nullptr);
+  CHECK(qa->pool_name == "qa");
+  CHECK(qa->pool.size == 4);  // the command line wins over the file
+  CHECK(qa->pool.request_timeout == std::chrono::seconds{5});
+  CHECK(qa->pool.max_requests == 500);  // not set: the default pool's value
+  CHECK(qa->lm.model == "fast");
+  CHECK(qa->lm.temperature == 0.0);
+  CHECK(qa->session.affinity == "strict_queue");
+  CHECK(qa->log_level == "warn");  // the runtime's
+  CHECK(qa->pools.empty());
+  CHECK(s.find_pool("batch")->worker.extra_args == std::vector<std::string>{"--x"});
+  CHECK_FALSE(s.find_pool("batch")->circuit.enabled);
+  CHECK(s.find_pool("cli")->lm.provider.empty());
+  CHECK(s.find_pool("cli")->pool.size == 2);
+  CHECK(s.find_pool("") == &s);
+  CHECK(s.find_pool("default") == &s);
+  CHECK(s.find_pool("nope") == nullptr);
+  CHECK(s.pool.size == 2);  // the default pool is untouched
+  CHECK(s.session.affinity == "hint");
+  auto j = to_json(s);
+  CHECK(j["pools"]["qa"]["pool"]["size"] == 4);
+  CHECK_FALSE(j["pools"]["qa"].contains("log"));
+}
+
+TEST_CASE("a bad [pools.NAME] key, group, value or name is refused with its full key") {
+  CHECK(pool_error("[pools.qa]\npool={sise=3}\n").find("unknown option pools.qa.pool.sise")
+        != std::string::npos);
+  CHECK(pool_error("[pools.qa]\npool={size=0}\n").find("pools.qa.pool.size must be between")
+        != std::string::npos);
+  CHECK(pool_error("[pools.qa]\npool={size=\"big\"}\n").find("pools.qa.pool.size has an invalid value")
+        != std::string::npos);
+  CHECK(pool_error("[pools.qa]\nlog={level=\"debug\"}\n").find("a pool sets only the groups")
+        != std::string::npos);
+  CHECK(pool_error("[pools.qa]\nsize=3\n").find("pools.qa.size must be a group of keys")
+        != std::string::npos);
+  CHECK(pool_error("[pools.default]\npool={size=3}\n").find("'default' is the top-level pool")
+        != std::string::npos);
+  CHECK(pool_error("[pools]\nqa=3\n").find("pools.qa must be a section of groups")
+        != std::string::npos);
+  CHECK(pool_error("", {"--pools.qa.pool.size=abc"}).find("pools.qa.pool.size has an invalid value")
+        != std::string::npos);
+  CHECK(pool_error("", {"--pools.qa.size=3"}).find("is not --pools.NAME.group.key=value")
+        != std::string::npos);
+  CHECK(pool_error("", {"--pools.qa.pool.size"}).find("is not --pools.NAME.group.key=value")
+        != std::string::npos);
+  CHECK(pool_error("", {"--pools.q$a.pool.size=2"}).find("a pool's name is 1 to 64")
+        != std::string::npos);
+  CHECK(pool_error("", {"--pools.qa.worker.python=/nonexistent/py"}).find("pools.qa.worker.python")
+        != std::string::npos);
+}

@@ -84,6 +84,35 @@ class CallTests(unittest.TestCase):
         self.assertNotIn(key, err)
 
 
+class TopologyTests(unittest.TestCase):
+    """Issue 13: a topology file's pools, used by `call --pool` and `run --topology`."""
+
+    TOPOLOGY = os.path.join(os.path.dirname(__file__), "..", "..", "config", "topologies", "two_pools.ini")
+
+    def test_call_runs_on_the_named_pool(self):
+        rc, out, err = dspex("call", "configure_lm", '{"provider": "mock", "model": "x"}', "--pool=qa",
+                             "--session=s1", f"--config-file={self.TOPOLOGY}", "--json")
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(json.loads(out)["ok"])
+        rc, out, err = dspex("call", "ping", "--pool=nope", f"--config-file={self.TOPOLOGY}", "--json")
+        self.assertEqual(rc, 7, err)  # invalid_request: "any other error"
+        self.assertEqual(json.loads(out)["error"]["context"]["reason"], "unknown_pool")
+
+    def test_run_spreads_the_sessions_over_every_pool(self):
+        rc, out, err = dspex("run", "--requests=40", "--concurrency=4", "--json", f"--topology={self.TOPOLOGY}")
+        self.assertEqual(rc, 0, err[-2000:])
+        summary = json.loads(out)
+        self.assertEqual(summary["failed"], 0)
+        self.assertEqual(sorted(summary["pools"]), ["default", "qa"])
+        self.assertEqual(summary["pools"]["qa"]["size"], 3)
+        for name, pool in summary["pools"].items():
+            self.assertGreater(pool["succeeded"], 0, name)
+        self.assertEqual(sum(p["succeeded"] for p in summary["pools"].values()), summary["succeeded"])
+        rc, _, err = dspex("run", f"--topology={self.TOPOLOGY}", f"--config-file={self.TOPOLOGY}")
+        self.assertEqual(rc, 2)
+        self.assertIn("not both", err)
+
+
 class DoctorTests(unittest.TestCase):
     def test_a_working_setup_is_ready(self):
         rc, out, err = dspex("doctor")

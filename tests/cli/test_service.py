@@ -147,7 +147,8 @@ class ServiceTests(unittest.TestCase):
         self.assertEqual(reply["error"]["type"], "session_not_found")
 
     def test_status_health_and_metrics(self):
-        self.assertEqual(self.svc.json("GET", "/healthz"), (200, {"ok": True, "health": "healthy"}))
+        self.assertEqual(self.svc.json("GET", "/healthz"),
+                         (200, {"ok": True, "health": "healthy", "pools": {"default": "healthy"}}))
         st = self.svc.status()
         self.assertEqual(st["size"], 2)
         code, text = self.svc.request("GET", "/metrics")
@@ -207,6 +208,46 @@ class SaturationTests(unittest.TestCase):
                     t.join(HANG_GUARD)
             svc.stop()
         self.assertEqual(results, [200, 200])
+
+
+class NamedPoolTests(unittest.TestCase):
+    """Issue 13: a service over two pools; the body's or the query's "pool" names one."""
+
+    def test_calls_status_sessions_and_metrics_by_pool(self):
+        svc = Service("--pool.size=1", "--pools.qa.pool.size=2")
+        try:
+            self.assertEqual(svc.json("GET", "/v1/pools"), (200, {"ok": True, "result": {"pools": ["default", "qa"]}}))
+            code, reply = svc.json("POST", "/v1/execute", {"command": "ping", "pool": "qa"})
+            self.assertEqual(code, 200, reply)
+            code, reply = svc.json("POST", "/v1/execute?pool=qa", {"command": "ping"})
+            self.assertEqual(code, 200, reply)
+            code, reply = svc.json("POST", "/v1/execute", {"command": "ping"})
+            self.assertEqual(code, 200, reply)
+            qa = svc.json("GET", "/v1/status?pool=qa")[1]["result"]
+            self.assertEqual((qa["pool"], qa["size"], qa["metrics"]["total"]["count"]), ("qa", 2, 2))
+            self.assertTrue(all(w["id"].startswith("qa.w") for w in qa["workers"]))
+            default = svc.status()
+            self.assertEqual((default["pool"], default["size"], default["metrics"]["total"]["count"]), ("default", 1, 1))
+            self.assertEqual(svc.json("GET", "/v1/status?pool=nope")[0], 404)
+            # An unknown pool is the caller's mistake, answered with the table's status for it.
+            code, reply = svc.json("POST", "/v1/execute", {"command": "ping", "pool": "nope"})
+            self.assertEqual(code, 400, reply)
+            self.assertEqual(reply["error"]["context"]["reason"], "unknown_pool")
+            self.assertEqual(svc.json("POST", "/v1/execute", {"command": "ping", "pool": 3})[0], 400)
+            # The session s1 of qa is not the session s1 of default.
+            code, reply = svc.json("POST", "/v1/sessions/s1/execute?pool=qa", {"command": "ping"})
+            self.assertEqual(code, 200, reply)
+            self.assertEqual(svc.json("DELETE", "/v1/sessions/s1")[0], 404)
+            self.assertEqual(svc.json("DELETE", "/v1/sessions/s1?pool=qa")[0], 200)
+            self.assertEqual(svc.json("GET", "/healthz"),
+                             (200, {"ok": True, "health": "healthy", "pools": {"default": "healthy", "qa": "healthy"}}))
+            code, text = svc.request("GET", "/metrics")
+            self.assertEqual(code, 200)
+            self.assertIn('dspex_pool_size{pool="default"} 1\n', text)
+            self.assertIn('dspex_pool_size{pool="qa"} 2\n', text)
+            self.assertEqual(text.count("# TYPE dspex_pool_size gauge"), 1)
+        finally:
+            self.assertEqual(svc.stop(), 0)
 
 
 class CircuitTests(unittest.TestCase):

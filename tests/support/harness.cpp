@@ -21,11 +21,11 @@ settings test_settings(std::size_t pool_size) {
 }
 
 status_wait wait_for_status(runtime& rt, const std::function<bool(const pool_status&)>& pred,
-                            std::chrono::milliseconds timeout) {
+                            std::chrono::milliseconds timeout, const std::string& pool) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   status_wait w;
   for (;;) {
-    w.status = rt.status();
+    w.status = rt.status(pool);
     if (pred(w.status)) {
       w.ok = true;
       return w;
@@ -38,7 +38,8 @@ status_wait wait_for_status(runtime& rt, const std::function<bool(const pool_sta
 
 std::unique_ptr<runtime> start_runtime(settings s) {
   auto rt = runtime::start(std::move(s));
-  REQUIRE(wait_for_status(*rt, full_and_idle).ok);
+  for (const auto& pool : rt->pools())
+    REQUIRE_MESSAGE(wait_for_status(*rt, full_and_idle, 15s, pool).ok, "pool " << pool);
   return rt;
 }
 

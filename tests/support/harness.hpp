@@ -20,17 +20,18 @@ using namespace std::chrono_literals;
 /// interpreter, test-only commands on, mock LM, short stop graces.
 settings test_settings(std::size_t pool_size = 2);
 
-/// Waits until `pred(status)` holds, re-reading the real pool status (every
-/// 5 ms) until `timeout`. Returns the last status read; `ok` tells whether
-/// the predicate held.
+/// Waits until `pred(status)` holds, re-reading the real status of `pool`
+/// ("" = default; every 5 ms) until `timeout`. Returns the last status read;
+/// `ok` tells whether the predicate held.
 struct status_wait {
   bool ok = false;
   pool_status status;
 };
 status_wait wait_for_status(runtime& rt, const std::function<bool(const pool_status&)>& pred,
-                            std::chrono::milliseconds timeout = 15s);
+                            std::chrono::milliseconds timeout = 15s, const std::string& pool = {});
 
-/// Starts a runtime and waits until every worker is idle (fails the test otherwise).
+/// Starts a runtime and waits until every worker of every pool is idle
+/// (fails the test otherwise).
 std::unique_ptr<runtime> start_runtime(settings s);
 
 /// Stops the runtime and checks that no child process is left (through /proc).

@@ -57,4 +57,10 @@ const std::vector<double>& latency_bucket_bounds();
 ///          # TYPE lines, label values escaped; ends with a newline.
 std::string render_prometheus(const metrics_snapshot& m);
 
+/// The exposition of several pools (a runtime's named pools): each family
+/// once, with the samples of every pool (told apart by their pool label).
+/// @param pools one snapshot per pool, in the order their samples appear
+/// @returns the whole text, as render_prometheus of one pool formats it
+std::string render_prometheus(const std::vector<metrics_snapshot>& pools);
+
 } // namespace dspex
