@@ -259,6 +259,20 @@ TEST_CASE("one pool's crash loop never touches another: its supervisor gives up 
       CHECK(e.pool == "qa");
       CHECK(e.source == "dspex.pool.qa");
     }
+  // The root lets the subtree go (temporary): were it restarted, every
+  // give-up of qa would use up the root's own restarts, and the root's
+  // give-up would end the default pool too.
+  auto root_saw_qa_end = [](const event& e) {
+    return e.kind == event_kind::supervisor && e.source == "dspex.root"
+           && e.to == "child_exited" && e.pool == "qa";
+  };
+  REQUIRE(rec.wait_for(root_saw_qa_end));
+  CHECK_FALSE(runtime_access::pool_supervisor(*rt, "qa"));
+  CHECK(rec.count([](const event& e) {
+          return e.kind == event_kind::supervisor && e.source == "dspex.root"
+                 && e.to == "child_restarted";
+        })
+        == 0);
   auto r = rt->execute_anonymous("ping", nullptr, on("qa"));
   REQUIRE_FALSE(r.ok());
   CHECK(r.error().type == "supervisor_gave_up");
