@@ -64,6 +64,10 @@ void print_help(std::ostream& out) {
          "           the request path (bench_pool's options), with a progress bar on a terminal\n"
          "  serve    [--bind=127.0.0.1] [--port=8080]: the example HTTP/JSON service (README);\n"
          "           0 picks a free port; SIGTERM drains it (finishes the calls in flight)\n"
+         "  node     serve this runtime's pools to other runtimes (CAF's middleman) on\n"
+         "           node.bind:node.port (0: any free port); prints 'dspex node: serving POOLS on\n"
+         "           HOST:PORT'; SIGTERM or SIGINT stops it. A runtime uses nodes through\n"
+         "           --remote.nodes='[\"127.0.0.1:PORT\"]' and calls their pools by name\n"
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
          "configuration: --config-file=PATH (default "
@@ -173,6 +177,7 @@ int main(int argc, char** argv) {
     return rc;
   }
   if (command != "run" && command != "config" && command != "call" && command != "doctor"
+      && command != "node"
       && command != "metrics" && command != "serve") {
     std::cerr << "dspex: unknown command '" << command << "' (try: dspex help)\n";
     return exit_usage;
@@ -186,7 +191,8 @@ int main(int argc, char** argv) {
   // The operator commands' own arguments (positional, --json, ...) are theirs;
   // the --group.key=value settings and --config-file go to the configuration.
   std::vector<std::string> own;
-  if (command == "call" || command == "doctor" || command == "metrics" || command == "serve") {
+  if (command == "call" || command == "doctor" || command == "metrics" || command == "serve"
+      || command == "node") {
     std::vector<std::string> setting_args;
     for (auto& a : args) {
       auto dot = a.find('.');
@@ -235,6 +241,8 @@ int main(int argc, char** argv) {
     return dspex::run_doctor(own, config, std::cout, std::cerr);
   if (command == "metrics")
     return dspex::run_metrics(own, config, std::cout, std::cerr);
+  if (command == "node")
+    return dspex::run_node(own, config, std::cout, std::cerr);
   if (command == "serve") {
     dspex::service_options so;
     for (auto& a : own) {

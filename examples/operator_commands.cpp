@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/resource.h>
@@ -393,6 +394,46 @@ int run_metrics(const std::vector<std::string>& args, settings config, std::ostr
     err << "dspex metrics: could not start the pool: " << e.details().message << "\n";
     return 3;
   }
+}
+
+// -- dspex node -------------------------------------------------------------------------
+
+int run_node(const std::vector<std::string>& args, settings config, std::ostream& out,
+             std::ostream& err) {
+  if (!args.empty()) {
+    err << "dspex node: unknown argument '" << args.front() << "' (try: dspex help)\n";
+    return call_usage;
+  }
+  config.node.publish = true;
+  if (auto bad = config.validate()) {
+    err << "dspex node: configuration error: " << bad->message << "\n";
+    return call_usage;
+  }
+  // SIGTERM and SIGINT are waited for below; blocked before any thread
+  // starts, so that every runtime thread inherits the mask.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  std::unique_ptr<runtime> rt;
+  try {
+    rt = runtime::start(config);
+  } catch (const start_error& e) {
+    err << "dspex node: could not start: " << e.details().message << "\n";
+    return e.details().category == error_category::configuration_error ? call_usage
+                                                                        : call_start_failed;
+  }
+  std::string names;
+  for (const auto& name : rt->pools())
+    names += (names.empty() ? "" : ",") + name;
+  out << "dspex node: serving " << names << " on " << config.node.bind << ":" << rt->node_port()
+      << std::endl;
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  err << "dspex node: signal " << sig << ", stopping\n";
+  rt->stop();
+  return 0;
 }
 
 } // namespace dspex

@@ -54,6 +54,14 @@ int run_doctor(const std::vector<std::string>& args, const settings& config, std
 int report_configuration_failure(const std::vector<std::string>& args, const error& why,
                                  std::ostream& out, std::ostream& err);
 
+/// `dspex node` (issue 13): starts the runtime as a node (node.publish), so
+/// other runtimes that list it in remote.nodes use its pools; prints one
+/// line "dspex node: serving POOLS on HOST:PORT" on `out`, then serves until
+/// SIGTERM or SIGINT, stops the runtime (no worker left) and returns 0.
+/// @returns 0, 2 for a bad argument, 3 when the runtime cannot start
+int run_node(const std::vector<std::string>& args, settings config, std::ostream& out,
+             std::ostream& err);
+
 /// `dspex metrics [--requests=N]`: starts the pool, runs N pings (default
 /// 0), prints the Prometheus exposition (render_prometheus) and stops.
 int run_metrics(const std::vector<std::string>& args, settings config, std::ostream& out,

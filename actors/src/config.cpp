@@ -240,6 +240,8 @@ std::optional<error> read_named_pools(const caf::settings& content,
     p.log_file_count = base.log_file_count;
     p.scheduler_policy = base.scheduler_policy;
     p.scheduler_max_threads = base.scheduler_max_threads;
+    p.node = base.node;
+    p.remote = base.remote;
     base.pools.push_back(std::move(p));
   }
   std::sort(base.pools.begin(), base.pools.end(),
@@ -354,7 +356,7 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
     caf::put(cfg.content, opt->full_name(), on);
   }
   // CAF keeps unknown INI keys silently; a misspelled key must not be ignored.
-  for (auto group : {"pool", "worker", "lm", "log", "scheduler"}) {
+  for (auto group : {"pool", "worker", "lm", "log", "scheduler", "node", "remote"}) {
     auto entries = caf::get_if<caf::settings>(&cfg.content, group);
     if (!entries)
       continue;
@@ -387,7 +389,7 @@ std::string describe_settings() {
       end = all.size();
     auto block = all.substr(pos, end - pos);
     for (auto group : {"pool options:", "worker options:", "lm options:", "log options:",
-                       "retry options:", "circuit options:",
+                       "retry options:", "circuit options:", "node options:", "remote options:",
                        "scheduler options:"})
       if (block.rfind(group, 0) == 0)
         out += block + "\n\n";

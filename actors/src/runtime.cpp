@@ -15,6 +15,7 @@
 #include <variant>
 
 #include <caf/all.hpp>
+#include <caf/io/middleman.hpp>
 #include <caf/logger.hpp>
 
 #include "dspex/actors/messages.hpp"
@@ -30,7 +31,9 @@
 #include "direct_lane.hpp"
 #include "dspy_adapter.hpp"
 #include "lease.hpp"
+#include "node_actor.hpp"
 #include "pool_client.hpp"
+#include "remote_router.hpp"
 #include "runtime_tree.hpp"
 #include "session_directory.hpp"
 
@@ -55,6 +58,9 @@ using runtime_detail::spawn_lease_holder;
 using runtime_detail::spawn_pool_client;
 using runtime_detail::spawn_runtime_tree;
 using runtime_detail::start_direct;
+using runtime_detail::remote_call_atom;
+using runtime_detail::remote_ready_atom;
+using runtime_detail::spawn_remote_router;
 using runtime_detail::stopped_error;
 
 // CAF 0.17 pins the actor system's logger in a thread-local of every thread
@@ -298,6 +304,13 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   std::shared_ptr<event_bus> events = std::make_shared<event_bus>();
   // The pools, "default" first, then the named ones (settings::pools).
   std::vector<std::unique_ptr<pool_unit>> pools;
+  // Nodes (issue 13). What the router knows of the nodes in remote.nodes
+  // (empty without them), and the router itself.
+  std::shared_ptr<detail::remote_directory> remote = std::make_shared<detail::remote_directory>();
+  caf::actor router;
+  // This runtime as a node (node.publish): the published actor and its port.
+  node_handle node;
+  std::uint16_t node_port = 0;
   caf::actor root;    // the root supervisor "dspex.root"
   // Set first by stop(): new calls fail fast without touching the gate.
   std::atomic<bool> stopped{false};
@@ -308,16 +321,34 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   std::promise<void> stop_done;
   std::shared_future<void> stop_finished = stop_done.get_future().share();
 
-  // The pool a call names ("" = default), or the structured error of a name
-  // the runtime does not know (the caller's mistake: nothing else happens).
-  std::variant<pool_unit*, error> find_pool(const std::string& name, const std::string& command) {
+  // A pool served by other runtimes (remote.nodes), by its name.
+  struct remote_pool {
+    std::string name;
+  };
+
+  // A local pool's name, if it is one.
+  pool_unit* local_pool(const std::string& name) {
     const auto& wanted = name.empty() ? pools.front()->name() : name;
     for (auto& p : pools)
       if (p->name() == wanted)
         return p.get();
+    return nullptr;
+  }
+
+  // The pool a call names ("" = default): local first, then one a node
+  // serves; else the structured error of a name the runtime does not know
+  // (the caller's mistake: nothing else happens).
+  std::variant<pool_unit*, error, remote_pool> route(const std::string& name,
+                                                     const std::string& command) {
+    if (auto* local = local_pool(name))
+      return local;
+    if (router && remote->knows(name))
+      return remote_pool{name};
     std::string known;
     for (auto& p : pools)
       known += (known.empty() ? "" : ", ") + p->name();
+    for (auto& r : remote->pools())
+      known += ", " + r + " (remote)";
     return make_error(error_category::system_error, "invalid_request",
                       "no pool named '" + sanitize_utf8(name) + "' (pools: " + known + ")",
                       {{"command", sanitize_utf8(command)},
@@ -325,13 +356,175 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
                        {"pool", sanitize_utf8(name)}});
   }
 
+  // A local pool only (checkout, metrics): a remote one is an error here.
+  std::variant<pool_unit*, error> find_pool(const std::string& name, const std::string& command) {
+    auto found = route(name, command);
+    if (auto* local = std::get_if<pool_unit*>(&found))
+      return *local;
+    if (auto* e = std::get_if<error>(&found))
+      return std::move(*e);
+    return make_error(error_category::system_error, "invalid_request",
+                      command + " works on this runtime's own pools; '" + name
+                        + "' is served by other nodes",
+                      {{"command", command}, {"reason", "remote_pool"}, {"pool", name}});
+  }
+
+  // -- calls on remote pools (issue 13) ------------------------------------------------
+
+  // A remote call, validated as a local one is, with its deadline.
+  std::variant<detail::remote_call, outcome> make_remote_call(
+    node_op op, const std::string& pool, const std::string& session_id,
+    const std::string& command, nlohmann::json args,
+    std::optional<std::chrono::milliseconds> timeout) {
+    const char* what = op == node_op::execute ? command.c_str() : to_string(op);
+    if (stopped)
+      return outcome::failure(stopped_error(what));
+    if (op == node_op::execute) {
+      request_limits limits;
+      limits.max_json_depth = config.pool.max_json_depth;
+      if (auto invalid = validate_request(command, args, limits))
+        return outcome::failure(std::move(*invalid));
+    }
+    if (op != node_op::list_sessions && op != node_op::execute
+        && (session_id.empty() || !valid_utf8(session_id)))
+      return outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                         "session_id must be non-empty UTF-8",
+                                         {{"command", what}}));
+    detail::remote_call rc;
+    rc.request.op = op;
+    rc.request.pool = pool;
+    rc.request.session_id = session_id;
+    rc.request.command = command;
+    rc.request.args = args.is_null() ? nlohmann::json::object() : std::move(args);
+    rc.deadline = clock_type::now() + timeout.value_or(config.pool.request_timeout);
+    return rc;
+  }
+
+  // Hands a remote call to the router; `done` is answered whatever happens.
+  void send_remote(detail::remote_call rc, completion done) {
+    auto command = rc.request.command;
+    rc.done = answer_once(std::move(done),
+                          make_error(error_category::resource_error, "pool_stopping",
+                                     "the runtime stopped before the call was answered",
+                                     {{"command", command}}));
+    std::shared_lock<std::shared_timed_mutex> lk{gate->mtx};
+    if (gate->closed) {
+      lk.unlock();
+      rc.done.fn(outcome::failure(stopped_error(command)));
+      return;
+    }
+    caf::anon_send(router, remote_call_atom::value, std::move(rc));
+  }
+
+  // A remote call, blocking for its outcome (bounded by its deadline and margins).
+  outcome remote_blocking(std::variant<detail::remote_call, outcome> made) {
+    if (auto* early = std::get_if<outcome>(&made))
+      return std::move(*early);
+    auto& rc = std::get<detail::remote_call>(made);
+    auto command = rc.request.command.empty() ? std::string{to_string(rc.request.op)}
+                                              : rc.request.command;
+    if (must_not_block())
+      return outcome::failure(blocking_in_callback(command));
+    auto bound = rc.deadline + reply_margin + std::chrono::seconds{2};
+    auto promise = std::make_shared<std::promise<outcome>>();
+    auto future = promise->get_future();
+    send_remote(std::move(rc), completion{[promise](outcome o) { promise->set_value(std::move(o)); }});
+    return await_bounded(future, bound, [&](bool) {
+      return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
+                                         "no reply from the node in time", {{"command", command}}));
+    });
+  }
+
   // end_session, get_session_info, list_sessions: on the named pool.
   outcome session_op(session_op op, const std::string& session_id, const std::string& pool_name) {
-    auto found = find_pool(pool_name, pool_unit::session_op_name(op, {}));
+    auto found = route(pool_name, pool_unit::session_op_name(op, {}));
     if (auto* e = std::get_if<error>(&found))
       return outcome::failure(std::move(*e));
+    if (auto* r = std::get_if<remote_pool>(&found)) {
+      auto remote_op = op == session_op::end    ? node_op::end_session
+                       : op == session_op::info ? node_op::session_info
+                                                : node_op::list_sessions;
+      return remote_blocking(make_remote_call(remote_op, r->name, session_id, {}, nullptr, {}));
+    }
     auto& pool = *std::get<pool_unit*>(found);
     return pool.session_blocking(pool.make_session_request(op, session_id, {}, nullptr, {}));
+  }
+
+  // -- serving other runtimes (this runtime as a node) --------------------------------
+
+  // Runs a request a caller runtime sent on one of this runtime's own pools
+  // (never on its remote ones: nodes do not forward). `done` runs once.
+  // The node actor that calls this is stopped before the runtime goes.
+  void serve_remote(node_request r, std::function<void(outcome)> done) {
+    auto* pool = local_pool(r.pool);
+    auto command = r.command.empty() ? std::string{to_string(r.op)} : r.command;
+    if (!pool) {
+      done(outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                       "this node has no pool named '" + sanitize_utf8(r.pool) + "'",
+                                       {{"command", sanitize_utf8(command)},
+                                        {"reason", "unknown_pool"},
+                                        {"pool", sanitize_utf8(r.pool)}})));
+      return;
+    }
+    auto timeout = std::chrono::milliseconds{static_cast<std::int64_t>(r.timeout_ms)};
+    if (r.op == node_op::execute && r.session_id.empty()) {
+      call_options o;
+      o.timeout = timeout;
+      o.idempotent = r.idempotent;
+      if (r.max_attempts)
+        o.max_attempts = static_cast<std::size_t>(*r.max_attempts);
+      auto made = pool->make_call(r.command, std::move(r.args), o.timeout);
+      if (auto* early = std::get_if<outcome>(&made)) {
+        done(std::move(*early));
+        return;
+      }
+      pool->start_anonymous(std::get<call>(made), o, pool->timed(r.command, std::move(done)));
+      return;
+    }
+    session_call_options so;
+    so.timeout = timeout;
+    so.idempotent = r.idempotent;
+    if (r.max_attempts)
+      so.max_attempts = static_cast<std::size_t>(*r.max_attempts);
+    if (r.affinity)
+      so.affinity = affinity_mode_from_string(*r.affinity);
+    auto op = r.op == node_op::execute       ? session_op::execute
+              : r.op == node_op::end_session ? session_op::end
+              : r.op == node_op::session_info ? session_op::info
+                                              : session_op::list;
+    auto made = pool->make_session_request(op, r.session_id, r.command, std::move(r.args), so);
+    if (auto* early = std::get_if<outcome>(&made)) {
+      done(std::move(*early));
+      return;
+    }
+    auto& req = std::get<session_request>(made);
+    if (op == session_op::execute) {
+      pool->send_session_call(std::move(req), pool->timed(command, std::move(done)));
+      return;
+    }
+    completion comp{std::move(done)};
+    if (!pool->send_to_client(session_op_atom::value, std::move(req), comp))
+      comp.fn(outcome::failure(stopped_error(command)));
+  }
+
+  // Stops serving other runtimes, then stops using the nodes: a node's
+  // callers see its port close; this runtime's remote calls fail with
+  // pool_stopping (the router's exit).
+  void stop_nodes(caf::scoped_actor& self, caf::duration bound) {
+    if (node) {
+      if (node_port != 0)
+        system->middleman().unpublish(node, node_port);
+      self->monitor(node);
+      self->send_exit(node, caf::exit_reason::user_shutdown);
+      self->receive([](caf::down_msg&) {},
+                    caf::after(bound) >> [&] { log().error("the node actor did not stop"); });
+    }
+    if (router) {
+      self->monitor(router);
+      self->send_exit(router, caf::exit_reason::user_shutdown);
+      self->receive([](caf::down_msg&) {},
+                    caf::after(bound) >> [&] { log().error("the remote router did not stop"); });
+    }
   }
 
   // The stop itself (see runtime::stop for the thread it runs on).
@@ -339,6 +532,10 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     auto& sys = *system;
     // No retries and no new attempts from now on; calls waiting for a retry
     // or for a pool fail with resource_error/pool_stopping.
+    {
+      caf::scoped_actor self{sys};
+      stop_nodes(self, caf::duration{reply_margin});
+    }
     for (auto& p : pools)
       caf::anon_send(p->client, closing_atom::value);
     // Service detection: no longer "dspexpool" (and a registry entry must not
@@ -482,6 +679,44 @@ std::unique_ptr<runtime> runtime::start(settings config) {
       }
     }
   }
+  auto& impl = *rt->impl_;
+  // Issue 13: the nodes this runtime uses, then this runtime as a node.
+  if (!failed && !config.remote.nodes.empty()) {
+    impl.router = spawn_remote_router(*impl.system, std::make_shared<const settings>(config),
+                                      impl.remote, impl.events);
+    // Every node is tried once (each attempt bounded by remote.connect_timeout);
+    // one that cannot be reached is no start failure: it is tried again.
+    caf::scoped_actor self{*impl.system};
+    self->request(impl.router, caf::duration{config.remote.connect_timeout + reply_margin},
+                  remote_ready_atom::value)
+      .receive([](bool) {}, [](caf::error&) {});
+  }
+  if (!failed && config.node.publish) {
+    node_services services;
+    services.limits = rt->impl_->pools.front()->limits();
+    services.serve = [p = &impl](node_request r, std::function<void(outcome)> done) {
+      p->serve_remote(std::move(r), std::move(done));
+    };
+    services.pools = [p = &impl] {
+      std::vector<std::pair<std::string, pool_handle>> all;
+      for (auto& u : p->pools)
+        all.emplace_back(u->name(), u->shared->current_pool());
+      return all;
+    };
+    impl.node = spawn_node_actor(*impl.system, services);
+    auto port = impl.system->middleman().publish(impl.node, config.node.port,
+                                                 config.node.bind.c_str(), true);
+    if (!port) {
+      failed = make_error(error_category::initialization_error, "node_publish_failed",
+                          "cannot serve as a node on " + config.node.bind + ":"
+                            + std::to_string(config.node.port) + ": "
+                            + impl.system->render(port.error()),
+                          {{"bind", config.node.bind}, {"port", config.node.port}});
+    } else {
+      impl.node_port = *port;
+      log().info("node: serving pools on {}:{}", config.node.bind, impl.node_port);
+    }
+  }
   if (failed) {
     rt->stop();
     throw start_error(*failed);
@@ -489,11 +724,30 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   return rt;
 }
 
+namespace {
+
+// A remote call's options, as the node applies them.
+template <class Options>
+void carry_options(detail::remote_call& rc, const Options& options) {
+  rc.request.idempotent = options.idempotent;
+  if (options.max_attempts)
+    rc.request.max_attempts = *options.max_attempts;
+}
+
+} // namespace
+
 outcome runtime::execute_anonymous(const std::string& command, nlohmann::json args,
                                    call_options options) {
-  auto found = impl_->find_pool(options.pool, command);
+  auto found = impl_->route(options.pool, command);
   if (auto* e = std::get_if<error>(&found))
     return outcome::failure(std::move(*e));
+  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
+    auto made = impl_->make_remote_call(node_op::execute, r->name, {}, command, std::move(args),
+                                        options.timeout);
+    if (auto* rc = std::get_if<detail::remote_call>(&made))
+      carry_options(*rc, options);
+    return impl_->remote_blocking(std::move(made));
+  }
   auto& pool = *std::get<pool_unit*>(found);
   auto made = pool.make_call(command, std::move(args), options.timeout);
   if (auto* early = std::get_if<outcome>(&made))
@@ -516,9 +770,21 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
 
 void runtime::execute_anonymous_async(const std::string& command, nlohmann::json args,
                                       call_options options, std::function<void(outcome)> done) {
-  auto found = impl_->find_pool(options.pool, command);
+  auto found = impl_->route(options.pool, command);
   if (auto* e = std::get_if<error>(&found)) {
     done(outcome::failure(std::move(*e)));
+    return;
+  }
+  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
+    auto made = impl_->make_remote_call(node_op::execute, r->name, {}, command, std::move(args),
+                                        options.timeout);
+    if (auto* early = std::get_if<outcome>(&made)) {
+      done(std::move(*early));
+      return;
+    }
+    auto& rc = std::get<detail::remote_call>(made);
+    carry_options(rc, options);
+    impl_->send_remote(std::move(rc), completion{std::move(done)});
     return;
   }
   auto& pool = *std::get<pool_unit*>(found);
@@ -541,9 +807,23 @@ std::future<outcome> runtime::execute_anonymous_async(const std::string& command
 
 outcome runtime::execute_in_session(const std::string& session_id, const std::string& command,
                                     nlohmann::json args, session_call_options options) {
-  auto found = impl_->find_pool(options.pool, command);
+  auto found = impl_->route(options.pool, command);
   if (auto* e = std::get_if<error>(&found))
     return outcome::failure(std::move(*e));
+  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
+    if (session_id.empty() || !valid_utf8(session_id))
+      return outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                         "session_id must be non-empty UTF-8",
+                                         {{"command", sanitize_utf8(command)}}));
+    auto made = impl_->make_remote_call(node_op::execute, r->name, session_id, command,
+                                        std::move(args), options.timeout);
+    if (auto* rc = std::get_if<detail::remote_call>(&made)) {
+      carry_options(*rc, options);
+      if (options.affinity)
+        rc->request.affinity = to_string(*options.affinity);
+    }
+    return impl_->remote_blocking(std::move(made));
+  }
   auto& pool = *std::get<pool_unit*>(found);
   return pool.session_blocking(pool.make_session_request(session_op::execute, session_id, command,
                                                          std::move(args), options));
@@ -552,9 +832,29 @@ outcome runtime::execute_in_session(const std::string& session_id, const std::st
 void runtime::execute_in_session_async(const std::string& session_id, const std::string& command,
                                        nlohmann::json args, session_call_options options,
                                        std::function<void(outcome)> done) {
-  auto found = impl_->find_pool(options.pool, command);
+  auto found = impl_->route(options.pool, command);
   if (auto* e = std::get_if<error>(&found)) {
     done(outcome::failure(std::move(*e)));
+    return;
+  }
+  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
+    if (session_id.empty() || !valid_utf8(session_id)) {
+      done(outcome::failure(make_error(error_category::system_error, "invalid_request",
+                                       "session_id must be non-empty UTF-8",
+                                       {{"command", sanitize_utf8(command)}})));
+      return;
+    }
+    auto made = impl_->make_remote_call(node_op::execute, r->name, session_id, command,
+                                        std::move(args), options.timeout);
+    if (auto* early = std::get_if<outcome>(&made)) {
+      done(std::move(*early));
+      return;
+    }
+    auto& rc = std::get<detail::remote_call>(made);
+    carry_options(rc, options);
+    if (options.affinity)
+      rc.request.affinity = to_string(*options.affinity);
+    impl_->send_remote(std::move(rc), completion{std::move(done)});
     return;
   }
   auto& pool = *std::get<pool_unit*>(found);
@@ -650,14 +950,23 @@ std::vector<std::string> runtime::pools() const {
   std::vector<std::string> names;
   for (auto& p : impl_->pools)
     names.push_back(p->name());
+  for (auto& r : impl_->remote->pools())
+    if (std::find(names.begin(), names.end(), r) == names.end())
+      names.push_back(r);
   return names;
+}
+
+std::uint16_t runtime::node_port() const noexcept {
+  return impl_->node_port;
 }
 
 pool_status runtime::status(const std::string& pool_name) {
   pool_status result;
-  auto found = impl_->find_pool(pool_name, "status");
+  auto found = impl_->route(pool_name, "status");
   if (std::holds_alternative<error>(found))
     return result;  // pool_status::pool stays empty: no such pool
+  if (auto* r = std::get_if<impl::remote_pool>(&found))
+    return impl_->remote->status(r->name).value_or(result);
   auto& unit = *std::get<pool_unit*>(found);
   result.pool = unit.name();
   if (impl_->stopped || must_not_block())
@@ -686,13 +995,7 @@ pool_status runtime::status(const std::string& pool_name) {
 metrics_snapshot runtime::metrics(const std::string& pool_name) {
   auto st = status(pool_name);
   metrics_snapshot m;
-  auto found = impl_->find_pool(pool_name, "metrics");
-  if (std::holds_alternative<error>(found)) {
-    m.pool.clear();  // no such pool
-    return m;
-  }
-  auto& unit = *std::get<pool_unit*>(found);
-  m.pool = unit.name();
+  m.pool = st.pool;  // empty: no such pool
   m.size = st.size;
   m.idle = st.idle;
   m.busy = st.busy;
@@ -704,6 +1007,10 @@ metrics_snapshot runtime::metrics(const std::string& pool_name) {
   m.utilisation = st.metrics.utilisation;
   m.circuit = st.circuit;
   m.health = st.health;
+  auto found = impl_->find_pool(pool_name, "metrics");
+  if (std::holds_alternative<error>(found))
+    return m;  // a remote pool: the gauges its nodes publish; no such pool: empty
+  auto& unit = *std::get<pool_unit*>(found);
   m.sessions = unit.sessions->live();
   m.workers_started = st.workers_started;
   m.workers_removed = st.removed_by_reason;

@@ -38,6 +38,8 @@ nlohmann::json pool_status::to_json() const {
                         {"rebinds", affinity_rebinds}}},
           {"metrics", metrics.to_json()},
           {"workers", workers_json}, {"retired", retired_json}};
+  if (!nodes.empty())
+    j["nodes"] = nodes;
   if (last_start_failure)
     j["last_start_failure"] = last_start_failure->to_json();
   return j;

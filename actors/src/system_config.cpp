@@ -4,6 +4,7 @@
 #include <thread>
 
 #include <caf/atom.hpp>
+#include <caf/io/middleman.hpp>
 #include <caf/config_option_adder.hpp>
 #include <caf/settings.hpp>
 #include <caf/thread_hook.hpp>
@@ -54,6 +55,10 @@ system_config::system_config() {
 
 system_config::system_config(const settings& s) : values_(s) {
   bind_options();
+  // The middleman (CAF's network layer, one more thread) only for a runtime
+  // that is a node or uses nodes (issue 13).
+  if (s.node.publish || !s.remote.nodes.empty())
+    load<caf::io::middleman>();
   add_thread_hook<runtime_thread_marker>();
   set("scheduler.policy", caf::atom_from_string(s.scheduler_policy));
   // CAF 0.17 starts max(4, cores) scheduler threads. Actors here only route
@@ -175,6 +180,22 @@ void system_config::bind_options() {
     .add(values_.lm.api_key_env, "api_key_env",
          "name of the environment variable holding the LM's API key, e.g. GEMINI_API_KEY; "
          "the key itself is never configured, logged or shown (default none)");
+  caf::config_option_adder node{custom_options_, "node"};
+  node.add(values_.node.publish, "publish",
+           "serve this runtime's pools to other runtimes; dspex node sets it (default false)")
+    .add(values_.node.bind, "bind", "the address a node listens on; loopback only (default 127.0.0.1)")
+    .add(values_.node.port, "port", "the TCP port a node listens on; 0 = any free one (default 0)");
+  caf::config_option_adder remote{custom_options_, "remote"};
+  remote.add(values_.remote.nodes, "nodes",
+             "\"host:port\" of the nodes whose pools this runtime uses (default [])");
+  add_duration(remote, [](s_t& s) -> auto& { return s.remote.status_interval; }, "status_interval",
+               "how often each node's load is read, for least-loaded routing (default 500ms)");
+  add_duration(remote, [](s_t& s) -> auto& { return s.remote.connect_timeout; }, "connect_timeout",
+               "the longest wait for one connection attempt to a node (default 5s)");
+  add_duration(remote, [](s_t& s) -> auto& { return s.remote.reconnect_base; }, "reconnect_base",
+               "first delay before connecting to a lost node again (default 200ms)");
+  add_duration(remote, [](s_t& s) -> auto& { return s.remote.reconnect_max; }, "reconnect_max",
+               "longest delay between attempts to reach a lost node (default 5s)");
   caf::config_option_adder{custom_options_, "log"}
     .add(values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)")
     .add(values_.log_format, "format",

@@ -9,11 +9,11 @@ namespace dspex {
 
 namespace {
 
-constexpr std::array<const char*, 13> kind_names = {
+constexpr std::array<const char*, 15> kind_names = {
   "worker_transition", "worker_started",   "worker_ready",      "worker_start_failed",
   "worker_removed",    "worker_recycled",  "restart_scheduled", "health_check_failed",
   "pool_health_changed", "circuit_changed", "retry_scheduled",  "retry_gave_up",
-  "supervisor",
+  "supervisor",        "node_up",          "node_down",
 };
 
 bool routine(const event& e) {
@@ -30,6 +30,7 @@ spdlog::level::level_enum level_of(const event& e) {
     case event_kind::restart_scheduled:
     case event_kind::health_check_failed:
     case event_kind::retry_gave_up:
+    case event_kind::node_down:
       return spdlog::level::warn;
     case event_kind::pool_health_changed:
       return e.to == "healthy" ? spdlog::level::info : spdlog::level::warn;

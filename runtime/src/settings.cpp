@@ -102,6 +102,13 @@ nlohmann::json to_json(const settings& s) {
       {"file_max_bytes", s.log_file_max_bytes},
       {"file_count", s.log_file_count}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
+    {"node", {{"publish", s.node.publish}, {"bind", s.node.bind}, {"port", s.node.port}}},
+    {"remote",
+     {{"nodes", s.remote.nodes},
+      {"status_interval", ms(s.remote.status_interval)},
+      {"connect_timeout", ms(s.remote.connect_timeout)},
+      {"reconnect_base", ms(s.remote.reconnect_base)},
+      {"reconnect_max", ms(s.remote.reconnect_max)}}},
   };
   // A named pool shows its own groups only (log and scheduler are the runtime's).
   if (!s.pools.empty()) {
@@ -110,6 +117,8 @@ nlohmann::json to_json(const settings& s) {
       auto full = to_json(p);
       full.erase("log");
       full.erase("scheduler");
+      full.erase("node");
+      full.erase("remote");
       pools[p.pool_name] = std::move(full);
     }
   }
@@ -270,6 +279,36 @@ std::optional<error> settings::validate() const {
   if (scheduler_max_threads > 256)
     return bad("scheduler.max-threads",
                fmt::format("must be between 0 and 256 (got {})", scheduler_max_threads));
+  if (node.publish && !is_loopback(node.bind))
+    return bad("node.bind",
+               fmt::format("is '{}', not a loopback address: a node serves other machines only over "
+                           "TLS with mutual certificates, which this build does not offer yet; "
+                           "bind to 127.0.0.1",
+                           sanitize_utf8(node.bind)));
+  for (const auto& peer : remote.nodes) {
+    auto colon = peer.rfind(':');
+    auto host = colon == std::string::npos ? std::string{} : peer.substr(0, colon);
+    auto port = colon == std::string::npos ? std::string{} : peer.substr(colon + 1);
+    bool port_ok = !port.empty() && port.size() <= 5
+                   && std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; })
+                   && std::stoul(port) >= 1 && std::stoul(port) <= 65535;
+    if (host.empty() || !port_ok)
+      return bad("remote.nodes", fmt::format("must list \"host:port\" entries (got '{}')",
+                                             sanitize_utf8(peer)));
+    if (!is_loopback(host))
+      return bad("remote.nodes",
+                 fmt::format("names '{}', not a loopback address: other machines are reached only "
+                             "over TLS, which this build does not offer yet",
+                             sanitize_utf8(peer)));
+  }
+  if (!positive(remote.status_interval))
+    return bad("remote.status_interval", "must be positive");
+  if (!positive(remote.connect_timeout))
+    return bad("remote.connect_timeout", "must be positive");
+  if (remote.reconnect_base.count() < 0)
+    return bad("remote.reconnect_base", "must not be negative");
+  if (remote.reconnect_max < remote.reconnect_base)
+    return bad("remote.reconnect_max", "must not be below remote.reconnect_base");
   if (!pools.empty() && pool_name != "default")
     return bad("pools", "may only be declared at the top level (a named pool has no pools)");
   std::vector<std::string> seen;
@@ -295,6 +334,29 @@ std::optional<error> settings::validate() const {
     }
   }
   return std::nullopt;
+}
+
+bool settings::is_loopback(const std::string& host) noexcept {
+  if (host == "localhost" || host == "::1" || host == "[::1]")
+    return true;
+  // 127.0.0.0/8, written as four decimal parts.
+  if (host.rfind("127.", 0) != 0)
+    return false;
+  int parts = 0;
+  std::size_t pos = 0;
+  while (pos <= host.size()) {
+    auto end = host.find('.', pos);
+    auto part = host.substr(pos, end == std::string::npos ? std::string::npos : end - pos);
+    if (part.empty() || part.size() > 3
+        || !std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; })
+        || std::stoi(part) > 255)
+      return false;
+    ++parts;
+    if (end == std::string::npos)
+      break;
+    pos = end + 1;
+  }
+  return parts == 4;
 }
 
 bool valid_pool_name(const std::string& name) noexcept {

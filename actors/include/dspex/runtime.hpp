@@ -200,7 +200,8 @@ public:
   pool_status status(const std::string& pool = {});
 
   /// @returns the names of the runtime's pools: "default", then the
-  ///          `[pools.NAME]` ones (settings::pools)
+  ///          `[pools.NAME]` ones (settings::pools), then those only the
+  ///          nodes in remote.nodes serve
   std::vector<std::string> pools() const;
 
   /// Everything the Prometheus exposition shows, read now: the status's
@@ -236,6 +237,10 @@ public:
   ///       object may even be destroyed there). Calls made after it fail
   ///       with resource_error/pool_stopping.
   void stop();
+
+  /// @returns the TCP port this runtime serves its pools on as a node
+  ///          (node.publish), 0 when it is not a node
+  std::uint16_t node_port() const noexcept;
 
   /// @returns the settings the runtime was started with (validated).
   const settings& config() const noexcept;

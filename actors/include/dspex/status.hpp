@@ -64,6 +64,9 @@ struct pool_status {
   /// Queue wait, run and whole-call latency percentiles, calls in flight and
   /// utilisation, recorded on every call (see dspex/pool_metrics.hpp).
   pool_metrics_summary metrics;
+  /// A remote pool (served by other runtimes, remote.nodes): the nodes that
+  /// serve it now, "host:port"; its counts are their sums. Empty for a local pool.
+  std::vector<std::string> nodes;
   std::vector<worker_info> workers;
   std::vector<worker_info> retired;  ///< the last removed workers (bounded), for summaries
 

@@ -42,6 +42,8 @@ enum class event_kind {
   retry_scheduled,        ///< a failed call will be sent again (attempt, delay, error)
   retry_gave_up,          ///< a failed call is not retried (reason, attempt, error)
   supervisor,             ///< a supervisor event (to: its kind, e.g. child_restarted, gave_up)
+  node_up,                ///< a remote node was reached (source: "host:port"; fields.pools: what it serves)
+  node_down,              ///< a remote node was lost or could not be reached (reason; delay: until the next attempt)
 };
 
 /// snake_case name, e.g. "worker_transition".

@@ -124,6 +124,29 @@ struct settings {
   /// @returns "default", then the named pools (the loader sorts them by name)
   std::vector<std::string> pool_names() const;
 
+  // -- nodes (issue 13) --------------------------------------------------------------
+  //
+  // A runtime may publish its pools to other runtimes through CAF's
+  // middleman (`dspex node`), and may use the pools of the nodes it lists.
+
+  struct node_settings {
+    bool publish = false;              ///< node.publish: serve this runtime's pools to other runtimes (`dspex node` sets it)
+    std::string bind = "127.0.0.1";    ///< node.bind: the address published on; plaintext only on loopback
+    std::uint16_t port = 0;            ///< node.port: the TCP port; 0 = any free one (runtime::node_port tells which)
+  } node;
+
+  struct remote_settings {
+    std::vector<std::string> nodes;    ///< remote.nodes: "host:port" of the nodes whose pools this runtime uses
+    ms status_interval{500};           ///< remote.status_interval: how often each node's load is read (for least-loaded routing)
+    ms connect_timeout{5'000};         ///< remote.connect_timeout: the longest wait for one connection attempt; start waits this long for the first round
+    ms reconnect_base{200};            ///< remote.reconnect_base: first delay before connecting to a lost node again
+    ms reconnect_max{5'000};           ///< remote.reconnect_max: longest such delay (exponential, with jitter)
+  } remote;
+
+  /// @returns true when `host` is a loopback address (127.0.0.0/8, ::1 or
+  ///          "localhost"): the only addresses that may carry plaintext.
+  static bool is_loopback(const std::string& host) noexcept;
+
   std::string log_level = "info";      ///< log.level: trace, debug, info, warn, error, critical, off
   std::string log_format = "text";     ///< log.format: text (key=value pairs) or json (one object per line)
   std::string log_worker_level = "info";  ///< log.worker_level: the level of the workers' stderr lines
