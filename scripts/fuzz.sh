@@ -23,7 +23,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir=${DSPEX_FUZZ_BUILD_DIR:-$here/build-fuzz}
 fuzz_src=$here/tests/fuzz
-all_targets=(fuzz_frame_decoder fuzz_reply_envelope fuzz_request_validation fuzz_config)
+all_targets=(fuzz_frame_decoder fuzz_reply_envelope fuzz_request_validation fuzz_config fuzz_node_wire)
 
 usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 

@@ -201,7 +201,11 @@ std::optional<node_load> decode_node_load(const std::string& text) {
   if (pools == parsed->end() || !pools->is_object())
     return std::nullopt;
   node_load l;
-  for (const auto& [name, p] : pools->items()) {
+  // Not a structured binding: the lambda below uses the pool (C++17 lambdas
+  // may not capture bindings; clang refuses).
+  for (auto entry = pools->begin(); entry != pools->end(); ++entry) {
+    const std::string& name = entry.key();
+    const json& p = entry.value();
     if (!valid_pool_name(name) || !p.is_object())
       return std::nullopt;
     node_pool_load pl;

@@ -319,3 +319,37 @@ TEST_CASE("a bad [pools.NAME] key, group, value or name is refused with its full
   CHECK(pool_error("", {"--pools.qa.worker.python=/nonexistent/py"}).find("pools.qa.worker.python")
         != std::string::npos);
 }
+
+TEST_CASE("nodes: plaintext only on loopback, remote.nodes as host:port, bounds checked") {
+  auto r = load({"--node.publish", "--node.port=4242", "--remote.nodes=[\"127.0.0.1:4243\", \"localhost:1\"]",
+                 "--remote.status_interval=250ms"});
+  REQUIRE_MESSAGE(std::holds_alternative<settings>(r), std::get<error>(r).message);
+  auto& s = std::get<settings>(r);
+  CHECK(s.node.publish);
+  CHECK(s.node.port == 4242);
+  CHECK(s.node.bind == "127.0.0.1");
+  CHECK(s.remote.nodes == std::vector<std::string>{"127.0.0.1:4243", "localhost:1"});
+  CHECK(s.remote.status_interval == std::chrono::milliseconds{250});
+  CHECK(to_json(s)["remote"]["nodes"].size() == 2);
+  CHECK(error_of({"--node.publish", "--node.bind=0.0.0.0"}).find("not a loopback address")
+        != std::string::npos);
+  CHECK(error_of({"--node.publish", "--node.bind=10.1.2.3"}).find("TLS") != std::string::npos);
+  CHECK(error_of({"--remote.nodes=[\"10.0.0.5:4242\"]"}).find("not a loopback address")
+        != std::string::npos);
+  CHECK(error_of({"--remote.nodes=[\"127.0.0.1\"]"}).find("host:port") != std::string::npos);
+  CHECK(error_of({"--remote.nodes=[\"127.0.0.1:0\"]"}).find("host:port") != std::string::npos);
+  CHECK(error_of({"--remote.nodes=[\"127.0.0.1:99999\"]"}).find("host:port") != std::string::npos);
+  CHECK(error_of({"--remote.nodes=[\"127.0.0.1:x\"]"}).find("host:port") != std::string::npos);
+  CHECK(error_of({"--remote.status_interval=0s"}).find("remote.status_interval") != std::string::npos);
+  CHECK(error_of({"--remote.reconnect_base=2s", "--remote.reconnect_max=1s"}).find("remote.reconnect_max")
+        != std::string::npos);
+  CHECK(settings::is_loopback("127.0.0.1"));
+  CHECK(settings::is_loopback("127.255.0.9"));
+  CHECK(settings::is_loopback("::1"));
+  CHECK(settings::is_loopback("localhost"));
+  CHECK_FALSE(settings::is_loopback("127.0.0.256"));
+  CHECK_FALSE(settings::is_loopback("127.0.0"));
+  CHECK_FALSE(settings::is_loopback("127.0.0.1.example.com"));
+  CHECK_FALSE(settings::is_loopback("128.0.0.1"));
+  CHECK_FALSE(settings::is_loopback(""));
+}

@@ -1,0 +1,361 @@
+// Nodes (issue 13, items 2 and 5): three `dspex node` processes on this
+// machine and a caller runtime in this process that lists them in
+// remote.nodes. Calls on remote pools, sessions that keep their node, a node
+// SIGKILLed under load (every call succeeds or fails with a structured
+// error, the others serve on, none of its workers is left), and the node
+// restarted on its port and used again. Real processes, real signals.
+#include <atomic>
+#include <future>
+#include <csignal>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "dspex/runtime.hpp"
+#include "support/event_recorder.hpp"
+#include "support/harness.hpp"
+#include "support/node_process.hpp"
+#include "support/proc.hpp"
+
+using namespace dspex;
+using namespace dspex::testing;
+
+namespace {
+
+/// A node with a default pool of one worker and the pool "qa" of `qa_size`.
+std::unique_ptr<node_process> start_node(std::size_t qa_size, std::uint16_t port = 0) {
+  return std::make_unique<node_process>(
+    DSPEX_CLI, std::vector<std::string>{"--pool.size=1",
+                                        "--pools.qa.pool.size=" + std::to_string(qa_size),
+                                        std::string{"--worker.python="} + DSPEX_TEST_PYTHON,
+                                        "--worker.test_commands", "--log.level=warn",
+                                        "--node.port=" + std::to_string(port)});
+}
+
+/// A caller runtime (one local worker) that uses `nodes`.
+settings caller_of(const std::vector<const node_process*>& nodes) {
+  auto s = test_settings(1);
+  for (auto* n : nodes)
+    s.remote.nodes.push_back(n->address());
+  s.remote.status_interval = std::chrono::milliseconds{100};
+  s.remote.reconnect_base = std::chrono::milliseconds{50};
+  s.remote.reconnect_max = std::chrono::milliseconds{300};
+  return s;
+}
+
+call_options on(const std::string& pool) {
+  call_options o;
+  o.pool = pool;
+  return o;
+}
+
+/// "127.0.0.1:PORT" of the node that served `o` (served_by is "NODE/WORKER").
+std::string node_of(const outcome& o) {
+  return o.served_by().substr(0, o.served_by().find('/'));
+}
+
+bool structured(const error& e) {
+  return !e.type.empty() && !e.message.empty() && e.context.is_object();
+}
+
+/// Stops the caller, then the nodes, and checks that no process is left:
+/// neither a node nor any of their workers.
+template <class... Nodes>
+void stop_all(runtime& rt, Nodes&... given) {
+  std::vector<std::unique_ptr<node_process>> nodes;
+  (nodes.push_back(std::move(given)), ...);
+  std::vector<pid_t> workers;
+  for (auto& n : nodes)
+    for (auto pid : n->descendants())
+      workers.push_back(pid);
+  rt.stop();
+  nodes.clear();  // SIGTERM, reaped
+  CHECK(wait_no_children(::getpid(), 10s).empty());
+  for (auto pid : workers)
+    CHECK_MESSAGE(wait_gone(pid, 20s), "worker " << pid << " outlived its node");
+}
+
+/// Stops the load's callers however the test ends (a failed REQUIRE too).
+struct stop_callers {
+  std::atomic<bool>& go;
+  std::vector<std::thread>& callers;
+  ~stop_callers() {
+    go = false;
+    for (auto& t : callers)
+      if (t.joinable())
+        t.join();
+  }
+};
+
+/// Waits (bounded) until the remote pool `pool` is served by `n` nodes.
+bool wait_nodes(runtime& rt, const std::string& pool, std::size_t n) {
+  return wait_for_status(rt, [&](const pool_status& s) { return s.nodes.size() == n; }, 30s, pool)
+    .ok;
+}
+
+} // namespace
+
+TEST_CASE("calls on remote pools are served by the nodes, and a session keeps its node") {
+  auto a = start_node(1);
+  auto b = start_node(1);
+  auto c = start_node(1);
+  auto rt = runtime::start(caller_of({a.get(), b.get(), c.get()}));
+  REQUIRE(wait_nodes(*rt, "qa", 3));
+  auto names = rt->pools();
+  CHECK(std::find(names.begin(), names.end(), "qa") != names.end());
+  auto qa = rt->status("qa");
+  CHECK(qa.pool == "qa");
+  CHECK(qa.size == 3);  // one worker on each node
+  CHECK(qa.health == "healthy");
+
+  // Anonymous calls go round the equally loaded nodes.
+  std::set<std::string> serving;
+  for (int i = 0; i < 30; ++i) {
+    auto r = rt->execute_anonymous("ping", nullptr, on("qa"));
+    REQUIRE_MESSAGE(r.ok(), r.error().describe());
+    CHECK(r.value()["worker_id"] == "qa.w1");
+    serving.insert(node_of(r));
+  }
+  CHECK(serving == std::set<std::string>{a->address(), b->address(), c->address()});
+  // The asynchronous form too; the caller's own default pool stays local.
+  auto async = rt->execute_anonymous_async("ping", nullptr, on("qa")).get();
+  REQUIRE(async.ok());
+  auto local = rt->execute_anonymous("ping");
+  REQUIRE(local.ok());
+  CHECK(local.served_by() == "w1");
+
+  // A session's calls all go to one node, which keeps its programs.
+  session_call_options so;
+  so.pool = "qa";
+  nlohmann::json program{{"id", "p1"},
+                         {"program_type", "predict"},
+                         {"signature",
+                          {{"inputs", {{{"name", "question"}, {"type", "str"}}}},
+                           {"outputs", {{{"name", "answer"}, {"type", "str"}}}}}}};
+  auto made = rt->execute_in_session("s1", "create_program", program, so);
+  REQUIRE_MESSAGE(made.ok(), made.error().describe());
+  std::set<std::string> session_nodes;
+  for (int i = 0; i < 9; ++i) {
+    auto r = rt->execute_in_session(
+      "s1", "execute_program", {{"program_id", "p1"}, {"inputs", {{"question", "why?"}}}}, so);
+    REQUIRE_MESSAGE(r.ok(), r.error().describe());
+    session_nodes.insert(node_of(r));
+  }
+  CHECK(session_nodes.size() == 1);
+  auto listed = rt->execute_in_session("s1", "list_programs", nullptr, so);
+  REQUIRE(listed.ok());
+  CHECK(listed.value()["total_count"] == 1);
+  auto info = rt->get_session_info("s1", "qa");
+  REQUIRE_MESSAGE(info.ok(), info.error().describe());
+  CHECK(info.value()["operations"].get<int>() >= 10);
+  REQUIRE(rt->end_session("s1", "qa").ok());
+
+  // A remote pool cannot be leased, and an unknown name is still unknown.
+  checkout_options co;
+  co.pool = "qa";
+  auto leased = rt->checkout(checkout_type::anonymous(), co);
+  REQUIRE(std::holds_alternative<error>(leased));
+  CHECK(std::get<error>(leased).context["reason"] == "remote_pool");
+  auto unknown = rt->execute_anonymous("ping", nullptr, on("nope"));
+  REQUIRE_FALSE(unknown.ok());
+  CHECK(unknown.error().context["reason"] == "unknown_pool");
+  // Bad arguments are refused here, before anything crosses the network.
+  auto bad = rt->execute_anonymous("ping", nlohmann::json::array(), on("qa"));
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.error().type == "invalid_request");
+  stop_all(*rt, a, b, c);
+}
+
+TEST_CASE("a node SIGKILLed under load: structured outcomes, the others serve on, it rejoins") {
+  auto a = start_node(2);
+  auto b = start_node(2);
+  auto c = start_node(2);
+  auto rt = runtime::start(caller_of({a.get(), b.get(), c.get()}));
+  event_recorder rec{rt->events()};
+  REQUIRE(wait_nodes(*rt, "qa", 3));
+  const auto victim = b->address();
+  const auto victim_port = b->port();
+  auto victim_processes = b->descendants();
+  REQUIRE(victim_processes.size() >= 3);  // its workers (and their guardians)
+
+  // Load: idempotent pings (retried on another node when theirs dies) and
+  // non-idempotent sleeps (which fail with node_down if theirs dies).
+  std::atomic<bool> go{true};
+  std::mutex mtx;
+  std::map<std::string, std::size_t> served;  // node -> successes
+  std::vector<outcome> failures_ping, failures_sleep;
+  std::atomic<std::size_t> done{0};
+  std::vector<std::thread> callers;
+  stop_callers stopper{go, callers};
+  for (int t = 0; t < 4; ++t)
+    callers.emplace_back([&, t] {
+      while (go) {
+        bool ping = t % 2 == 0;
+        auto r = ping ? rt->execute_anonymous("ping", nullptr, on("qa"))
+                      : rt->execute_anonymous("sleep", {{"ms", 20}}, on("qa"));
+        std::lock_guard<std::mutex> lk{mtx};
+        if (r.ok())
+          ++served[node_of(r)];
+        else
+          (ping ? failures_ping : failures_sleep).push_back(r);
+        ++done;
+      }
+    });
+  auto wait_served = [&](const std::string& node, std::size_t at_least) {
+    for (int i = 0; i < 6000; ++i) {  // bounded: 30 s
+      {
+        std::lock_guard<std::mutex> lk{mtx};
+        if (served[node] >= at_least)
+          return true;
+      }
+      std::this_thread::sleep_for(5ms);
+    }
+    return false;
+  };
+  REQUIRE(wait_served(a->address(), 5));
+  REQUIRE(wait_served(victim, 5));
+  REQUIRE(wait_served(c->address(), 5));
+
+  REQUIRE(b->signal_and_reap(SIGKILL) != -1);
+  auto down = [&](const event& e) { return e.kind == event_kind::node_down && e.source == victim; };
+  REQUIRE(rec.wait_for(down));
+  // The others serve on: both get calls after the loss.
+  std::size_t a_before, c_before;
+  {
+    std::lock_guard<std::mutex> lk{mtx};
+    a_before = served[a->address()];
+    c_before = served[c->address()];
+  }
+  CHECK(wait_served(a->address(), a_before + 20));
+  CHECK(wait_served(c->address(), c_before + 20));
+  CHECK(wait_nodes(*rt, "qa", 2));
+  // None of the dead node's workers is left.
+  for (auto pid : victim_processes)
+    CHECK_MESSAGE(wait_gone(pid, 20s), "process " << pid << " of the killed node is left");
+
+  // Restarted on its port, the node is found again and used.
+  auto again = start_node(2, victim_port);
+  REQUIRE(again->address() == victim);
+  auto up_again = [&](const event& e) { return e.kind == event_kind::node_up && e.source == victim; };
+  REQUIRE(rec.wait_for(up_again));  // the rejoin (the first connection came before the recorder)
+  REQUIRE(wait_nodes(*rt, "qa", 3));
+  std::size_t victim_before;
+  {
+    std::lock_guard<std::mutex> lk{mtx};
+    victim_before = served[victim];
+  }
+  CHECK(wait_served(victim, victim_before + 5));
+  go = false;
+  for (auto& t : callers)
+    t.join();
+  callers.clear();
+
+  // Every failure is structured; pings never failed (retried elsewhere);
+  // a sleep fails only as node_down (its node died with it in flight).
+  CHECK(failures_ping.empty());
+  for (auto& f : failures_ping)
+    MESSAGE(f.error().describe());
+  for (auto& f : failures_sleep) {
+    CHECK(structured(f.error()));
+    CHECK_MESSAGE(f.error().type == "node_down", f.error().describe());
+  }
+  CHECK(failures_sleep.size() <= 4);  // at most the sleeps in flight on the victim
+  stop_all(*rt, a, c, again);
+}
+
+TEST_CASE("a killed node's idempotent calls are retried on another node, the others fail as node_down") {
+  auto a = start_node(2);
+  auto b = start_node(2);
+  auto c = start_node(2);
+  auto rt = runtime::start(caller_of({a.get(), b.get(), c.get()}));
+  REQUIRE(wait_nodes(*rt, "qa", 3));
+  auto all_busy = [](const pool_status& s) { return s.busy == 6; };
+  // Six sleeps on six workers: all busy means two on every node.
+  auto six_sleeps = [&](bool idempotent) {
+    std::vector<std::future<outcome>> calls;
+    for (int i = 0; i < 6; ++i) {
+      call_options o = on("qa");
+      o.idempotent = idempotent;
+      o.timeout = std::chrono::seconds{20};
+      calls.push_back(rt->execute_anonymous_async("sleep", {{"ms", 1500}}, o));
+    }
+    return calls;
+  };
+  {
+    auto calls = six_sleeps(true);
+    REQUIRE(wait_for_status(*rt, all_busy, 30s, "qa").ok);
+    REQUIRE(b->signal_and_reap(SIGKILL) != -1);
+    for (auto& f : calls) {
+      auto r = f.get();
+      REQUIRE_MESSAGE(r.ok(), r.error().describe());  // the two on b ran again elsewhere
+      CHECK(node_of(r) != b->address());
+    }
+  }
+  b = start_node(2, b->port());
+  REQUIRE(wait_nodes(*rt, "qa", 3));
+  REQUIRE(wait_for_status(*rt, [](const pool_status& s) { return s.busy == 0; }, 30s, "qa").ok);
+  {
+    auto calls = six_sleeps(false);
+    REQUIRE(wait_for_status(*rt, all_busy, 30s, "qa").ok);
+    REQUIRE(c->signal_and_reap(SIGKILL) != -1);
+    std::size_t ok = 0, lost = 0;
+    for (auto& f : calls) {
+      auto r = f.get();
+      if (r.ok()) {
+        ++ok;
+        CHECK(node_of(r) != c->address());
+        continue;
+      }
+      ++lost;
+      CHECK(r.error().category == error_category::communication_error);
+      CHECK(r.error().type == "node_down");
+      CHECK(r.error().context["node"] == c->address());
+      CHECK(r.error().context["pool"] == "qa");
+    }
+    CHECK(ok == 4);
+    CHECK(lost == 2);  // exactly the two in flight on c: never run twice
+  }
+  stop_all(*rt, a, b, c);
+}
+
+TEST_CASE("a caller starts while a node is down, and uses it once it is up") {
+  auto a = start_node(1);
+  // A port nothing listens on yet: the node of that port comes later.
+  auto b = start_node(1);
+  auto b_port = b->port();
+  REQUIRE(b->signal_and_reap(SIGTERM) != -1);
+  auto s = caller_of({a.get()});
+  s.remote.nodes.push_back("127.0.0.1:" + std::to_string(b_port));
+  s.remote.connect_timeout = std::chrono::seconds{2};
+  auto rt = runtime::start(s);  // an unreachable node is no start failure
+  event_recorder rec{rt->events()};
+  REQUIRE(wait_nodes(*rt, "qa", 1));
+  auto r = rt->execute_anonymous("ping", nullptr, on("qa"));
+  REQUIRE(r.ok());
+  CHECK(node_of(r) == a->address());
+  auto b2 = start_node(1, b_port);
+  REQUIRE(wait_nodes(*rt, "qa", 2));
+  std::set<std::string> serving;
+  for (int i = 0; i < 20 && serving.size() < 2; ++i) {
+    auto x = rt->execute_anonymous("ping", nullptr, on("qa"));
+    REQUIRE(x.ok());
+    serving.insert(node_of(x));
+  }
+  CHECK(serving.count(b2->address()) == 1);
+  // With every node of a pool gone, its calls fail with node_down.
+  REQUIRE(a->signal_and_reap(SIGKILL) != -1);
+  REQUIRE(b2->signal_and_reap(SIGKILL) != -1);
+  REQUIRE(wait_nodes(*rt, "qa", 0));
+  auto lost = rt->execute_anonymous("ping", nullptr, on("qa"));
+  REQUIRE_FALSE(lost.ok());
+  CHECK(lost.error().category == error_category::communication_error);
+  CHECK(lost.error().type == "node_down");
+  CHECK(rt->status("qa").health == "unavailable");
+  stop_all(*rt, a, b, b2);
+}

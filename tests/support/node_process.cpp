@@ -1,0 +1,130 @@
+#include "support/node_process.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "support/proc.hpp"
+
+extern char** environ;
+
+namespace dspex::testing {
+
+namespace {
+
+std::string read_all(const std::string& path) {
+  std::ifstream in{path};
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+} // namespace
+
+node_process::node_process(const std::string& dspex_cli, std::vector<std::string> args,
+                           std::chrono::milliseconds ready_within) {
+  static int counter = 0;
+  log_path_ = "/tmp/dspex-node-" + std::to_string(::getpid()) + "-" + std::to_string(++counter)
+              + ".log";
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0)
+    throw std::runtime_error("pipe failed");
+  std::vector<std::string> full{dspex_cli, "node"};
+  full.insert(full.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : full)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
+  posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, log_path_.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  int rc = ::posix_spawn(&pid_, dspex_cli.c_str(), &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  ::close(out[1]);
+  if (rc != 0) {
+    ::close(out[0]);
+    throw std::runtime_error("cannot spawn " + dspex_cli);
+  }
+  // The first line, within the bound: "dspex node: serving POOLS on HOST:PORT".
+  std::string line;
+  auto deadline = std::chrono::steady_clock::now() + ready_within;
+  while (line.find('\n') == std::string::npos) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+    pollfd p{out[0], POLLIN, 0};
+    if (left.count() <= 0 || ::poll(&p, 1, static_cast<int>(left.count())) <= 0)
+      break;
+    char buf[256];
+    auto n = ::read(out[0], buf, sizeof buf);
+    if (n <= 0)
+      break;
+    line.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(out[0]);  // later lines (none are written) would get EPIPE, not block
+  auto colon = line.rfind(':');
+  if (line.rfind("dspex node: serving ", 0) != 0 || colon == std::string::npos) {
+    auto why = "dspex node did not start: '" + line + "'\n" + output();
+    signal_and_reap(SIGKILL);
+    throw std::runtime_error(why);
+  }
+  port_ = static_cast<std::uint16_t>(std::stoul(line.substr(colon + 1)));
+}
+
+node_process::~node_process() {
+  if (!reaped_ && signal_and_reap(SIGTERM) == -1)
+    signal_and_reap(SIGKILL);
+  std::remove(log_path_.c_str());
+}
+
+std::string node_process::address() const {
+  return "127.0.0.1:" + std::to_string(port_);
+}
+
+std::vector<pid_t> node_process::descendants() const {
+  std::vector<pid_t> all;
+  std::vector<pid_t> todo{pid_};
+  while (!todo.empty()) {
+    auto p = todo.back();
+    todo.pop_back();
+    for (auto c : child_pids(p)) {
+      all.push_back(c);
+      todo.push_back(c);
+    }
+  }
+  return all;
+}
+
+int node_process::signal_and_reap(int sig, std::chrono::milliseconds within) {
+  if (reaped_)
+    return 0;
+  ::kill(pid_, sig);
+  auto deadline = std::chrono::steady_clock::now() + within;
+  for (;;) {
+    int status = 0;
+    auto r = ::waitpid(pid_, &status, WNOHANG);
+    if (r == pid_) {
+      reaped_ = true;
+      return status;
+    }
+    if (std::chrono::steady_clock::now() >= deadline)
+      return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds{5});
+  }
+}
+
+std::string node_process::output() const {
+  return read_all(log_path_);
+}
+
+} // namespace dspex::testing

@@ -1,0 +1,50 @@
+// A `dspex node` process for tests of topologies (issue 13): started with
+// its stdout on a pipe, ready once it printed "dspex node: serving POOLS on
+// HOST:PORT", killed with real signals, and always reaped. Its Python
+// workers are its children; descendants() lists them through /proc, so a
+// test can check that none outlives the node.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dspex::testing {
+
+class node_process {
+public:
+  /// Starts `dspex_cli node` with `args` (settings such as --pool.size=1)
+  /// and waits (bounded by `ready_within`) for its "serving" line.
+  /// @throws std::runtime_error when it does not get there (its output in the message)
+  node_process(const std::string& dspex_cli, std::vector<std::string> args,
+               std::chrono::milliseconds ready_within = std::chrono::seconds{60});
+  /// SIGTERM, then SIGKILL after a bound; always reaped.
+  ~node_process();
+  node_process(const node_process&) = delete;
+  node_process& operator=(const node_process&) = delete;
+
+  /// @returns the port it serves on
+  std::uint16_t port() const noexcept { return port_; }
+  /// @returns "127.0.0.1:PORT", as remote.nodes and served_by name it
+  std::string address() const;
+  /// @returns its pid
+  pid_t pid() const noexcept { return pid_; }
+  /// @returns its processes below it now (its workers), from /proc
+  std::vector<pid_t> descendants() const;
+  /// Sends `sig` and, for SIGKILL and SIGTERM, waits (bounded) until it is reaped.
+  /// @returns its wait status, or -1 when it did not end in time
+  int signal_and_reap(int sig, std::chrono::milliseconds within = std::chrono::seconds{20});
+  /// @returns what it wrote to stdout and stderr so far (for a failing test's message)
+  std::string output() const;
+
+private:
+  pid_t pid_ = -1;
+  bool reaped_ = false;
+  std::uint16_t port_ = 0;
+  std::string log_path_;
+};
+
+} // namespace dspex::testing
