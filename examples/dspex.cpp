@@ -9,6 +9,8 @@
 //   dspex config [--config-file=PATH] [overrides]   print the effective settings
 //   dspex help                                       keys, defaults and commands
 #include <algorithm>
+#include <filesystem>
+#include <memory>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -20,6 +22,7 @@
 #include "dspex/runtime.hpp"
 #include "bench.hpp"
 #include "http_service.hpp"
+#include "node_process.hpp"
 #include "operator_commands.hpp"
 #include "storm_run.hpp"
 #include "workload.hpp"
@@ -49,7 +52,8 @@ void print_help(std::ostream& out) {
          "             finds stopped processes at its maintenance tick, so --storm lowers\n"
          "             pool.health_interval to 100ms unless it is set explicitly)\n"
          "           --topology=FILE: the configuration of a topology (config/topologies/): the\n"
-         "             workload's callers are spread over all of its pools\n"
+         "             workload's callers are spread over all of its pools; the nodes it lists\n"
+         "             in topology.nodes are started here first (dspex node) and used\n"
          "  call     COMMAND [JSON-ARGS] [--session=ID] [--pool=NAME] [--json]: start the pools\n"
          "           (the default one with 1 worker unless --pool.size is given), run one command\n"
          "           on pool NAME (default: default), print its reply as JSON; exit code\n"
@@ -66,7 +70,8 @@ void print_help(std::ostream& out) {
          "           0 picks a free port; SIGTERM drains it (finishes the calls in flight)\n"
          "  node     serve this runtime's pools to other runtimes (CAF's middleman) on\n"
          "           node.bind:node.port (0: any free port); prints 'dspex node: serving POOLS on\n"
-         "           HOST:PORT'; SIGTERM or SIGINT stops it. A runtime uses nodes through\n"
+         "           HOST:PORT'; SIGTERM or SIGINT stops it (--exit-with-parent: so does its\n"
+         "           parent's death). A runtime uses nodes through\n"
          "           --remote.nodes='[\"127.0.0.1:PORT\"]' and calls their pools by name\n"
          "  config   print the effective settings as JSON and exit\n"
          "  help     this text\n\n"
@@ -80,6 +85,7 @@ void print_help(std::ostream& out) {
 // The options of `run` itself; any --storm-* option implies --storm.
 struct run_options {
   dspex::workload_options workload;
+  std::string topology;  // --topology=FILE
   bool storm = false;
   std::size_t storm_cycles = 40;
   std::size_t storm_interval_ms = 25;
@@ -130,7 +136,8 @@ bool take_run_options(std::vector<std::string>& args, run_options& run, std::str
       if (std::any_of(args.begin(), args.end(),
                       [](const std::string& x) { return x.rfind("--config-file=", 0) == 0; }))
         bad = "--topology is a configuration file: give it or --config-file, not both";
-      rest.push_back("--config-file=" + a.substr(11));
+      run.topology = a.substr(11);
+      rest.push_back("--config-file=" + run.topology);
       continue;
     }
     rest.push_back(a);
@@ -261,6 +268,34 @@ int main(int argc, char** argv) {
       }
     }
     return dspex::run_service(config, so, std::cout, std::cerr);
+  }
+  // A topology's nodes (topology.nodes): `dspex node` processes on this
+  // machine, each from its own configuration file (relative to the
+  // topology's), with this command's --worker.* and --log.* settings; they
+  // are stopped (SIGTERM, reaped) when run returns.
+  std::vector<std::unique_ptr<dspex::node_process>> nodes;
+  if (command == "run" && !config.topology_nodes.empty()) {
+    auto base = std::filesystem::path{opts.topology}.parent_path();
+    std::vector<std::string> forwarded;
+    for (auto& a : args)
+      if (a.rfind("--worker.", 0) == 0 || a.rfind("--log.", 0) == 0)
+        forwarded.push_back(a);
+    for (const auto& file : config.topology_nodes) {
+      auto path = std::filesystem::path{file}.is_absolute() ? std::filesystem::path{file}
+                                                            : base / file;
+      auto node_args = forwarded;
+      node_args.insert(node_args.begin(), "--config-file=" + path.string());
+      try {
+        nodes.push_back(std::make_unique<dspex::node_process>(
+          std::filesystem::read_symlink("/proc/self/exe").string(), node_args));
+      } catch (const std::exception& e) {
+        std::cerr << "dspex: topology: " << e.what() << "\n";
+        return exit_start_failed;
+      }
+      config.remote.nodes.push_back(nodes.back()->address());
+      std::cerr << "dspex: topology: node " << path.filename().string() << " serves on "
+                << nodes.back()->address() << "\n";
+    }
   }
   try {
     if (config.pools.empty()) {

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -400,8 +401,13 @@ int run_metrics(const std::vector<std::string>& args, settings config, std::ostr
 
 int run_node(const std::vector<std::string>& args, settings config, std::ostream& out,
              std::ostream& err) {
-  if (!args.empty()) {
-    err << "dspex node: unknown argument '" << args.front() << "' (try: dspex help)\n";
+  bool exit_with_parent = false;
+  for (const auto& a : args) {
+    if (a == "--exit-with-parent") {
+      exit_with_parent = true;
+      continue;
+    }
+    err << "dspex node: unknown argument '" << a << "' (try: dspex help)\n";
     return call_usage;
   }
   config.node.publish = true;
@@ -416,6 +422,14 @@ int run_node(const std::vector<std::string>& args, settings config, std::ostream
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // A node started by another program (dspex run --topology, a test) ends
+  // with it: its parent's death is a SIGTERM here, waited for below.
+  if (exit_with_parent) {
+    auto parent = ::getppid();
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent)  // it died before the line above
+      return 0;
+  }
   std::unique_ptr<runtime> rt;
   try {
     rt = runtime::start(config);

@@ -242,6 +242,7 @@ std::optional<error> read_named_pools(const caf::settings& content,
     p.scheduler_max_threads = base.scheduler_max_threads;
     p.node = base.node;
     p.remote = base.remote;
+    p.topology_nodes = base.topology_nodes;
     base.pools.push_back(std::move(p));
   }
   std::sort(base.pools.begin(), base.pools.end(),
@@ -356,7 +357,7 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
     caf::put(cfg.content, opt->full_name(), on);
   }
   // CAF keeps unknown INI keys silently; a misspelled key must not be ignored.
-  for (auto group : {"pool", "worker", "lm", "log", "scheduler", "node", "remote"}) {
+  for (auto group : {"pool", "worker", "lm", "log", "scheduler", "node", "remote", "topology"}) {
     auto entries = caf::get_if<caf::settings>(&cfg.content, group);
     if (!entries)
       continue;

@@ -196,6 +196,9 @@ void system_config::bind_options() {
                "first delay before connecting to a lost node again (default 200ms)");
   add_duration(remote, [](s_t& s) -> auto& { return s.remote.reconnect_max; }, "reconnect_max",
                "longest delay between attempts to reach a lost node (default 5s)");
+  caf::config_option_adder{custom_options_, "topology"}.add(
+    values_.topology_nodes, "nodes",
+    "node configuration files `dspex run --topology` starts on this machine (default [])");
   caf::config_option_adder{custom_options_, "log"}
     .add(values_.log_level, "level", "trace, debug, info, warn, error, critical, off (default info)")
     .add(values_.log_format, "format",

@@ -103,6 +103,7 @@ nlohmann::json to_json(const settings& s) {
       {"file_count", s.log_file_count}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
     {"node", {{"publish", s.node.publish}, {"bind", s.node.bind}, {"port", s.node.port}}},
+    {"topology", {{"nodes", s.topology_nodes}}},
     {"remote",
      {{"nodes", s.remote.nodes},
       {"status_interval", ms(s.remote.status_interval)},
@@ -119,6 +120,7 @@ nlohmann::json to_json(const settings& s) {
       full.erase("scheduler");
       full.erase("node");
       full.erase("remote");
+      full.erase("topology");
       pools[p.pool_name] = std::move(full);
     }
   }

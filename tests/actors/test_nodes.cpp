@@ -20,13 +20,28 @@
 #include "dspex/runtime.hpp"
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
-#include "support/node_process.hpp"
+#include "node_process.hpp"
 #include "support/proc.hpp"
 
 using namespace dspex;
 using namespace dspex::testing;
 
 namespace {
+
+/// Every process below `pid` now (a node's workers and their helpers), from /proc.
+std::vector<pid_t> descendants(pid_t pid) {
+  std::vector<pid_t> all;
+  std::vector<pid_t> todo{pid};
+  while (!todo.empty()) {
+    auto p = todo.back();
+    todo.pop_back();
+    for (auto c : child_pids(p)) {
+      all.push_back(c);
+      todo.push_back(c);
+    }
+  }
+  return all;
+}
 
 /// A node with a default pool of one worker and the pool "qa" of `qa_size`.
 std::unique_ptr<node_process> start_node(std::size_t qa_size, std::uint16_t port = 0) {
@@ -72,7 +87,7 @@ void stop_all(runtime& rt, Nodes&... given) {
   (nodes.push_back(std::move(given)), ...);
   std::vector<pid_t> workers;
   for (auto& n : nodes)
-    for (auto pid : n->descendants())
+    for (auto pid : descendants(n->pid()))
       workers.push_back(pid);
   rt.stop();
   nodes.clear();  // SIGTERM, reaped
@@ -181,7 +196,7 @@ TEST_CASE("a node SIGKILLed under load: structured outcomes, the others serve on
   REQUIRE(wait_nodes(*rt, "qa", 3));
   const auto victim = b->address();
   const auto victim_port = b->port();
-  auto victim_processes = b->descendants();
+  auto victim_processes = descendants(b->pid());
   REQUIRE(victim_processes.size() >= 3);  // its workers (and their guardians)
 
   // Load: idempotent pings (retried on another node when theirs dies) and

@@ -143,6 +143,12 @@ struct settings {
     ms reconnect_max{5'000};           ///< remote.reconnect_max: longest such delay (exponential, with jitter)
   } remote;
 
+  /// topology.nodes: configuration files of nodes that `dspex run
+  /// --topology=FILE` starts on this machine as `dspex node` processes
+  /// (relative to FILE); their addresses join remote.nodes. The runtime
+  /// itself does not read it.
+  std::vector<std::string> topology_nodes;
+
   /// @returns true when `host` is a loopback address (127.0.0.0/8, ::1 or
   ///          "localhost"): the only addresses that may carry plaintext.
   static bool is_loopback(const std::string& host) noexcept;

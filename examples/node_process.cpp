@@ -1,4 +1,4 @@
-#include "support/node_process.hpp"
+#include "node_process.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -12,11 +12,10 @@
 #include <stdexcept>
 #include <thread>
 
-#include "support/proc.hpp"
 
 extern char** environ;
 
-namespace dspex::testing {
+namespace dspex {
 
 namespace {
 
@@ -37,7 +36,8 @@ node_process::node_process(const std::string& dspex_cli, std::vector<std::string
   int out[2];
   if (::pipe2(out, O_CLOEXEC) != 0)
     throw std::runtime_error("pipe failed");
-  std::vector<std::string> full{dspex_cli, "node"};
+  // --exit-with-parent: if this process dies without stopping it, so does the node.
+  std::vector<std::string> full{dspex_cli, "node", "--exit-with-parent"};
   full.insert(full.end(), args.begin(), args.end());
   std::vector<char*> argv;
   for (auto& a : full)
@@ -91,20 +91,6 @@ std::string node_process::address() const {
   return "127.0.0.1:" + std::to_string(port_);
 }
 
-std::vector<pid_t> node_process::descendants() const {
-  std::vector<pid_t> all;
-  std::vector<pid_t> todo{pid_};
-  while (!todo.empty()) {
-    auto p = todo.back();
-    todo.pop_back();
-    for (auto c : child_pids(p)) {
-      all.push_back(c);
-      todo.push_back(c);
-    }
-  }
-  return all;
-}
-
 int node_process::signal_and_reap(int sig, std::chrono::milliseconds within) {
   if (reaped_)
     return 0;
@@ -127,4 +113,4 @@ std::string node_process::output() const {
   return read_all(log_path_);
 }
 
-} // namespace dspex::testing
+} // namespace dspex

@@ -1,8 +1,7 @@
-// A `dspex node` process for tests of topologies (issue 13): started with
-// its stdout on a pipe, ready once it printed "dspex node: serving POOLS on
-// HOST:PORT", killed with real signals, and always reaped. Its Python
-// workers are its children; descendants() lists them through /proc, so a
-// test can check that none outlives the node.
+// A `dspex node` process on this machine (issue 13), for `dspex run
+// --topology` and the tests of topologies: started with its stdout on a
+// pipe, ready once it printed "dspex node: serving POOLS on HOST:PORT",
+// stopped with real signals, and always reaped.
 #pragma once
 
 #include <sys/types.h>
@@ -12,7 +11,7 @@
 #include <string>
 #include <vector>
 
-namespace dspex::testing {
+namespace dspex {
 
 class node_process {
 public:
@@ -32,8 +31,6 @@ public:
   std::string address() const;
   /// @returns its pid
   pid_t pid() const noexcept { return pid_; }
-  /// @returns its processes below it now (its workers), from /proc
-  std::vector<pid_t> descendants() const;
   /// Sends `sig` and, for SIGKILL and SIGTERM, waits (bounded) until it is reaped.
   /// @returns its wait status, or -1 when it did not end in time
   int signal_and_reap(int sig, std::chrono::milliseconds within = std::chrono::seconds{20});
@@ -47,4 +44,4 @@ private:
   std::string log_path_;
 };
 
-} // namespace dspex::testing
+} // namespace dspex
