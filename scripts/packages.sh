@@ -4,7 +4,8 @@
 # without root it names them and fails (NAME prefixes its messages).
 
 dspex_packages=(g++ cmake make python3 ccache libcaf-dev libboost-dev libboost-filesystem-dev
-                libspdlog-dev libfmt-dev nlohmann-json3-dev doctest-dev python3-prometheus-client)
+                libspdlog-dev libfmt-dev nlohmann-json3-dev doctest-dev python3-prometheus-client
+                openssl)  # openssl: the node TLS tests make their certificates with it
 
 ensure_packages() {
   local name=$1

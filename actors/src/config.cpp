@@ -357,16 +357,20 @@ std::variant<settings, error> load_settings(const std::vector<std::string>& args
     caf::put(cfg.content, opt->full_name(), on);
   }
   // CAF keeps unknown INI keys silently; a misspelled key must not be ignored.
-  for (auto group : {"pool", "worker", "lm", "log", "scheduler", "node", "remote", "topology"}) {
+  // A group's sub-group (node.tls) is checked as a group of its own.
+  for (std::string group : {"pool", "worker", "lm", "log", "scheduler", "node", "node.tls",
+                            "remote", "topology"}) {
     auto entries = caf::get_if<caf::settings>(&cfg.content, group);
     if (!entries)
       continue;
-    for (auto& kv : *entries)
-      if (!cfg.options().qualified_name_lookup(group, kv.first))
+    for (auto& kv : *entries) {
+      bool subgroup = caf::holds_alternative<caf::settings>(kv.second)
+                      && group.find('.') == std::string::npos && group + "." + kv.first == "node.tls";
+      if (!subgroup && !cfg.options().qualified_name_lookup(group, kv.first))
         return config_error("invalid_setting",
-                            std::string{"unknown option "} + group + "." + kv.first + " in '"
-                              + path + "'",
-                            {{"key", std::string{group} + "." + kv.first}, {"path", path}});
+                            "unknown option " + group + "." + kv.first + " in '" + path + "'",
+                            {{"key", group + "." + kv.first}, {"path", path}});
+    }
   }
   if (remainder)
     *remainder = cfg.remainder;

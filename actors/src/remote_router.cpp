@@ -9,6 +9,7 @@
 
 #include <caf/all.hpp>
 #include <caf/io/middleman.hpp>
+#include <caf/openssl/manager.hpp>
 
 #include "dspex/backoff.hpp"
 #include "dspex/logging.hpp"
@@ -245,7 +246,10 @@ void connect(router_t self, std::size_t idx) {
   if (st.stopping)
     return;
   auto& l = st.links[idx];
-  auto mm = self->system().middleman().actor_handle();
+  // With TLS configured, every connection goes through CAF's OpenSSL
+  // manager: the node must present a certificate signed by node.tls.ca_file.
+  auto mm = st.config->node.tls_enabled() ? self->system().openssl_manager().actor_handle()
+                                          : self->system().middleman().actor_handle();
   self->request(mm, st.config->remote.connect_timeout, caf::connect_atom::value, l.host, l.port)
     .then(
       [=](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>& ifs) {

@@ -16,6 +16,8 @@
 
 #include <caf/all.hpp>
 #include <caf/io/middleman.hpp>
+#include <caf/openssl/publish.hpp>
+#include <caf/openssl/manager.hpp>
 #include <caf/logger.hpp>
 
 #include "dspex/actors/messages.hpp"
@@ -512,8 +514,13 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // pool_stopping (the router's exit).
   void stop_nodes(caf::scoped_actor& self, caf::duration bound) {
     if (node) {
-      if (node_port != 0)
-        system->middleman().unpublish(node, node_port);
+      if (node_port != 0) {
+        // Closed through the manager that opened it (CAF 0.17's
+        // openssl::unpublish does not compile).
+        auto mm = config.node.tls_enabled() ? system->openssl_manager().actor_handle()
+                                            : system->middleman().actor_handle();
+        self->send(mm, caf::close_atom::value, node_port);
+      }
       self->monitor(node);
       self->send_exit(node, caf::exit_reason::user_shutdown);
       self->receive([](caf::down_msg&) {},
@@ -704,8 +711,12 @@ std::unique_ptr<runtime> runtime::start(settings config) {
       return all;
     };
     impl.node = spawn_node_actor(*impl.system, services);
-    auto port = impl.system->middleman().publish(impl.node, config.node.port,
-                                                 config.node.bind.c_str(), true);
+    // With TLS configured, only peers with a certificate signed by
+    // node.tls.ca_file get past the handshake.
+    auto port = config.node.tls_enabled()
+                  ? caf::openssl::publish(impl.node, config.node.port, config.node.bind.c_str(), true)
+                  : impl.system->middleman().publish(impl.node, config.node.port,
+                                                     config.node.bind.c_str(), true);
     if (!port) {
       failed = make_error(error_category::initialization_error, "node_publish_failed",
                           "cannot serve as a node on " + config.node.bind + ":"
@@ -714,7 +725,8 @@ std::unique_ptr<runtime> runtime::start(settings config) {
                           {{"bind", config.node.bind}, {"port", config.node.port}});
     } else {
       impl.node_port = *port;
-      log().info("node: serving pools on {}:{}", config.node.bind, impl.node_port);
+      log().info("node: serving pools on {}:{} ({})", config.node.bind, impl.node_port,
+                 config.node.tls_enabled() ? "TLS, mutual certificates" : "plaintext, loopback");
     }
   }
   if (failed) {

@@ -5,11 +5,13 @@
 
 #include <caf/atom.hpp>
 #include <caf/io/middleman.hpp>
+#include <caf/openssl/manager.hpp>
 #include <caf/config_option_adder.hpp>
 #include <caf/settings.hpp>
 #include <caf/thread_hook.hpp>
 
 #include "dspex/actors/runtime_thread.hpp"
+#include "openssl_error_queue.hpp"
 
 namespace dspex {
 
@@ -57,8 +59,18 @@ system_config::system_config(const settings& s) : values_(s) {
   bind_options();
   // The middleman (CAF's network layer, one more thread) only for a runtime
   // that is a node or uses nodes (issue 13).
-  if (s.node.publish || !s.remote.nodes.empty())
+  if (s.node.publish || !s.remote.nodes.empty()) {
     load<caf::io::middleman>();
+    // TLS (libcaf_openssl): with a certificate, CAF requires the peer's,
+    // signed by the CA, on every connection (mutual authentication).
+    if (s.node.tls_enabled()) {
+      detail::openssl_error_queue_guarded();
+      load<caf::openssl::manager>();
+      openssl_certificate = s.node.tls.certificate;
+      openssl_key = s.node.tls.key;
+      openssl_cafile = s.node.tls.ca_file;
+    }
+  }
   add_thread_hook<runtime_thread_marker>();
   set("scheduler.policy", caf::atom_from_string(s.scheduler_policy));
   // CAF 0.17 starts max(4, cores) scheduler threads. Actors here only route
@@ -185,6 +197,13 @@ void system_config::bind_options() {
            "serve this runtime's pools to other runtimes; dspex node sets it (default false)")
     .add(values_.node.bind, "bind", "the address a node listens on; loopback only (default 127.0.0.1)")
     .add(values_.node.port, "port", "the TCP port a node listens on; 0 = any free one (default 0)");
+  caf::config_option_adder{custom_options_, "node.tls"}
+    .add(values_.node.tls.certificate, "certificate",
+         "TLS: this runtime's certificate (PEM); with key and ca_file, every node connection "
+         "is TLS with mutual certificates (default none)")
+    .add(values_.node.tls.key, "key", "TLS: the certificate's private key (PEM) (default none)")
+    .add(values_.node.tls.ca_file, "ca_file",
+         "TLS: the CA that must have signed a peer's certificate (default none)");
   caf::config_option_adder remote{custom_options_, "remote"};
   remote.add(values_.remote.nodes, "nodes",
              "\"host:port\" of the nodes whose pools this runtime uses (default [])");

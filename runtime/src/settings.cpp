@@ -102,7 +102,14 @@ nlohmann::json to_json(const settings& s) {
       {"file_max_bytes", s.log_file_max_bytes},
       {"file_count", s.log_file_count}}},
     {"scheduler", {{"policy", s.scheduler_policy}, {"max-threads", s.scheduler_max_threads}}},
-    {"node", {{"publish", s.node.publish}, {"bind", s.node.bind}, {"port", s.node.port}}},
+    {"node",
+     {{"publish", s.node.publish},
+      {"bind", s.node.bind},
+      {"port", s.node.port},
+      {"tls",
+       {{"certificate", s.node.tls.certificate},
+        {"key", s.node.tls.key},
+        {"ca_file", s.node.tls.ca_file}}}}},
     {"topology", {{"nodes", s.topology_nodes}}},
     {"remote",
      {{"nodes", s.remote.nodes},
@@ -281,11 +288,22 @@ std::optional<error> settings::validate() const {
   if (scheduler_max_threads > 256)
     return bad("scheduler.max-threads",
                fmt::format("must be between 0 and 256 (got {})", scheduler_max_threads));
-  if (node.publish && !is_loopback(node.bind))
+  {
+    const auto& t = node.tls;
+    auto set = !t.certificate.empty() + !t.key.empty() + !t.ca_file.empty();
+    if (set != 0 && set != 3)
+      return bad("node.tls", "needs certificate, key and ca_file together (or none of them)");
+    for (auto [key, path] : {std::pair<const char*, const std::string*>{"node.tls.certificate", &t.certificate},
+                             {"node.tls.key", &t.key},
+                             {"node.tls.ca_file", &t.ca_file}})
+      if (!path->empty() && ::access(path->c_str(), R_OK) != 0)
+        return bad(key, fmt::format("names '{}', which cannot be read", sanitize_utf8(*path)));
+  }
+  if (node.publish && !node.tls_enabled() && !is_loopback(node.bind))
     return bad("node.bind",
                fmt::format("is '{}', not a loopback address: a node serves other machines only over "
-                           "TLS with mutual certificates, which this build does not offer yet; "
-                           "bind to 127.0.0.1",
+                           "TLS with mutual certificates (set node.tls.certificate, key and "
+                           "ca_file), or bind to 127.0.0.1",
                            sanitize_utf8(node.bind)));
   for (const auto& peer : remote.nodes) {
     auto colon = peer.rfind(':');
@@ -297,10 +315,11 @@ std::optional<error> settings::validate() const {
     if (host.empty() || !port_ok)
       return bad("remote.nodes", fmt::format("must list \"host:port\" entries (got '{}')",
                                              sanitize_utf8(peer)));
-    if (!is_loopback(host))
+    if (!node.tls_enabled() && !is_loopback(host))
       return bad("remote.nodes",
                  fmt::format("names '{}', not a loopback address: other machines are reached only "
-                             "over TLS, which this build does not offer yet",
+                             "over TLS with mutual certificates (set node.tls.certificate, key and "
+                             "ca_file)",
                              sanitize_utf8(peer)));
   }
   if (!positive(remote.status_interval))

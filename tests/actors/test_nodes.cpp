@@ -5,6 +5,9 @@
 // error, the others serve on, none of its workers is left), and the node
 // restarted on its port and used again. Real processes, real signals.
 #include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <future>
 #include <csignal>
 #include <map>
@@ -15,11 +18,14 @@
 #include <thread>
 #include <vector>
 
+#include <sys/wait.h>
+
 #include <doctest/doctest.h>
 
 #include "dspex/runtime.hpp"
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
+#include "support/scratch_dir.hpp"
 #include "node_process.hpp"
 #include "support/proc.hpp"
 
@@ -373,4 +379,89 @@ TEST_CASE("a caller starts while a node is down, and uses it once it is up") {
   CHECK(lost.error().type == "node_down");
   CHECK(rt->status("qa").health == "unavailable");
   stop_all(*rt, a, b, b2);
+}
+
+namespace {
+
+/// Certificates made by Debian's openssl command: a CA with the node's and a
+/// caller's certificates, and a foreign CA with an intruder's.
+struct certificates {
+  scratch_dir dir;
+  std::string path(const std::string& name) const { return (dir.path / name).string(); }
+
+  certificates() {
+    auto run = [&](const std::string& cmd) {
+      REQUIRE_MESSAGE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0, cmd);
+    };
+    for (std::string ca : {"good", "foreign"})
+      run("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=" + ca + "-ca -keyout "
+          + path(ca + "-ca.key") + " -out " + path(ca + "-ca.pem"));
+    for (auto [who, ca] : {std::pair<std::string, std::string>{"node", "good"},
+                           {"caller", "good"},
+                           {"intruder", "foreign"}}) {
+      run("openssl req -newkey rsa:2048 -nodes -subj /CN=" + who + " -keyout " + path(who + ".key")
+          + " -out " + path(who + ".csr"));
+      run("openssl x509 -req -days 2 -in " + path(who + ".csr") + " -CA " + path(ca + "-ca.pem")
+          + " -CAkey " + path(ca + "-ca.key") + " -CAcreateserial -out " + path(who + ".pem"));
+    }
+  }
+
+  /// The settings of one side: its certificate and key, and the CA it trusts.
+  std::vector<std::string> args(const std::string& who, const std::string& ca) const {
+    return {"--node.tls.certificate=" + path(who + ".pem"), "--node.tls.key=" + path(who + ".key"),
+            "--node.tls.ca_file=" + path(ca + "-ca.pem")};
+  }
+  void apply(settings& s, const std::string& who, const std::string& ca) const {
+    s.node.tls.certificate = path(who + ".pem");
+    s.node.tls.key = path(who + ".key");
+    s.node.tls.ca_file = path(ca + "-ca.pem");
+  }
+};
+
+} // namespace
+
+TEST_CASE("TLS: a peer whose certificate the CA signed is served, a foreign or plaintext one is refused") {
+  certificates certs;
+  // With TLS a node may bind beyond loopback; the callers reach it on 127.0.0.1.
+  auto node_args = certs.args("node", "good");
+  for (std::string a : {"--pool.size=1", "--pools.qa.pool.size=1", "--worker.test_commands",
+                        "--log.level=warn", "--node.bind=0.0.0.0"})
+    node_args.push_back(a);
+  node_args.push_back(std::string{"--worker.python="} + DSPEX_TEST_PYTHON);
+  auto node = std::make_unique<node_process>(DSPEX_CLI, node_args);
+
+  auto good = caller_of({node.get()});
+  certs.apply(good, "caller", "good");
+  auto rt = runtime::start(good);
+  REQUIRE(wait_nodes(*rt, "qa", 1));
+  auto r = rt->execute_anonymous("ping", nullptr, on("qa"));
+  REQUIRE_MESSAGE(r.ok(), r.error().describe());
+  CHECK(node_of(r) == node->address());
+
+  event_recorder rec{rt->events()};
+  // Other runtimes, each a process of its own (as a real peer would be): one
+  // with a certificate of a foreign CA, one without TLS. The node refuses
+  // both in the handshake; they log it and find no pool "qa".
+  for (std::string who : {"intruder", "plaintext"}) {
+    CAPTURE(who);
+    std::string cmd = std::string{DSPEX_CLI} + " call ping --pool=qa --json --pool.size=1"
+                      + " --worker.python=" + DSPEX_TEST_PYTHON + " --log.level=warn"
+                      + " --remote.connect_timeout=3s --remote.nodes='[\"" + node->address() + "\"]'";
+    if (who == "intruder")
+      for (auto& a : certs.args("intruder", "foreign"))
+        cmd += " " + a;
+    auto out = certs.dir.path / (who + ".out");
+    int status = std::system((cmd + " >" + out.string() + " 2>&1").c_str());
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 7);  // invalid_request: no pool "qa" here
+    std::ifstream in{out};
+    std::string text{std::istreambuf_iterator<char>{in}, {}};
+    CHECK_MESSAGE(text.find("\"reason\":\"unknown_pool\"") != std::string::npos, text);
+    CHECK_MESSAGE(text.find("unreachable") != std::string::npos, text);  // the refusal, logged
+  }
+  // The good caller was never disturbed: its link stayed up all along.
+  CHECK(rec.count([](const event& e) { return e.kind == event_kind::node_down; }) == 0);
+  auto after = rt->execute_anonymous("ping", nullptr, on("qa"));
+  CHECK_MESSAGE(after.ok(), after.error().describe() << "\n" << node->output());
+  stop_all(*rt, node);
 }

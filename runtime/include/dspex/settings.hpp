@@ -133,6 +133,15 @@ struct settings {
     bool publish = false;              ///< node.publish: serve this runtime's pools to other runtimes (`dspex node` sets it)
     std::string bind = "127.0.0.1";    ///< node.bind: the address published on; plaintext only on loopback
     std::uint16_t port = 0;            ///< node.port: the TCP port; 0 = any free one (runtime::node_port tells which)
+    /// TLS with mutual certificates (libcaf_openssl), for every connection
+    /// of this runtime to or from a node: all three set, or none.
+    struct tls_settings {
+      std::string certificate;         ///< node.tls.certificate: this runtime's certificate (PEM)
+      std::string key;                 ///< node.tls.key: its private key (PEM, unencrypted)
+      std::string ca_file;             ///< node.tls.ca_file: the CA a peer's certificate must be signed by
+    } tls;
+    /// @returns true when TLS is configured
+    bool tls_enabled() const noexcept { return !tls.certificate.empty(); }
   } node;
 
   struct remote_settings {
