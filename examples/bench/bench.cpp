@@ -74,6 +74,7 @@ constexpr double target_blocking_vs_anchor = 1.5;
 constexpr double target_async_vs_raw = 0.8;
 constexpr double target_session_vs_anonymous = 1.2;
 constexpr double target_payload_vs_raw = 1.2;
+constexpr double target_remote_vs_local = 2.0;   // issue 13: a remote call on loopback plaintext
 constexpr double target_p99_vs_p50 = 3.0;
 constexpr double target_kib_per_worker = 64.0;
 
@@ -1043,6 +1044,121 @@ dspex::settings bench_settings(const options& o, std::size_t workers) {
   return s;
 }
 
+// ----------------------------------------------------------------- remote
+
+// Issue 13: a pool on another runtime, reached over CAF's middleman on
+// loopback. Both runtimes run in this process (two actor systems): the node
+// serves its pool "bench" (2 workers, as the local rows), the caller has no
+// pool of that name and sends every call over the network. Once in
+// plaintext, once with TLS (mutual certificates made with `openssl`).
+struct remote_results {
+  std::vector<row> rows;          ///< sequential pings, then echo by payload, per transport
+  double plain_p50 = 0;           ///< sequential ping p50, plaintext
+  double tls_p50 = 0;             ///< the same with TLS (0: not run)
+  std::vector<std::pair<std::size_t, double>> plain_payload_p50;  ///< bytes -> p50
+  std::string tls_skipped;        ///< why the TLS rows are missing
+};
+
+/// Makes a CA and two certificates it signed in `dir`; false when `openssl` fails.
+bool make_certificates(const std::string& dir) {
+  auto run = [](const std::string& cmd) { return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0; };
+  if (!run("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=bench-ca -keyout " + dir
+           + "/ca.key -out " + dir + "/ca.pem"))
+    return false;
+  for (std::string who : {"node", "caller"})
+    if (!run("openssl req -newkey rsa:2048 -nodes -subj /CN=" + who + " -keyout " + dir + "/" + who
+             + ".key -out " + dir + "/" + who + ".csr")
+        || !run("openssl x509 -req -days 2 -in " + dir + "/" + who + ".csr -CA " + dir
+                + "/ca.pem -CAkey " + dir + "/ca.key -CAcreateserial -out " + dir + "/" + who
+                + ".pem"))
+      return false;
+  return true;
+}
+
+void run_remote_transport(const options& o, const std::string& cert_dir, remote_results& res) {
+  bool tls = !cert_dir.empty();
+  auto with_tls = [&](dspex::settings& s, const std::string& who) {
+    if (!tls)
+      return;
+    s.node.tls.certificate = cert_dir + "/" + who + ".pem";
+    s.node.tls.key = cert_dir + "/" + who + ".key";
+    s.node.tls.ca_file = cert_dir + "/ca.pem";
+  };
+  auto node_cfg = bench_settings(o, 1);
+  node_cfg.worker.test_commands = true;  // echo
+  auto bench_pool = node_cfg;
+  bench_pool.pool_name = "bench";
+  bench_pool.pool.size = 2;
+  node_cfg.pools.push_back(bench_pool);
+  node_cfg.node.publish = true;
+  with_tls(node_cfg, "node");
+  auto node = dspex::runtime::start(node_cfg);
+  std::vector<pid_t> worker_pids;
+  for (auto& w : node->status("bench").workers)
+    worker_pids.push_back(static_cast<pid_t>(w.pid));
+  auto caller_cfg = bench_settings(o, 1);
+  caller_cfg.remote.nodes = {"127.0.0.1:" + std::to_string(node->node_port())};
+  with_tls(caller_cfg, "caller");
+  auto caller = dspex::runtime::start(caller_cfg);
+  const char* transport = tls ? "TLS" : "plaintext";
+  try {
+    dspex::call_options on;
+    on.pool = "bench";
+    for (int i = 0; i < 200 && caller->status("bench").nodes.empty(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds{10});  // the node's first load
+    for (std::size_t i = 0; i < o.warmup; ++i)
+      expect_ok(caller->execute_anonymous("ping", nullptr, on), "remote warm-up");
+    auto sequential = [&](const std::string& label, const std::string& command,
+                          const nlohmann::json& args, std::size_t n) {
+      dspex::latency_recorder lat;
+      cpu_probe probe{worker_pids};
+      auto t1 = clock_type::now();
+      for (std::size_t i = 0; i < n; ++i) {
+        auto st = clock_type::now();
+        auto r = caller->execute_anonymous(command, args, on);
+        lat.record(std::chrono::duration_cast<nanos>(clock_type::now() - st));
+        expect_ok(r, label.c_str());
+      }
+      return make_row(label, lat, seconds_since(t1), probe);
+    };
+    auto ping = sequential(std::string{"remote pool ("} + transport + "), sequential", "ping",
+                           nullptr, o.sequential / 2);
+    (tls ? res.tls_p50 : res.plain_p50) = ping.p50;
+    res.rows.push_back(ping);
+    for (auto [bytes, n] : payload_plan(o)) {
+      std::string blob(bytes, 'x');
+      auto r = sequential("remote pool (" + std::string{transport} + "), echo " + payload_label(bytes),
+                          "echo", {{"blob", blob}}, std::max<std::size_t>(n / 2, 20));
+      if (!tls)
+        res.plain_payload_p50.emplace_back(bytes, r.p50);
+      res.rows.push_back(r);
+    }
+  } catch (...) {
+    caller->stop();
+    node->stop();
+    throw;
+  }
+  caller->stop();
+  node->stop();
+}
+
+remote_results run_remote(const options& o) {
+  remote_results res;
+  run_remote_transport(o, {}, res);
+  char dir_template[] = "/tmp/dspex-bench-tls-XXXXXX";
+  if (::mkdtemp(dir_template) == nullptr) {
+    res.tls_skipped = "no temporary directory";
+    return res;
+  }
+  std::string dir = dir_template;
+  if (make_certificates(dir))
+    run_remote_transport(o, dir, res);
+  else
+    res.tls_skipped = "the openssl command failed (scripts/packages.sh installs it)";
+  std::system(("rm -rf " + dir).c_str());
+  return res;
+}
+
 // Start-up of 1, 2 and 8 workers; the runtime's memory per worker from the
 // RSS growth of a fresh start (heap trimmed before each); the CPU an idle
 // 2-worker pool uses (it must not poll).
@@ -1209,6 +1325,27 @@ void print_ratios(const raw_results& raw, const anchor_results& anchor, const po
     std::printf("  (NimblePool ratios skipped: %s)\n", anchor.skipped.c_str());
 }
 
+void print_remote_ratios(const pool_results& pool, const remote_results& remote) {
+  std::printf("remote pools (loopback; every figure from this run)\n");
+  print_ratio("remote plaintext p50 / local pool p50", remote.plain_p50 / pool.sequential.p50,
+              "<=", target_remote_vs_local);
+  if (remote.tls_p50 > 0)
+    std::printf("  %-50s: %6.2f\n", "remote TLS p50 / local pool p50",
+                remote.tls_p50 / pool.sequential.p50);
+  else
+    std::printf("  (TLS rows skipped: %s)\n", remote.tls_skipped.c_str());
+  // How the network's share grows with the payload: the remote p50 over
+  // the local pool's, size by size.
+  for (auto [bytes, p50] : remote.plain_payload_p50)
+    for (const auto& local : pool.payloads)
+      if (local.bytes == bytes) {
+        auto what = "remote plaintext echo " + payload_label(bytes) + " p50 / local p50";
+        std::printf("  %-50s: %6.2f  (+%.1f us)\n", what.c_str(), p50 / local.pool.p50,
+                    p50 - local.pool.p50);
+      }
+  std::printf("\n");
+}
+
 void print_startup(const raw_results& raw, const anchor_results& anchor, const pool_results& pool,
                    const startup_results& su) {
   std::printf("runtime threads (after start): %s\n", pool.threads.c_str());
@@ -1263,6 +1400,7 @@ int dspex::bench::run(int argc, char** argv, progress_fn progress) {
     auto raw = run_raw(o);
     auto anchor = run_anchor(o);
     auto pool = run_pool(o);
+    auto remote = run_remote(o);
     auto startup = run_startup(o);
     std::vector<row> rows{raw.sequential};
     if (anchor.sequential)
@@ -1278,10 +1416,12 @@ int dspex::bench::run(int argc, char** argv, progress_fn progress) {
       rows.push_back(raw.payloads[i]);
       rows.push_back(pool.payloads[i].pool);
     }
+    rows.insert(rows.end(), remote.rows.begin(), remote.rows.end());
     print_table(rows);
     if (!anchor.skipped.empty())
       std::printf("NimblePool anchor: skipped: %s\n\n", anchor.skipped.c_str());
     print_ratios(raw, anchor, pool, o.callers);
+    print_remote_ratios(pool, remote);
     print_startup(raw, anchor, pool, startup);
     std::printf("one thread hand-off (condition variable, set -> waiter running), p50: %.1f us: what a "
                 "reply costs when the I/O thread hands it to a caller (a blocking caller of the direct "
