@@ -50,7 +50,10 @@ std::optional<error> error_from_json(const json& j) {
       || message == j.end() || !message->is_string())
     return std::nullopt;
   auto category = category_from_string(cat->get<std::string>());
-  if (!category)
+  // A structured error names its type and says what happened (found by
+  // fuzz_node_wire: an empty message went through as a failure).
+  if (!category || type->get_ref<const std::string&>().empty()
+      || message->get_ref<const std::string&>().empty())
     return std::nullopt;
   error e;
   e.category = *category;

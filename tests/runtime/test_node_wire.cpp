@@ -100,7 +100,9 @@ TEST_CASE("a reply is read back with its worker and node, and a malformed one is
   CHECK(back2.error().context["command"] == "x");
   for (std::string bad : {"", "nope", "[]", "{}", "{\"ok\":1}", "{\"ok\":false}",
                           "{\"ok\":false,\"error\":{\"category\":\"no_such\",\"type\":\"t\",\"message\":\"m\"}}",
-                          "{\"ok\":false,\"error\":\"text\"}"}) {
+                          "{\"ok\":false,\"error\":\"text\"}",
+                          "{\"ok\":false,\"error\":{\"category\":\"python_error\",\"type\":\"T\",\"message\":\"\"}}",
+                          "{\"ok\":false,\"error\":{\"category\":\"python_error\",\"type\":\"\",\"message\":\"m\"}}"}) {
     auto o = decode_node_reply(bad, "127.0.0.1:4000");
     REQUIRE_FALSE(o.ok());
     CHECK(o.error().category == error_category::communication_error);
