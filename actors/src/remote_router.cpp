@@ -163,6 +163,9 @@ void answer(router_t self, std::uint64_t id, outcome o) {
   auto it = self->state.calls.find(id);
   if (it == self->state.calls.end())
     return;
+  // An ended session needs no node any more.
+  if (it->second.call.request.op == node_op::end_session && !it->second.session_key.empty())
+    self->state.session_node.erase(it->second.session_key);
   auto done = std::move(it->second.call.done);
   self->state.calls.erase(it);
   run_callback(done, std::move(o));
@@ -369,8 +372,15 @@ void send_attempt(router_t self, std::uint64_t id) {
   }
   p.node = *chosen;
   ++p.attempts;
-  if (!p.session_key.empty())
+  if (!p.session_key.empty()) {
+    // Bounded like the sessions themselves: sessions a node let expire are
+    // never ended here, so beyond session.max_sessions some other key goes
+    // (its session's next call may land on another node, as after a loss).
+    if (!st.session_node.count(p.session_key)
+        && st.session_node.size() >= st.config->session.max_sessions)
+      st.session_node.erase(st.session_node.begin());
     st.session_node[p.session_key] = *chosen;
+  }
   auto left = std::chrono::duration_cast<std::chrono::milliseconds>(p.call.deadline - now);
   p.call.request.timeout_ms = static_cast<std::uint64_t>(std::max<std::int64_t>(left.count(), 1));
   auto attempt = p.attempts;
