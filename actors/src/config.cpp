@@ -394,7 +394,8 @@ std::string describe_settings() {
       end = all.size();
     auto block = all.substr(pos, end - pos);
     for (auto group : {"pool options:", "worker options:", "lm options:", "log options:",
-                       "retry options:", "circuit options:", "node options:", "remote options:",
+                       "retry options:", "circuit options:", "node options:",
+                       "node.tls options:", "remote options:", "topology options:",
                        "scheduler options:"})
       if (block.rfind(group, 0) == 0)
         out += block + "\n\n";
