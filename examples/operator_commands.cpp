@@ -410,11 +410,7 @@ int run_node(const std::vector<std::string>& args, settings config, std::ostream
     err << "dspex node: unknown argument '" << a << "' (try: dspex help)\n";
     return call_usage;
   }
-  config.node.publish = true;
-  if (auto bad = config.validate()) {
-    err << "dspex node: configuration error: " << bad->message << "\n";
-    return call_usage;
-  }
+  config.node.publish = true;  // checked with the rest by runtime::start
   // SIGTERM and SIGINT are waited for below; blocked before any thread
   // starts, so that every runtime thread inherits the mask.
   sigset_t stop_signals;

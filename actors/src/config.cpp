@@ -231,18 +231,11 @@ std::optional<error> read_named_pools(const caf::settings& content,
     auto p = r.cfg->to_settings();
     p.pool_name = r.name;
     p.pools.clear();
-    // The runtime's own keys stay the runtime's.
-    p.log_level = base.log_level;
-    p.log_format = base.log_format;
-    p.log_worker_level = base.log_worker_level;
-    p.log_file = base.log_file;
-    p.log_file_max_bytes = base.log_file_max_bytes;
-    p.log_file_count = base.log_file_count;
+    // Only pool groups were stored, so the runtime's own keys are base's,
+    // but for the scheduler's: to_settings() reads those from CAF's content,
+    // where system_config(settings) put the thread count it chose.
     p.scheduler_policy = base.scheduler_policy;
     p.scheduler_max_threads = base.scheduler_max_threads;
-    p.node = base.node;
-    p.remote = base.remote;
-    p.topology_nodes = base.topology_nodes;
     base.pools.push_back(std::move(p));
   }
   std::sort(base.pools.begin(), base.pools.end(),

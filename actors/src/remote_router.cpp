@@ -216,6 +216,23 @@ void link_lost(router_t self, std::size_t idx, const std::string& why) {
     schedule_connect(self, idx);
 }
 
+// A load `link` published (its answer to node_load_atom), kept while the
+// link is still the one that asked.
+void apply_load(router_t self, std::size_t idx, const node_handle& asked, const std::string& text) {
+  auto& link = self->state.links[idx];
+  if (!link.up || link.handle != asked)
+    return;
+  auto load = decode_node_load(text);
+  if (!load) {
+    log().warn("node {} published a malformed load; ignored", link.address);
+    return;
+  }
+  link.load = std::move(*load);
+  for (auto& [name, _] : link.load.pools)
+    link.served.insert(name);
+  publish_directory(self);
+}
+
 void poll(router_t self, std::size_t idx) {
   auto& l = self->state.links[idx];
   if (!l.up)
@@ -225,20 +242,7 @@ void poll(router_t self, std::size_t idx) {
                                                      std::chrono::seconds{1});
   self->request(handle, timeout, node_load_atom::value)
     .then(
-      [=](std::string& text) {
-        auto& link = self->state.links[idx];
-        if (!link.up || link.handle != handle)
-          return;
-        auto load = decode_node_load(text);
-        if (!load) {
-          log().warn("node {} published a malformed load; ignored", link.address);
-          return;
-        }
-        link.load = std::move(*load);
-        for (auto& [name, _] : link.load.pools)
-          link.served.insert(name);
-        publish_directory(self);
-      },
+      [=](std::string& text) { apply_load(self, idx, handle, text); },
       [=](caf::error&) {
         // A lost node is noticed by its down message; a slow one keeps its last load.
       });
@@ -282,14 +286,8 @@ void connect(router_t self, std::size_t idx) {
         self->request(handle, st.config->remote.connect_timeout, node_load_atom::value)
           .then(
             [=](std::string& text) {
-              auto& link = self->state.links[idx];
-              if (link.handle == handle && link.up)
-                if (auto load = decode_node_load(text)) {
-                  link.load = std::move(*load);
-                  for (auto& [name, _] : link.load.pools)
-                    link.served.insert(name);
-                }
-              publish_directory(self);
+              apply_load(self, idx, handle, text);
+              publish_directory(self);  // the node is up, whatever its load said
               deliver_ready_if_tried(self);
             },
             [=](caf::error&) {

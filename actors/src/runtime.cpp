@@ -80,6 +80,17 @@ struct release_caf_thread_state {
 
 } // namespace
 
+// The rule for a session id, local or remote: non-empty UTF-8.
+std::optional<error> invalid_session_id(const std::string& session_id, const char* what) {
+  if (!session_id.empty() && valid_utf8(session_id))
+    return std::nullopt;
+  return make_error(
+    error_category::system_error, "invalid_request",
+    session_id.empty() ? "session_id must not be empty" : "session_id is not valid UTF-8",
+    {{"command", sanitize_utf8(what)},
+     {"reason", session_id.empty() ? "empty_session_id" : "invalid_utf8"}});
+}
+
 // One pool of the runtime (issue 13): its settings, its event bus, its
 // metrics and what serves its calls (the pool client, the direct lane's
 // sinks, the session directory). Each pool is its own supervision subtree
@@ -199,11 +210,9 @@ struct pool_unit {
     session_op op, const std::string& session_id, const std::string& command, nlohmann::json args,
     const session_call_options& options) const {
     const char* what = session_op_name(op, command);
-    if (op != session_op::list && (session_id.empty() || !valid_utf8(session_id)))
-      return outcome::failure(make_error(
-        error_category::system_error, "invalid_request",
-        session_id.empty() ? "session_id must not be empty" : "session_id is not valid UTF-8",
-        {{"command", what}, {"reason", session_id.empty() ? "empty_session_id" : "invalid_utf8"}}));
+    if (op != session_op::list)
+      if (auto bad = invalid_session_id(session_id, what))
+        return outcome::failure(std::move(*bad));
     session_request r;
     r.op = op;
     r.session_id = session_id;
@@ -250,6 +259,43 @@ struct pool_unit {
     });
   }
 
+  // Starts a session request: a call (timed) to its session, the other ops
+  // through the client to the registry. `done` runs once.
+  void start_session_request(session_request r, std::function<void(outcome)> done) {
+    if (r.op == session_op::execute) {
+      auto command = r.c.command;
+      send_session_call(std::move(r), timed(command, std::move(done)));
+      return;
+    }
+    completion comp{std::move(done)};
+    auto command = r.c.command;
+    if (!send_to_client(session_op_atom::value, std::move(r), comp))
+      comp.fn(outcome::failure(stopped_error(command)));
+  }
+
+  // Starts an anonymous call (validated, timed, the lane or the client).
+  void anonymous_async(const std::string& command, nlohmann::json args, const call_options& options,
+                       std::function<void(outcome)> done) {
+    auto made = make_call(command, std::move(args), options.timeout);
+    if (auto* early = std::get_if<outcome>(&made)) {
+      done(std::move(*early));
+      return;
+    }
+    start_anonymous(std::get<call>(made), options, timed(command, std::move(done)));
+  }
+
+  // Starts any session request: validated, then start_session_request.
+  void session_async(session_op op, const std::string& session_id, const std::string& command,
+                     nlohmann::json args, const session_call_options& options,
+                     std::function<void(outcome)> done) {
+    auto made = make_session_request(op, session_id, command, std::move(args), options);
+    if (auto* early = std::get_if<outcome>(&made)) {
+      done(std::move(*early));
+      return;
+    }
+    start_session_request(std::move(std::get<session_request>(made)), std::move(done));
+  }
+
   // Sends a session request through the client and blocks for its outcome
   // (bounded: its deadline, the end's cleanup, and the margin).
   outcome session_blocking(std::variant<session_request, outcome> made) {
@@ -267,12 +313,7 @@ struct pool_unit {
     std::function<void(outcome)> deliver = [promise](outcome o) {
       promise->set_value(std::move(o));
     };
-    auto comp = r.op == session_op::execute ? timed(command, std::move(deliver))
-                                            : completion{std::move(deliver)};
-    if (r.op == session_op::execute)
-      send_session_call(std::move(r), std::move(comp));
-    else if (!send_to_client(session_op_atom::value, std::move(r), comp))
-      comp.fn(outcome::failure(stopped_error(command)));
+    start_session_request(std::move(r), std::move(deliver));
     return await_bounded(future, bound, [&](bool) {
       return outcome::failure(make_error(error_category::timeout_error, "caller_timeout",
                                          "no reply from the session layer in time",
@@ -387,11 +428,11 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       if (auto invalid = validate_request(command, args, limits))
         return outcome::failure(std::move(*invalid));
     }
-    if (op != node_op::list_sessions && op != node_op::execute
-        && (session_id.empty() || !valid_utf8(session_id)))
-      return outcome::failure(make_error(error_category::system_error, "invalid_request",
-                                         "session_id must be non-empty UTF-8",
-                                         {{"command", what}}));
+    // An execute with no session id is anonymous; every other op names its session.
+    bool in_session = op != node_op::execute || !session_id.empty();
+    if (in_session && op != node_op::list_sessions)
+      if (auto bad = invalid_session_id(session_id, what))
+        return outcome::failure(std::move(*bad));
     detail::remote_call rc;
     rc.request.op = op;
     rc.request.pool = pool;
@@ -400,6 +441,47 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
     rc.request.args = args.is_null() ? nlohmann::json::object() : std::move(args);
     rc.deadline = clock_type::now() + timeout.value_or(config.pool.request_timeout);
     return rc;
+  }
+
+  // An anonymous call on a remote pool, with the caller's options.
+  std::variant<detail::remote_call, outcome> remote_anonymous(const std::string& pool,
+                                                              const std::string& command,
+                                                              nlohmann::json args,
+                                                              const call_options& options) {
+    auto made = make_remote_call(node_op::execute, pool, {}, command, std::move(args), options.timeout);
+    if (auto* rc = std::get_if<detail::remote_call>(&made)) {
+      rc->request.idempotent = options.idempotent;
+      rc->request.max_attempts = options.max_attempts;
+    }
+    return made;
+  }
+
+  // A session's call on a remote pool, with the caller's options.
+  std::variant<detail::remote_call, outcome> remote_in_session(const std::string& pool,
+                                                               const std::string& session_id,
+                                                               const std::string& command,
+                                                               nlohmann::json args,
+                                                               const session_call_options& options) {
+    if (auto bad = invalid_session_id(session_id, command.c_str()))
+      return outcome::failure(std::move(*bad));
+    auto made = make_remote_call(node_op::execute, pool, session_id, command, std::move(args),
+                                 options.timeout);
+    if (auto* rc = std::get_if<detail::remote_call>(&made)) {
+      rc->request.idempotent = options.idempotent;
+      rc->request.max_attempts = options.max_attempts;
+      if (options.affinity)
+        rc->request.affinity = to_string(*options.affinity);
+    }
+    return made;
+  }
+
+  // Sends a remote call without waiting: `done` runs once.
+  void remote_async(std::variant<detail::remote_call, outcome> made, std::function<void(outcome)> done) {
+    if (auto* early = std::get_if<outcome>(&made)) {
+      done(std::move(*early));
+      return;
+    }
+    send_remote(std::move(std::get<detail::remote_call>(made)), completion{std::move(done)});
   }
 
   // Hands a remote call to the router; `done` is answered whatever happens.
@@ -473,40 +555,21 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       call_options o;
       o.timeout = timeout;
       o.idempotent = r.idempotent;
-      if (r.max_attempts)
-        o.max_attempts = static_cast<std::size_t>(*r.max_attempts);
-      auto made = pool->make_call(r.command, std::move(r.args), o.timeout);
-      if (auto* early = std::get_if<outcome>(&made)) {
-        done(std::move(*early));
-        return;
-      }
-      pool->start_anonymous(std::get<call>(made), o, pool->timed(r.command, std::move(done)));
+      o.max_attempts = r.max_attempts;
+      pool->anonymous_async(r.command, std::move(r.args), o, std::move(done));
       return;
     }
     session_call_options so;
     so.timeout = timeout;
     so.idempotent = r.idempotent;
-    if (r.max_attempts)
-      so.max_attempts = static_cast<std::size_t>(*r.max_attempts);
+    so.max_attempts = r.max_attempts;
     if (r.affinity)
       so.affinity = affinity_mode_from_string(*r.affinity);
     auto op = r.op == node_op::execute       ? session_op::execute
               : r.op == node_op::end_session ? session_op::end
               : r.op == node_op::session_info ? session_op::info
                                               : session_op::list;
-    auto made = pool->make_session_request(op, r.session_id, r.command, std::move(r.args), so);
-    if (auto* early = std::get_if<outcome>(&made)) {
-      done(std::move(*early));
-      return;
-    }
-    auto& req = std::get<session_request>(made);
-    if (op == session_op::execute) {
-      pool->send_session_call(std::move(req), pool->timed(command, std::move(done)));
-      return;
-    }
-    completion comp{std::move(done)};
-    if (!pool->send_to_client(session_op_atom::value, std::move(req), comp))
-      comp.fn(outcome::failure(stopped_error(command)));
+    pool->session_async(op, r.session_id, r.command, std::move(r.args), so, std::move(done));
   }
 
   // Stops serving other runtimes, then stops using the nodes: a node's
@@ -736,30 +799,13 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   return rt;
 }
 
-namespace {
-
-// A remote call's options, as the node applies them.
-template <class Options>
-void carry_options(detail::remote_call& rc, const Options& options) {
-  rc.request.idempotent = options.idempotent;
-  if (options.max_attempts)
-    rc.request.max_attempts = *options.max_attempts;
-}
-
-} // namespace
-
 outcome runtime::execute_anonymous(const std::string& command, nlohmann::json args,
                                    call_options options) {
   auto found = impl_->route(options.pool, command);
   if (auto* e = std::get_if<error>(&found))
     return outcome::failure(std::move(*e));
-  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
-    auto made = impl_->make_remote_call(node_op::execute, r->name, {}, command, std::move(args),
-                                        options.timeout);
-    if (auto* rc = std::get_if<detail::remote_call>(&made))
-      carry_options(*rc, options);
-    return impl_->remote_blocking(std::move(made));
-  }
+  if (auto* r = std::get_if<impl::remote_pool>(&found))
+    return impl_->remote_blocking(impl_->remote_anonymous(r->name, command, std::move(args), options));
   auto& pool = *std::get<pool_unit*>(found);
   auto made = pool.make_call(command, std::move(args), options.timeout);
   if (auto* early = std::get_if<outcome>(&made))
@@ -783,29 +829,13 @@ outcome runtime::execute_anonymous(const std::string& command, nlohmann::json ar
 void runtime::execute_anonymous_async(const std::string& command, nlohmann::json args,
                                       call_options options, std::function<void(outcome)> done) {
   auto found = impl_->route(options.pool, command);
-  if (auto* e = std::get_if<error>(&found)) {
+  if (auto* e = std::get_if<error>(&found))
     done(outcome::failure(std::move(*e)));
-    return;
-  }
-  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
-    auto made = impl_->make_remote_call(node_op::execute, r->name, {}, command, std::move(args),
-                                        options.timeout);
-    if (auto* early = std::get_if<outcome>(&made)) {
-      done(std::move(*early));
-      return;
-    }
-    auto& rc = std::get<detail::remote_call>(made);
-    carry_options(rc, options);
-    impl_->send_remote(std::move(rc), completion{std::move(done)});
-    return;
-  }
-  auto& pool = *std::get<pool_unit*>(found);
-  auto made = pool.make_call(command, std::move(args), options.timeout);
-  if (auto* early = std::get_if<outcome>(&made)) {
-    done(std::move(*early));
-    return;
-  }
-  pool.start_anonymous(std::get<call>(made), options, pool.timed(command, std::move(done)));
+  else if (auto* r = std::get_if<impl::remote_pool>(&found))
+    impl_->remote_async(impl_->remote_anonymous(r->name, command, std::move(args), options),
+                        std::move(done));
+  else
+    std::get<pool_unit*>(found)->anonymous_async(command, std::move(args), options, std::move(done));
 }
 
 std::future<outcome> runtime::execute_anonymous_async(const std::string& command,
@@ -822,20 +852,9 @@ outcome runtime::execute_in_session(const std::string& session_id, const std::st
   auto found = impl_->route(options.pool, command);
   if (auto* e = std::get_if<error>(&found))
     return outcome::failure(std::move(*e));
-  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
-    if (session_id.empty() || !valid_utf8(session_id))
-      return outcome::failure(make_error(error_category::system_error, "invalid_request",
-                                         "session_id must be non-empty UTF-8",
-                                         {{"command", sanitize_utf8(command)}}));
-    auto made = impl_->make_remote_call(node_op::execute, r->name, session_id, command,
-                                        std::move(args), options.timeout);
-    if (auto* rc = std::get_if<detail::remote_call>(&made)) {
-      carry_options(*rc, options);
-      if (options.affinity)
-        rc->request.affinity = to_string(*options.affinity);
-    }
-    return impl_->remote_blocking(std::move(made));
-  }
+  if (auto* r = std::get_if<impl::remote_pool>(&found))
+    return impl_->remote_blocking(
+      impl_->remote_in_session(r->name, session_id, command, std::move(args), options));
   auto& pool = *std::get<pool_unit*>(found);
   return pool.session_blocking(pool.make_session_request(session_op::execute, session_id, command,
                                                          std::move(args), options));
@@ -845,39 +864,15 @@ void runtime::execute_in_session_async(const std::string& session_id, const std:
                                        nlohmann::json args, session_call_options options,
                                        std::function<void(outcome)> done) {
   auto found = impl_->route(options.pool, command);
-  if (auto* e = std::get_if<error>(&found)) {
+  if (auto* e = std::get_if<error>(&found))
     done(outcome::failure(std::move(*e)));
-    return;
-  }
-  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
-    if (session_id.empty() || !valid_utf8(session_id)) {
-      done(outcome::failure(make_error(error_category::system_error, "invalid_request",
-                                       "session_id must be non-empty UTF-8",
-                                       {{"command", sanitize_utf8(command)}})));
-      return;
-    }
-    auto made = impl_->make_remote_call(node_op::execute, r->name, session_id, command,
-                                        std::move(args), options.timeout);
-    if (auto* early = std::get_if<outcome>(&made)) {
-      done(std::move(*early));
-      return;
-    }
-    auto& rc = std::get<detail::remote_call>(made);
-    carry_options(rc, options);
-    if (options.affinity)
-      rc.request.affinity = to_string(*options.affinity);
-    impl_->send_remote(std::move(rc), completion{std::move(done)});
-    return;
-  }
-  auto& pool = *std::get<pool_unit*>(found);
-  auto made = pool.make_session_request(session_op::execute, session_id, command, std::move(args),
-                                        options);
-  if (auto* early = std::get_if<outcome>(&made)) {
-    done(std::move(*early));
-    return;
-  }
-  pool.send_session_call(std::move(std::get<session_request>(made)),
-                         pool.timed(command, std::move(done)));
+  else if (auto* r = std::get_if<impl::remote_pool>(&found))
+    impl_->remote_async(
+      impl_->remote_in_session(r->name, session_id, command, std::move(args), options),
+      std::move(done));
+  else
+    std::get<pool_unit*>(found)->session_async(session_op::execute, session_id, command,
+                                               std::move(args), options, std::move(done));
 }
 
 std::future<outcome> runtime::execute_in_session_async(const std::string& session_id,

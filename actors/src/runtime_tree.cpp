@@ -111,13 +111,13 @@ child_spec pool_subtree(caf::actor_system& sys, const runtime_tree_parts& p) {
     sessions.shutdown_timeout = std::chrono::seconds{2};
     children.push_back(std::move(sessions));
   }
-  auto bound = children[0].shutdown_timeout + children[1].shutdown_timeout + std::chrono::seconds{1};
   // Temporary: a pool whose supervisor gave up stays unavailable (its
   // client fails its calls with supervisor_gave_up); restarting it from the
   // root would let one pool's crash loop use up the root's restarts and end
   // every other pool.
+  // Its own stop is bounded by its children's (supervisor_child's default).
   return supervisor_child("pool." + config.pool_name, std::move(flags), std::move(children),
-                          restart_type::temporary, bound);
+                          restart_type::temporary);
 }
 
 } // namespace
