@@ -55,6 +55,7 @@
 #include "dspex/runtime.hpp"
 #include "dspex/settings.hpp"
 #include "bench.hpp"
+#include "network_floor.hpp"
 
 #ifndef DSPEX_BENCH_WORKER_SCRIPT
 #error "DSPEX_BENCH_WORKER_SCRIPT must be defined by the build"
@@ -1057,6 +1058,7 @@ struct remote_results {
   double tls_p50 = 0;             ///< the same with TLS (0: not run)
   std::vector<std::pair<std::size_t, double>> plain_payload_p50;  ///< bytes -> p50
   std::string tls_skipped;        ///< why the TLS rows are missing
+  dspex::bench::network_floor floor;  ///< TCP and CAF's middleman alone, same run
 };
 
 /// Makes a CA and two certificates it signed in `dir`; false when `openssl` fails.
@@ -1144,6 +1146,7 @@ void run_remote_transport(const options& o, const std::string& cert_dir, remote_
 
 remote_results run_remote(const options& o) {
   remote_results res;
+  res.floor = dspex::bench::measure_network_floor(o.sequential / 2, o.scheduler, o.max_threads);
   run_remote_transport(o, {}, res);
   char dir_template[] = "/tmp/dspex-bench-tls-XXXXXX";
   if (::mkdtemp(dir_template) == nullptr) {
@@ -1329,6 +1332,16 @@ void print_remote_ratios(const pool_results& pool, const remote_results& remote)
   std::printf("remote pools (loopback; every figure from this run)\n");
   print_ratio("remote plaintext p50 / local pool p50", remote.plain_p50 / pool.sequential.p50,
               "<=", target_remote_vs_local);
+  // The floor under that ratio: the same loopback round trip without this
+  // project, once on a bare TCP socket and once through CAF's middleman (a
+  // blocking request to an echo actor on another actor system).
+  const auto& f = remote.floor;
+  std::printf("  %-50s: %6.1f us  (%.2f x local pool p50)\n", "floor: TCP round trip p50",
+              f.tcp_p50_us, f.tcp_p50_us / pool.sequential.p50);
+  std::printf("  %-50s: %6.1f us  (%.2f x local pool p50)\n", "floor: CAF middleman echo p50",
+              f.middleman_p50_us, f.middleman_p50_us / pool.sequential.p50);
+  std::printf("  %-50s: %6.1f us\n", "remote plaintext p50 - middleman echo p50",
+              remote.plain_p50 - f.middleman_p50_us);
   if (remote.tls_p50 > 0)
     std::printf("  %-50s: %6.2f\n", "remote TLS p50 / local pool p50",
                 remote.tls_p50 / pool.sequential.p50);
