@@ -82,6 +82,8 @@ node_process::node_process(const std::string& dspex_cli, std::vector<std::string
 }
 
 node_process::~node_process() {
+  if (!reaped_)
+    ::kill(pid_, SIGCONT);  // a stopped node would keep its SIGTERM pending
   if (!reaped_ && signal_and_reap(SIGTERM) == -1)
     signal_and_reap(SIGKILL);
   std::remove(log_path_.c_str());
@@ -107,6 +109,11 @@ int node_process::signal_and_reap(int sig, std::chrono::milliseconds within) {
       return -1;
     std::this_thread::sleep_for(std::chrono::milliseconds{5});
   }
+}
+
+void node_process::signal(int sig) {
+  if (!reaped_)
+    ::kill(pid_, sig);
 }
 
 std::string node_process::output() const {

@@ -34,6 +34,8 @@ public:
   /// Sends `sig` and, for SIGKILL and SIGTERM, waits (bounded) until it is reaped.
   /// @returns its wait status, or -1 when it did not end in time
   int signal_and_reap(int sig, std::chrono::milliseconds within = std::chrono::seconds{20});
+  /// Sends `sig` and returns at once (SIGSTOP and SIGCONT: a partition and its end).
+  void signal(int sig);
   /// @returns what it wrote to stdout and stderr so far (for a failing test's message)
   std::string output() const;
 

@@ -61,6 +61,12 @@ system_config::system_config(const settings& s) : values_(s) {
   // that is a node or uses nodes (issue 13).
   if (s.node.publish || !s.remote.nodes.empty()) {
     load<caf::io::middleman>();
+    // A partition (a peer that is stopped, or a cable cut) sends nothing, so
+    // TCP alone would keep the link for hours: the middleman's heartbeats,
+    // and closing a connection silent for partition_timeout, make it a down
+    // message like a death.
+    set("middleman.heartbeat-interval", caf::timespan{s.remote.heartbeat_interval});
+    set("middleman.connection-timeout", caf::timespan{s.remote.partition_timeout});
     // TLS (libcaf_openssl): with a certificate, CAF requires the peer's,
     // signed by the CA, on every connection (mutual authentication).
     if (s.node.tls_enabled()) {
@@ -215,6 +221,14 @@ void system_config::bind_options() {
                "first delay before connecting to a lost node again (default 200ms)");
   add_duration(remote, [](s_t& s) -> auto& { return s.remote.reconnect_max; }, "reconnect_max",
                "longest delay between attempts to reach a lost node (default 5s)");
+  add_duration(remote, [](s_t& s) -> auto& { return s.remote.heartbeat_interval; },
+               "heartbeat_interval",
+               "how often this runtime tells each peer (nodes, and a node's callers) it is alive; "
+               "0 = never (default 1s)");
+  add_duration(remote, [](s_t& s) -> auto& { return s.remote.partition_timeout; },
+               "partition_timeout",
+               "a peer silent this long is lost (node_down); at least twice heartbeat_interval; "
+               "0 = never (default 5s)");
   caf::config_option_adder{custom_options_, "topology"}.add(
     values_.topology_nodes, "nodes",
     "node configuration files `dspex run --topology` starts on this machine (default [])");

@@ -116,7 +116,9 @@ nlohmann::json to_json(const settings& s) {
       {"status_interval", ms(s.remote.status_interval)},
       {"connect_timeout", ms(s.remote.connect_timeout)},
       {"reconnect_base", ms(s.remote.reconnect_base)},
-      {"reconnect_max", ms(s.remote.reconnect_max)}}},
+      {"reconnect_max", ms(s.remote.reconnect_max)},
+      {"heartbeat_interval", ms(s.remote.heartbeat_interval)},
+      {"partition_timeout", ms(s.remote.partition_timeout)}}},
   };
   // A named pool shows its own groups only (log and scheduler are the runtime's).
   if (!s.pools.empty()) {
@@ -330,6 +332,16 @@ std::optional<error> settings::validate() const {
     return bad("remote.reconnect_base", "must not be negative");
   if (remote.reconnect_max < remote.reconnect_base)
     return bad("remote.reconnect_max", "must not be below remote.reconnect_base");
+  if (remote.heartbeat_interval.count() < 0)
+    return bad("remote.heartbeat_interval", "must not be negative (0 = no heartbeats)");
+  if (remote.partition_timeout.count() < 0)
+    return bad("remote.partition_timeout", "must not be negative (0 = never)");
+  // Silence is measured between heartbeats: without them every quiet link
+  // would look partitioned, and one late heartbeat must not drop a link.
+  if (positive(remote.partition_timeout) && !positive(remote.heartbeat_interval))
+    return bad("remote.partition_timeout", "needs remote.heartbeat_interval (it is 0)");
+  if (positive(remote.partition_timeout) && remote.partition_timeout < 2 * remote.heartbeat_interval)
+    return bad("remote.partition_timeout", "must be at least twice remote.heartbeat_interval");
   if (!pools.empty() && pool_name != "default")
     return bad("pools", "may only be declared at the top level (a named pool has no pools)");
   std::vector<std::string> seen;

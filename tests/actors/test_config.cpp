@@ -343,6 +343,21 @@ TEST_CASE("nodes: plaintext only on loopback, remote.nodes as host:port, bounds 
   CHECK(error_of({"--remote.status_interval=0s"}).find("remote.status_interval") != std::string::npos);
   CHECK(error_of({"--remote.reconnect_base=2s", "--remote.reconnect_max=1s"}).find("remote.reconnect_max")
         != std::string::npos);
+  // Partition detection: on by default, and never quicker than two heartbeats.
+  CHECK(s.remote.heartbeat_interval == std::chrono::seconds{1});
+  CHECK(s.remote.partition_timeout == std::chrono::seconds{5});
+  auto beats = load({"--remote.heartbeat_interval=200ms", "--remote.partition_timeout=400ms"});
+  REQUIRE_MESSAGE(std::holds_alternative<settings>(beats), std::get<error>(beats).message);
+  CHECK(std::get<settings>(beats).remote.heartbeat_interval == std::chrono::milliseconds{200});
+  CHECK(std::get<settings>(beats).remote.partition_timeout == std::chrono::milliseconds{400});
+  CHECK(to_json(std::get<settings>(beats))["remote"]["partition_timeout"] == "400ms");
+  auto never = load({"--remote.heartbeat_interval=0s", "--remote.partition_timeout=0s"});
+  CHECK(std::holds_alternative<settings>(never));
+  CHECK(error_of({"--remote.heartbeat_interval=200ms", "--remote.partition_timeout=399ms"})
+          .find("at least twice remote.heartbeat_interval")
+        != std::string::npos);
+  CHECK(error_of({"--remote.heartbeat_interval=0s"}).find("needs remote.heartbeat_interval")
+        != std::string::npos);
   CHECK(settings::is_loopback("127.0.0.1"));
   CHECK(settings::is_loopback("127.255.0.9"));
   CHECK(settings::is_loopback("::1"));

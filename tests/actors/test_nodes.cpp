@@ -2,8 +2,10 @@
 // machine and a caller runtime in this process that lists them in
 // remote.nodes. Calls on remote pools, sessions that keep their node, a node
 // SIGKILLed under load (every call succeeds or fails with a structured
-// error, the others serve on, none of its workers is left), and the node
-// restarted on its port and used again. Real processes, real signals.
+// error, the others serve on, none of its workers is left), the node
+// restarted on its port and used again, and a node stopped with SIGSTOP (a
+// partition: silent, not closed) lost by its silence. Real processes, real
+// signals.
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
@@ -379,6 +381,47 @@ TEST_CASE("a caller starts while a node is down, and uses it once it is up") {
   CHECK(lost.error().type == "node_down");
   CHECK(rt->status("qa").health == "unavailable");
   stop_all(*rt, a, b, b2);
+}
+
+TEST_CASE("a stopped node (a silent partition) is lost by its silence, and rejoins once it runs") {
+  // SIGSTOP: the node's connection stays open and says nothing, as behind a
+  // cut cable. Only the middleman's heartbeats tell silence from a long call.
+  auto a = start_node(2);
+  auto s = caller_of({a.get()});
+  s.remote.heartbeat_interval = 100ms;
+  s.remote.partition_timeout = 1s;
+  auto rt = runtime::start(s);
+  event_recorder rec{rt->events()};
+  REQUIRE(wait_nodes(*rt, "qa", 1));
+  call_options o = on("qa");
+  o.idempotent = false;
+  o.timeout = std::chrono::seconds{600};  // far beyond the hang guard below
+  auto sleeping = rt->execute_anonymous_async("sleep", {{"ms", 30000}}, o);
+  REQUIRE(wait_for_status(*rt, [](const pool_status& st) { return st.busy == 1; }, 30s, "qa").ok);
+  a->signal(SIGSTOP);
+  auto down = [&](const event& e) { return e.kind == event_kind::node_down && e.source == a->address(); };
+  REQUIRE(rec.wait_for(down));
+  // The call in flight ends with the link, not with its deadline.
+  REQUIRE(sleeping.wait_for(60s) == std::future_status::ready);
+  auto lost = sleeping.get();
+  REQUIRE_FALSE(lost.ok());
+  CHECK(lost.error().category == error_category::communication_error);
+  CHECK(lost.error().type == "node_down");
+  CHECK(lost.error().context["node"] == a->address());
+  CHECK(rt->status("qa").health == "unavailable");
+  auto refused = rt->execute_anonymous("ping", nullptr, on("qa"));
+  REQUIRE_FALSE(refused.ok());
+  CHECK(refused.error().type == "node_down");
+
+  // Running again, the node is connected to anew and serves.
+  a->signal(SIGCONT);
+  auto up = [&](const event& e) { return e.kind == event_kind::node_up && e.source == a->address(); };
+  REQUIRE(rec.wait_for(up));
+  REQUIRE(wait_nodes(*rt, "qa", 1));
+  auto back = rt->execute_anonymous("ping", nullptr, on("qa"));
+  REQUIRE_MESSAGE(back.ok(), back.error().describe());
+  CHECK(node_of(back) == a->address());
+  stop_all(*rt, a);
 }
 
 namespace {

@@ -150,6 +150,14 @@ struct settings {
     ms connect_timeout{5'000};         ///< remote.connect_timeout: the longest wait for one connection attempt; start waits this long for the first round
     ms reconnect_base{200};            ///< remote.reconnect_base: first delay before connecting to a lost node again
     ms reconnect_max{5'000};           ///< remote.reconnect_max: longest such delay (exponential, with jitter)
+    /// remote.heartbeat_interval: how often this runtime tells each peer of
+    /// its middleman (the nodes it uses and, as a node, its callers) that it
+    /// is alive; 0 = no heartbeats, and so no partition_timeout
+    ms heartbeat_interval{1'000};
+    /// remote.partition_timeout: a peer silent this long is lost: its
+    /// connection is closed, which is a down message (node_down on a
+    /// caller); 0 = never (a partition then shows only in call deadlines)
+    ms partition_timeout{5'000};
   } remote;
 
   /// topology.nodes: configuration files of nodes that `dspex run
