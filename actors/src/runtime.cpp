@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <shared_mutex>
 #include <thread>
@@ -89,6 +90,19 @@ std::optional<error> invalid_session_id(const std::string& session_id, const cha
     session_id.empty() ? "session_id must not be empty" : "session_id is not valid UTF-8",
     {{"command", sanitize_utf8(what)},
      {"reason", session_id.empty() ? "empty_session_id" : "invalid_utf8"}});
+}
+
+// The whole-call accounting of `m` around `done`: the call's time from
+// here to its outcome (pool_metrics::total), and the call by command and
+// outcome (pool_metrics::calls).
+completion timed(const std::shared_ptr<pool_metrics>& m, const std::string& command,
+                 std::function<void(outcome)> done) {
+  m->call_started();
+  return completion{[m, started = clock_type::now(), command, fn = std::move(done)](outcome o) {
+    m->call_finished(started);
+    m->calls.count(command, o);
+    fn(std::move(o));
+  }};
 }
 
 // One pool of the runtime (issue 13): its settings, its event bus, its
@@ -172,16 +186,9 @@ struct pool_unit {
                         done, std::move(blocked), {}, sinks);
   }
 
-  // The call's whole time counts from here to its outcome (pool_metrics::total).
-  // It is counted by command and outcome then too (pool_metrics::calls).
+  // The call's whole time counts from here to its outcome.
   completion timed(const std::string& command, std::function<void(outcome)> done) {
-    metrics->call_started();
-    return completion{[m = metrics, started = clock_type::now(), command,
-                       fn = std::move(done)](outcome o) {
-      m->call_finished(started);
-      m->calls.count(command, o);
-      fn(std::move(o));
-    }};
+    return dspex::timed(metrics, command, std::move(done));
   }
 
   // Starts an anonymous call: the direct lane, else the pool client; `comp`
@@ -351,6 +358,22 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // (empty without them), and the router itself.
   std::shared_ptr<detail::remote_directory> remote = std::make_shared<detail::remote_directory>();
   caf::actor router;
+  // This side's accounting of each remote pool's calls (their whole time,
+  // by command and outcome; queue waits and run times are the nodes'),
+  // made on the pool's first call. Only names some node published get here.
+  std::mutex remote_metrics_mtx;
+  std::map<std::string, std::shared_ptr<pool_metrics>> remote_metrics;
+
+  // @returns the accounting of remote pool `pool`; with `create`, made when missing, else null then
+  std::shared_ptr<pool_metrics> remote_metrics_of(const std::string& pool, bool create) {
+    std::lock_guard<std::mutex> guard{remote_metrics_mtx};
+    auto it = remote_metrics.find(pool);
+    if (it != remote_metrics.end())
+      return it->second;
+    if (!create)
+      return nullptr;
+    return remote_metrics[pool] = std::make_shared<pool_metrics>(1);
+  }
   // This runtime as a node (node.publish): the published actor and its port.
   node_handle node;
   std::uint16_t node_port = 0;
@@ -487,6 +510,8 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // Hands a remote call to the router; `done` is answered whatever happens.
   void send_remote(detail::remote_call rc, completion done) {
     auto command = rc.request.command;
+    if (rc.request.op == node_op::execute)  // counted as a local pool counts its calls
+      done = timed(remote_metrics_of(rc.request.pool, true), command, std::move(done.fn));
     rc.done = answer_once(std::move(done),
                           make_error(error_category::resource_error, "pool_stopping",
                                      "the runtime stopped before the call was answered",
@@ -972,8 +997,12 @@ pool_status runtime::status(const std::string& pool_name) {
   auto found = impl_->route(pool_name, "status");
   if (std::holds_alternative<error>(found))
     return result;  // pool_status::pool stays empty: no such pool
-  if (auto* r = std::get_if<impl::remote_pool>(&found))
-    return impl_->remote->status(r->name).value_or(result);
+  if (auto* r = std::get_if<impl::remote_pool>(&found)) {
+    result = impl_->remote->status(r->name).value_or(result);
+    if (auto m = impl_->remote_metrics_of(r->name, false))
+      result.metrics = m->summary();
+    return result;
+  }
   auto& unit = *std::get<pool_unit*>(found);
   result.pool = unit.name();
   if (impl_->stopped || must_not_block())
@@ -1014,18 +1043,6 @@ metrics_snapshot runtime::metrics(const std::string& pool_name) {
   m.utilisation = st.metrics.utilisation;
   m.circuit = st.circuit;
   m.health = st.health;
-  auto found = impl_->find_pool(pool_name, "metrics");
-  if (std::holds_alternative<error>(found))
-    return m;  // a remote pool: the gauges its nodes publish; no such pool: empty
-  auto& unit = *std::get<pool_unit*>(found);
-  m.sessions = unit.sessions->live();
-  m.workers_started = st.workers_started;
-  m.workers_removed = st.removed_by_reason;
-  m.workers_recycled = st.recycled;
-  m.worker_start_failures = st.start_failures;
-  m.health_check_failures = st.health_check_failures;
-  m.pool_restarts = unit.shared->pool_restarts.load(std::memory_order_relaxed);
-  m.calls = unit.metrics->calls.snapshot();
   const auto& bounds = latency_bucket_bounds();
   static const std::vector<std::uint64_t> bounds_ns = [&] {
     std::vector<std::uint64_t> ns;
@@ -1037,6 +1054,25 @@ metrics_snapshot runtime::metrics(const std::string& pool_name) {
     return histogram_snapshot{bounds, h.counts_at_or_below(bounds_ns),
                               static_cast<double>(h.sum_ns()) / 1e9};
   };
+  auto found = impl_->find_pool(pool_name, "metrics");
+  if (std::holds_alternative<error>(found)) {
+    // A remote pool: the gauges its nodes publish, and this side's calls
+    // (the nodes count their queue waits and run times). No such pool: empty.
+    if (auto remote = impl_->remote_metrics_of(m.pool, false)) {
+      m.calls = remote->calls.snapshot();
+      m.total = histogram(remote->total);
+    }
+    return m;
+  }
+  auto& unit = *std::get<pool_unit*>(found);
+  m.sessions = unit.sessions->live();
+  m.workers_started = st.workers_started;
+  m.workers_removed = st.removed_by_reason;
+  m.workers_recycled = st.recycled;
+  m.worker_start_failures = st.start_failures;
+  m.health_check_failures = st.health_check_failures;
+  m.pool_restarts = unit.shared->pool_restarts.load(std::memory_order_relaxed);
+  m.calls = unit.metrics->calls.snapshot();
   m.queue_wait = histogram(unit.metrics->queue_wait);
   m.run = histogram(unit.metrics->run);
   m.total = histogram(unit.metrics->total);

@@ -24,6 +24,7 @@
 
 #include <doctest/doctest.h>
 
+#include "dspex/prometheus.hpp"
 #include "dspex/runtime.hpp"
 #include "support/event_recorder.hpp"
 #include "support/harness.hpp"
@@ -178,6 +179,24 @@ TEST_CASE("calls on remote pools are served by the nodes, and a session keeps it
   REQUIRE_MESSAGE(info.ok(), info.error().describe());
   CHECK(info.value()["operations"].get<int>() >= 10);
   REQUIRE(rt->end_session("s1", "qa").ok());
+
+  // This side counts the remote pool's calls as a local pool counts its own:
+  // 31 pings, then the session's create_program, 9 execute_program and
+  // list_programs (the session's info and end are no calls of a command).
+  auto m = rt->metrics("qa");
+  CHECK(m.pool == "qa");
+  CHECK(m.size == 3);  // the gauges its nodes publish
+  CHECK(m.calls[{"ping", "ok"}] == 31);
+  CHECK(m.calls[{"execute_program", "ok"}] == 9);
+  CHECK(m.calls.size() == 4);
+  CHECK(m.in_flight == 0);
+  REQUIRE_FALSE(m.total.counts.empty());
+  CHECK(m.total.counts.back() == 42);
+  CHECK(rt->status("qa").metrics.total.count == 42);
+  auto text = render_prometheus(std::vector<metrics_snapshot>{rt->metrics(), m});
+  CHECK(text.find("dspex_calls_total{pool=\"qa\",command=\"ping\",outcome=\"ok\"} 31\n")
+        != std::string::npos);
+  CHECK(text.find("dspex_call_duration_seconds_count{pool=\"qa\"} 42\n") != std::string::npos);
 
   // A remote pool cannot be leased, and an unknown name is still unknown.
   checkout_options co;
