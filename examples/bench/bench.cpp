@@ -55,6 +55,7 @@
 #include "dspex/runtime.hpp"
 #include "dspex/settings.hpp"
 #include "bench.hpp"
+#include "blocking_io.hpp"
 #include "network_floor.hpp"
 
 #ifndef DSPEX_BENCH_WORKER_SCRIPT
@@ -64,6 +65,8 @@
 namespace {
 
 using clock_type = std::chrono::steady_clock;
+using dspex::bench::read_exact;
+using dspex::bench::write_all;
 using nanos = std::chrono::nanoseconds;
 
 /// Told of every row measured (dspex bench draws its progress from it).
@@ -304,36 +307,6 @@ void print_machine(const options& o) {
 }
 
 // ----------------------------------------------------------------- raw worker
-
-bool write_all(int fd, const char* data, std::size_t n) {
-  while (n > 0) {
-    auto w = ::write(fd, data, n);
-    if (w < 0) {
-      if (errno == EINTR)
-        continue;
-      return false;
-    }
-    data += w;
-    n -= static_cast<std::size_t>(w);
-  }
-  return true;
-}
-
-bool read_exact(int fd, char* data, std::size_t n) {
-  while (n > 0) {
-    auto r = ::read(fd, data, n);
-    if (r < 0) {
-      if (errno == EINTR)
-        continue;
-      return false;
-    }
-    if (r == 0)
-      return false;  // EOF
-    data += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
 
 /// One worker process with two pipes, driven with blocking syscalls.
 class raw_worker {

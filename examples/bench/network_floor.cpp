@@ -16,6 +16,7 @@
 #include <caf/io/all.hpp>
 
 #include "dspex/latency.hpp"
+#include "blocking_io.hpp"
 
 namespace dspex::bench {
 
@@ -32,28 +33,6 @@ struct fd_guard {
       ::close(fd);
   }
 };
-
-bool write_all(int fd, const char* p, std::size_t n) {
-  while (n > 0) {
-    auto w = ::write(fd, p, n);
-    if (w <= 0)
-      return false;
-    p += w;
-    n -= static_cast<std::size_t>(w);
-  }
-  return true;
-}
-
-bool read_all(int fd, char* p, std::size_t n) {
-  while (n > 0) {
-    auto r = ::read(fd, p, n);
-    if (r <= 0)
-      return false;
-    p += r;
-    n -= static_cast<std::size_t>(r);
-  }
-  return true;
-}
 
 void no_delay(int fd) {
   int one = 1;
@@ -78,7 +57,7 @@ double tcp_round_trip_p50(std::size_t n) {
       return;
     no_delay(peer.fd);
     char buf[message_bytes];
-    while (read_all(peer.fd, buf, sizeof buf) && write_all(peer.fd, buf, sizeof buf)) {
+    while (read_exact(peer.fd, buf, sizeof buf) && write_all(peer.fd, buf, sizeof buf)) {
     }
   }};
   dspex::latency_recorder lat;
@@ -91,7 +70,7 @@ double tcp_round_trip_p50(std::size_t n) {
       ok = true;
       for (std::size_t i = 0; i < n && ok; ++i) {
         auto t = clock_type::now();
-        ok = write_all(conn.fd, buf, sizeof buf) && read_all(conn.fd, buf, sizeof buf);
+        ok = write_all(conn.fd, buf, sizeof buf) && read_exact(conn.fd, buf, sizeof buf);
         lat.record(clock_type::now() - t);
       }
     }
