@@ -52,14 +52,17 @@ std::vector<pid_t> descendants(pid_t pid) {
   return all;
 }
 
-/// A node with a default pool of one worker and the pool "qa" of `qa_size`.
-std::unique_ptr<node_process> start_node(std::size_t qa_size, std::uint16_t port = 0) {
-  return std::make_unique<node_process>(
-    DSPEX_CLI, std::vector<std::string>{"--pool.size=1",
-                                        "--pools.qa.pool.size=" + std::to_string(qa_size),
-                                        std::string{"--worker.python="} + DSPEX_TEST_PYTHON,
-                                        "--worker.test_commands", "--log.level=warn",
-                                        "--node.port=" + std::to_string(port)});
+/// A node with a default pool of one worker and the pool "qa" of `qa_size`,
+/// and `extra` settings.
+std::unique_ptr<node_process> start_node(std::size_t qa_size, std::uint16_t port = 0,
+                                         std::vector<std::string> extra = {}) {
+  std::vector<std::string> args{"--pool.size=1",
+                                "--pools.qa.pool.size=" + std::to_string(qa_size),
+                                std::string{"--worker.python="} + DSPEX_TEST_PYTHON,
+                                "--worker.test_commands", "--log.level=warn",
+                                "--node.port=" + std::to_string(port)};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return std::make_unique<node_process>(DSPEX_CLI, std::move(args));
 }
 
 /// A caller runtime (one local worker) that uses `nodes`.
@@ -405,7 +408,9 @@ TEST_CASE("a caller starts while a node is down, and uses it once it is up") {
 TEST_CASE("a stopped node (a silent partition) is lost by its silence, and rejoins once it runs") {
   // SIGSTOP: the node's connection stays open and says nothing, as behind a
   // cut cable. Only the middleman's heartbeats tell silence from a long call.
-  auto a = start_node(2);
+  // Each side's partition_timeout measures the other's heartbeats: both beat
+  // every 100 ms here, and the caller gives a silent node 1 s.
+  auto a = start_node(2, 0, {"--remote.heartbeat_interval=100ms", "--remote.partition_timeout=1s"});
   auto s = caller_of({a.get()});
   s.remote.heartbeat_interval = 100ms;
   s.remote.partition_timeout = 1s;
