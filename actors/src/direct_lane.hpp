@@ -151,6 +151,12 @@ struct direct_job : std::enable_shared_from_this<direct_job> {
   // (the worker has gone back: to the idle list, or to the pool).
   // `read_id`: non-null asks for a direct read (worker_channel::start).
   bool start_on(const std::shared_ptr<worker_channel>& channel, std::uint64_t* read_id = nullptr) {
+    if (c.is_abandoned()) {
+      // Never sent: the usual way answers it (the worker actor refuses it).
+      if (auto board = idle.lock())
+        hand_back(*board, channel, false);
+      return false;
+    }
     auto self = shared_from_this();
     auto reply = std::make_shared<direct_reply>(
       [self](outcome o) { self->on_answer(*self, std::move(o)); }, channel->worker_id(),

@@ -30,6 +30,15 @@ std::optional<error> decode_exit_reason(const caf::error& reason) {
   return e;
 }
 
+error caller_lost_error(const std::string& command, const std::string& worker_id) {
+  nlohmann::json ctx{{"command", command}};
+  if (!worker_id.empty())
+    ctx["worker_id"] = worker_id;
+  return make_error(error_category::communication_error, "caller_lost",
+                    "the caller of this call was lost before it ran; it was not run",
+                    std::move(ctx));
+}
+
 bool is_start_failure(const caf::error& reason) {
   if (!reason || reason.category() != worker_exit_category)
     return false;

@@ -1,13 +1,18 @@
 // node_actor: what a node publishes through CAF's middleman (issue 13): the
 // actor other runtimes send their calls to. It serves each call on this
 // runtime's pools through the same paths as a local caller (serve), and
-// tells a caller its pools' load for routing. What crosses the network is
-// the node_wire JSON text of dspex/node_wire.hpp, nothing else.
+// tells a caller its pools' load for routing. It watches each caller: when
+// one is lost (its runtime stopped, died or was cut off), its calls still
+// in flight are abandoned, so that those not yet running never run. What
+// crosses the network is the node_wire JSON text of dspex/node_wire.hpp,
+// nothing else.
 //
 // Internal to actors/ (CAF included).
 #pragma once
 
+#include <atomic>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -34,8 +39,11 @@ using node_handle = caf::typed_actor<caf::replies_to<node_call_atom, std::string
 struct node_services {
   std::string name;  ///< "host:port" the node is published on (named in replies)
   request_limits limits;
-  /// Runs one decoded request on this runtime; `done` is called once, on any thread.
-  std::function<void(node_request, std::function<void(outcome)>)> serve;
+  /// Runs one decoded request on this runtime; `done` is called once, on any
+  /// thread. The flag is set when the request's caller is lost (call::abandoned).
+  std::function<void(node_request, std::shared_ptr<const std::atomic<bool>>,
+                     std::function<void(outcome)>)>
+    serve;
   /// The runtime's pools now: name and current pool actor (invalid while it restarts).
   std::function<std::vector<std::pair<std::string, pool_handle>>()> pools;
 };

@@ -376,7 +376,7 @@ void dispatch(pool_client_t self, std::uint64_t id) {
   pc.pool = st.pool.address();
   // The args are copied only when another attempt may need them.
   call c{pc.c.command, pc.max_attempts > 1 ? pc.c.args : std::move(pc.c.args), pc.c.deadline,
-         pc.c.type, pc.c.block, pc.c.preferred_worker, pc.c.affinity};
+         pc.c.type, pc.c.block, pc.c.preferred_worker, pc.c.affinity, pc.c.abandoned};
   send_to_pool(self, id, pc.attempt, std::move(c));
 }
 

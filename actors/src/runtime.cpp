@@ -281,25 +281,30 @@ struct pool_unit {
   }
 
   // Starts an anonymous call (validated, timed, the lane or the client).
+  // `abandoned`: see call::abandoned (a node's caller); null for the API's own calls.
   void anonymous_async(const std::string& command, nlohmann::json args, const call_options& options,
-                       std::function<void(outcome)> done) {
+                       std::function<void(outcome)> done,
+                       std::shared_ptr<const std::atomic<bool>> abandoned = nullptr) {
     auto made = make_call(command, std::move(args), options.timeout);
     if (auto* early = std::get_if<outcome>(&made)) {
       done(std::move(*early));
       return;
     }
+    std::get<call>(made).abandoned = std::move(abandoned);
     start_anonymous(std::get<call>(made), options, timed(command, std::move(done)));
   }
 
   // Starts any session request: validated, then start_session_request.
   void session_async(session_op op, const std::string& session_id, const std::string& command,
                      nlohmann::json args, const session_call_options& options,
-                     std::function<void(outcome)> done) {
+                     std::function<void(outcome)> done,
+                     std::shared_ptr<const std::atomic<bool>> abandoned = nullptr) {
     auto made = make_session_request(op, session_id, command, std::move(args), options);
     if (auto* early = std::get_if<outcome>(&made)) {
       done(std::move(*early));
       return;
     }
+    std::get<session_request>(made).c.abandoned = std::move(abandoned);
     start_session_request(std::move(std::get<session_request>(made)), std::move(done));
   }
 
@@ -564,7 +569,8 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
   // Runs a request a caller runtime sent on one of this runtime's own pools
   // (never on its remote ones: nodes do not forward). `done` runs once.
   // The node actor that calls this is stopped before the runtime goes.
-  void serve_remote(node_request r, std::function<void(outcome)> done) {
+  void serve_remote(node_request r, std::shared_ptr<const std::atomic<bool>> abandoned,
+                    std::function<void(outcome)> done) {
     auto* pool = local_pool(r.pool);
     auto command = r.command.empty() ? std::string{to_string(r.op)} : r.command;
     if (!pool) {
@@ -581,7 +587,7 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
       o.timeout = timeout;
       o.idempotent = r.idempotent;
       o.max_attempts = r.max_attempts;
-      pool->anonymous_async(r.command, std::move(r.args), o, std::move(done));
+      pool->anonymous_async(r.command, std::move(r.args), o, std::move(done), std::move(abandoned));
       return;
     }
     session_call_options so;
@@ -594,7 +600,8 @@ struct runtime::impl : std::enable_shared_from_this<runtime::impl> {
               : r.op == node_op::end_session ? session_op::end
               : r.op == node_op::session_info ? session_op::info
                                               : session_op::list;
-    pool->session_async(op, r.session_id, r.command, std::move(r.args), so, std::move(done));
+    pool->session_async(op, r.session_id, r.command, std::move(r.args), so, std::move(done),
+                        std::move(abandoned));
   }
 
   // Stops serving other runtimes, then stops using the nodes: a node's
@@ -789,8 +796,9 @@ std::unique_ptr<runtime> runtime::start(settings config) {
   if (!failed && config.node.publish) {
     node_services services;
     services.limits = rt->impl_->pools.front()->limits();
-    services.serve = [p = &impl](node_request r, std::function<void(outcome)> done) {
-      p->serve_remote(std::move(r), std::move(done));
+    services.serve = [p = &impl](node_request r, std::shared_ptr<const std::atomic<bool>> abandoned,
+                                 std::function<void(outcome)> done) {
+      p->serve_remote(std::move(r), std::move(abandoned), std::move(done));
     };
     services.pools = [p = &impl] {
       std::vector<std::pair<std::string, pool_handle>> all;

@@ -455,6 +455,10 @@ caf::result<outcome> start_request(worker_actor_t self, call& c, bool check_in) 
     return outcome::failure(make_error(error_category::timeout_error, "request_timeout",
                                        "deadline passed before the request was sent", ctx));
   }
+  if (c.is_abandoned()) {
+    check_in_now();
+    return outcome::failure(caller_lost_error(c.command, st.cfg.id));
+  }
   auto id = st.channel->next_request_id();
   std::string payload;
   try {

@@ -45,6 +45,9 @@ const char* to_string(circuit_state s) noexcept {
 }
 
 bool circuit_counts_failure(const error& e) noexcept {
+  // A call abandoned by its lost caller never reached a worker.
+  if (e.type == "caller_lost")
+    return false;
   switch (e.category) {
     case error_category::python_error:
     case error_category::session_error:

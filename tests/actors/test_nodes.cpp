@@ -20,7 +20,10 @@
 #include <thread>
 #include <vector>
 
+#include <fcntl.h>
+#include <spawn.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <doctest/doctest.h>
 
@@ -445,6 +448,109 @@ TEST_CASE("a stopped node (a silent partition) is lost by its silence, and rejoi
   auto back = rt->execute_anonymous("ping", nullptr, on("qa"));
   REQUIRE_MESSAGE(back.ok(), back.error().describe());
   CHECK(node_of(back) == a->address());
+  stop_all(*rt, a);
+}
+
+namespace {
+
+/// A `dspex call` process: another caller runtime, with its own process.
+/// Killed and reaped however the test ends.
+class caller_process {
+public:
+  explicit caller_process(std::vector<std::string> args) {
+    std::vector<std::string> full{DSPEX_CLI, "call"};
+    full.insert(full.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : full)
+      argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+    int rc = ::posix_spawn(&pid_, DSPEX_CLI, &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    REQUIRE(rc == 0);
+  }
+  ~caller_process() { kill(); }
+  pid_t pid() const { return pid_; }
+  /// SIGKILL, and reaped (bounded).
+  void kill() {
+    if (pid_ <= 0)
+      return;
+    ::kill(pid_, SIGKILL);
+    for (int i = 0; i < 2000; ++i) {  // bounded: 20 s
+      if (::waitpid(pid_, nullptr, WNOHANG) == pid_)
+        break;
+      std::this_thread::sleep_for(10ms);
+    }
+    pid_ = -1;
+  }
+
+private:
+  pid_t pid_ = -1;
+};
+
+/// The pid of the node's worker whose id is `worker_id` (its command line names it), or -1.
+pid_t worker_of(const node_process& node, const std::string& worker_id) {
+  for (auto pid : descendants(node.pid()))
+    if (!is_guardian(pid) && cmdline(pid).find(" " + worker_id + " ") != std::string::npos)
+      return pid;
+  return -1;
+}
+
+} // namespace
+
+TEST_CASE("a lost caller's calls waiting on a node never run") {
+  // The node's pool qa has one worker. This runtime holds it with a long
+  // sleep; a second caller, a `dspex call` process, queues a 60 s sleep
+  // behind it, and is SIGKILLed.
+  auto a = start_node(1, 0, {"--log.level=info"});
+  auto rt = runtime::start(caller_of({a.get()}));
+  REQUIRE(wait_nodes(*rt, "qa", 1));
+  call_options hold = on("qa");
+  hold.idempotent = false;
+  hold.timeout = std::chrono::seconds{600};
+  auto holding = rt->execute_anonymous_async("sleep", {{"ms", 600000}}, hold);
+  REQUIRE(wait_for_status(*rt, [](const pool_status& st) { return st.busy == 1; }, 30s, "qa").ok);
+  std::vector<pid_t> other_workers;
+  {
+    caller_process other{{"sleep", R"({"ms": 60000})", "--pool=qa",
+                          "--remote.nodes=[\"" + a->address() + "\"]", "--pool.size=1",
+                          std::string{"--worker.python="} + DSPEX_TEST_PYTHON,
+                          "--pool.request_timeout=300s", "--log.level=warn"}};
+    REQUIRE(wait_for_status(*rt, [](const pool_status& st) { return st.queued == 1; }, 30s, "qa")
+              .ok);
+    other_workers = descendants(other.pid());
+    other.kill();
+  }
+  // The node saw its caller go (its log says so), while the call waited.
+  bool seen = false;
+  for (int i = 0; i < 3000 && !seen; ++i) {  // bounded: 30 s
+    seen = a->output().find("a caller was lost") != std::string::npos;
+    if (!seen)
+      std::this_thread::sleep_for(10ms);
+  }
+  REQUIRE_MESSAGE(seen, a->output());
+  // Free the worker the hard way: SIGKILL it (the node replaces it, and
+  // this runtime's sleep fails). The abandoned sleep is next in line, and
+  // must not run: a ping then gets the new worker at once.
+  auto held = worker_of(*a, "qa.w1");
+  REQUIRE(held > 0);
+  REQUIRE(::kill(held, SIGKILL) == 0);
+  REQUIRE(holding.wait_for(60s) == std::future_status::ready);
+  CHECK_FALSE(holding.get().ok());
+  call_options quick = on("qa");
+  quick.timeout = std::chrono::seconds{20};  // the abandoned sleep would hold the worker 60 s
+  auto ping = rt->execute_anonymous("ping", nullptr, quick);
+  CHECK_MESSAGE(ping.ok(), ping.error().describe() << "\n" << a->output());
+  // Nor later: the pool empties (were the sleep to run, it would be busy 60 s).
+  CHECK(wait_for_status(*rt, [](const pool_status& st) { return st.busy == 0 && st.queued == 0; },
+                        20s, "qa")
+          .ok);
+  for (auto pid : other_workers)
+    CHECK_MESSAGE(wait_gone(pid, 20s), "process " << pid << " of the killed caller is left");
   stop_all(*rt, a);
 }
 

@@ -294,6 +294,7 @@ TEST_CASE("retry: python_error, passed deadlines, fail-fast answers and unknown 
     {error_category::resource_error, "pool_saturated"},
     {error_category::resource_error, "pool_stopping"},
     {error_category::communication_error, "lease_revoked"},
+    {error_category::communication_error, "caller_lost"},
     {error_category::session_error, "not_found"},
     {error_category::system_error, "actor_error"},
     {error_category::initialization_error, "spawn_failed"},
@@ -706,6 +707,7 @@ TEST_CASE("breaker: errors that say nothing about the pool count as successes") 
   CHECK_FALSE(dspex::circuit_counts_failure(err(error_category::python_error, "command_failed")));
   CHECK_FALSE(dspex::circuit_counts_failure(err(error_category::session_error, "expired")));
   CHECK_FALSE(dspex::circuit_counts_failure(err(error_category::configuration_error, "invalid_setting")));
+  CHECK_FALSE(dspex::circuit_counts_failure(err(error_category::communication_error, "caller_lost")));
   CHECK_FALSE(dspex::circuit_counts_failure(err(error_category::resource_error, "circuit_open")));
   CHECK(dspex::circuit_counts_failure(err(error_category::resource_error, "pool_saturated")));
   CHECK(dspex::circuit_counts_failure(err(error_category::timeout_error, "checkout_timeout")));

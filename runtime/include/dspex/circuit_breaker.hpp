@@ -45,9 +45,10 @@ const char* to_string(circuit_state s) noexcept;
 
 /// The default rule of which errors count against the pool: all but
 /// python_error (the worker answered: the pool works), session_error and
-/// configuration_error (the caller's problem) and resource_error/circuit_open
-/// (the breaker's own rejection). A non-counting error is recorded as a
-/// success: the pool served the call.
+/// configuration_error (the caller's problem), resource_error/circuit_open
+/// (the breaker's own rejection) and caller_lost (a call whose caller was
+/// lost, refused before it reached a process). A non-counting error is
+/// recorded as a success: the pool served the call.
 bool circuit_counts_failure(const error& e) noexcept;
 
 struct circuit_breaker_config {

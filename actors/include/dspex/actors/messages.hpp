@@ -2,9 +2,11 @@
 // Included only by translation units that use CAF.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -32,7 +34,22 @@ struct call {
   /// and how strictly to stick to it (see affinity_mode).
   std::string preferred_worker{};
   affinity_mode affinity = affinity_mode::hint;
+  /// Set once nobody waits for the outcome any more (a node's caller was
+  /// lost): a call not yet written to its process never is, and fails with
+  /// communication_error/caller_lost (see caller_lost_error); one already
+  /// running ends as it would. Null: the caller always waits.
+  std::shared_ptr<const std::atomic<bool>> abandoned{};
+
+  /// @returns true when `abandoned` is set
+  bool is_abandoned() const noexcept { return abandoned && abandoned->load(std::memory_order_acquire); }
 };
+
+/// The outcome of a call that was abandoned before it ran (call::abandoned).
+/// @param command the call's command
+/// @param worker_id the worker that would have run it (context), or empty
+/// @returns communication_error/caller_lost; never retried, and no sign of
+///          the pool's health for the circuit breaker
+dspex::error caller_lost_error(const std::string& command, const std::string& worker_id);
 
 /// The continuation of an asynchronous call (local only).
 struct completion {
