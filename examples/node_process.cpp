@@ -28,6 +28,30 @@ std::string read_all(const std::string& path) {
 
 } // namespace
 
+pid_t spawn_dspex(const std::string& dspex_cli, const std::vector<std::string>& args, int stdout_fd,
+                  const std::string& stderr_path) {
+  std::vector<std::string> full{dspex_cli};
+  full.insert(full.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : full)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  if (stdout_fd >= 0)
+    posix_spawn_file_actions_adddup2(&fa, stdout_fd, STDOUT_FILENO);
+  else
+    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, STDERR_FILENO,
+                                   stderr_path.empty() ? "/dev/null" : stderr_path.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  pid_t pid = -1;
+  int rc = ::posix_spawn(&pid, dspex_cli.c_str(), &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  return rc == 0 ? pid : -1;
+}
+
 node_process::node_process(const std::string& dspex_cli, std::vector<std::string> args,
                            std::chrono::milliseconds ready_within) {
   static int counter = 0;
@@ -37,22 +61,11 @@ node_process::node_process(const std::string& dspex_cli, std::vector<std::string
   if (::pipe2(out, O_CLOEXEC) != 0)
     throw std::runtime_error("pipe failed");
   // --exit-with-parent: if this process dies without stopping it, so does the node.
-  std::vector<std::string> full{dspex_cli, "node", "--exit-with-parent"};
+  std::vector<std::string> full{"node", "--exit-with-parent"};
   full.insert(full.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& a : full)
-    argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-  posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, log_path_.c_str(),
-                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  int rc = ::posix_spawn(&pid_, dspex_cli.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
+  pid_ = spawn_dspex(dspex_cli, full, out[1], log_path_);
   ::close(out[1]);
-  if (rc != 0) {
+  if (pid_ < 0) {
     ::close(out[0]);
     throw std::runtime_error("cannot spawn " + dspex_cli);
   }

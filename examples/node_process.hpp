@@ -13,6 +13,13 @@
 
 namespace dspex {
 
+/// Starts `dspex_cli` with `args` (its argv after argv[0]): stdin from
+/// /dev/null, stdout to `stdout_fd` (-1: /dev/null), stderr to the file
+/// `stderr_path` (empty: /dev/null). The caller reaps it.
+/// @returns its pid, or -1 when it could not be started
+pid_t spawn_dspex(const std::string& dspex_cli, const std::vector<std::string>& args, int stdout_fd,
+                  const std::string& stderr_path);
+
 class node_process {
 public:
   /// Starts `dspex_cli node` with `args` (settings such as --pool.size=1)

@@ -20,10 +20,7 @@
 #include <thread>
 #include <vector>
 
-#include <fcntl.h>
-#include <spawn.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <doctest/doctest.h>
 
@@ -458,20 +455,9 @@ namespace {
 class caller_process {
 public:
   explicit caller_process(std::vector<std::string> args) {
-    std::vector<std::string> full{DSPEX_CLI, "call"};
-    full.insert(full.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : full)
-      argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-    int rc = ::posix_spawn(&pid_, DSPEX_CLI, &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
-    REQUIRE(rc == 0);
+    args.insert(args.begin(), "call");
+    pid_ = spawn_dspex(DSPEX_CLI, args, -1, "");
+    REQUIRE(pid_ > 0);
   }
   ~caller_process() { kill(); }
   pid_t pid() const { return pid_; }
