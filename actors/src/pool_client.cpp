@@ -374,9 +374,17 @@ void dispatch(pool_client_t self, std::uint64_t id) {
   }
   pc.phase = call_phase::in_flight;
   pc.pool = st.pool.address();
-  // The args are copied only when another attempt may need them.
-  call c{pc.c.command, pc.max_attempts > 1 ? pc.c.args : std::move(pc.c.args), pc.c.deadline,
-         pc.c.type, pc.c.block, pc.c.preferred_worker, pc.c.affinity, pc.c.abandoned};
+  // The attempt is the whole call (a field listed by hand here once lost
+  // call::abandoned); its args are copied only when another attempt may
+  // need them.
+  auto args = std::move(pc.c.args);
+  call c = pc.c;
+  if (pc.max_attempts > 1) {
+    c.args = args;
+    pc.c.args = std::move(args);
+  } else {
+    c.args = std::move(args);
+  }
   send_to_pool(self, id, pc.attempt, std::move(c));
 }
 
